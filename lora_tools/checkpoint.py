@@ -1,0 +1,267 @@
+"""Lazy access to a model checkpoint: a folder, a single file, sharded or not.
+
+Opening a checkpoint reads headers (and, for pickles, only the pickle's
+structure through an mmap); tensor data is read later, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import CorruptFileError, InvalidInputError, UnsafePickleError
+from .safetensors_io import TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Checkpoint", "open_checkpoint", "read_json", "PICKLE_SUFFIXES", "RECORD_PREFIX"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+#: Files loratool leaves beside a merged model (never weights of the model itself).
+RECORD_PREFIX = "loratool_merge"
+INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-\d{5}-of-(?P<total>\d{5})\.(?P<ext>safetensors|bin)$")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Load a JSON object from `path`, or raise `CorruptFileError` saying why not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(path, f"{what} is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise CorruptFileError(path, f"cannot read {what}: {exc.strerror or exc}") from exc
+    if not isinstance(value, dict):
+        raise CorruptFileError(path, f"{what} must be a JSON object, found {type(value).__name__}")
+    return value
+
+
+@dataclass
+class Checkpoint:
+    """A model's tensors, known by header, readable one at a time.
+
+    Attributes:
+        path: what the user named (folder or file).
+        folder: the folder holding config and tokenizer files, or None for a lone file.
+        files: the weight files, in order.
+        tensors: every tensor's name, dtype, shape and location, in storage order.
+        metadata: safetensors `__metadata__` of the first file.
+        config: `config.json` when the folder has one.
+        weight_prefix: "model" or "diffusion_pytorch_model", for naming output shards alike.
+    """
+
+    path: Path
+    folder: Path | None
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict | None = None
+    weight_prefix: str = "model"
+    _pickles: dict[Path, dict] = field(default_factory=dict, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(info.numel for info in self.tensors.values())
+
+    @property
+    def is_safetensors(self) -> bool:
+        return all(info.offset is not None for info in self.tensors.values())
+
+    def auxiliary_files(self) -> list[Path]:
+        """Files of the folder that are not weights or weight indexes (config, tokenizer, ...)."""
+        if self.folder is None:
+            return []
+        weights = {f.resolve() for f in self.files}
+        found = []
+        for path in sorted(self.folder.rglob("*")):
+            relative = path.relative_to(self.folder)
+            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+                continue
+            if path.resolve() in weights or path.name.endswith(".index.json") or path.name.startswith(RECORD_PREFIX):
+                continue
+            if len(relative.parts) == 1 and path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+                continue
+            found.append(path)
+        return found
+
+    def read(self, name: str) -> torch.Tensor:
+        """Return one tensor as a fresh CPU tensor."""
+        info = self.tensors[name]
+        if info.offset is not None:
+            from .tensors import read_safetensors_tensor
+
+            return read_safetensors_tensor(info)
+        return self._pickle(info.file)[name]
+
+    def _pickle(self, path: Path) -> dict:
+        if path not in self._pickles:
+            self._pickles[path] = load_pickle_state_dict(path)
+        return self._pickles[path]
+
+
+def load_pickle_state_dict(path: Path) -> dict:
+    """Load a PyTorch pickle with torch's weights-only unpickler (mmap when the format allows).
+
+    A pickle that asks for any global outside the allow-list is refused; its code never runs.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and zipfile.is_zipfile(path):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()
+        detail = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line), None)
+        if detail is not None or "weights_only" in str(exc):
+            raise UnsafePickleError(
+                path, f"refused to unpickle: {(detail or reason[0]).strip()} (only plain tensors are loaded)"
+            ) from exc
+        raise CorruptFileError(path, f"not a readable PyTorch file ({reason[0] if reason else exc})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CorruptFileError(path, f"not a readable PyTorch file ({str(exc).splitlines()[0]})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CorruptFileError(path, f"holds a {type(state).__name__}, expected a dict of tensors")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CorruptFileError(path, f"entries that are not tensors: {', '.join(bad[:5])}")
+    return state
+
+
+def _pickle_infos(path: Path, state: dict) -> dict[str, TensorInfo]:
+    from .tensors import to_safetensors_dtype
+
+    return {name: TensorInfo(name, to_safetensors_dtype(t.dtype), tuple(t.shape), path) for name, t in state.items()}
+
+
+def _inside(folder: Path, target: Path) -> bool:
+    try:
+        target.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _index_shards(index_path: Path) -> dict[str, list[str]]:
+    """Map each shard file named by an index to the tensors the index puts there, refusing unsafe paths."""
+    index = read_json(index_path, "index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CorruptFileError(index_path, "index has no 'weight_map' object of tensor name → file name")
+    folder = index_path.parent
+    shards: dict[str, list[str]] = {}
+    for tensor, filename in weight_map.items():
+        candidate = folder / filename
+        if os.path.isabs(filename) or ".." in Path(filename).parts or not _inside(folder, candidate):
+            raise CorruptFileError(
+                index_path, f"weight_map entry {tensor!r} points outside the folder: {filename!r}"
+            )
+        if not candidate.is_file():
+            raise CorruptFileError(index_path, f"weight_map entry {tensor!r} names missing shard {filename!r}")
+        shards.setdefault(filename, []).append(tensor)
+    return shards
+
+
+def _load_files(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, str], dict[Path, dict]]:
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    pickles: dict[Path, dict] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            infos, file_metadata = read_header(path)
+            metadata = metadata or file_metadata
+        else:
+            pickles[path] = load_pickle_state_dict(path)
+            infos = _pickle_infos(path, pickles[path])
+        for name, info in infos.items():
+            if name in tensors:
+                raise CorruptFileError(path, f"tensor {name!r} is also stored in {tensors[name].file.name}")
+            tensors[name] = info
+    return tensors, metadata, pickles
+
+
+def _check_against_index(index_path: Path, shards: dict[str, list[str]], tensors: dict[str, TensorInfo]) -> None:
+    for filename, names in shards.items():
+        shard = index_path.parent / filename
+        held = {n for n, info in tensors.items() if info.file == shard}
+        for name in names:
+            if name not in held:
+                raise CorruptFileError(index_path, f"weight_map puts {name!r} in {filename}, which does not hold it")
+        listed = set(names)
+        for name in held - listed:
+            raise CorruptFileError(index_path, f"shard {filename} holds {name!r}, which weight_map does not list")
+    folder, used = index_path.parent, set(shards)
+    stems = {m.group("stem") for m in map(_SHARD_NAME.match, used) if m}
+    for path in folder.iterdir():
+        match = _SHARD_NAME.match(path.name)
+        if match and match.group("stem") in stems and path.name not in used:
+            raise CorruptFileError(index_path, f"shard {path.name} is in the folder but weight_map never uses it")
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint lazily: headers now, tensor data on demand.
+
+    Args:
+        path: a model folder, a `.safetensors` / `.bin` / `.pt` file, or an index `.json`.
+
+    Raises:
+        InvalidInputError: nothing loadable at `path`.
+        CorruptFileError: a header, index or pickle is broken or unsafe, naming the entry.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file or folder")
+    index_path: Path | None = None
+    if path.is_dir():
+        folder = path
+        index_path = next((path / n for n in (*INDEX_NAMES, "pytorch_model.bin.index.json") if (path / n).is_file()), None)
+        if index_path is None:
+            others = sorted(p for p in path.glob("*.safetensors.index.json") if p.is_file())
+            index_path = others[0] if others else None
+        if index_path is not None:
+            shards = _index_shards(index_path)
+            files = [folder / name for name in sorted(shards)]
+        else:
+            files = sorted(p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(RECORD_PREFIX))
+            if not files:
+                files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+            if not files:
+                raise InvalidInputError(
+                    f"{path}: no weights found (expected *.safetensors, an index, or pytorch_model*.bin)"
+                )
+    elif path.name.endswith(".index.json"):
+        folder, index_path = path.parent, path
+        shards = _index_shards(index_path)
+        files = [folder / name for name in sorted(shards)]
+    elif path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES:
+        folder, files = None, [path]
+    else:
+        raise InvalidInputError(f"{path}: not a checkpoint (expected a folder, .safetensors, .bin, .pt or .pth)")
+
+    tensors, metadata, pickles = _load_files(files)
+    if index_path is not None:
+        _check_against_index(index_path, shards, tensors)
+    config_path = folder / "config.json" if folder is not None else None
+    config = read_json(config_path, "config.json") if config_path is not None and config_path.is_file() else None
+    prefix = "diffusion_pytorch_model" if files[0].name.startswith("diffusion_pytorch_model") else "model"
+    return Checkpoint(path, folder, files, tensors, metadata, config, prefix, pickles)

@@ -1,0 +1,173 @@
+"""`inspect`: what an adapter or checkpoint holds, from headers alone, and whether they fit."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .adapter import Adapter, is_adapter, read_adapter
+from .checkpoint import Checkpoint, open_checkpoint
+from .plan import HEAD_NAME, tied_embedding, compatibility_problems, resolve_module, with_tied_head
+
+__all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    name: str
+    target: str
+    type: str
+    rank: int
+    alpha: float
+    scale: float
+    dora: bool
+    bias: bool
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The result of checking an adapter against a base: `problems` is empty when it fits."""
+
+    base: str
+    problems: list[str]
+
+    @property
+    def compatible(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    path: str
+    format: str
+    base_model: str | None
+    num_parameters: int
+    total_bytes: int
+    dtypes: dict[str, int]
+    use_rslora: bool
+    use_dora: bool
+    modules: list[ModuleReport]
+    replacements: list[dict]
+    unknown_keys: list[str]
+    metadata: dict[str, str]
+    validation: Validation | None = None
+    kind: str = field(default="adapter")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.validation is not None:
+            data["validation"]["compatible"] = self.validation.compatible
+        return data
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    path: str
+    num_tensors: int
+    num_parameters: int
+    total_bytes: int
+    dtypes: dict[str, int]
+    files: list[str]
+    architecture: str | None
+    lm_head: str
+    metadata: dict[str, str]
+    kind: str = field(default="checkpoint")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _adapter_report(adapter: Adapter, base: Checkpoint | None) -> AdapterReport:
+    resolvable = with_tied_head(base.tensors, base.config) if base is not None else None
+    modules = []
+    for module in adapter.modules:
+        name = module.name
+        if resolvable is not None:
+            name = resolve_module(module.name, resolvable) or module.name
+        modules.append(
+            ModuleReport(
+                name=name,
+                target=name.rsplit(".", 1)[-1],
+                type=module.kind,
+                rank=module.rank,
+                alpha=module.alpha,
+                scale=module.scale,
+                dora=module.dora,
+                bias=module.bias_key is not None,
+            )
+        )
+    validation = None
+    if base is not None:
+        problems = compatibility_problems(adapter, base.tensors, base.config)
+        validation = Validation(str(base.path), problems + _nonfinite_problems(adapter))
+    return AdapterReport(
+        path=str(adapter.path),
+        format=adapter.format,
+        base_model=adapter.base_model,
+        num_parameters=adapter.num_parameters,
+        total_bytes=adapter.weights.total_bytes,
+        dtypes=dict(Counter(info.dtype for info in adapter.tensors.values())),
+        use_rslora=adapter.use_rslora,
+        use_dora=any(m.dora for m in adapter.modules),
+        modules=modules,
+        replacements=[
+            {"target": r.target, "key": r.key, "origin": r.origin, "rows": list(r.rows) if r.rows else None}
+            for r in adapter.replacements
+        ],
+        unknown_keys=list(adapter.unknown_keys),
+        metadata=dict(adapter.metadata),
+        validation=validation,
+    )
+
+
+def _nonfinite_problems(adapter: Adapter) -> list[str]:
+    import torch
+
+    return [
+        f"{key}: holds NaN or Inf"
+        for key, info in adapter.tensors.items()
+        if info.is_float and not bool(torch.isfinite(adapter.read(key)).all())
+    ]
+
+
+def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
+    if HEAD_NAME in checkpoint.tensors:
+        head = "present"
+    elif tied_embedding(checkpoint.tensors, checkpoint.config) is not None:
+        head = "tied"
+    else:
+        head = "absent"
+    architectures = (checkpoint.config or {}).get("architectures") or [None]
+    return CheckpointReport(
+        path=str(checkpoint.path),
+        num_tensors=len(checkpoint.tensors),
+        num_parameters=checkpoint.num_parameters,
+        total_bytes=checkpoint.total_bytes,
+        dtypes=dict(Counter(info.dtype for info in checkpoint.tensors.values())),
+        files=[f.name for f in checkpoint.files],
+        architecture=architectures[0] if isinstance(architectures, list) else str(architectures),
+        lm_head=head,
+        metadata=dict(checkpoint.metadata),
+    )
+
+
+def inspect(
+    path: str | os.PathLike, *, base: str | os.PathLike | None = None, alpha: float | None = None
+) -> AdapterReport | CheckpointReport:
+    """Describe an adapter or a checkpoint (detected), reading headers only.
+
+    Args:
+        path: an adapter (any registered format) or a checkpoint.
+        base: with an adapter, a base checkpoint to validate it against.
+        alpha: lora_alpha for adapter files that do not record it.
+
+    Returns:
+        An `AdapterReport` (with `validation` when `base` is given) or a `CheckpointReport`.
+    """
+    path = Path(path)
+    if is_adapter(path):
+        base_checkpoint = open_checkpoint(base) if base is not None else None
+        return _adapter_report(read_adapter(path, alpha=alpha), base_checkpoint)
+    return _checkpoint_report(open_checkpoint(path))

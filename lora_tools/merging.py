@@ -1,0 +1,459 @@
+"""Streaming merge and un-merge of LoRA adapters into checkpoints.
+
+One tensor at a time: read (on a helper thread, one ahead), compute on the
+chosen device, write (on a second helper thread). Tensors no adapter touches
+are copied file-to-file without being decoded. The output appears atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .adapter import Adapter, read_adapter
+from .checkpoint import RECORD_PREFIX, Checkpoint, open_checkpoint, read_json
+from .errors import InvalidInputError, UnsupportedError
+from .output import atomic_output
+from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
+from .safetensors_io import SafetensorsWriter
+from .units import parse_size
+
+__all__ = ["merge", "unmerge", "MergeReport", "TensorChange", "RECORD_NAME", "DORA_NORMS_NAME"]
+
+RECORD_NAME = f"{RECORD_PREFIX}.json"
+DORA_NORMS_NAME = f"{RECORD_PREFIX}.dora.safetensors"
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    """One output tensor an adapter changed, and by how much."""
+
+    tensor: str
+    terms: list[dict]
+    max_abs_delta: float | None = None
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge or un-merge did (or, with dry_run, would do)."""
+
+    operation: str
+    base: str
+    adapters: list[str]
+    weights: list[float]
+    output: str
+    device: str
+    dry_run: bool
+    tensors_changed: int
+    tensors_copied: int
+    bytes_written: int
+    seconds: float
+    files: list[str]
+    changes: list[TensorChange]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs_delta(self) -> float:
+        return max((c.max_abs_delta or 0.0 for c in self.changes), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "max_abs_delta": self.max_abs_delta}
+
+
+def _describe(task: TensorTask, adapters: Sequence[Adapter]) -> list[dict]:
+    terms = [
+        {
+            "adapter": str(adapters[t.adapter].path),
+            "module": t.module.name,
+            "kind": "bias" if t.bias else t.module.kind,
+            "rank": t.module.rank,
+            "scale": t.module.scale,
+            "weight": t.weight,
+            "dora": t.module.dora and not t.bias,
+        }
+        for t in task.terms
+    ]
+    terms += [
+        {"adapter": str(adapters[i].path), "replaced_by": item.key, "origin": item.origin, "weight": share}
+        for i, item, share in task.replacements
+    ]
+    return terms
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _adapter_identity(adapter: Adapter) -> str:
+    """A stable id for an adapter: the sha256 of its weight files (no host paths)."""
+    return _sha256(adapter.weights.files[0])
+
+
+def _updated_config(config: dict, plan: MergePlan, dtype: str | None) -> dict:
+    config = dict(config)
+    if plan.untie_embeddings:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+    if dtype is not None:
+        name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = name
+    return config
+
+
+class _Pipeline:
+    """Read one tensor ahead and write one behind while the current one is computed."""
+
+    def __init__(self) -> None:
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="loratool-read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="loratool-write")
+        self._last_write: Future | None = None
+
+    def write(self, fn: Callable, *args) -> None:
+        if self._last_write is not None:
+            self._last_write.result()
+        self._last_write = self.writer.submit(fn, *args)
+
+    def drain(self) -> None:
+        if self._last_write is not None:
+            self._last_write.result()
+            self._last_write = None
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _run(
+    operation: str,
+    base_path: str | os.PathLike,
+    adapter_paths: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None,
+    dtype: str | None,
+    device: str,
+    max_shard_size: int | str,
+    force: bool,
+    dry_run: bool,
+    alpha: float | None,
+    allow_nonfinite: bool,
+    progress: Progress | None,
+) -> MergeReport:
+    import torch
+
+    from .device import resolve_device
+    from .ops import compute_task
+    from .tensors import tensor_bytes
+
+    started = time.perf_counter()
+    if not adapter_paths:
+        raise InvalidInputError("give at least one adapter")
+    output = Path(output)
+    unmerge = operation == "unmerge"
+    out_dtype = None
+    if dtype is not None:
+        if dtype.lower() not in OUTPUT_DTYPES:
+            raise InvalidInputError(f"--dtype {dtype!r} is not one of bf16, fp16, fp32")
+        out_dtype = OUTPUT_DTYPES[dtype.lower()]
+    weights = [1.0] * len(adapter_paths) if not weights else [float(w) for w in weights]
+    shard_bytes = parse_size(max_shard_size)
+    torch_device = resolve_device(device)
+
+    base = open_checkpoint(base_path)
+    adapters = [read_adapter(p, alpha=alpha) for p in adapter_paths]
+    single_file = base.folder is None and output.suffix == ".safetensors"
+    plan = plan_merge(
+        base.tensors,
+        base.config,
+        adapters,
+        weights,
+        output_dtype=out_dtype,
+        max_shard_size=(1 << 62) if single_file else shard_bytes,
+        unmerge=unmerge,
+    )
+    _check_adapters_finite(adapters)
+    recorded = _recorded_dora_norms(base, adapters, plan) if unmerge else {}
+    report_args = dict(
+        operation=operation,
+        base=str(base_path),
+        adapters=[str(p) for p in adapter_paths],
+        weights=weights,
+        output=str(output),
+        device=str(torch_device),
+        dry_run=dry_run,
+        warnings=list(plan.warnings),
+    )
+    changed = [t for t in plan.tasks if t.changed]
+    if dry_run:
+        names = [output.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
+        return MergeReport(
+            **report_args,
+            tensors_changed=len(changed),
+            tensors_copied=len(plan.tasks) - len(changed),
+            bytes_written=plan.total_bytes,
+            seconds=time.perf_counter() - started,
+            files=names,
+            changes=[TensorChange(t.name, _describe(t, adapters)) for t in changed],
+        )
+
+    def fetch(index: int, key: str) -> torch.Tensor:
+        return adapters[index].read(key)
+
+    def load(task: TensorTask) -> torch.Tensor:
+        tensor = base.read(task.source)
+        if torch_device.type == "cuda":
+            tensor = tensor.pin_memory().to(torch_device, non_blocking=True)
+        return tensor
+
+    changes: list[TensorChange] = []
+    norms: dict[str, torch.Tensor] = {}
+    done_bytes = 0
+    total = plan.total_bytes
+    inputs = [base.path, *(a.path for a in adapters)]
+    with atomic_output(
+        output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total
+    ) as target:
+        names = [target.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
+        paths = [target] if single_file else [target / n for n in names]
+        pipeline = _Pipeline()
+        try:
+            order = [i for shard in plan.shards for i in shard]
+            changed_order = [i for i in order if _needs_compute(plan.tasks[i], base)]
+            upcoming = iter(changed_order)
+            reads: dict[int, Future] = {}
+
+            def prefetch() -> None:
+                index = next(upcoming, None)
+                if index is not None:
+                    reads[index] = pipeline.reader.submit(load, plan.tasks[index])
+
+            prefetch()
+            for shard, path in zip(plan.shards, paths, strict=True):
+                tasks = [plan.tasks[i] for i in shard]
+                writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
+                for index, task in zip(shard, tasks, strict=True):
+                    if index not in reads and not _needs_compute(task, base):
+                        pipeline.write(writer.copy_from, task.name, base.tensors[task.source])
+                    else:
+                        tensor = reads.pop(index).result()
+                        prefetch()
+                        result = compute_task(
+                            task,
+                            tensor,
+                            fetch,
+                            torch_device,
+                            unmerge=unmerge,
+                            recorded_norm=recorded.get(task.name),
+                            allow_nonfinite=allow_nonfinite,
+                        )
+                        if task.changed:
+                            changes.append(TensorChange(task.name, _describe(task, adapters), result.max_abs_delta))
+                        if result.dora_norm is not None and not unmerge:
+                            norms[task.name] = result.dora_norm
+                        pipeline.write(writer.write, task.name, tensor_bytes(result.tensor.cpu()))
+                    done_bytes += task.nbytes
+                    if progress is not None:
+                        progress(done_bytes, total)
+                pipeline.drain()
+                writer.close()
+        finally:
+            pipeline.close()
+        if not single_file:
+            _write_folder_extras(target, base, plan, names, out_dtype)
+            _write_record(target, operation, base, adapters, weights, out_dtype, norms)
+    return MergeReport(
+        **report_args,
+        tensors_changed=len(changed),
+        tensors_copied=len(plan.tasks) - len(changed),
+        bytes_written=total,
+        seconds=time.perf_counter() - started,
+        files=names,
+        changes=changes,
+    )
+
+
+def _needs_compute(task: TensorTask, base: Checkpoint) -> bool:
+    return task.changed or task.out_dtype != task.in_dtype or base.tensors[task.source].offset is None
+
+
+def _check_adapters_finite(adapters: Sequence[Adapter]) -> None:
+    """Refuse adapters holding NaN or Inf before any output is written."""
+    import torch
+
+    from .errors import NonFiniteError
+
+    for adapter in adapters:
+        for key, info in adapter.tensors.items():
+            if info.is_float and not bool(torch.isfinite(adapter.read(key)).all()):
+                raise NonFiniteError(f"{adapter.path}: adapter tensor {key!r} holds NaN or Inf; the adapter is broken")
+
+
+def _write_folder_extras(
+    target: Path, base: Checkpoint, plan: MergePlan, names: list[str], out_dtype: str | None
+) -> None:
+    """Index (when sharded), config and every non-weight file of the base folder."""
+    if len(names) > 1:
+        weight_map = {plan.tasks[i].name: name for shard, name in zip(plan.shards, names, strict=True) for i in shard}
+        index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (target / f"{base.weight_prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for source in base.auxiliary_files():
+        relative = source.relative_to(base.folder)
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if relative == Path("config.json") and base.config is not None:
+            config = _updated_config(base.config, plan, out_dtype)
+            destination.write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(source, destination)
+
+
+def _write_record(
+    target: Path,
+    operation: str,
+    base: Checkpoint,
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    out_dtype: str | None,
+    norms: dict,
+) -> None:
+    """Leave `loratool_merge.json` (and DoRA norms) so the merge can be undone exactly."""
+    record = {
+        "tool": "loratool",
+        "version": __version__,
+        "operation": operation,
+        "base": base.path.name,
+        "adapters": [
+            {"name": a.path.name, "sha256": _adapter_identity(a), "weight": w}
+            for a, w in zip(adapters, weights, strict=True)
+        ],
+        "dtype": out_dtype,
+    }
+    if norms:
+        from safetensors.torch import save_file
+
+        save_file({name: norm.contiguous() for name, norm in sorted(norms.items())}, target / DORA_NORMS_NAME)
+        record["dora_norms"] = {"file": DORA_NORMS_NAME, "tensors": sorted(norms)}
+    (target / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _recorded_dora_norms(merged: Checkpoint, adapters: Sequence[Adapter], plan: MergePlan) -> dict:
+    """The DoRA norms a loratool merge recorded, checked against the adapters given to un-merge."""
+    dora_tasks = [t for t in plan.tasks if t.dora is not None]
+    if not dora_tasks:
+        return {}
+    names = ", ".join(t.name for t in dora_tasks[:3])
+    folder = merged.folder
+    if folder is None or not (folder / RECORD_NAME).is_file():
+        raise UnsupportedError(
+            f"DoRA cannot be un-merged from merged weights alone ({names}): the per-row norms are lost. "
+            f"Only a folder merged by loratool, which keeps {RECORD_NAME}, can be un-merged exactly"
+        )
+    record = read_json(folder / RECORD_NAME, RECORD_NAME)
+    recorded = {entry.get("sha256") for entry in record.get("adapters", []) if isinstance(entry, dict)}
+    for task in dora_tasks:
+        adapter = adapters[task.dora.adapter]
+        if _adapter_identity(adapter) not in recorded:
+            raise UnsupportedError(f"{adapter.path} is not the DoRA adapter {folder / RECORD_NAME} says was merged")
+    from .tensors import read_safetensors_tensor
+
+    norms_path = folder / DORA_NORMS_NAME
+    if not norms_path.is_file():
+        raise UnsupportedError(f"{norms_path} is missing; the DoRA merge cannot be undone exactly")
+    from .safetensors_io import read_header
+
+    infos, _ = read_header(norms_path)
+    missing = [t.name for t in dora_tasks if t.name not in infos]
+    if missing:
+        raise UnsupportedError(f"{norms_path} has no recorded norm for {', '.join(missing[:3])}")
+    return {t.name: read_safetensors_tensor(infos[t.name]) for t in dora_tasks}
+
+
+def merge(
+    base: str | os.PathLike,
+    adapters: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
+    max_shard_size: int | str = "5GB",
+    force: bool = False,
+    dry_run: bool = False,
+    alpha: float | None = None,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Merge adapters into a base checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed tensor by tensor.
+
+    Args:
+        base: a model folder or weights file.
+        adapters: adapter folders or files, merged in order.
+        output: the output folder (or a `.safetensors` file for a single-file base).
+        weights: one wᵢ per adapter (default 1.0 each; negative allowed).
+        dtype: "bf16", "fp16" or "fp32" for every float tensor; None keeps each tensor's dtype.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        max_shard_size: bytes per output shard, e.g. "5GB".
+        force: replace an existing output (only once the new one is complete).
+        dry_run: plan and report, write nothing.
+        alpha: lora_alpha for adapter files that do not record it.
+        allow_nonfinite: write NaN/Inf results instead of refusing them.
+        progress: called with (bytes done, bytes total) after each tensor.
+
+    Returns:
+        A `MergeReport`.
+
+    Raises:
+        InvalidInputError: (and subclasses) for inputs that cannot be merged; nothing is written.
+        EnvironmentProblem: device or disk space problems.
+
+    Example:
+        >>> report = merge("llama", ["my-lora"], "llama-merged")
+    """
+    return _run(
+        "merge", base, adapters, output, weights=weights, dtype=dtype, device=device,
+        max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
+        allow_nonfinite=allow_nonfinite, progress=progress,
+    )  # fmt: skip
+
+
+def unmerge(
+    merged: str | os.PathLike,
+    adapters: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
+    max_shard_size: int | str = "5GB",
+    force: bool = False,
+    dry_run: bool = False,
+    alpha: float | None = None,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Undo a merge: W = W' − Σ wᵢ·ΔWᵢ, with the same arithmetic and options as `merge`.
+
+    DoRA modules are undone exactly only for folders merged by loratool, whose
+    `loratool_merge.json` keeps the norms the merge divided by.
+    """
+    return _run(
+        "unmerge", merged, adapters, output, weights=weights, dtype=dtype, device=device,
+        max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
+        allow_nonfinite=allow_nonfinite, progress=progress,
+    )  # fmt: skip

@@ -1,0 +1,101 @@
+"""Writing outputs safely: temporary siblings, atomic renames, free-space checks.
+
+An output folder or file appears at its final path only once it is complete.
+A run that fails or is interrupted removes its temporary sibling; one killed
+outright leaves `.NAME.loratool-tmp-PID`, which the next run for NAME removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import DiskSpaceError, OutputExistsError
+
+__all__ = ["atomic_output", "check_output_path", "TEMP_MARKER"]
+
+TEMP_MARKER = ".loratool-tmp-"
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_path(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
+    """Refuse an output that exists (without `force`), or that is, holds, or sits inside an input."""
+    resolved = output.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if _within(resolved, source) or _within(source, resolved):
+            raise OutputExistsError(
+                f"output {output} would overwrite or sit inside input {source}; choose another --output"
+            )
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise OutputExistsError(f"output {output} already exists; pass --force to replace it")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Delete what killed runs for the same output left behind; return what was removed."""
+    removed = []
+    for path in output.parent.glob(f".{output.name}{TEMP_MARKER}*"):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and not _pid_alive(int(suffix)):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def atomic_output(
+    output: Path, *, is_dir: bool, force: bool, inputs: Sequence[Path], estimated_bytes: int = 0
+) -> Iterator[Path]:
+    """Yield a temporary sibling of `output` to write into; rename it into place on success.
+
+    Raises:
+        OutputExistsError: see `check_output_path`.
+        DiskSpaceError: fewer free bytes than `estimated_bytes` where the output goes.
+    """
+    output = Path(output)
+    check_output_path(output, inputs, force=force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)
+    free = shutil.disk_usage(output.parent).free
+    if estimated_bytes > free:
+        raise DiskSpaceError(
+            f"{output.parent}: the output needs about {estimated_bytes:,} bytes but only {free:,} are free"
+        )
+    temporary = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}"
+    _remove(temporary)
+    if is_dir:
+        temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        _remove(temporary)
+        raise
+    old = output.parent / f".{output.name}.loratool-old-{os.getpid()}"
+    if output.exists() or output.is_symlink():
+        os.replace(output, old) if not output.is_symlink() else output.unlink()
+    os.replace(temporary, output)
+    _remove(old)

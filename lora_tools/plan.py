@@ -1,0 +1,338 @@
+"""Pure planning: which adapter tensors change which base tensors, and where outputs go.
+
+Nothing here reads tensor data. Functions take names, shapes and dtypes (the
+`TensorInfo`s of headers) and return plain data, so they are tested with
+hand-written shapes and no torch work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from .adapter import Adapter, LoraModule, Replacement
+from .errors import IncompatibleError, InvalidInputError, UnsupportedError
+from .safetensors_io import DTYPE_SIZES, TensorInfo
+
+__all__ = [
+    "OUTPUT_DTYPES",
+    "Term",
+    "TensorTask",
+    "MergePlan",
+    "resolve_module",
+    "compatibility_problems",
+    "with_tied_head",
+    "plan_merge",
+    "plan_shards",
+    "shard_file_names",
+]
+
+#: `--dtype` spellings → safetensors dtype names.
+OUTPUT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
+
+_EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+                    "gpt_neox.embed_in.weight", "embed_tokens.weight", "wte.weight")  # fmt: skip
+HEAD_NAME = "lm_head.weight"
+
+
+def resolve_module(module: str, base_names: Mapping[str, object] | set[str]) -> str | None:
+    """The base module path an adapter module names, or None.
+
+    Tries the path as is, then with leading components dropped (adapters saved
+    from a wrapper model), then base paths that extend it at the front (bases
+    saved from a wrapper). A suffix that fits several base modules is None.
+    """
+    parts = module.split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if f"{candidate}.weight" in base_names:
+            return candidate
+    matches = [n[: -len(".weight")] for n in base_names if n.endswith(f".{module}.weight")]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _expected_ab(module: LoraModule, weight_shape: tuple[int, ...]) -> tuple[tuple, tuple] | None:
+    """The A and B shapes the base weight demands, or None when the layouts cannot match."""
+    r = module.rank
+    if module.kind == "embedding":
+        if len(weight_shape) != 2:
+            return None
+        num, dim = weight_shape
+        return (r, num), (dim, r)
+    if module.kind == "conv":
+        if len(weight_shape) < 3:
+            return None
+        out, rest = weight_shape[0], weight_shape[1:]
+        return (r, *rest), (out, r, *([1] * (len(weight_shape) - 2)))
+    if len(weight_shape) != 2:
+        return None
+    out, inp = (weight_shape[1], weight_shape[0]) if module.fan_in_fan_out else weight_shape
+    return (r, inp), (out, r)
+
+
+def _out_features(module: LoraModule, weight_shape: tuple[int, ...]) -> int:
+    if module.kind == "embedding":
+        return weight_shape[1]
+    return weight_shape[1] if module.fan_in_fan_out else weight_shape[0]
+
+
+def with_tied_head(base: Mapping[str, TensorInfo], config: dict | None) -> Mapping[str, TensorInfo]:
+    """`base` plus the lm_head a tied checkpoint omits, so adapters on lm_head find their target."""
+    tied = tied_embedding(base, config)
+    if tied is None:
+        return base
+    return {**base, HEAD_NAME: replace(base[tied], name=HEAD_NAME)}
+
+
+def compatibility_problems(
+    adapter: Adapter, base: Mapping[str, TensorInfo], config: dict | None = None
+) -> list[str]:
+    """Every way `adapter` fits `base` badly, as readable lines (empty when it fits)."""
+    base = with_tied_head(base, config)
+    problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
+    for module in adapter.modules:
+        target = resolve_module(module.name, base)
+        if target is None:
+            problems.append(f"{module.name}: no such module in the base (looked for {module.weight_name})")
+            continue
+        weight = base[f"{target}.weight"]
+        if not weight.is_float:
+            problems.append(f"{module.name}: base weight is {weight.dtype}, not a float tensor")
+            continue
+        a_shape, b_shape = module.a_shape, module.b_shape
+        if len(b_shape) < 2 or b_shape[1] != module.rank:
+            problems.append(
+                f"{module.name}: rank mismatch, A {list(a_shape)} has rank {module.rank} but B is {list(b_shape)}"
+            )
+            continue
+        expected = _expected_ab(module, weight.shape)
+        if expected is None or (tuple(a_shape), tuple(b_shape)) != expected:
+            want = f"A {list(expected[0])}, B {list(expected[1])}" if expected else f"a {module.kind} weight"
+            problems.append(
+                f"{module.name}: shape mismatch, base {target}.weight is {list(weight.shape)} so expected {want}, "
+                f"found A {list(a_shape)}, B {list(b_shape)}"
+            )
+            continue
+        out = _out_features(module, weight.shape)
+        if module.magnitude_key is not None:
+            magnitude = adapter.tensors[module.magnitude_key]
+            if module.kind == "embedding":
+                problems.append(f"{module.name}: DoRA on embedding layers is not supported")
+            elif magnitude.numel != out:
+                problems.append(
+                    f"{module.name}: DoRA magnitude has {magnitude.numel} entries, the layer has {out} outputs"
+                )
+        if module.bias_key is not None:
+            bias = base.get(f"{target}.bias")
+            found = adapter.tensors[module.bias_key].shape
+            if bias is None:
+                problems.append(f"{module.name}: adapter has lora_B.bias but base has no {target}.bias")
+            elif tuple(found) != (out,) or tuple(bias.shape) != (out,):
+                problems.append(f"{module.name}: lora_B.bias is {list(found)}, base bias is {list(bias.shape)}")
+    for item in adapter.replacements:
+        problems.extend(_replacement_problems(adapter, item, base))
+    return problems
+
+
+def _replacement_problems(adapter: Adapter, item: Replacement, base: Mapping[str, TensorInfo]) -> list[str]:
+    target = _resolve_tensor(item.target, base)
+    found = adapter.tensors[item.key].shape
+    if target is None:
+        return [f"{item.key}: {item.origin} targets {item.target}, which the base does not have"]
+    shape = base[target].shape
+    if item.rows is None:
+        if tuple(found) != tuple(shape):
+            return [f"{item.key}: {item.origin} tensor is {list(found)} but base {target} is {list(shape)}"]
+        return []
+    if len(shape) != 2 or tuple(found) != (len(item.rows), shape[1]):
+        return [f"{item.key}: {len(item.rows)} trainable token rows of {list(found)} do not fit {target} {list(shape)}"]
+    bad = [r for r in item.rows if not 0 <= r < shape[0]]
+    return [f"{item.key}: token indices {bad} are outside {target}'s {shape[0]} rows"] if bad else []
+
+
+def _resolve_tensor(name: str, base: Mapping[str, TensorInfo]) -> str | None:
+    if name in base:
+        return name
+    module, _, leaf = name.rpartition(".")
+    resolved = resolve_module(module, base) if leaf == "weight" else None
+    return f"{resolved}.weight" if resolved is not None else None
+
+
+@dataclass(frozen=True)
+class Term:
+    """Adapter `adapter` contributes weight·ΔW of `module` to a tensor (`bias` for lora_B.bias)."""
+
+    adapter: int
+    module: LoraModule
+    weight: float
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How one output tensor is produced from the base (`source`) and the adapters."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    in_dtype: str
+    out_dtype: str
+    terms: tuple[Term, ...] = ()
+    replacements: tuple[tuple[int, Replacement, float], ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.terms or self.replacements)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.out_dtype]
+
+    @property
+    def dora(self) -> Term | None:
+        return next((t for t in self.terms if t.module.dora and not t.bias), None)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Every output tensor in order, the shards they go to, and what the config must say."""
+
+    tasks: list[TensorTask]
+    shards: list[list[int]]
+    untie_embeddings: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(task.nbytes for task in self.tasks)
+
+
+def tied_embedding(base: Mapping[str, TensorInfo], config: dict | None) -> str | None:
+    """The input-embedding tensor lm_head shares, when the base ties them and omits lm_head."""
+    if HEAD_NAME in base or not (config or {}).get("tie_word_embeddings", True):
+        return None
+    return next((name for name in _EMBEDDING_NAMES if name in base), None)
+
+
+def plan_merge(
+    base: Mapping[str, TensorInfo],
+    config: dict | None,
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    *,
+    output_dtype: str | None = None,
+    max_shard_size: int = 5_000_000_000,
+    unmerge: bool = False,
+) -> MergePlan:
+    """Pair every adapter tensor with the base tensor it changes.
+
+    Args:
+        base: the base checkpoint's tensors, in storage order.
+        config: the base's config.json, for weight tying.
+        adapters, weights: the adapters and their weights wᵢ (W' = W + Σ wᵢ·ΔWᵢ).
+        output_dtype: a safetensors dtype for every float tensor, or None to keep each.
+        max_shard_size: bytes per output shard.
+        unmerge: plan W = W' − Σ wᵢ·ΔWᵢ instead.
+
+    Raises:
+        IncompatibleError: listing every adapter tensor that does not fit.
+        UnsupportedError: a combination that cannot be computed faithfully.
+    """
+    if len(weights) != len(adapters):
+        raise InvalidInputError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter")
+    problems = []
+    for adapter in adapters:
+        problems += [f"{adapter.path}: {p}" for p in compatibility_problems(adapter, base, config)]
+    resolvable = with_tied_head(base, config)
+    if problems:
+        raise IncompatibleError(f"{len(problems)} problem(s) between adapter and base", problems)
+
+    sign = -1.0 if unmerge else 1.0
+    terms: dict[str, list[Term]] = {}
+    replaced: dict[str, list[tuple[int, Replacement, float]]] = {}
+    for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+        for module in adapter.modules:
+            target = resolve_module(module.name, resolvable)
+            terms.setdefault(f"{target}.weight", []).append(Term(index, module, sign * weight))
+            if module.bias_key is not None:
+                terms.setdefault(f"{target}.bias", []).append(Term(index, module, sign * weight, bias=True))
+        for item in adapter.replacements:
+            replaced.setdefault(_resolve_tensor(item.target, resolvable), []).append((index, item, weight))
+
+    warnings: list[str] = []
+    _check_combinations(adapters, terms, replaced, unmerge)
+
+    tied = tied_embedding(base, config)
+    untie = tied is not None and (HEAD_NAME in terms or HEAD_NAME in replaced or _changes_embedding(tied, terms, replaced))
+    tasks: list[TensorTask] = []
+
+    def add(name: str, source: str) -> None:
+        info = base[source]
+        out_dtype = output_dtype if output_dtype is not None and info.is_float else info.dtype
+        tasks.append(
+            TensorTask(name, source, info.shape, info.dtype, out_dtype, tuple(terms.get(name, ())), tuple(replaced.get(name, ())))
+        )
+
+    for name in base:
+        add(name, name)
+        if untie and name == tied:
+            add(HEAD_NAME, tied)
+            warnings.append(
+                f"the base ties lm_head to {tied} and an adapter changes one of them: "
+                "both are written and tie_word_embeddings is set to false in config.json"
+            )
+    shards = plan_shards([task.nbytes for task in tasks], max_shard_size)
+    return MergePlan(tasks, shards, untie, warnings)
+
+
+def _changes_embedding(tied: str, terms: dict, replaced: dict) -> bool:
+    """True when the tied embedding changes in a way lm_head must not follow (trainable tokens it follows)."""
+    if tied in terms:
+        return True
+    return any(item.rows is None for _, item, _ in replaced.get(tied, ()))
+
+
+def _check_combinations(adapters: Sequence[Adapter], terms: dict, replaced: dict, unmerge: bool) -> None:
+    problems: list[str] = []
+    for name, items in terms.items():
+        dora = [t for t in items if t.module.dora and not t.bias]
+        if dora and (len(items) > 1 or abs(dora[0].weight) != 1.0):
+            problems.append(f"{name}: a DoRA module merges alone with weight 1 (DoRA is not additive)")
+    for name, items in replaced.items():
+        whole = [i for i in items if i[1].rows is None and i[1].origin != "saved base layer"]
+        if len(whole) > 1:
+            problems.append(f"{name}: replaced by {len(whole)} adapters' modules_to_save; merge them separately")
+        if unmerge and any(i[1].origin != "saved base layer" for i in items):
+            origin = items[0][1].origin
+            problems.append(
+                f"{name}: {adapters[items[0][0]].path} replaced it ({origin}); the original values are not in the "
+                "merged model, so it cannot be un-merged"
+            )
+    if problems:
+        raise UnsupportedError("; ".join(problems))
+
+
+def plan_shards(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
+    """Cut tensors (by index, in order) into shards of at most `max_bytes`, like transformers.
+
+    A tensor larger than `max_bytes` gets a shard of its own.
+    """
+    if max_bytes <= 0:
+        raise InvalidInputError(f"--max-shard-size must be positive, got {max_bytes}")
+    shards: list[list[int]] = [[]]
+    current = 0
+    for index, size in enumerate(sizes):
+        if shards[-1] and current + size > max_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(index)
+        current += size
+    return shards
+
+
+def shard_file_names(count: int, prefix: str = "model") -> list[str]:
+    """`model.safetensors` for one shard, else `model-0000i-of-0000N.safetensors`."""
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]

@@ -1,0 +1,53 @@
+"""The few places where safetensors bytes become torch tensors and back."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CorruptFileError
+from .safetensors_io import TensorInfo
+
+__all__ = ["TORCH_DTYPES", "to_torch_dtype", "to_safetensors_dtype", "read_safetensors_tensor", "tensor_bytes"]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+}  # fmt: skip
+_SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def to_torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+def to_safetensors_dtype(dtype: torch.dtype) -> str:
+    return _SAFETENSORS_DTYPES[dtype]
+
+
+def read_safetensors_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes from disk into a fresh CPU tensor (nothing else is loaded)."""
+    dtype = TORCH_DTYPES[info.dtype]
+    nbytes = info.nbytes
+    if nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buffer = bytearray(nbytes)
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.offset)
+        view, done = memoryview(buffer), 0
+        while done < nbytes:
+            got = f.readinto(view[done:])
+            if not got:
+                raise CorruptFileError(info.file, f"tensor {info.name!r} is cut short (truncated file?)")
+            done += got
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without copying when it is contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
