@@ -20,3 +20,12 @@ def max_ulp(a: torch.Tensor, b: torch.Tensor) -> int:
     if a.numel() == 0:
         return 0
     return int((_ordered(a) - _ordered(b)).abs().max())
+
+
+_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
+
+
+def ulp_at(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of x's dtype at each value of x (in float64)."""
+    _, exponent = torch.frexp(x.double().abs().clamp_min(torch.finfo(x.dtype).tiny))
+    return torch.pow(2.0, (exponent - 1 - _MANTISSA_BITS[x.dtype]).double())

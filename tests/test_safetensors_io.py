@@ -1,0 +1,89 @@
+"""The safetensors reader refuses every malformed header, naming the file and entry."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hostile import write_raw_safetensors
+from safetensors.torch import save_file
+
+from lora_tools.errors import CorruptFileError
+from lora_tools.safetensors_io import SafetensorsWriter, read_header
+from lora_tools.tensors import read_safetensors_tensor, tensor_bytes
+
+
+def entry(dtype="F32", shape=(2,), begin=0, end=8):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+CASES = {
+    "not json": (None, b"{not json", b"", "not valid JSON"),
+    "json list": ([1, 2], None, b"", "expected an object"),
+    "unknown dtype": ({"t": entry(dtype="F7")}, None, bytes(8), "unknown dtype 'F7'"),
+    "bad shape": ({"t": entry(shape=(-1,))}, None, bytes(8), "invalid shape"),
+    "dtype x shape vs bytes": ({"t": entry(shape=(3,))}, None, bytes(8), "needs 12 bytes but its offsets span 8"),
+    "overlap": ({"a": entry(), "b": entry(begin=4, end=12)}, None, bytes(12), "overlaps"),
+    "gap": ({"a": entry(), "b": entry(begin=12, end=20)}, None, bytes(20), "gap of 4 bytes"),
+    "past end": ({"a": entry()}, None, bytes(4), "truncated"),
+    "trailing bytes": ({"a": entry()}, None, bytes(12), "unexpected bytes after"),
+    "metadata not strings": ({"__metadata__": {"a": 1}, "t": entry()}, None, bytes(8), "__metadata__"),
+    "bad offsets": ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, None, bytes(8), "invalid data_offsets"),
+    "entry not object": ({"t": 5}, None, b"", "is not an object"),
+    "duplicate names": (None, b'{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8), "twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_headers_are_refused(case, tmp_path):
+    header, raw, data, message = CASES[case]
+    path = write_raw_safetensors(tmp_path / "bad.safetensors", header, data, raw)
+    with pytest.raises(CorruptFileError, match=message) as info:
+        read_header(path)
+    assert str(path) in str(info.value)
+
+
+def test_header_length_beyond_file_and_limit(tmp_path):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(CorruptFileError, match="runs past the end"):
+        read_header(path)
+    path.write_bytes(struct.pack("<Q", 200_000_000) + b"{}")
+    with pytest.raises(CorruptFileError, match="100 MB"):
+        read_header(path)
+    path.write_bytes(b"abc")
+    with pytest.raises(CorruptFileError, match="too short"):
+        read_header(path)
+
+
+def test_reader_agrees_with_safetensors_library(tmp_path):
+    tensors = {
+        "b": torch.randn(3, 4).to(torch.bfloat16),
+        "a": torch.arange(5, dtype=torch.int64),
+        "e": torch.zeros(0, 3),
+        "h": torch.randn(2, 2).half(),
+    }
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"k": "v"})
+    infos, metadata = read_header(tmp_path / "x.safetensors")
+    assert metadata == {"k": "v"}
+    for name, tensor in tensors.items():
+        assert torch.equal(read_safetensors_tensor(infos[name]), tensor)
+
+
+def test_writer_output_loads_in_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"z": torch.randn(3, 5), "a": torch.randn(7).to(torch.bfloat16), "m": torch.ones(2, dtype=torch.int32)}
+    save_file({"src": tensors["z"]}, tmp_path / "src.safetensors")
+    source, _ = read_header(tmp_path / "src.safetensors")
+    writer = SafetensorsWriter(
+        tmp_path / "out.safetensors", [("z", "F32", (3, 5)), ("a", "BF16", (7,)), ("m", "I32", (2,))], {"format": "pt"}
+    )
+    writer.copy_from("z", source["src"])
+    writer.write("a", tensor_bytes(tensors["a"]))
+    writer.write("m", tensor_bytes(tensors["m"]))
+    writer.close()
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    read_header(tmp_path / "out.safetensors")  # and our own strict reader accepts it
