@@ -213,9 +213,7 @@ def _token_indices(config: dict, module: str) -> tuple[int, ...] | None:
     return None
 
 
-def build_peft_adapter(
-    path: Path, weights: Checkpoint, config: dict, format_name: str = "peft"
-) -> Adapter:
+def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_name: str = "peft") -> Adapter:
     """Group PEFT-keyed tensors into modules and replacements, scaled as PEFT scales them."""
     grouped: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
@@ -255,7 +253,12 @@ def build_peft_adapter(
             unknown.extend(roles[r] for r in ("bias", "magnitude") if r in roles)
             continue
         if len(present) == 1:
-            missing = {"A": "lora_A.weight", "B": "lora_B.weight", "embA": "lora_embedding_A", "embB": "lora_embedding_B"}
+            missing = {
+                "A": "lora_A.weight",
+                "B": "lora_B.weight",
+                "embA": "lora_embedding_A",
+                "embB": "lora_embedding_B",
+            }
             other = next(r for r in pair if r not in roles)
             raise CorruptFileError(path, f"module {module!r} has {roles[present[0]]} but no {missing[other]}")
         a_info, b_info = weights.tensors[roles[pair[0]]], weights.tensors[roles[pair[1]]]

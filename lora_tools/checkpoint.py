@@ -173,9 +173,7 @@ def _index_shards(index_path: Path) -> dict[str, list[str]]:
     for tensor, filename in weight_map.items():
         candidate = folder / filename
         if os.path.isabs(filename) or ".." in Path(filename).parts or not _inside(folder, candidate):
-            raise CorruptFileError(
-                index_path, f"weight_map entry {tensor!r} points outside the folder: {filename!r}"
-            )
+            raise CorruptFileError(index_path, f"weight_map entry {tensor!r} points outside the folder: {filename!r}")
         if not candidate.is_file():
             raise CorruptFileError(index_path, f"weight_map entry {tensor!r} names missing shard {filename!r}")
         shards.setdefault(filename, []).append(tensor)
@@ -234,7 +232,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     index_path: Path | None = None
     if path.is_dir():
         folder = path
-        index_path = next((path / n for n in (*INDEX_NAMES, "pytorch_model.bin.index.json") if (path / n).is_file()), None)
+        index_path = next(
+            (path / n for n in (*INDEX_NAMES, "pytorch_model.bin.index.json") if (path / n).is_file()), None
+        )
         if index_path is None:
             others = sorted(p for p in path.glob("*.safetensors.index.json") if p.is_file())
             index_path = others[0] if others else None
@@ -242,7 +242,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             shards = _index_shards(index_path)
             files = [folder / name for name in sorted(shards)]
         else:
-            files = sorted(p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(RECORD_PREFIX))
+            files = sorted(
+                p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(RECORD_PREFIX)
+            )
             if not files:
                 files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
             if not files:

@@ -170,7 +170,8 @@ def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as
     when they do not fit.
     """
     from .errors import IncompatibleError
-    from .inspection import AdapterReport, inspect as run_inspect
+    from .inspection import AdapterReport
+    from .inspection import inspect as run_inspect
 
     report = run_inspect(path, base=base, alpha=alpha)
     if as_json:
@@ -218,7 +219,9 @@ def _render_adapter(report, show_all: bool) -> None:
         rows = f" rows {item['rows']}" if item["rows"] else ""
         console.print(f"replaces {item['target']}{rows} ({item['origin']})")
     if report.unknown_keys:
-        console.print(f"[yellow]{len(report.unknown_keys)} keys not understood:[/yellow] {', '.join(report.unknown_keys[:10])}")
+        console.print(
+            f"[yellow]{len(report.unknown_keys)} keys not understood:[/yellow] {', '.join(report.unknown_keys[:10])}"
+        )
     for key, value in report.metadata.items():
         console.print(f"metadata {key} = {value}")
     if report.validation is not None:
@@ -231,7 +234,9 @@ def _render_adapter(report, show_all: bool) -> None:
 
 def _render_checkpoint(report) -> None:
     console = _stderr_console()
-    console.print(f"[bold]{report.path}[/bold]: checkpoint" + (f" ({report.architecture})" if report.architecture else ""))
+    console.print(
+        f"[bold]{report.path}[/bold]: checkpoint" + (f" ({report.architecture})" if report.architecture else "")
+    )
     console.print(
         f"{report.num_tensors} tensors, {report.num_parameters:,} parameters, {format_bytes(report.total_bytes)}, "
         f"dtypes {', '.join(f'{k}×{v}' for k, v in report.dtypes.items())}"
@@ -240,7 +245,8 @@ def _render_checkpoint(report) -> None:
 
 
 def _merge_command(operation: str):
-    from .merging import merge as run_merge, unmerge as run_unmerge
+    from .merging import merge as run_merge
+    from .merging import unmerge as run_unmerge
 
     return run_merge if operation == "merge" else run_unmerge
 

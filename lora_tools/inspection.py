@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .adapter import Adapter, is_adapter, read_adapter
 from .checkpoint import Checkpoint, open_checkpoint
-from .plan import HEAD_NAME, tied_embedding, compatibility_problems, resolve_module, with_tied_head
+from .plan import HEAD_NAME, compatibility_problems, resolve_module, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
 

@@ -159,8 +159,9 @@ def _run(
 
     from .device import resolve_device
     from .ops import compute_task
-    from .tensors import tensor_bytes
+    from .tensors import return_freed_memory_to_os, tensor_bytes
 
+    return_freed_memory_to_os()
     started = time.perf_counter()
     if not adapter_paths:
         raise InvalidInputError("give at least one adapter")
@@ -226,9 +227,7 @@ def _run(
     done_bytes = 0
     total = plan.total_bytes
     inputs = [base.path, *(a.path for a in adapters)]
-    with atomic_output(
-        output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total
-    ) as target:
+    with atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target:
         names = [target.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
         paths = [target] if single_file else [target / n for n in names]
         pipeline = _Pipeline()

@@ -33,9 +33,8 @@ def check_output_path(output: Path, inputs: Sequence[Path], *, force: bool) -> N
             raise OutputExistsError(
                 f"output {output} would overwrite or sit inside input {source}; choose another --output"
             )
-    if output.exists() or output.is_symlink():
-        if not force:
-            raise OutputExistsError(f"output {output} already exists; pass --force to replace it")
+    if (output.exists() or output.is_symlink()) and not force:
+        raise OutputExistsError(f"output {output} already exists; pass --force to replace it")
 
 
 def _remove(path: Path) -> None:
@@ -95,7 +94,9 @@ def atomic_output(
         _remove(temporary)
         raise
     old = output.parent / f".{output.name}.loratool-old-{os.getpid()}"
-    if output.exists() or output.is_symlink():
-        os.replace(output, old) if not output.is_symlink() else output.unlink()
+    if output.is_symlink():
+        output.unlink()
+    elif output.exists():
+        os.replace(output, old)
     os.replace(temporary, output)
     _remove(old)

@@ -85,9 +85,7 @@ def with_tied_head(base: Mapping[str, TensorInfo], config: dict | None) -> Mappi
     return {**base, HEAD_NAME: replace(base[tied], name=HEAD_NAME)}
 
 
-def compatibility_problems(
-    adapter: Adapter, base: Mapping[str, TensorInfo], config: dict | None = None
-) -> list[str]:
+def compatibility_problems(adapter: Adapter, base: Mapping[str, TensorInfo], config: dict | None = None) -> list[str]:
     """Every way `adapter` fits `base` badly, as readable lines (empty when it fits)."""
     base = with_tied_head(base, config)
     problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
@@ -240,7 +238,9 @@ def plan_merge(
         UnsupportedError: a combination that cannot be computed faithfully.
     """
     if len(weights) != len(adapters):
-        raise InvalidInputError(f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter")
+        raise InvalidInputError(
+            f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
+        )
     problems = []
     for adapter in adapters:
         problems += [f"{adapter.path}: {p}" for p in compatibility_problems(adapter, base, config)]
@@ -264,14 +264,24 @@ def plan_merge(
     _check_combinations(adapters, terms, replaced, unmerge)
 
     tied = tied_embedding(base, config)
-    untie = tied is not None and (HEAD_NAME in terms or HEAD_NAME in replaced or _changes_embedding(tied, terms, replaced))
+    untie = tied is not None and (
+        HEAD_NAME in terms or HEAD_NAME in replaced or _changes_embedding(tied, terms, replaced)
+    )
     tasks: list[TensorTask] = []
 
     def add(name: str, source: str) -> None:
         info = base[source]
         out_dtype = output_dtype if output_dtype is not None and info.is_float else info.dtype
         tasks.append(
-            TensorTask(name, source, info.shape, info.dtype, out_dtype, tuple(terms.get(name, ())), tuple(replaced.get(name, ())))
+            TensorTask(
+                name,
+                source,
+                info.shape,
+                info.dtype,
+                out_dtype,
+                tuple(terms.get(name, ())),
+                tuple(replaced.get(name, ())),
+            )
         )
 
     for name in base:

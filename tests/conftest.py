@@ -94,8 +94,10 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors folder or file (tests only: the models are tiny)."""
     from safetensors.torch import load_file
 
-    files = [path] if path.is_file() else sorted(
-        p for p in path.glob("*.safetensors") if not p.name.startswith("loratool_merge")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("loratool_merge"))
     )
     state: dict[str, torch.Tensor] = {}
     for file in files:
@@ -134,7 +136,7 @@ def gpt2_base(tmp_path_factory) -> Path:
     return save_base(build_model("gpt2"), tmp_path_factory.mktemp("gpt2") / "base")
 
 
-def _lora(**kwargs):
+def lora_config(**kwargs):
     from peft import LoraConfig
 
     return LoraConfig(**kwargs)
@@ -173,6 +175,8 @@ def adapters(tmp_path_factory, llama_base, gpt2_base) -> dict[str, tuple[Path, P
     for name, (arch, kwargs) in ADAPTER_VARIANTS.items():
         base = llama_base if arch == "llama" else gpt2_base
         path = tmp_path_factory.mktemp(f"adapter_{name}") / name
-        save_adapter(lambda arch=arch: build_model(arch), _lora(**kwargs), path, seed=zlib.crc32(name.encode()) % 1000)
+        save_adapter(
+            lambda arch=arch: build_model(arch), lora_config(**kwargs), path, seed=zlib.crc32(name.encode()) % 1000
+        )
         built[name] = (base, path)
     return built

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import _lora, build_model, run_cli, save_adapter
+from conftest import build_model, lora_config, run_cli, save_adapter
 from safetensors.torch import load_file, save_file
 
 
@@ -176,10 +176,12 @@ def test_rank_mismatch(plain, tmp_path):
 def test_shape_mismatch_lists_every_module(plain, tmp_path):
     base, _ = plain
     wide = save_adapter(
-        lambda: build_model("llama", hidden_size=48), _lora(r=4, target_modules=["q_proj"]), tmp_path / "wide"
+        lambda: build_model("llama", hidden_size=48), lora_config(r=4, target_modules=["q_proj"]), tmp_path / "wide"
     )
     result = merge(base, wide, tmp_path)
-    assert_refused(result, 3, "shape mismatch", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "[32, 32]")
+    assert_refused(
+        result, 3, "shape mismatch", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "[32, 32]"
+    )
     assert_nothing_left(tmp_path)
 
 

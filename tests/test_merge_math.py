@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import _lora, build_model, load_state, read_json, run_cli, save_adapter
+from conftest import build_model, load_state, lora_config, read_json, run_cli, save_adapter
 from safetensors.torch import load_file, save_file
 from ulp import ulp_at
 
@@ -44,7 +44,8 @@ def test_weighted_multi_adapter_merge_matches_fp64_reference(adapters, tmp_path)
 def _small_adapter(tmp_path, dtype=torch.float32):
     """An adapter whose ΔW is small beside W, as trained LoRAs are."""
     path = save_adapter(
-        lambda: build_model("llama", dtype=dtype), _lora(r=4, lora_alpha=4, target_modules=["q_proj", "up_proj"]),
+        lambda: build_model("llama", dtype=dtype),
+        lora_config(r=4, lora_alpha=4, target_modules=["q_proj", "up_proj"]),
         tmp_path / "small",
     )
     state = load_file(path / "adapter_model.safetensors")
@@ -117,7 +118,7 @@ def test_conv_lora_matches_torch_conv_arithmetic(kernel, tmp_path):
     torch.manual_seed(0)
     net = _ConvNet(kernel)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base.safetensors")
-    peft_model = get_peft_model(net, _lora(r=2, lora_alpha=6, target_modules=["conv"]))
+    peft_model = get_peft_model(net, lora_config(r=2, lora_alpha=6, target_modules=["conv"]))
     from conftest import randomize_adapter
 
     randomize_adapter(peft_model, seed=3)

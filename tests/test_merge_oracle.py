@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, load_state, peft_model_for, read_json, save_adapter, _lora
+from conftest import build_model, load_state, lora_config, peft_model_for, read_json, save_adapter
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 from ulp import max_ulp
 
@@ -48,7 +48,7 @@ def test_merge_matches_peft(variant, adapters, tmp_path):
 def test_tied_embeddings_are_untied_when_lm_head_changes(llama_tied_base, tmp_path):
     adapter = save_adapter(
         lambda: build_model("llama", tie_word_embeddings=True),
-        _lora(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+        lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
         tmp_path / "adapter",
     )
     out = tmp_path / "merged"
@@ -69,7 +69,7 @@ def test_tied_embeddings_are_untied_when_lm_head_changes(llama_tied_base, tmp_pa
 def test_tied_embeddings_untied_when_embedding_changes(llama_tied_base, tmp_path):
     adapter = save_adapter(
         lambda: build_model("llama", tie_word_embeddings=True),
-        _lora(r=4, lora_alpha=8, target_modules=["embed_tokens"]),
+        lora_config(r=4, lora_alpha=8, target_modules=["embed_tokens"]),
         tmp_path / "adapter",
     )
     out = tmp_path / "merged"
@@ -86,7 +86,8 @@ def test_bf16_base_is_rounded_once(tmp_path):
     base = build_model("llama", dtype=torch.bfloat16)
     base.save_pretrained(tmp_path / "base")
     adapter = save_adapter(
-        lambda: build_model("llama", dtype=torch.bfloat16), _lora(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        lambda: build_model("llama", dtype=torch.bfloat16),
+        lora_config(r=4, lora_alpha=8, target_modules=["q_proj"]),
         tmp_path / "adapter",
     )
     out = tmp_path / "merged"

@@ -29,9 +29,19 @@ CASES = {
     "past end": ({"a": entry()}, None, bytes(4), "truncated"),
     "trailing bytes": ({"a": entry()}, None, bytes(12), "unexpected bytes after"),
     "metadata not strings": ({"__metadata__": {"a": 1}, "t": entry()}, None, bytes(8), "__metadata__"),
-    "bad offsets": ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, None, bytes(8), "invalid data_offsets"),
+    "bad offsets": (
+        {"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},
+        None,
+        bytes(8),
+        "invalid data_offsets",
+    ),
     "entry not object": ({"t": 5}, None, b"", "is not an object"),
-    "duplicate names": (None, b'{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8), "twice"),
+    "duplicate names": (
+        None,
+        b'{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+        bytes(8),
+        "twice",
+    ),
 }
 
 
