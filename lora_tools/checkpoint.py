@@ -94,13 +94,13 @@ class Checkpoint:
             found.append(path)
         return found
 
-    def read(self, name: str) -> torch.Tensor:
-        """Return one tensor as a fresh CPU tensor."""
+    def read(self, name: str, buffer: bytearray | None = None) -> torch.Tensor:
+        """Return one tensor on the CPU: fresh, or a view of `buffer` when one is given (safetensors only)."""
         info = self.tensors[name]
         if info.offset is not None:
             from .tensors import read_safetensors_tensor
 
-            return read_safetensors_tensor(info)
+            return read_safetensors_tensor(info, buffer)
         return self._pickle(info.file)[name]
 
     def _pickle(self, path: Path) -> dict:

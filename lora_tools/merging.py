@@ -158,7 +158,7 @@ def _run(
     import torch
 
     from .device import resolve_device
-    from .ops import compute_task
+    from .ops import Workspace, compute_task
     from .tensors import return_freed_memory_to_os, tensor_bytes
 
     return_freed_memory_to_os()
@@ -216,8 +216,14 @@ def _run(
     def fetch(index: int, key: str) -> torch.Tensor:
         return adapters[index].read(key)
 
-    def load(task: TensorTask) -> torch.Tensor:
-        tensor = base.read(task.source)
+    read_buffers = [bytearray(), bytearray()]
+
+    def load(task: TensorTask, slot: int) -> torch.Tensor:
+        """Read a base tensor into one of two alternating buffers (one being read, one computed on)."""
+        nbytes = base.tensors[task.source].nbytes
+        if len(read_buffers[slot]) < nbytes:
+            read_buffers[slot] = bytearray(nbytes)
+        tensor = base.read(task.source, read_buffers[slot])
         if torch_device.type == "cuda":
             tensor = tensor.pin_memory().to(torch_device, non_blocking=True)
         return tensor
@@ -231,16 +237,18 @@ def _run(
         names = [target.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
         paths = [target] if single_file else [target / n for n in names]
         pipeline = _Pipeline()
+        workspace = Workspace(torch_device)
+        computed = 0
         try:
             order = [i for shard in plan.shards for i in shard]
             changed_order = [i for i in order if _needs_compute(plan.tasks[i], base)]
-            upcoming = iter(changed_order)
+            upcoming = iter(enumerate(changed_order))
             reads: dict[int, Future] = {}
 
             def prefetch() -> None:
-                index = next(upcoming, None)
+                position, index = next(upcoming, (None, None))
                 if index is not None:
-                    reads[index] = pipeline.reader.submit(load, plan.tasks[index])
+                    reads[index] = pipeline.reader.submit(load, plan.tasks[index], position % 2)
 
             prefetch()
             for shard, path in zip(plan.shards, paths, strict=True):
@@ -256,7 +264,8 @@ def _run(
                             task,
                             tensor,
                             fetch,
-                            torch_device,
+                            workspace,
+                            output_slot=computed % 2,
                             unmerge=unmerge,
                             recorded_norm=recorded.get(task.name),
                             allow_nonfinite=allow_nonfinite,
@@ -266,6 +275,7 @@ def _run(
                         if result.dora_norm is not None and not unmerge:
                             norms[task.name] = result.dora_norm
                         pipeline.write(writer.write, task.name, tensor_bytes(result.tensor.cpu()))
+                        computed += 1
                     done_bytes += task.nbytes
                     if progress is not None:
                         progress(done_bytes, total)
