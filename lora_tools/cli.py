@@ -323,6 +323,98 @@ def unmerge(merged: str, adapters: tuple[str, ...], **options) -> None:
     _run_merge("unmerge", merged, adapters, options)
 
 
+def rank_options(f: Callable) -> Callable:
+    f = click.option("--max-rank", type=int, help="Cap on every module's rank.")(f)
+    f = click.option("--sv-ratio", type=float, help="Keep singular values ≥ S₀/X.")(f)
+    f = click.option("--energy", type=float, help="Smallest rank keeping this fraction of ‖Δ‖²_F, in (0, 1].")(f)
+    return click.option("--rank", "-r", type=int, help="Fixed rank for every module.")(f)
+
+
+def _render_extraction(report, as_json: bool) -> None:
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    console = _stderr_console()
+    table = Table(show_edge=False)
+    for column in ("module", "rank", "energy kept", "rel. error", "method"):
+        table.add_column(column)
+    for m in report.modules:
+        table.add_row(m.name, str(m.rank), f"{m.energy_kept:.4f}", f"{m.relative_error:.4f}", m.method)
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    ratio = report.parameters / report.full_delta_parameters if report.full_delta_parameters else 0.0
+    console.print(
+        f"{report.operation}: {len(report.modules)} modules into {report.output}, {report.parameters:,} parameters "
+        f"({ratio:.2%} of the full delta), {format_bytes(report.bytes)}, mean relative error "
+        f"{report.mean_relative_error:.4f}, {report.seconds:.1f}s on {report.device}"
+    )
+
+
+@contextmanager
+def _module_progress(quiet: bool, description: str):
+    if quiet:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=_stderr_console(), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@rank_options
+@click.option("--include", help="Only tensors whose name matches this regex.")
+@click.option("--exclude", help="Leave out tensors whose name matches this regex.")
+@click.option("--method", type=click.Choice(["auto", "svd", "randomized"]), default="auto", show_default=True)
+@click.option(
+    "--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True,
+    help="Embeddings and lm_head: skip, decompose as LoRA, or store whole (modules_to_save).",
+)  # fmt: skip
+@click.option("--save-1d", is_flag=True, help="Store changed norms (1-D tensors) in modules_to_save.")
+@click.option("--skip-mismatched", is_flag=True, help="Leave out tensors whose shapes differ or exist on one side.")
+@device_option
+@dtype_option
+@output_options
+@json_option
+def extract(base: str, tuned: str, **options) -> None:
+    """Extract a LoRA adapter from a full fine-tune: TUNED − BASE ≈ B·A per module.
+
+    Truncated SVD (randomized when the rank is small), balanced factors, alpha =
+    rank. Writes a PEFT adapter folder to --output.
+    """
+    from .extraction import extract as run_extract
+
+    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    with _module_progress(quiet, "extract") as progress:
+        report = run_extract(base, tuned, options.pop("output"), progress=progress, **options)
+    _render_extraction(report, as_json)
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@rank_options
+@device_option
+@output_options
+@json_option
+def resize(adapter: str, **options) -> None:
+    """Change an adapter's rank: the best rank-k approximation of each module's ΔW.
+
+    Exact (QR of B and Aᵀ, SVD of the r×r core); each module's scale is kept.
+    """
+    from .extraction import resize as run_resize
+
+    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    with _module_progress(quiet, "resize") as progress:
+        report = run_resize(adapter, options.pop("output"), progress=progress, **options)
+    _render_extraction(report, as_json)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli.main(prog_name="loratool")
