@@ -75,6 +75,7 @@ print(json.dumps(results))
 
 def run(label: str, command: list[str], cleanup: Path) -> dict:
     shutil.rmtree(cleanup, ignore_errors=True)
+    os.sync()  # start each contender with no dirty pages left by the previous one
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)

@@ -49,6 +49,7 @@ def run(label: str, command: list[str], cleanup: Path | None = None) -> dict:
     """Run one contender; wall time and peak RSS from wait4."""
     if cleanup is not None:
         shutil.rmtree(cleanup, ignore_errors=True)
+    os.sync()  # start each contender with no dirty pages left by the previous one
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,6 +103,23 @@ class Checkpoint:
 
             return read_safetensors_tensor(info, buffer)
         return self._pickle(info.file)[name]
+
+    def mapped(self, name: str) -> AbstractContextManager[torch.Tensor]:
+        """A read-only CPU view of one tensor for the duration of a `with` block (mmap for safetensors)."""
+        info = self.tensors[name]
+        if info.offset is None:
+            return nullcontext(self._pickle(info.file)[name])
+        from .tensors import mapped_tensor
+
+        return mapped_tensor(info.file, info.offset, info.dtype, info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Start reading one tensor into the page cache in the background."""
+        info = self.tensors[name]
+        if info.offset is not None:
+            from .tensors import prefetch
+
+            prefetch(info.file, info.offset, info.nbytes)
 
     def _pickle(self, path: Path) -> dict:
         if path not in self._pickles:

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,29 +116,6 @@ def _updated_config(config: dict, plan: MergePlan, dtype: str | None) -> dict:
     return config
 
 
-class _Pipeline:
-    """Read one tensor ahead and write one behind while the current one is computed."""
-
-    def __init__(self) -> None:
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="loratool-read")
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="loratool-write")
-        self._last_write: Future | None = None
-
-    def write(self, fn: Callable, *args) -> None:
-        if self._last_write is not None:
-            self._last_write.result()
-        self._last_write = self.writer.submit(fn, *args)
-
-    def drain(self) -> None:
-        if self._last_write is not None:
-            self._last_write.result()
-            self._last_write = None
-
-    def close(self) -> None:
-        self.reader.shutdown(wait=True, cancel_futures=True)
-        self.writer.shutdown(wait=True, cancel_futures=True)
-
-
 def _run(
     operation: str,
     base_path: str | os.PathLike,
@@ -159,7 +136,7 @@ def _run(
 
     from .device import resolve_device
     from .ops import Workspace, compute_task
-    from .tensors import return_freed_memory_to_os, tensor_bytes
+    from .tensors import return_freed_memory_to_os
 
     return_freed_memory_to_os()
     started = time.perf_counter()
@@ -216,73 +193,60 @@ def _run(
     def fetch(index: int, key: str) -> torch.Tensor:
         return adapters[index].read(key)
 
-    read_buffers = [bytearray(), bytearray()]
-
-    def load(task: TensorTask, slot: int) -> torch.Tensor:
-        """Read a base tensor into one of two alternating buffers (one being read, one computed on)."""
-        nbytes = base.tensors[task.source].nbytes
-        if len(read_buffers[slot]) < nbytes:
-            read_buffers[slot] = bytearray(nbytes)
-        tensor = base.read(task.source, read_buffers[slot])
-        if torch_device.type == "cuda":
-            tensor = tensor.pin_memory().to(torch_device, non_blocking=True)
-        return tensor
-
     changes: list[TensorChange] = []
     norms: dict[str, torch.Tensor] = {}
     done_bytes = 0
     total = plan.total_bytes
     inputs = [base.path, *(a.path for a in adapters)]
+    workspace = Workspace(torch_device)
+
+    def advance(nbytes: int) -> None:
+        nonlocal done_bytes
+        done_bytes += nbytes
+        if progress is not None:
+            progress(done_bytes, total)
+
     with atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target:
         names = [target.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
         paths = [target] if single_file else [target / n for n in names]
-        pipeline = _Pipeline()
-        workspace = Workspace(torch_device)
-        computed = 0
+        copier = ThreadPoolExecutor(1, thread_name_prefix="loratool-copy")
         try:
-            order = [i for shard in plan.shards for i in shard]
-            changed_order = [i for i in order if _needs_compute(plan.tasks[i], base)]
-            upcoming = iter(enumerate(changed_order))
-            reads: dict[int, Future] = {}
-
-            def prefetch() -> None:
-                position, index = next(upcoming, (None, None))
-                if index is not None:
-                    reads[index] = pipeline.reader.submit(load, plan.tasks[index], position % 2)
-
-            prefetch()
             for shard, path in zip(plan.shards, paths, strict=True):
                 tasks = [plan.tasks[i] for i in shard]
                 writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
-                for index, task in zip(shard, tasks, strict=True):
-                    if index not in reads and not _needs_compute(task, base):
-                        pipeline.write(writer.copy_from, task.name, base.tensors[task.source])
-                    else:
-                        tensor = reads.pop(index).result()
-                        prefetch()
+                # untouched tensors are copied inside the kernel on a helper thread, meanwhile the rest is computed
+                copies = [
+                    (copier.submit(writer.copy_from, t.name, base.tensors[t.source]), t.nbytes)
+                    for t in tasks
+                    if not _needs_compute(t, base)
+                ]
+                computed = [t for t in tasks if _needs_compute(t, base)]
+                for position, task in enumerate(computed):
+                    if position + 1 < len(computed):
+                        base.prefetch(computed[position + 1].source)
+                    with base.mapped(task.source) as source, writer.mapped(task.name) as destination:
+                        tensor = source.to(torch_device) if torch_device.type != "cpu" else source
                         result = compute_task(
                             task,
                             tensor,
                             fetch,
                             workspace,
-                            output_slot=computed % 2,
+                            destination,
                             unmerge=unmerge,
                             recorded_norm=recorded.get(task.name),
                             allow_nonfinite=allow_nonfinite,
                         )
-                        if task.changed:
-                            changes.append(TensorChange(task.name, _describe(task, adapters), result.max_abs_delta))
-                        if result.dora_norm is not None and not unmerge:
-                            norms[task.name] = result.dora_norm
-                        pipeline.write(writer.write, task.name, tensor_bytes(result.tensor.cpu()))
-                        computed += 1
-                    done_bytes += task.nbytes
-                    if progress is not None:
-                        progress(done_bytes, total)
-                pipeline.drain()
+                    if task.changed:
+                        changes.append(TensorChange(task.name, _describe(task, adapters), result.max_abs_delta))
+                    if result.dora_norm is not None and not unmerge:
+                        norms[task.name] = result.dora_norm
+                    advance(task.nbytes)
+                for future, nbytes in copies:
+                    future.result()
+                    advance(nbytes)
                 writer.close()
         finally:
-            pipeline.close()
+            copier.shutdown(wait=True, cancel_futures=True)
         if not single_file:
             _write_folder_extras(target, base, plan, names, out_dtype)
             _write_record(target, operation, base, adapters, weights, out_dtype, norms)

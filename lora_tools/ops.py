@@ -15,7 +15,6 @@ import torch
 from .adapter import LoraModule
 from .errors import NonFiniteError
 from .plan import TensorTask
-from .tensors import to_torch_dtype
 
 __all__ = ["dora_norm", "Workspace", "TaskResult", "compute_task"]
 
@@ -59,20 +58,17 @@ class Workspace:
 
 @dataclass
 class TaskResult:
-    tensor: torch.Tensor
     max_abs_delta: float
     dora_norm: torch.Tensor | None = None
 
 
-def _delta_into(module: LoraModule, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """B·A (unscaled) written into `out`, laid out like the base weight."""
+def _low_rank_pair(module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with left @ right = B·A laid out as the base weight's 2-D view (rows = its first axis)."""
     if module.kind == "conv":
-        torch.mm(b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1), out=out.view(out.shape[0], -1))
-    elif module.kind == "embedding" or module.fan_in_fan_out:
-        torch.mm(a.T, b.T, out=out)
-    else:
-        torch.mm(b, a, out=out)
-    return out
+        return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+    if module.kind == "embedding" or module.fan_in_fan_out:
+        return a.T, b.T
+    return b, a
 
 
 def _largest_magnitude(tensor: torch.Tensor) -> float:
@@ -80,16 +76,16 @@ def _largest_magnitude(tensor: torch.Tensor) -> float:
     return max(abs(float(low)), abs(float(high)))
 
 
-def _check_finite(task: TensorTask, weight: torch.Tensor, out_dtype: torch.dtype) -> None:
-    """Refuse a result that is, or rounds to, NaN/Inf in the output dtype.
+def _check_finite(task: TensorTask, total: float, result: torch.Tensor) -> None:
+    """Refuse a result that is, or rounded to, NaN/Inf in the output dtype.
 
-    A sum is one cheap pass that any NaN or Inf poisons; only a suspicious sum
-    (or an fp16 output, whose range is small) pays for the element-wise check.
+    `total` is the sum of the unrounded result: one cheap pass that any NaN or
+    Inf poisons. Only a suspicious sum, or an fp16 output (whose range is small),
+    pays for the element-wise check.
     """
-    total = float(weight.sum())
-    if math.isfinite(total) and abs(total) < 1e30 and out_dtype != torch.float16:
+    if math.isfinite(total) and abs(total) < 1e30 and result.dtype != torch.float16:
         return
-    bad = int((~torch.isfinite(weight.to(out_dtype))).sum()) if out_dtype.is_floating_point else 0
+    bad = int((~torch.isfinite(result)).sum()) if result.is_floating_point() else 0
     if bad:
         raise NonFiniteError(
             f"tensor {task.name!r}: the result has {bad} NaN/Inf value(s) in {task.out_dtype} "
@@ -97,13 +93,61 @@ def _check_finite(task: TensorTask, weight: torch.Tensor, out_dtype: torch.dtype
         )
 
 
+_BLOCK_BYTES = 1 << 20
+
+
+def _compute_blocked(
+    task: TensorTask,
+    base: torch.Tensor,
+    fetch: Fetch,
+    workspace: Workspace,
+    destination: torch.Tensor,
+    allow_nonfinite: bool,
+) -> TaskResult:
+    """W + Σ wᵢ·sᵢ·BᵢAᵢ one block of rows at a time, so every pass runs in cache.
+
+    The same operations in the same order as the whole-tensor path (so the same
+    bits), but each block is read from memory once and written once.
+    """
+    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+    rows = base.shape[0]
+    base_2d = base.reshape(rows, -1)
+    out_2d = destination.view(rows, -1)
+    pairs = []
+    for term in task.terms:
+        a = fetch(term.adapter, term.module.a_key).to(compute)
+        b = fetch(term.adapter, term.module.b_key).to(compute)
+        pairs.append((term, *_low_rank_pair(term.module, a, b)))
+    block = max(1, _BLOCK_BYTES // (base_2d.shape[1] * 4))
+    weight_buffer = workspace.get("weight", (block, base_2d.shape[1]), compute)
+    delta_buffer = workspace.get("delta", (block, base_2d.shape[1]), compute)
+    max_abs = [0.0] * len(pairs)
+    total = 0.0
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        weight = weight_buffer[: stop - start].copy_(base_2d[start:stop])
+        for index, (term, left, right) in enumerate(pairs):
+            delta = torch.mm(left[start:stop], right, out=delta_buffer[: stop - start])
+            if term.module.scale != 1.0:
+                delta.mul_(term.module.scale)
+            max_abs[index] = max(max_abs[index], _largest_magnitude(delta))
+            weight.add_(delta, alpha=term.weight)
+        if not allow_nonfinite:
+            total += float(weight.sum())
+        out_2d[start:stop].copy_(weight)
+    if not allow_nonfinite:
+        _check_finite(task, total, destination)
+    largest = max((abs(term.weight) * m for (term, _, _), m in zip(pairs, max_abs, strict=True)), default=0.0)
+    return TaskResult(largest)
+
+
 def compute_task(
     task: TensorTask,
     base: torch.Tensor,
     fetch: Fetch,
     workspace: Workspace,
+    destination: torch.Tensor,
     *,
-    output_slot: int = 0,
     unmerge: bool = False,
     recorded_norm: torch.Tensor | None = None,
     allow_nonfinite: bool = False,
@@ -112,14 +156,18 @@ def compute_task(
 
     Args:
         fetch: reads adapter `i`'s tensor `key` onto the CPU.
-        workspace: buffers to compute in; the result lives in the `output_slot` buffer
-            until the same slot is used again.
+        workspace: buffers to compute in.
+        destination: a CPU tensor of the output dtype (typically the tensor's place in the
+            output file) that receives the rounded result.
         recorded_norm: for un-merging DoRA, the norm the merge recorded.
 
     Raises:
         NonFiniteError: the result holds NaN or Inf (unless `allow_nonfinite`).
     """
     device = workspace.device
+    plain = not task.replacements and base.dim() >= 2 and all(not t.bias and not t.module.dora for t in task.terms)
+    if plain and task.terms and device.type == "cpu":
+        return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite)
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     weight = workspace.get("weight", base.shape, compute).copy_(base, non_blocking=True)
 
@@ -148,8 +196,9 @@ def compute_task(
         if term.bias:
             delta = get(term.adapter, module.bias_key)
         else:
-            a, b = get(term.adapter, module.a_key), get(term.adapter, module.b_key)
-            delta = _delta_into(module, a, b, workspace.get("delta", weight.shape, compute))
+            left, right = _low_rank_pair(module, get(term.adapter, module.a_key), get(term.adapter, module.b_key))
+            delta = workspace.get("delta", weight.shape, compute)
+            torch.mm(left, right, out=delta.view(left.shape[0], -1))
         if module.scale != 1.0:
             delta.mul_(module.scale)  # scale B·A first, as PEFT does, so w = 1 rounds exactly like PEFT
         factor = term.weight
@@ -168,8 +217,7 @@ def compute_task(
         if delta.numel():
             max_abs = max(max_abs, abs(factor) * _largest_magnitude(delta))
 
-    out_dtype = to_torch_dtype(task.out_dtype)
+    destination.copy_(weight)
     if weight.is_floating_point() and not allow_nonfinite:
-        _check_finite(task, weight, out_dtype)
-    result = workspace.get(f"out{output_slot}", weight.shape, out_dtype).copy_(weight)
-    return TaskResult(result, max_abs, None if norm_used is None else norm_used.float().cpu())
+        _check_finite(task, float(weight.sum()), destination)
+    return TaskResult(max_abs, None if norm_used is None else norm_used.float().cpu())

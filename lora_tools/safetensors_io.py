@@ -161,35 +161,35 @@ def _parse_entry(path: Path, name: str, entry: object) -> tuple[tuple[str, tuple
     return (dtype, tuple(shape)), offsets[0], offsets[1]
 
 
-def copy_bytes(src: Path, offset: int, count: int, dst_fd: int) -> None:
-    """Append `count` bytes of `src` starting at `offset` to `dst_fd`, in the kernel where possible."""
+def copy_bytes(src: Path, offset: int, count: int, dst_fd: int, dst_offset: int) -> None:
+    """Copy `count` bytes of `src` from `offset` to `dst_fd` at `dst_offset`, in the kernel where possible."""
     with open(src, "rb") as f:
         src_fd = f.fileno()
         remaining = count
         while remaining:
             try:
-                done = os.copy_file_range(src_fd, dst_fd, remaining, offset)
+                done = os.copy_file_range(src_fd, dst_fd, remaining, offset, dst_offset)
             except (AttributeError, OSError):
                 done = 0
             if done == 0:
                 break
-            offset += done
-            remaining -= done
+            offset, dst_offset, remaining = offset + done, dst_offset + done, remaining - done
         while remaining:
             chunk = os.pread(src_fd, min(remaining, 64 << 20), offset)
             if not chunk:
                 raise CorruptFileError(src, f"ended {remaining} bytes early while copying tensor data")
-            os.write(dst_fd, chunk)
-            offset += len(chunk)
-            remaining -= len(chunk)
+            os.pwrite(dst_fd, chunk, dst_offset)
+            offset, dst_offset, remaining = offset + len(chunk), dst_offset + len(chunk), remaining - len(chunk)
 
 
 class SafetensorsWriter:
-    """Write one safetensors file tensor by tensor, in the order announced.
+    """Write one safetensors file whose tensors are announced up front.
 
-    The header is written first from the announced names, dtypes and shapes, so
-    memory never holds more than the tensor being written. `close()` checks
-    that every announced tensor arrived with the right size.
+    The header is written and the file sized at once, so each tensor has a fixed
+    place: tensors can then be written in any order, by copying bytes from a
+    source file, writing a buffer, or computing straight into a mapped view
+    (`mapped`). Memory never holds more than the tensor being produced.
+    `close()` checks that every announced tensor arrived.
     """
 
     def __init__(
@@ -199,49 +199,53 @@ class SafetensorsWriter:
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = dict(metadata)
-        self._pending: list[tuple[str, int]] = []
+        spans: list[tuple[str, str, tuple[int, ...], int, int]] = []
         offset = 0
         for name, dtype, shape in specs:
             nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._pending.append((name, nbytes))
+            spans.append((name, dtype, tuple(shape), offset, nbytes))
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
-        self.total_bytes = 8 + len(encoded) + offset
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._write_all(memoryview(struct.pack("<Q", len(encoded)) + encoded))
-        self._next = 0
+        data_start = 8 + len(encoded)
+        self.total_bytes = data_start + offset
+        self._places = {name: (dtype, shape, data_start + begin, nbytes) for name, dtype, shape, begin, nbytes in spans}
+        self._missing = set(self._places)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, struct.pack("<Q", len(encoded)) + encoded, 0)
+        os.ftruncate(self._fd, self.total_bytes)
 
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-
-    def _expect(self, name: str, nbytes: int) -> None:
-        expected_name, expected_bytes = self._pending[self._next]
-        if name != expected_name or nbytes != expected_bytes:
-            raise AssertionError(f"writer expected {expected_name} ({expected_bytes} B), got {name} ({nbytes} B)")
-        self._next += 1
+    def _claim(self, name: str, nbytes: int | None = None) -> tuple[str, tuple[int, ...], int, int]:
+        dtype, shape, offset, expected = self._places[name]
+        if name not in self._missing or (nbytes is not None and nbytes != expected):
+            raise AssertionError(f"{self.path}: tensor {name} written twice or with {nbytes} bytes, not {expected}")
+        self._missing.discard(name)
+        return dtype, shape, offset, expected
 
     def write(self, name: str, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        self._expect(name, len(view))
-        self._write_all(view)
+        _, _, offset, _ = self._claim(name, len(view))
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
 
     def copy_from(self, name: str, info: TensorInfo) -> None:
-        """Copy a tensor's bytes straight from its source safetensors file."""
+        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel."""
         assert info.offset is not None
-        self._expect(name, info.nbytes)
-        copy_bytes(info.file, info.offset, info.nbytes, self._fd)
+        _, _, offset, nbytes = self._claim(name, info.nbytes)
+        copy_bytes(info.file, info.offset, nbytes, self._fd, offset)
+
+    def mapped(self, name: str):
+        """A context manager yielding a writable CPU tensor that is the tensor's place in the file."""
+        from .tensors import mapped_tensor
+
+        dtype, shape, offset, _ = self._claim(name)
+        return mapped_tensor(self.path, offset, dtype, shape, writable=True)
 
     def close(self) -> None:
-        missing = len(self._pending) - self._next
         try:
-            if missing:
-                raise AssertionError(f"{self.path}: {missing} tensors were never written")
+            if self._missing:
+                raise AssertionError(f"{self.path}: {len(self._missing)} tensors were never written")
         finally:
             os.close(self._fd)
-
-    def abort(self) -> None:
-        os.close(self._fd)

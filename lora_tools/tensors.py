@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import mmap
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
 import torch
 
 from .errors import CorruptFileError
 from .safetensors_io import TensorInfo
 
-__all__ = ["TORCH_DTYPES", "to_torch_dtype", "to_safetensors_dtype", "read_safetensors_tensor", "tensor_bytes"]
+__all__ = [
+    "TORCH_DTYPES",
+    "to_torch_dtype",
+    "to_safetensors_dtype",
+    "read_safetensors_tensor",
+    "mapped_tensor",
+    "prefetch",
+    "tensor_bytes",
+    "return_freed_memory_to_os",
+]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
@@ -48,6 +64,53 @@ def read_safetensors_tensor(info: TensorInfo, buffer: bytearray | None = None) -
                 raise CorruptFileError(info.file, f"tensor {info.name!r} is cut short (truncated file?)")
             done += got
     return torch.frombuffer(buffer, dtype=dtype, count=info.numel).reshape(info.shape)
+
+
+@contextmanager
+def mapped_tensor(
+    path: Path, offset: int, dtype: str, shape: tuple[int, ...], *, writable: bool = False
+) -> Iterator[torch.Tensor]:
+    """A tensor viewing `path`'s bytes at `offset` through mmap, unmapped on exit.
+
+    Reading through a mapping skips a copy out of the page cache, and writing
+    through one skips a copy into it. Only the tensor's own pages are mapped, and
+    only while in use, so resident memory stays at the tensors being worked on.
+    """
+    torch_dtype = TORCH_DTYPES[dtype]
+    numel = 1
+    for size in shape:
+        numel *= size
+    nbytes = numel * torch_dtype.itemsize
+    if nbytes == 0:
+        yield torch.empty(shape, dtype=torch_dtype)
+        return
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "r+b" if writable else "rb") as f:
+        mapping = mmap.mmap(
+            f.fileno(),
+            nbytes + offset - start,
+            offset=start,
+            access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ,
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        tensor = torch.frombuffer(mapping, dtype=torch_dtype, count=numel, offset=offset - start).view(shape)
+    try:
+        yield tensor
+    finally:
+        del tensor
+        with suppress(BufferError):  # a view still escapes; the mapping closes when it is collected
+            mapping.close()
+
+
+def prefetch(path: Path, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start reading a byte range into the page cache, without waiting."""
+    if hasattr(os, "posix_fadvise") and nbytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
