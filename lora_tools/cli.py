@@ -253,6 +253,7 @@ def _merge_command(operation: str):
 
 def _merge_options(f: Callable) -> Callable:
     f = click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results instead of refusing them.")(f)
+    f = click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")(f)
     f = click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
     f = click.option(
@@ -324,6 +325,7 @@ def unmerge(merged: str, adapters: tuple[str, ...], **options) -> None:
 
 
 def rank_options(f: Callable) -> Callable:
+    f = click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")(f)
     f = click.option("--max-rank", type=int, help="Cap on every module's rank.")(f)
     f = click.option("--sv-ratio", type=float, help="Keep singular values ≥ S₀/X.")(f)
     f = click.option("--energy", type=float, help="Smallest rank keeping this fraction of ‖Δ‖²_F, in (0, 1].")(f)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from .adapter import read_adapter
 from .checkpoint import open_checkpoint
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
-from .output import atomic_output
+from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES
 from .rank import RankRule, choose_rank, spectrum_decided
 from .safetensors_io import SafetensorsWriter, TensorInfo
@@ -182,6 +182,7 @@ class ExtractReport:
     full_delta_parameters: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    checksums: dict[str, str] | None = None
 
     @property
     def mean_relative_error(self) -> float:
@@ -361,6 +362,7 @@ def extract(
     device: str = "auto",
     dtype: str | None = None,
     force: bool = False,
+    checksum: bool = False,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract a LoRA adapter approximating TUNED − BASE, as a PEFT folder.
@@ -376,6 +378,7 @@ def extract(
         save_1d: store changed 1-D tensors (norms) of modules LoRA does not target in modules_to_save.
         skip_mismatched: leave out tensors whose shapes differ or that exist on one side only.
         dtype: dtype of the factors ("fp32" default, "bf16", "fp16").
+        checksum: add the sha256 of every output file to the report.
 
     Returns:
         An `ExtractReport` with per-module rank, energy kept and relative error.
@@ -498,6 +501,7 @@ def extract(
                 modules_to_save=sorted(set(modules_to_save)),
             ),
         )
+        digests = checksums(target) if checksum else None
     return ExtractReport(
         operation="extract",
         output=str(output),
@@ -512,6 +516,7 @@ def extract(
         full_delta_parameters=full_delta,
         seconds=time.perf_counter() - started,
         notes=notes,
+        checksums=digests,
     )
 
 
@@ -534,6 +539,7 @@ def resize(
     max_rank: int | None = None,
     device: str = "auto",
     force: bool = False,
+    checksum: bool = False,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Re-factorise an adapter's ΔW = s·B·A to a new rank, exactly and without forming ΔW.
@@ -609,6 +615,7 @@ def resize(
             )
         )
         _write_config(target, config)
+        digests = checksums(target) if checksum else None
     return ExtractReport(
         operation="resize",
         output=str(output),
@@ -622,4 +629,5 @@ def resize(
         bytes=size,
         full_delta_parameters=full,
         seconds=time.perf_counter() - started,
+        checksums=digests,
     )

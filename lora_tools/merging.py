@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -21,7 +22,7 @@ from . import __version__
 from .adapter import Adapter, read_adapter
 from .checkpoint import RECORD_PREFIX, Checkpoint, open_checkpoint, read_json
 from .errors import InvalidInputError, UnsupportedError
-from .output import atomic_output
+from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
 from .safetensors_io import SafetensorsWriter
 from .units import parse_size
@@ -60,6 +61,7 @@ class MergeReport:
     files: list[str]
     changes: list[TensorChange]
     warnings: list[str] = field(default_factory=list)
+    checksums: dict[str, str] | None = None
 
     @property
     def max_abs_delta(self) -> float:
@@ -130,6 +132,7 @@ def _run(
     dry_run: bool,
     alpha: float | None,
     allow_nonfinite: bool,
+    checksum: bool,
     progress: Progress | None,
 ) -> MergeReport:
     import torch
@@ -216,7 +219,7 @@ def _run(
                 writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
                 # untouched tensors are copied inside the kernel on a helper thread, meanwhile the rest is computed
                 copies = [
-                    (copier.submit(writer.copy_from, t.name, base.tensors[t.source]), t.nbytes)
+                    (copier.submit(_copy_untouched, writer, t, base.tensors[t.source], allow_nonfinite), t.nbytes)
                     for t in tasks
                     if not _needs_compute(t, base)
                 ]
@@ -250,15 +253,38 @@ def _run(
         if not single_file:
             _write_folder_extras(target, base, plan, names, out_dtype)
             _write_record(target, operation, base, adapters, weights, out_dtype, norms)
+        digests = checksums(target) if checksum else None
+        if digests is not None and single_file:
+            digests = {output.name: digests[target.name]}
     return MergeReport(
         **report_args,
         tensors_changed=len(changed),
         tensors_copied=len(plan.tasks) - len(changed),
         bytes_written=total,
         seconds=time.perf_counter() - started,
-        files=names,
+        files=[output.name] if single_file else names,
         changes=changes,
+        checksums=digests,
     )
+
+
+def _copy_untouched(writer: SafetensorsWriter, task: TensorTask, info, allow_nonfinite: bool) -> None:
+    """Copy a tensor no adapter touches, refusing NaN/Inf in it unless allowed (one read pass, no decode copy)."""
+    import torch
+
+    from .errors import NonFiniteError
+    from .tensors import mapped_tensor
+
+    if info.is_float and not allow_nonfinite and info.numel:
+        with mapped_tensor(info.file, info.offset, info.dtype, info.shape) as view:
+            total = float(view.sum(dtype=torch.float64 if info.dtype == "F64" else torch.float32))
+            bad = 0 if math.isfinite(total) and abs(total) < 1e30 else int((~torch.isfinite(view)).sum())
+        if bad:
+            raise NonFiniteError(
+                f"{info.file}: base tensor {info.name!r} holds {bad} NaN/Inf value(s), which would reach the output "
+                "(pass --allow-nonfinite if the model really contains them)"
+            )
+    writer.copy_from(task.name, info)
 
 
 def _needs_compute(task: TensorTask, base: Checkpoint) -> bool:
@@ -370,6 +396,7 @@ def merge(
     dry_run: bool = False,
     alpha: float | None = None,
     allow_nonfinite: bool = False,
+    checksum: bool = False,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed tensor by tensor.
@@ -386,6 +413,7 @@ def merge(
         dry_run: plan and report, write nothing.
         alpha: lora_alpha for adapter files that do not record it.
         allow_nonfinite: write NaN/Inf results instead of refusing them.
+        checksum: add the sha256 of every output file to the report.
         progress: called with (bytes done, bytes total) after each tensor.
 
     Returns:
@@ -401,7 +429,7 @@ def merge(
     return _run(
         "merge", base, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
-        allow_nonfinite=allow_nonfinite, progress=progress,
+        allow_nonfinite=allow_nonfinite, checksum=checksum, progress=progress,
     )  # fmt: skip
 
 
@@ -418,6 +446,7 @@ def unmerge(
     dry_run: bool = False,
     alpha: float | None = None,
     allow_nonfinite: bool = False,
+    checksum: bool = False,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Undo a merge: W = W' − Σ wᵢ·ΔWᵢ, with the same arithmetic and options as `merge`.
@@ -428,5 +457,5 @@ def unmerge(
     return _run(
         "unmerge", merged, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
-        allow_nonfinite=allow_nonfinite, progress=progress,
+        allow_nonfinite=allow_nonfinite, checksum=checksum, progress=progress,
     )  # fmt: skip

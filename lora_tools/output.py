@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import DiskSpaceError, OutputExistsError
 
-__all__ = ["atomic_output", "check_output_path", "TEMP_MARKER"]
+__all__ = ["atomic_output", "check_output_path", "checksums", "TEMP_MARKER"]
 
 TEMP_MARKER = ".loratool-tmp-"
 
@@ -100,3 +100,18 @@ def atomic_output(
         os.replace(output, old)
     os.replace(temporary, output)
     _remove(old)
+
+
+def checksums(path: Path) -> dict[str, str]:
+    """sha256 of every file of an output (a folder's files by relative path, or a lone file by name)."""
+    import hashlib
+
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digests = {}
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        digests[str(file.relative_to(path)) if path.is_dir() else path.name] = digest.hexdigest()
+    return digests

@@ -289,3 +289,14 @@ def test_debug_variable_shows_traceback(plain, tmp_path, monkeypatch):
     result = merge(tmp_path / "nope", adapter, tmp_path)
     assert result.exit_code == 3
     assert "Traceback" in result.stderr
+
+
+def test_nonfinite_base_tensor_is_refused_unless_allowed(plain, tmp_path):
+    base, adapter = plain
+    state = load_file(base / "model.safetensors")
+    state["model.norm.weight"][3] = float("inf")
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(merge(base, adapter, tmp_path), 3, "model.norm.weight", "NaN/Inf", "--allow-nonfinite")
+    assert_nothing_left(tmp_path)
+    assert merge(base, adapter, tmp_path, "--allow-nonfinite").exit_code == 0
+    assert load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"][3] == float("inf")

@@ -187,3 +187,15 @@ def test_merge_is_deterministic(adapters, tmp_path):
         lora_tools.merge(base, [adapter], tmp_path / name, device="cpu")
     for file in sorted(p.name for p in (tmp_path / "one").iterdir()):
         assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes(), file
+
+
+def test_checksums_are_stable_and_true(adapters, tmp_path):
+    import hashlib
+
+    base, adapter = adapters["plain"]
+    first = json.loads(run_cli(["merge", base, adapter, "-o", tmp_path / "a", "--checksum", "--json", "-q"]).stdout)
+    second = json.loads(run_cli(["merge", base, adapter, "-o", tmp_path / "b", "--checksum", "--json", "-q"]).stdout)
+    assert first["checksums"] == second["checksums"]
+    assert set(first["checksums"]) == {p.name for p in (tmp_path / "a").iterdir()}
+    for name, digest in first["checksums"].items():
+        assert hashlib.sha256((tmp_path / "a" / name).read_bytes()).hexdigest() == digest
