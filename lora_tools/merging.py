@@ -217,12 +217,15 @@ def _run(
             for shard, path in zip(plan.shards, paths, strict=True):
                 tasks = [plan.tasks[i] for i in shard]
                 writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
-                # untouched tensors are copied inside the kernel on a helper thread, meanwhile the rest is computed
-                copies = [
-                    (copier.submit(_copy_untouched, writer, t, base.tensors[t.source], allow_nonfinite), t.nbytes)
-                    for t in tasks
-                    if not _needs_compute(t, base)
-                ]
+                # untouched tensors are checked here (torch work stays on this thread: two threads driving
+                # torch's thread pool at once thrash it) and copied inside the kernel on a helper thread
+                copies = []
+                for t in tasks:
+                    if not _needs_compute(t, base):
+                        info = base.tensors[t.source]
+                        if not allow_nonfinite:
+                            _refuse_nonfinite(info)
+                        copies.append((copier.submit(writer.copy_from, t.name, info), t.nbytes))
                 computed = [t for t in tasks if _needs_compute(t, base)]
                 for position, task in enumerate(computed):
                     if position + 1 < len(computed):
@@ -268,23 +271,38 @@ def _run(
     )
 
 
-def _copy_untouched(writer: SafetensorsWriter, task: TensorTask, info, allow_nonfinite: bool) -> None:
-    """Copy a tensor no adapter touches, refusing NaN/Inf in it unless allowed (one read pass, no decode copy)."""
+def _refuse_nonfinite(info) -> None:
+    """Refuse a base tensor holding NaN/Inf: copied untouched, it would reach the output."""
+    from .errors import NonFiniteError
+
+    bad = _count_nonfinite(info) if info.is_float else 0
+    if bad:
+        raise NonFiniteError(
+            f"{info.file}: base tensor {info.name!r} holds {bad} NaN/Inf value(s), which would reach the output "
+            "(pass --allow-nonfinite if the model really contains them)"
+        )
+
+
+_CHECK_CHUNK_BYTES = 16 << 20
+
+
+def _count_nonfinite(info) -> int:
+    """NaN/Inf values in a stored tensor, read through small mappings (min/max first, which NaN and Inf reach)."""
     import torch
 
-    from .errors import NonFiniteError
+    from .safetensors_io import DTYPE_SIZES
     from .tensors import mapped_tensor
 
-    if info.is_float and not allow_nonfinite and info.numel:
-        with mapped_tensor(info.file, info.offset, info.dtype, info.shape) as view:
-            total = float(view.sum(dtype=torch.float64 if info.dtype == "F64" else torch.float32))
-            bad = 0 if math.isfinite(total) and abs(total) < 1e30 else int((~torch.isfinite(view)).sum())
-        if bad:
-            raise NonFiniteError(
-                f"{info.file}: base tensor {info.name!r} holds {bad} NaN/Inf value(s), which would reach the output "
-                "(pass --allow-nonfinite if the model really contains them)"
-            )
-    writer.copy_from(task.name, info)
+    itemsize = DTYPE_SIZES[info.dtype]
+    step = _CHECK_CHUNK_BYTES // itemsize
+    bad = 0
+    for start in range(0, info.numel, step):
+        count = min(step, info.numel - start)
+        with mapped_tensor(info.file, info.offset + start * itemsize, info.dtype, (count,)) as chunk:
+            low, high = torch.aminmax(chunk)
+            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+                bad += int((~torch.isfinite(chunk)).sum())
+    return bad
 
 
 def _needs_compute(task: TensorTask, base: Checkpoint) -> bool:

@@ -294,6 +294,10 @@ def test_debug_variable_shows_traceback(plain, tmp_path, monkeypatch):
 def test_nonfinite_base_tensor_is_refused_unless_allowed(plain, tmp_path):
     base, adapter = plain
     state = load_file(base / "model.safetensors")
+    state["model.layers.0.input_layernorm.weight"][5] = float("nan")
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(merge(base, adapter, tmp_path), 3, "model.layers.0.input_layernorm.weight", "1 NaN/Inf")
+    state["model.layers.0.input_layernorm.weight"][5] = 1.0
     state["model.norm.weight"][3] = float("inf")
     save_file(state, base / "model.safetensors", metadata={"format": "pt"})
     assert_refused(merge(base, adapter, tmp_path), 3, "model.norm.weight", "NaN/Inf", "--allow-nonfinite")
