@@ -348,9 +348,10 @@ def _render_extraction(report, as_json: bool) -> None:
     for note in report.notes:
         console.print(f"note: {note}")
     ratio = report.parameters / report.full_delta_parameters if report.full_delta_parameters else 0.0
+    whole = "the full delta" if report.operation == "extract" else "the original adapter"
     console.print(
         f"{report.operation}: {len(report.modules)} modules into {report.output}, {report.parameters:,} parameters "
-        f"({ratio:.2%} of the full delta), {format_bytes(report.bytes)}, mean relative error "
+        f"({ratio:.2%} of {whole}), {format_bytes(report.bytes)}, mean relative error "
         f"{report.mean_relative_error:.4f}, {report.seconds:.1f}s on {report.device}"
     )
 

@@ -481,9 +481,16 @@ def extract(
                     f"{len(changed_1d)} 1-D tensors (norms, biases) changed, the largest {largest['name']} by "
                     f"{largest['max_abs_change']:.3g}; not stored (pass --save-1d to keep norms in modules_to_save)"
                 )
-        if any(s["reason"].startswith("embedding") for s in plan.skipped):
+        changed_embeddings = [
+            item["name"]
+            for item in plan.skipped
+            if item["reason"].startswith("embedding")
+            and _differ(base_checkpoint.tensors[item["name"]], tuned_checkpoint.tensors[item["name"]])
+        ]
+        if changed_embeddings:
             notes.append(
-                "embeddings and lm_head were skipped (serving engines reject full embeddings); see --embeddings"
+                f"{', '.join(changed_embeddings)} changed but were skipped (serving engines reject adapters "
+                "carrying full embeddings); pass --embeddings lora or --embeddings full to keep them"
             )
         if not ranks and not modules_to_save:
             raise InvalidInputError(
@@ -518,6 +525,27 @@ def extract(
         notes=notes,
         checksums=digests,
     )
+
+
+def _differ(first: TensorInfo, second: TensorInfo, chunk_bytes: int = 16 << 20) -> bool:
+    """Whether two stored tensors differ, compared through small mappings."""
+    import torch
+
+    from .tensors import mapped_tensor
+
+    if first.offset is None or second.offset is None or first.dtype != second.dtype:
+        return True
+    itemsize = first.nbytes // max(first.numel, 1)
+    step = max(1, chunk_bytes // max(itemsize, 1))
+    for start in range(0, first.numel, step):
+        count = min(step, first.numel - start)
+        with (
+            mapped_tensor(first.file, first.offset + start * itemsize, first.dtype, (count,)) as a,
+            mapped_tensor(second.file, second.offset + start * itemsize, second.dtype, (count,)) as b,
+        ):
+            if not torch.equal(a, b):
+                return True
+    return False
 
 
 def _changed_one_dimensional(names: Sequence[str], base, tuned) -> list[dict]:

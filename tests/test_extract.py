@@ -232,6 +232,8 @@ def test_embeddings_skipped_by_default_then_lora_or_full(tmp_path):
     skipped = lora_tools.extract(tmp_path / "base", tuned, tmp_path / "a", rank=2, device="cpu")
     assert [m.name for m in skipped.modules] == ["model.layers.0.self_attn.q_proj"]
     assert any("embedding" in s["reason"] for s in skipped.skipped)
+    assert any("model.embed_tokens.weight changed but were skipped" in n for n in skipped.notes), skipped.notes
+    assert not any("lm_head" in n for n in skipped.notes)  # skipped, but unchanged: no note
     assert skipped.changed_1d == [{"name": "model.norm.weight", "max_abs_change": pytest.approx(0.5)}]
 
     as_lora = lora_tools.extract(
