@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -117,6 +118,46 @@ def output_options(f: Callable) -> Callable:
     return click.option(
         "--output", "-o", required=True, type=click.Path(), help="Output folder (or .safetensors file)."
     )(f)
+
+
+def hub_input_options(f: Callable) -> Callable:
+    f = click.option("--token", envvar=None, help="Hub token (default: HF_TOKEN or the login file). Never printed.")(f)
+    return click.option("--revision", help="Revision for inputs given as Hub repo ids (or write org/name@rev).")(f)
+
+
+def push_options(f: Callable) -> Callable:
+    f = click.option("--commit-message", help="Commit message for --push-to-hub.")(f)
+    f = click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")(f)
+    f = click.option("--push-branch", help="Branch to push to (default: main).")(f)
+    f = click.option("--private", is_flag=True, help="Create the repo private.")(f)
+    return click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Publish the output as one commit.")(f)
+
+
+def _silence_hub_progress(quiet: bool) -> None:
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+
+
+def _publish(output: str, options: dict, token: str | None, as_json: bool) -> dict | None:
+    """Push a finished output when --push-to-hub was given; return the push report as a dict."""
+    repo_id = options.pop("push_to_hub")
+    private, branch = options.pop("private"), options.pop("push_branch")
+    create_pr, message = options.pop("create_pr"), options.pop("commit_message")
+    if repo_id is None:
+        return None
+    from .hub import push as run_push
+
+    report = run_push(
+        output, repo_id, private=private, revision=branch, create_pr=create_pr, commit_message=message, token=token
+    )
+    if not as_json:
+        where = report.pull_request_url or report.commit_url
+        _stderr_console().print(f"pushed {output} to {report.repo_id}: {where}")
+    return report.to_dict()
 
 
 def _print_json(data: dict) -> None:
@@ -262,19 +303,27 @@ def _merge_options(f: Callable) -> Callable:
     f = click.option(
         "--weight", "-w", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1)."
     )(f)
-    return json_option(dtype_option(device_option(output_options(f))))
+    return push_options(hub_input_options(json_option(dtype_option(device_option(output_options(f))))))
 
 
 def _run_merge(operation: str, base: str, adapters: tuple[str, ...], options: dict) -> None:
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    _silence_hub_progress(quiet)
+    push_settings = {
+        k: options.pop(k) for k in ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
+    }
+    if push_settings["push_to_hub"] and options["dry_run"]:
+        raise click.UsageError("--dry-run writes nothing, so there is nothing to --push-to-hub")
     run = _merge_command(operation)
+    output = options.pop("output")
     with _progress(quiet or options["dry_run"], operation) as progress:
-        report = run(base, list(adapters), options.pop("output"), progress=progress, **options)
+        report = run(base, list(adapters), output, progress=progress, **options)
     console = _stderr_console()
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+    pushed = _publish(output, push_settings, options["token"], as_json)
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "push": pushed} if pushed else report.to_dict())
         return
     if report.dry_run:
         for change in report.changes:
@@ -332,9 +381,9 @@ def rank_options(f: Callable) -> Callable:
     return click.option("--rank", "-r", type=int, help="Fixed rank for every module.")(f)
 
 
-def _render_extraction(report, as_json: bool) -> None:
+def _render_extraction(report, as_json: bool, pushed: dict | None = None) -> None:
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "push": pushed} if pushed else report.to_dict())
         return
     from rich.table import Table
 
@@ -385,6 +434,8 @@ def _module_progress(quiet: bool, description: str):
 @dtype_option
 @output_options
 @json_option
+@hub_input_options
+@push_options
 def extract(base: str, tuned: str, **options) -> None:
     """Extract a LoRA adapter from a full fine-tune: TUNED − BASE ≈ B·A per module.
 
@@ -394,9 +445,14 @@ def extract(base: str, tuned: str, **options) -> None:
     from .extraction import extract as run_extract
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    _silence_hub_progress(quiet)
+    push_settings = {
+        k: options.pop(k) for k in ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
+    }
+    output = options.pop("output")
     with _module_progress(quiet, "extract") as progress:
-        report = run_extract(base, tuned, options.pop("output"), progress=progress, **options)
-    _render_extraction(report, as_json)
+        report = run_extract(base, tuned, output, progress=progress, **options)
+    _render_extraction(report, as_json, _publish(output, push_settings, options["token"], as_json))
 
 
 @cli.command()
@@ -405,6 +461,8 @@ def extract(base: str, tuned: str, **options) -> None:
 @device_option
 @output_options
 @json_option
+@hub_input_options
+@push_options
 def resize(adapter: str, **options) -> None:
     """Change an adapter's rank: the best rank-k approximation of each module's ΔW.
 
@@ -413,9 +471,44 @@ def resize(adapter: str, **options) -> None:
     from .extraction import resize as run_resize
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    _silence_hub_progress(quiet)
+    push_settings = {
+        k: options.pop(k) for k in ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
+    }
+    output = options.pop("output")
     with _module_progress(quiet, "resize") as progress:
-        report = run_resize(adapter, options.pop("output"), progress=progress, **options)
-    _render_extraction(report, as_json)
+        report = run_resize(adapter, output, progress=progress, **options)
+    _render_extraction(report, as_json, _publish(output, push_settings, options["token"], as_json))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Branch to push to (default: main).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", help="Commit message.")
+@click.option("--token", help="Hub token (default: HF_TOKEN or the login file). Never printed.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@json_option
+def push(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+         commit_message: str | None, token: str | None, quiet: bool, as_json: bool) -> None:  # fmt: skip
+    """Publish FOLDER (made earlier by loratool or not) to the Hub repo REPO_ID as one commit.
+
+    Creates the repo if needed. The token comes from --token, HF_TOKEN or the
+    huggingface_hub login file and is never printed.
+    """
+    from .hub import push as run_push
+
+    _silence_hub_progress(quiet)
+    report = run_push(
+        folder, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
+        token=token,
+    )  # fmt: skip
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _stderr_console().print(f"pushed {folder} to {report.repo_id}: {report.pull_request_url or report.commit_url}")
 
 
 def main() -> None:

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .adapter import read_adapter
+from .card import display_name, write_card
 from .checkpoint import open_checkpoint
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
+from .hub import resolve_input
 from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES
 from .rank import RankRule, choose_rank, spectrum_decided
@@ -363,6 +365,8 @@ def extract(
     dtype: str | None = None,
     force: bool = False,
     checksum: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract a LoRA adapter approximating TUNED − BASE, as a PEFT folder.
@@ -379,6 +383,7 @@ def extract(
         skip_mismatched: leave out tensors whose shapes differ or that exist on one side only.
         dtype: dtype of the factors ("fp32" default, "bf16", "fp16").
         checksum: add the sha256 of every output file to the report.
+        revision, token: for inputs given as Hub repo ids.
 
     Returns:
         An `ExtractReport` with per-module rank, energy kept and relative error.
@@ -399,7 +404,11 @@ def extract(
     factor_dtype = to_torch_dtype(dtype_name)
     torch_device = resolve_device(device)
     return_freed_memory_to_os()
-    base_checkpoint, tuned_checkpoint = open_checkpoint(base), open_checkpoint(tuned)
+    (base_local, base_repo), (tuned_local, tuned_repo) = (
+        resolve_input(base, revision=revision, token=token),
+        resolve_input(tuned, revision=revision, token=token),
+    )
+    base_checkpoint, tuned_checkpoint = open_checkpoint(base_local), open_checkpoint(tuned_local)
     plan = plan_extraction(
         base_checkpoint.tensors,
         tuned_checkpoint.tensors,
@@ -497,17 +506,26 @@ def extract(
                 "BASE and TUNED are identical on every selected weight; there is nothing to extract"
             )
         size = spool.finish(target / "adapter_model.safetensors")
-        config_name = (base_checkpoint.config or {}).get("_name_or_path") or base_checkpoint.path.name
+        base_name = display_name(base, base_repo)
+        base_model = base_repo or (base_checkpoint.config or {}).get("_name_or_path") or base_name
         _write_config(
             target,
             _peft_config(
                 ranks,
                 {m: float(r) for m, r in ranks.items()},
-                base_model=config_name,
+                base_model=base_model,
                 fan_in_fan_out=any(t.fan_in_fan_out for t in plan.tasks if t.module in ranks),
                 modules_to_save=sorted(set(modules_to_save)),
             ),
         )
+        rule_words = _rule_words(rule)
+        command = ["loratool", "extract", base_name, display_name(tuned, tuned_repo), "--output", "OUTPUT", *rule_words]
+        for flag, value in (("--include", include), ("--exclude", exclude)):
+            if value is not None:
+                command += [flag, value]
+        if embeddings != "skip":
+            command += ["--embeddings", embeddings]
+        _adapter_card(target, base_model, f"LoRA extracted from {display_name(tuned, tuned_repo)}", modules, command)
         digests = checksums(target) if checksum else None
     return ExtractReport(
         operation="extract",
@@ -548,6 +566,30 @@ def _differ(first: TensorInfo, second: TensorInfo, chunk_bytes: int = 16 << 20) 
     return False
 
 
+def _rule_words(rule: RankRule) -> list[str]:
+    words = []
+    for flag, value in (("--rank", rule.rank), ("--energy", rule.energy), ("--sv-ratio", rule.sv_ratio),
+                        ("--max-rank", rule.max_rank)):  # fmt: skip
+        if value is not None:
+            words += [flag, f"{value:g}"]
+    return words
+
+
+def _adapter_card(target: Path, base_model: str | None, summary: str, modules: list, command: list[str]) -> None:
+    ranks = Counter(m.rank for m in modules)
+    mean_error = sum(m.relative_error for m in modules) / len(modules) if modules else 0.0
+    write_card(
+        target,
+        base_model=base_model,
+        library_name="peft",
+        tags=["lora", "peft", "loratool"],
+        title=summary,
+        summary=f"{summary}: {len(modules)} modules, mean relative error {mean_error:.4g} (‖Δ − B·A‖ / ‖Δ‖).",
+        table=(["rank", "modules"], [[str(rank), str(count)] for rank, count in sorted(ranks.items())]),
+        command=command,
+    )
+
+
 def _changed_one_dimensional(names: Sequence[str], base, tuned) -> list[dict]:
     changed = []
     for name in names:
@@ -568,6 +610,8 @@ def resize(
     device: str = "auto",
     force: bool = False,
     checksum: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Re-factorise an adapter's ΔW = s·B·A to a new rank, exactly and without forming ΔW.
@@ -584,7 +628,8 @@ def resize(
 
     started = time.perf_counter()
     rule = RankRule(rank, energy, sv_ratio, max_rank)
-    source = read_adapter(adapter)
+    adapter_local, adapter_repo = resolve_input(adapter, revision=revision, token=token)
+    source = read_adapter(adapter_local)
     if source.format != "peft":
         raise UnsupportedError(f"{source.path}: resize writes PEFT folders; convert this {source.format} adapter first")
     torch_device = resolve_device(device)
@@ -643,6 +688,9 @@ def resize(
             )
         )
         _write_config(target, config)
+        name = display_name(adapter, adapter_repo)
+        command = ["loratool", "resize", name, "--output", "OUTPUT", *_rule_words(rule)]
+        _adapter_card(target, source.base_model, f"{name} resized", modules, command)
         digests = checksums(target) if checksum else None
     return ExtractReport(
         operation="resize",

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from . import __version__
 from .adapter import Adapter, read_adapter
+from .card import CARD_NAME, display_name, write_card
 from .checkpoint import RECORD_PREFIX, Checkpoint, open_checkpoint, read_json
 from .errors import InvalidInputError, UnsupportedError
+from .hub import resolve_input
 from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
 from .safetensors_io import SafetensorsWriter
@@ -133,6 +135,8 @@ def _run(
     alpha: float | None,
     allow_nonfinite: bool,
     checksum: bool,
+    revision: str | None,
+    token: str | None,
     progress: Progress | None,
 ) -> MergeReport:
     import torch
@@ -156,8 +160,10 @@ def _run(
     shard_bytes = parse_size(max_shard_size)
     torch_device = resolve_device(device)
 
-    base = open_checkpoint(base_path)
-    adapters = [read_adapter(p, alpha=alpha) for p in adapter_paths]
+    base_local, base_repo = resolve_input(base_path, revision=revision, token=token)
+    adapter_inputs = [resolve_input(p, revision=revision, token=token) for p in adapter_paths]
+    base = open_checkpoint(base_local)
+    adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
     single_file = base.folder is None and output.suffix == ".safetensors"
     plan = plan_merge(
         base.tensors,
@@ -255,7 +261,11 @@ def _run(
             copier.shutdown(wait=True, cancel_futures=True)
         if not single_file:
             _write_folder_extras(target, base, plan, names, out_dtype)
-            _write_record(target, operation, base, adapters, weights, out_dtype, norms)
+            adapter_names = [display_name(p, repo) for p, (_, repo) in zip(adapter_paths, adapter_inputs, strict=True)]
+            _write_record(target, operation, display_name(base_path, base_repo), adapters, adapter_names, weights,
+                          out_dtype, norms)  # fmt: skip
+            _write_merge_card(target, operation, base, display_name(base_path, base_repo), base_repo,
+                              adapter_names, weights, dtype)  # fmt: skip
         digests = checksums(target) if checksum else None
         if digests is not None and single_file:
             digests = {output.name: digests[target.name]}
@@ -333,6 +343,8 @@ def _write_folder_extras(
         relative = source.relative_to(base.folder)
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
+        if relative == Path(CARD_NAME):
+            continue  # the base's card describes the base; the output gets its own
         if relative == Path("config.json") and base.config is not None:
             config = _updated_config(base.config, plan, out_dtype)
             destination.write_text(json.dumps(config, indent=2) + "\n")
@@ -340,11 +352,41 @@ def _write_folder_extras(
             shutil.copyfile(source, destination)
 
 
-def _write_record(
+def _write_merge_card(
     target: Path,
     operation: str,
     base: Checkpoint,
+    base_name: str,
+    base_repo: str | None,
+    adapter_names: list[str],
+    weights: Sequence[float],
+    dtype: str | None,
+) -> None:
+    verb = "merged into" if operation == "merge" else "removed from"
+    command = ["loratool", operation, base_name, *adapter_names, "--output", "OUTPUT"]
+    if any(w != 1.0 for w in weights):
+        command += [part for w in weights for part in ("--weight", f"{w:g}")]
+    if dtype is not None:
+        command += ["--dtype", dtype]
+    write_card(
+        target,
+        base_model=base_repo or (base.config or {}).get("_name_or_path") or base_name,
+        library_name="transformers",
+        tags=["lora", "merge" if operation == "merge" else "unmerge", "loratool"],
+        title=f"{base_name} {'+' if operation == 'merge' else '−'} {', '.join(adapter_names)}",
+        summary=f"{base_name} with {len(adapter_names)} LoRA adapter(s) {verb} its weights "
+        f"(W' = W {'+' if operation == 'merge' else '−'} Σ wᵢ·ΔWᵢ, summed in fp32 and rounded once).",
+        table=(["adapter", "weight"], [[name, f"{w:g}"] for name, w in zip(adapter_names, weights, strict=True)]),
+        command=command,
+    )
+
+
+def _write_record(
+    target: Path,
+    operation: str,
+    base_name: str,
     adapters: Sequence[Adapter],
+    adapter_names: Sequence[str],
     weights: Sequence[float],
     out_dtype: str | None,
     norms: dict,
@@ -354,10 +396,10 @@ def _write_record(
         "tool": "loratool",
         "version": __version__,
         "operation": operation,
-        "base": base.path.name,
+        "base": base_name,
         "adapters": [
-            {"name": a.path.name, "sha256": _adapter_identity(a), "weight": w}
-            for a, w in zip(adapters, weights, strict=True)
+            {"name": name, "sha256": _adapter_identity(a), "weight": w}
+            for a, name, w in zip(adapters, adapter_names, weights, strict=True)
         ],
         "dtype": out_dtype,
     }
@@ -415,13 +457,15 @@ def merge(
     alpha: float | None = None,
     allow_nonfinite: bool = False,
     checksum: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed tensor by tensor.
 
     Args:
-        base: a model folder or weights file.
-        adapters: adapter folders or files, merged in order.
+        base: a model folder or weights file, or a Hub repo id.
+        adapters: adapter folders, files or Hub repo ids, merged in order.
         output: the output folder (or a `.safetensors` file for a single-file base).
         weights: one wᵢ per adapter (default 1.0 each; negative allowed).
         dtype: "bf16", "fp16" or "fp32" for every float tensor; None keeps each tensor's dtype.
@@ -432,6 +476,7 @@ def merge(
         alpha: lora_alpha for adapter files that do not record it.
         allow_nonfinite: write NaN/Inf results instead of refusing them.
         checksum: add the sha256 of every output file to the report.
+        revision, token: for inputs given as Hub repo ids (`org/name`, or `org/name@revision`).
         progress: called with (bytes done, bytes total) after each tensor.
 
     Returns:
@@ -447,7 +492,7 @@ def merge(
     return _run(
         "merge", base, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
-        allow_nonfinite=allow_nonfinite, checksum=checksum, progress=progress,
+        allow_nonfinite=allow_nonfinite, checksum=checksum, revision=revision, token=token, progress=progress,
     )  # fmt: skip
 
 
@@ -465,6 +510,8 @@ def unmerge(
     alpha: float | None = None,
     allow_nonfinite: bool = False,
     checksum: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Undo a merge: W = W' − Σ wᵢ·ΔWᵢ, with the same arithmetic and options as `merge`.
@@ -475,5 +522,5 @@ def unmerge(
     return _run(
         "unmerge", merged, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
-        allow_nonfinite=allow_nonfinite, checksum=checksum, progress=progress,
+        allow_nonfinite=allow_nonfinite, checksum=checksum, revision=revision, token=token, progress=progress,
     )  # fmt: skip

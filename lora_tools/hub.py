@@ -1,0 +1,191 @@
+"""The Hugging Face Hub: repo ids as inputs, and publishing outputs.
+
+Everything goes through `huggingface_hub` (its cache, its token lookup, its
+offline mode); `hub_client` is the one place an `HfApi` is built. Errors are
+mapped here: an id that does not exist is invalid input (exit 3); network,
+permission and token problems are environment errors (exit 4). Tokens are
+never put into messages, reports or files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .errors import EnvironmentProblem, InvalidInputError
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+__all__ = ["HubError", "RepoNotFoundError", "is_repo_id", "resolve_input", "hub_client", "push", "PushReport"]
+
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9])(?:@(?P<revision>[^\s@]+))?$")
+
+#: What a merge, extraction or inspection needs from a repo: weights, indexes, configs, tokenizer files.
+DOWNLOAD_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.json",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+    "tokenizer*",
+]
+
+
+class HubError(EnvironmentProblem):
+    """The Hub could not be reached, refused the request, or no token was available."""
+
+
+class RepoNotFoundError(InvalidInputError, FileNotFoundError):
+    """A repo id (or revision) that does not exist on the Hub."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level error classes of whichever HTTP library this huggingface_hub uses."""
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def is_repo_id(spec: str) -> bool:
+    """`org/name` or `org/name@revision`, and not an existing local path."""
+    return not Path(spec).exists() and _REPO_ID.match(str(spec)) is not None
+
+
+def hub_client(token: str | None = None) -> HfApi:
+    """The one `HfApi` lora_tools uses (library_name identifies the tool to the Hub)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token, library_name="loratool", library_version=__version__)
+
+
+def resolve_input(
+    spec: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+) -> tuple[Path, str | None]:
+    """A local path for `spec`, downloading repo ids into the shared HF cache.
+
+    Returns:
+        (local path, the repo id when `spec` was one). An existing local path always wins.
+
+    Raises:
+        RepoNotFoundError: the repo or revision does not exist (exit 3).
+        HubError: network failure, no access, or offline without a cached copy (exit 4).
+    """
+    text = str(spec)
+    if not is_repo_id(text):
+        return Path(spec), None
+    match = _REPO_ID.match(text)
+    repo_id, revision = match.group("repo"), match.group("revision") or revision
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, token=token, allow_patterns=DOWNLOAD_PATTERNS, library_name="loratool"
+        )
+    except RevisionNotFoundError as exc:
+        raise RepoNotFoundError(f"{where}: no such revision on the Hub; check the branch, tag or commit") from exc
+    except GatedRepoError as exc:
+        raise HubError(f"{where}: the repo is gated; accept its terms on the Hub and pass --token") from exc
+    except RepositoryNotFoundError as exc:
+        raise RepoNotFoundError(
+            f"{where}: neither a local path nor a repo on the Hub (or it is private: pass --token or set HF_TOKEN)"
+        ) from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        raise HubError(
+            f"{where}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or the network is down); download it once while online"
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", "?")
+        raise HubError(f"{where}: the Hub answered HTTP {status}; check your token's access to this repo") from exc
+    except _transport_errors() as exc:
+        raise HubError(f"{where}: cannot reach the Hub ({type(exc).__name__}); check the network") from exc
+    return Path(path), repo_id
+
+
+@dataclass(frozen=True)
+class PushReport:
+    repo_id: str
+    revision: str
+    commit_url: str
+    pull_request_url: str | None
+    private: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def push(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> PushReport:
+    """Publish a folder as one commit: create the repo (and branch) if needed, then upload everything.
+
+    Raises:
+        HubError: no token, no access, repo missing, or network failure — the local folder is kept.
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidInputError(f"{folder}: not a folder to push")
+    if _REPO_ID.match(repo_id) is None or "@" in repo_id:
+        raise InvalidInputError(f"{repo_id!r} is not a repo id (expected org/name)")
+    kept = f"; the local output is kept at {folder}"
+    if token is None and get_token() is None:
+        raise HubError(
+            f"no Hugging Face token to push {repo_id}: pass --token, set HF_TOKEN, or run `hf auth login`{kept}"
+        )
+    api = hub_client(token)
+    branch = revision or "main"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if branch != "main" and not create_pr:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            revision=branch,
+            create_pr=create_pr,
+            commit_message=commit_message or f"Upload {folder.name} with loratool",
+        )
+    except RepositoryNotFoundError as exc:
+        raise HubError(f"{repo_id}: repo not found on the Hub, or your token cannot write to it{kept}") from exc
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            raise HubError(
+                f"{repo_id}: the Hub refused the push (HTTP {status}); use a token with write access to this repo{kept}"
+            ) from exc
+        raise HubError(f"{repo_id}: the push failed (HTTP {status}){kept}") from exc
+    except _transport_errors() as exc:
+        raise HubError(f"{repo_id}: cannot reach the Hub ({type(exc).__name__}){kept}") from exc
+    return PushReport(repo_id, branch, str(commit.commit_url), commit.pr_url, private)
