@@ -304,3 +304,39 @@ def test_nonfinite_base_tensor_is_refused_unless_allowed(plain, tmp_path):
     assert_nothing_left(tmp_path)
     assert merge(base, adapter, tmp_path, "--allow-nonfinite").exit_code == 0
     assert load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"][3] == float("inf")
+
+
+def test_extra_shard_and_tensor_in_two_shards(plain, tmp_path):
+    base, adapter = plain
+    index = _shard(base, tmp_path)
+    shutil.copy(base / "model-00002-of-00002.safetensors", base / "model-00003-of-00002.safetensors")
+    assert_refused(merge(base, adapter, tmp_path), 3, "model-00003-of-00002.safetensors", "never uses it")
+    (base / "model-00003-of-00002.safetensors").unlink()
+    state = load_file(base / "model-00002-of-00002.safetensors")
+    first = load_file(base / "model-00001-of-00002.safetensors")
+    duplicated = next(iter(first))
+    state[duplicated] = first[duplicated]
+    save_file(state, base / "model-00002-of-00002.safetensors")
+    assert duplicated in index["weight_map"]
+    assert_refused(merge(base, adapter, tmp_path), 3, duplicated, "also stored in")
+    assert_nothing_left(tmp_path)
+
+
+def test_output_symlink_into_input_is_refused(plain, tmp_path):
+    base, adapter = plain
+    (tmp_path / "sneaky").symlink_to(base)
+    result = run_cli(["merge", base, adapter, "-o", tmp_path / "sneaky" / "merged", "-q"])
+    assert_refused(result, 3, "sit inside input")
+    assert not (base / "merged").exists()
+
+
+def test_failed_force_keeps_the_old_output(plain, tmp_path):
+    base, adapter = plain
+    assert merge(base, adapter, tmp_path).exit_code == 0
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    state = load_file(base / "model.safetensors")
+    state["model.norm.weight"][0] = float("nan")  # found only while writing, inside the temporary folder
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(merge(base, adapter, tmp_path, "--force"), 3, "model.norm.weight")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
