@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,8 +39,16 @@ class LoraModule:
         a_key, b_key: adapter tensor names of A (r×in…) and B (out×r…).
         rank, alpha, scale: as PEFT computes them (scale = alpha/r, or alpha/√r for rsLoRA).
         fan_in_fan_out: the base weight is stored in×out (GPT-2 Conv1D).
-        magnitude_key: DoRA magnitude vector, if any.
+        magnitude_key: DoRA magnitude (PEFT) or `dora_scale` (LyCORIS), if any.
         bias_key: `lora_B.bias`, added to the base bias times scale, if any.
+        variant: "lora" (B·A), "tucker" (up·mid·down), "loha" ((w1a·w1b)⊙(w2a·w2b)) or
+            "lokr" (w1 ⊗ w2); the last three keep their tensors in `factors`.
+        factors: role → adapter tensor name, for the variants.
+        dora_axis: "out" when the DoRA norm is taken per output channel (PEFT), "in" per
+            input channel (LyCORIS' default).
+        component: the pipeline component the module belongs to ("unet", "text_encoder", …).
+        kohya_name: True when `name` is a kohya-style underscored path, matched against the base by
+            turning the base's own dotted paths into underscores.
     """
 
     name: str
@@ -55,10 +63,18 @@ class LoraModule:
     fan_in_fan_out: bool = False
     magnitude_key: str | None = None
     bias_key: str | None = None
+    variant: str = "lora"
+    factors: tuple[tuple[str, str], ...] = ()
+    dora_axis: str = "out"
+    component: str | None = None
+    kohya_name: bool = False
 
     @property
     def dora(self) -> bool:
         return self.magnitude_key is not None
+
+    def factor(self, role: str) -> str | None:
+        return dict(self.factors).get(role)
 
     @property
     def weight_name(self) -> str:
@@ -77,6 +93,7 @@ class Replacement:
     key: str
     rows: tuple[int, ...] | None = None
     origin: str = "modules_to_save"
+    component: str | None = None
 
 
 @dataclass
@@ -92,6 +109,18 @@ class Adapter:
     config: dict = field(default_factory=dict)
     base_model: str | None = None
     use_rslora: bool = False
+
+    @property
+    def components(self) -> set[str | None]:
+        return {m.component for m in self.modules} | {r.component for r in self.replacements}
+
+    def restricted(self, component: str | None) -> Adapter:
+        """The part of the adapter that targets one pipeline component."""
+        return replace(
+            self,
+            modules=[m for m in self.modules if m.component == component],
+            replacements=[r for r in self.replacements if r.component == component],
+        )
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -351,6 +380,10 @@ FORMATS: list[AdapterFormat] = [
     AdapterFormat("peft", _detect_peft_folder, _read_peft_folder),
     AdapterFormat("peft-safetensors", _detect_peft_file, _read_peft_file),
 ]
+
+from .formats import register  # noqa: E402  (the other formats plug in after the PEFT ones)
+
+register(FORMATS)
 
 
 def is_adapter(path: str | os.PathLike) -> bool:

@@ -294,6 +294,9 @@ def _merge_command(operation: str):
 
 def _merge_options(f: Callable) -> Callable:
     f = click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results instead of refusing them.")(f)
+    f = click.option(
+        "--allow-unmatched", is_flag=True, help="Merge what matches; leave out (and count) modules matching nothing."
+    )(f)
     f = click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")(f)
     f = click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .adapter import Adapter, is_adapter, read_adapter
 from .checkpoint import Checkpoint, open_checkpoint
-from .plan import HEAD_NAME, compatibility_problems, resolve_module, tied_embedding, with_tied_head
+from .plan import HEAD_NAME, Targets, compatibility_problems, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
 
@@ -19,6 +19,8 @@ class ModuleReport:
     name: str
     target: str
     type: str
+    variant: str
+    component: str | None
     rank: int
     alpha: float
     scale: float
@@ -80,17 +82,19 @@ class CheckpointReport:
 
 
 def _adapter_report(adapter: Adapter, base: Checkpoint | None) -> AdapterReport:
-    resolvable = with_tied_head(base.tensors, base.config) if base is not None else None
+    targets = Targets(with_tied_head(base.tensors, base.config)) if base is not None else None
     modules = []
     for module in adapter.modules:
         name = module.name
-        if resolvable is not None:
-            name = resolve_module(module.name, resolvable) or module.name
+        if targets is not None:
+            name = targets.find(module) or module.name
         modules.append(
             ModuleReport(
                 name=name,
                 target=name.rsplit(".", 1)[-1],
                 type=module.kind,
+                variant=module.variant,
+                component=module.component,
                 rank=module.rank,
                 alpha=module.alpha,
                 scale=module.scale,

@@ -22,7 +22,7 @@ from . import __version__
 from .adapter import Adapter, read_adapter
 from .card import CARD_NAME, display_name, write_card
 from .checkpoint import RECORD_PREFIX, Checkpoint, open_checkpoint, read_json
-from .errors import InvalidInputError, UnsupportedError
+from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .hub import resolve_input
 from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
@@ -134,15 +134,15 @@ def _run(
     dry_run: bool,
     alpha: float | None,
     allow_nonfinite: bool,
+    allow_unmatched: bool,
     checksum: bool,
     revision: str | None,
     token: str | None,
     progress: Progress | None,
 ) -> MergeReport:
-    import torch
 
     from .device import resolve_device
-    from .ops import Workspace, compute_task
+    from .ops import Workspace
     from .tensors import return_freed_memory_to_os
 
     return_freed_memory_to_os()
@@ -162,20 +162,26 @@ def _run(
 
     base_local, base_repo = resolve_input(base_path, revision=revision, token=token)
     adapter_inputs = [resolve_input(p, revision=revision, token=token) for p in adapter_paths]
-    base = open_checkpoint(base_local)
     adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
-    single_file = base.folder is None and output.suffix == ".safetensors"
-    plan = plan_merge(
-        base.tensors,
-        base.config,
-        adapters,
-        weights,
-        output_dtype=out_dtype,
-        max_shard_size=(1 << 62) if single_file else shard_bytes,
-        unmerge=unmerge,
-    )
+    components = _components(base_local)
+    pipeline = None not in components
+    single_file = not pipeline and components[None].folder is None and output.suffix == ".safetensors"
+    parts = _assign_components(adapters, components, allow_unmatched)
+    plans = {
+        name: plan_merge(
+            checkpoint.tensors,
+            checkpoint.config,
+            parts[name],
+            weights,
+            output_dtype=out_dtype,
+            max_shard_size=(1 << 62) if single_file else shard_bytes,
+            unmerge=unmerge,
+            allow_unmatched=allow_unmatched,
+        )
+        for name, checkpoint in components.items()
+    }
     _check_adapters_finite(adapters)
-    recorded = _recorded_dora_norms(base, adapters, plan) if unmerge else {}
+    recorded = _recorded_dora_norms(base_local, adapters, plans) if unmerge else {}
     report_args = dict(
         operation=operation,
         base=str(base_path),
@@ -184,30 +190,24 @@ def _run(
         output=str(output),
         device=str(torch_device),
         dry_run=dry_run,
-        warnings=list(plan.warnings),
+        warnings=[w for plan in plans.values() for w in plan.warnings],
     )
-    changed = [t for t in plan.tasks if t.changed]
+    changed = [(name, t) for name, plan in plans.items() for t in plan.tasks if t.changed]
+    total = sum(plan.total_bytes for plan in plans.values())
+    counted = dict(
+        tensors_changed=len(changed), tensors_copied=sum(len(p.tasks) for p in plans.values()) - len(changed)
+    )
     if dry_run:
-        names = [output.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
+        files = [output.name] if single_file else [
+            _qualified(name, file) for name, plan in plans.items()
+            for file in shard_file_names(len(plan.shards), components[name].weight_prefix)
+        ]  # fmt: skip
         return MergeReport(
-            **report_args,
-            tensors_changed=len(changed),
-            tensors_copied=len(plan.tasks) - len(changed),
-            bytes_written=plan.total_bytes,
-            seconds=time.perf_counter() - started,
-            files=names,
-            changes=[TensorChange(t.name, _describe(t, adapters)) for t in changed],
-        )
+            **report_args, **counted, bytes_written=total, seconds=time.perf_counter() - started, files=files,
+            changes=[TensorChange(_qualified(name, t.name), _describe(t, adapters)) for name, t in changed],
+        )  # fmt: skip
 
-    def fetch(index: int, key: str) -> torch.Tensor:
-        return adapters[index].read(key)
-
-    changes: list[TensorChange] = []
-    norms: dict[str, torch.Tensor] = {}
     done_bytes = 0
-    total = plan.total_bytes
-    inputs = [base.path, *(a.path for a in adapters)]
-    workspace = Workspace(torch_device)
 
     def advance(nbytes: int) -> None:
         nonlocal done_bytes
@@ -215,7 +215,115 @@ def _run(
         if progress is not None:
             progress(done_bytes, total)
 
+    writing = _Writing(adapters, Workspace(torch_device), torch_device, unmerge, allow_nonfinite, recorded, advance)
+    inputs = [base_local, *(a.path for a in adapters)]
     with atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target:
+        files: list[str] = []
+        for name, checkpoint in components.items():
+            folder = target / name if name else target
+            if name:
+                folder.mkdir()
+            written = writing.checkpoint(checkpoint, plans[name], target if single_file else folder, single_file, name)
+            files += [output.name] if single_file else [_qualified(name, f) for f in written]
+            if not single_file:
+                _write_folder_extras(folder, checkpoint, plans[name], written, out_dtype)
+        if pipeline:
+            _copy_pipeline_files(base_local, target, components)
+        if not single_file:
+            base_name = display_name(base_path, base_repo)
+            adapter_names = [display_name(p, repo) for p, (_, repo) in zip(adapter_paths, adapter_inputs, strict=True)]
+            _write_record(target, operation, base_name, adapters, adapter_names, weights, out_dtype, writing.norms)
+            config = components[next(iter(components))].config if not pipeline else None
+            _write_merge_card(target, operation, config, base_name, base_repo, adapter_names, weights, dtype)
+        digests = checksums(target) if checksum else None
+        if digests is not None and single_file:
+            digests = {output.name: digests[target.name]}
+    return MergeReport(
+        **report_args,
+        **counted,
+        bytes_written=total,
+        seconds=time.perf_counter() - started,
+        files=files,
+        changes=writing.changes,
+        checksums=digests,
+    )
+
+
+def _qualified(component: str | None, name: str) -> str:
+    return f"{component}/{name}" if component else name
+
+
+def _components(base: Path) -> dict[str | None, Checkpoint]:
+    """A diffusers pipeline folder's weight-bearing subfolders by name, else the one checkpoint (key None)."""
+    if base.is_dir() and (base / "model_index.json").is_file():
+        found = {}
+        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            weights = [f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()]
+            if weights:
+                found[folder.name] = open_checkpoint(folder)
+        if not found:
+            raise InvalidInputError(f"{base}: a pipeline folder (model_index.json) with no component weights")
+        return found
+    return {None: open_checkpoint(base)}
+
+
+def _assign_components(
+    adapters: Sequence[Adapter], components: dict[str | None, Checkpoint], allow_unmatched: bool
+) -> dict[str | None, list[Adapter]]:
+    """Split each adapter by the pipeline component its modules target (all of it for a lone checkpoint)."""
+    if None in components:
+        return {None: list(adapters)}
+    aliases = {"unet": "transformer"} if "unet" not in components and "transformer" in components else {}
+    parts: dict[str | None, list[Adapter]] = {name: [] for name in components}
+    problems = []
+    for adapter in adapters:
+        wanted = {aliases.get(c, c) for c in adapter.components}
+        if None in wanted:
+            problems.append(
+                f"{adapter.path}: some modules name no pipeline component (no unet./text_encoder. or lora_unet_/lora_te_ "
+                "prefix); point BASE at the component's folder instead"
+            )
+        missing = sorted(c for c in wanted - set(components) if c is not None)
+        if missing and not allow_unmatched:
+            problems.append(f"{adapter.path}: targets {', '.join(missing)}, which the pipeline does not have")
+        for name in components:
+            sources = [c for c in adapter.components if aliases.get(c, c) == name]
+            restricted = adapter.restricted(sources[0]) if sources else adapter.restricted("<none>")
+            parts[name].append(restricted)
+    if problems:
+        raise IncompatibleError("the adapters do not fit the pipeline", problems)
+    return parts
+
+
+def _copy_pipeline_files(base: Path, target: Path, components: dict) -> None:
+    """Everything of a pipeline folder outside the merged components (model_index.json, scheduler, tokenizer, …)."""
+    for source in sorted(base.rglob("*")):
+        relative = source.relative_to(base)
+        if not source.is_file() or relative.parts[0] in components or relative.parts[0].startswith("."):
+            continue
+        if relative == Path(CARD_NAME) or relative.name.startswith(RECORD_PREFIX):
+            continue
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, destination)
+
+
+class _Writing:
+    """Streams planned checkpoints to disk: compute what changes, copy what does not."""
+
+    def __init__(self, adapters, workspace, device, unmerge: bool, allow_nonfinite: bool, recorded: dict, advance):
+        self.adapters, self.workspace, self.device = adapters, workspace, device
+        self.unmerge, self.allow_nonfinite, self.recorded, self.advance = unmerge, allow_nonfinite, recorded, advance
+        self.changes: list[TensorChange] = []
+        self.norms: dict = {}
+
+    def fetch(self, index: int, key: str):
+        return self.adapters[index].read(key)
+
+    def checkpoint(self, base: Checkpoint, plan: MergePlan, target: Path, single_file: bool, component: str | None):
+        """Write one checkpoint's shards into `target` (a folder, or the file itself); return the shard names."""
+        from .ops import compute_task
+
         names = [target.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
         paths = [target] if single_file else [target / n for n in names]
         copier = ThreadPoolExecutor(1, thread_name_prefix="loratool-copy")
@@ -226,59 +334,43 @@ def _run(
                 # untouched tensors are checked here (torch work stays on this thread: two threads driving
                 # torch's thread pool at once thrash it) and copied inside the kernel on a helper thread
                 copies = []
-                for t in tasks:
-                    if not _needs_compute(t, base):
-                        info = base.tensors[t.source]
-                        if not allow_nonfinite:
+                for task in tasks:
+                    if not _needs_compute(task, base):
+                        info = base.tensors[task.source]
+                        if not self.allow_nonfinite:
                             _refuse_nonfinite(info)
-                        copies.append((copier.submit(writer.copy_from, t.name, info), t.nbytes))
+                        copies.append((copier.submit(writer.copy_from, task.name, info), task.nbytes))
                 computed = [t for t in tasks if _needs_compute(t, base)]
                 for position, task in enumerate(computed):
                     if position + 1 < len(computed):
                         base.prefetch(computed[position + 1].source)
+                    qualified = _qualified(component, task.name)
                     with base.mapped(task.source) as source, writer.mapped(task.name) as destination:
-                        tensor = source.to(torch_device) if torch_device.type != "cpu" else source
+                        tensor = source.to(self.device) if self.device.type != "cpu" else source
                         result = compute_task(
                             task,
                             tensor,
-                            fetch,
-                            workspace,
+                            self.fetch,
+                            self.workspace,
                             destination,
-                            unmerge=unmerge,
-                            recorded_norm=recorded.get(task.name),
-                            allow_nonfinite=allow_nonfinite,
+                            unmerge=self.unmerge,
+                            recorded_norm=self.recorded.get(qualified),
+                            allow_nonfinite=self.allow_nonfinite,
                         )
                     if task.changed:
-                        changes.append(TensorChange(task.name, _describe(task, adapters), result.max_abs_delta))
-                    if result.dora_norm is not None and not unmerge:
-                        norms[task.name] = result.dora_norm
-                    advance(task.nbytes)
+                        self.changes.append(
+                            TensorChange(qualified, _describe(task, self.adapters), result.max_abs_delta)
+                        )
+                    if result.dora_norm is not None and not self.unmerge:
+                        self.norms[qualified] = result.dora_norm
+                    self.advance(task.nbytes)
                 for future, nbytes in copies:
                     future.result()
-                    advance(nbytes)
+                    self.advance(nbytes)
                 writer.close()
         finally:
             copier.shutdown(wait=True, cancel_futures=True)
-        if not single_file:
-            _write_folder_extras(target, base, plan, names, out_dtype)
-            adapter_names = [display_name(p, repo) for p, (_, repo) in zip(adapter_paths, adapter_inputs, strict=True)]
-            _write_record(target, operation, display_name(base_path, base_repo), adapters, adapter_names, weights,
-                          out_dtype, norms)  # fmt: skip
-            _write_merge_card(target, operation, base, display_name(base_path, base_repo), base_repo,
-                              adapter_names, weights, dtype)  # fmt: skip
-        digests = checksums(target) if checksum else None
-        if digests is not None and single_file:
-            digests = {output.name: digests[target.name]}
-    return MergeReport(
-        **report_args,
-        tensors_changed=len(changed),
-        tensors_copied=len(plan.tasks) - len(changed),
-        bytes_written=total,
-        seconds=time.perf_counter() - started,
-        files=[output.name] if single_file else names,
-        changes=changes,
-        checksums=digests,
-    )
+        return names
 
 
 def _refuse_nonfinite(info) -> None:
@@ -355,7 +447,7 @@ def _write_folder_extras(
 def _write_merge_card(
     target: Path,
     operation: str,
-    base: Checkpoint,
+    config: dict | None,
     base_name: str,
     base_repo: str | None,
     adapter_names: list[str],
@@ -370,7 +462,7 @@ def _write_merge_card(
         command += ["--dtype", dtype]
     write_card(
         target,
-        base_model=base_repo or (base.config or {}).get("_name_or_path") or base_name,
+        base_model=base_repo or (config or {}).get("_name_or_path") or base_name,
         library_name="transformers",
         tags=["lora", "merge" if operation == "merge" else "unmerge", "loratool"],
         title=f"{base_name} {'+' if operation == 'merge' else '−'} {', '.join(adapter_names)}",
@@ -411,36 +503,35 @@ def _write_record(
     (target / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _recorded_dora_norms(merged: Checkpoint, adapters: Sequence[Adapter], plan: MergePlan) -> dict:
+def _recorded_dora_norms(merged: Path, adapters: Sequence[Adapter], plans: dict) -> dict:
     """The DoRA norms a loratool merge recorded, checked against the adapters given to un-merge."""
-    dora_tasks = [t for t in plan.tasks if t.dora is not None]
+    dora_tasks = [(name, t) for name, plan in plans.items() for t in plan.tasks if t.dora is not None]
     if not dora_tasks:
         return {}
-    names = ", ".join(t.name for t in dora_tasks[:3])
-    folder = merged.folder
-    if folder is None or not (folder / RECORD_NAME).is_file():
+    shown = ", ".join(_qualified(name, t.name) for name, t in dora_tasks[:3])
+    if not merged.is_dir() or not (merged / RECORD_NAME).is_file():
         raise UnsupportedError(
-            f"DoRA cannot be un-merged from merged weights alone ({names}): the per-row norms are lost. "
+            f"DoRA cannot be un-merged from merged weights alone ({shown}): the per-row norms are lost. "
             f"Only a folder merged by loratool, which keeps {RECORD_NAME}, can be un-merged exactly"
         )
-    record = read_json(folder / RECORD_NAME, RECORD_NAME)
+    record = read_json(merged / RECORD_NAME, RECORD_NAME)
     recorded = {entry.get("sha256") for entry in record.get("adapters", []) if isinstance(entry, dict)}
-    for task in dora_tasks:
+    for _, task in dora_tasks:
         adapter = adapters[task.dora.adapter]
         if _adapter_identity(adapter) not in recorded:
-            raise UnsupportedError(f"{adapter.path} is not the DoRA adapter {folder / RECORD_NAME} says was merged")
+            raise UnsupportedError(f"{adapter.path} is not the DoRA adapter {merged / RECORD_NAME} says was merged")
+    from .safetensors_io import read_header
     from .tensors import read_safetensors_tensor
 
-    norms_path = folder / DORA_NORMS_NAME
+    norms_path = merged / DORA_NORMS_NAME
     if not norms_path.is_file():
         raise UnsupportedError(f"{norms_path} is missing; the DoRA merge cannot be undone exactly")
-    from .safetensors_io import read_header
-
     infos, _ = read_header(norms_path)
-    missing = [t.name for t in dora_tasks if t.name not in infos]
+    wanted = [_qualified(name, t.name) for name, t in dora_tasks]
+    missing = [name for name in wanted if name not in infos]
     if missing:
         raise UnsupportedError(f"{norms_path} has no recorded norm for {', '.join(missing[:3])}")
-    return {t.name: read_safetensors_tensor(infos[t.name]) for t in dora_tasks}
+    return {name: read_safetensors_tensor(infos[name]) for name in wanted}
 
 
 def merge(
@@ -456,6 +547,7 @@ def merge(
     dry_run: bool = False,
     alpha: float | None = None,
     allow_nonfinite: bool = False,
+    allow_unmatched: bool = False,
     checksum: bool = False,
     revision: str | None = None,
     token: str | None = None,
@@ -475,6 +567,7 @@ def merge(
         dry_run: plan and report, write nothing.
         alpha: lora_alpha for adapter files that do not record it.
         allow_nonfinite: write NaN/Inf results instead of refusing them.
+        allow_unmatched: merge what matches and leave out (with a warning) modules that match nothing.
         checksum: add the sha256 of every output file to the report.
         revision, token: for inputs given as Hub repo ids (`org/name`, or `org/name@revision`).
         progress: called with (bytes done, bytes total) after each tensor.
@@ -492,7 +585,7 @@ def merge(
     return _run(
         "merge", base, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
-        allow_nonfinite=allow_nonfinite, checksum=checksum, revision=revision, token=token, progress=progress,
+        allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum, revision=revision, token=token, progress=progress,
     )  # fmt: skip
 
 
@@ -509,6 +602,7 @@ def unmerge(
     dry_run: bool = False,
     alpha: float | None = None,
     allow_nonfinite: bool = False,
+    allow_unmatched: bool = False,
     checksum: bool = False,
     revision: str | None = None,
     token: str | None = None,
@@ -522,5 +616,5 @@ def unmerge(
     return _run(
         "unmerge", merged, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
-        allow_nonfinite=allow_nonfinite, checksum=checksum, revision=revision, token=token, progress=progress,
+        allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum, revision=revision, token=token, progress=progress,
     )  # fmt: skip

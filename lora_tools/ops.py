@@ -16,13 +16,15 @@ from .adapter import LoraModule
 from .errors import NonFiniteError
 from .plan import TensorTask
 
-__all__ = ["dora_norm", "Workspace", "TaskResult", "compute_task"]
+__all__ = ["dora_norm", "variant_delta", "Workspace", "TaskResult", "compute_task"]
 
 Fetch = Callable[[int, str], torch.Tensor]
 
 
 def dora_norm(module: LoraModule, merged: torch.Tensor) -> torch.Tensor:
-    """‖W + ΔW‖ per output channel, over the axes PEFT uses for this layer kind."""
+    """‖W + ΔW‖ per channel: per output as PEFT takes it, or per input as LyCORIS' dora_scale does."""
+    if module.dora_axis == "in":
+        return merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(p=2, dim=1)
     if module.kind == "conv":
         return merged.reshape(merged.shape[0], -1).norm(p=2, dim=1)
     rows = merged.T if module.fan_in_fan_out else merged
@@ -30,9 +32,54 @@ def dora_norm(module: LoraModule, merged: torch.Tensor) -> torch.Tensor:
 
 
 def _per_output(module: LoraModule, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shape a per-channel factor to broadcast over the weight."""
+    if module.dora_axis == "in":
+        return factor.reshape(1, -1, *([1] * (like.dim() - 2)))
     if module.kind == "conv":
         return factor.reshape(-1, *([1] * (like.dim() - 1)))
     return factor.reshape(1, -1) if module.fan_in_fan_out else factor.reshape(-1, 1)
+
+
+def variant_delta(module: LoraModule, factor: Callable[[str], torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Unscaled ΔW of a Tucker LoCon, LoHa or LoKr module, as LyCORIS' forward pass builds it.
+
+    LoHa: (w1a·w1b) ⊙ (w2a·w2b), or with hada_t1/t2 each half rebuilt through its Tucker core.
+    LoKr: w1 ⊗ w2, each half either stored whole or as a product (w2 possibly through lokr_t2).
+    The α/r scale is applied once, by the caller (LyCORIS' merge script applies it twice for
+    these variants; its forward pass, which inference uses, applies it once).
+    """
+    roles = dict(module.factors)
+    if module.variant == "tucker":
+        up, down, mid = factor(module.b_key), factor(module.a_key), factor(roles["mid"])
+        delta = torch.einsum(
+            "m n ..., i m, n j -> i j ...", mid, up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        )
+    elif module.variant == "loha":
+        w1a, w1b, w2a, w2b = (factor(roles[r]) for r in ("w1a", "w1b", "w2a", "w2b"))
+        if "t1" in roles:
+            first = torch.einsum("i j ..., j r, i p -> p r ...", factor(roles["t1"]), w1b, w1a)
+            second = torch.einsum("i j ..., j r, i p -> p r ...", factor(roles["t2"]), w2b, w2a)
+        else:
+            first = w1a.reshape(w1a.shape[0], -1) @ w1b.reshape(w1b.shape[0], -1)
+            second = w2a.reshape(w2a.shape[0], -1) @ w2b.reshape(w2b.shape[0], -1)
+        delta = first * second
+    elif module.variant == "lokr":
+        w1 = factor(roles["k1"]) if "k1" in roles else factor(roles["k1a"]) @ factor(roles["k1b"])
+        if "k2" in roles:
+            w2 = factor(roles["k2"])
+        elif "kt2" in roles:
+            w2 = torch.einsum(
+                "i j ..., i p, j r -> p r ...", factor(roles["kt2"]), factor(roles["k2a"]), factor(roles["k2b"])
+            )
+        else:
+            w2b = factor(roles["k2b"])
+            w2 = (factor(roles["k2a"]) @ w2b.reshape(w2b.shape[0], -1)).reshape(-1, *w2b.shape[1:])
+        while w1.dim() < w2.dim():
+            w1 = w1.unsqueeze(-1)
+        delta = torch.kron(w1, w2.contiguous())
+    else:
+        raise AssertionError(f"not a variant: {module.variant}")
+    return delta.reshape(shape)
 
 
 class Workspace:
@@ -167,7 +214,8 @@ def compute_task(
         NonFiniteError: the result holds NaN or Inf (unless `allow_nonfinite`).
     """
     device = workspace.device
-    plain = not task.replacements and base.dim() >= 2 and all(not t.bias and not t.module.dora for t in task.terms)
+    plain = not task.replacements and base.dim() >= 2
+    plain = plain and all(not t.bias and not t.module.dora and t.module.variant == "lora" for t in task.terms)
     if plain and task.terms and device.type == "cpu":
         return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite)
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
@@ -197,6 +245,8 @@ def compute_task(
         module = term.module
         if term.bias:
             delta = get(term.adapter, module.bias_key)
+        elif module.variant != "lora":
+            delta = variant_delta(module, lambda key, i=term.adapter: get(i, key), weight.shape)
         else:
             left, right = _low_rank_pair(module, get(term.adapter, module.a_key), get(term.adapter, module.b_key))
             delta = workspace.get("delta", weight.shape, compute)

@@ -22,6 +22,8 @@ __all__ = [
     "MergePlan",
     "resolve_module",
     "compatibility_problems",
+    "Targets",
+    "variant_delta_shape",
     "with_tied_head",
     "plan_merge",
     "plan_shards",
@@ -85,49 +87,152 @@ def with_tied_head(base: Mapping[str, TensorInfo], config: dict | None) -> Mappi
     return {**base, HEAD_NAME: replace(base[tied], name=HEAD_NAME)}
 
 
-def compatibility_problems(adapter: Adapter, base: Mapping[str, TensorInfo], config: dict | None = None) -> list[str]:
-    """Every way `adapter` fits `base` badly, as readable lines (empty when it fits)."""
+class Targets:
+    """Finds the base module an adapter module names: dotted paths, or kohya's underscored ones.
+
+    kohya names are matched the way sd-scripts makes them: the base's own dotted
+    module paths with dots turned into underscores (with or without a leading
+    `text_model.`, which transformers versions disagree on). A name two base
+    modules share is ambiguous and matches neither.
+    """
+
+    def __init__(self, base: Mapping[str, TensorInfo]) -> None:
+        self.base = base
+        self._kohya: dict[str, str | None] | None = None
+
+    def find(self, module: LoraModule) -> str | None:
+        if not module.kohya_name:
+            return resolve_module(module.name, self.base)
+        return self.kohya_index().get(module.name)
+
+    def ambiguous(self, module: LoraModule) -> bool:
+        return module.kohya_name and module.name in self.kohya_index() and self.kohya_index()[module.name] is None
+
+    def kohya_index(self) -> dict[str, str | None]:
+        if self._kohya is None:
+            index: dict[str, str | None] = {}
+            for name in self.base:
+                if not name.endswith(".weight"):
+                    continue
+                path = name[: -len(".weight")]
+                spellings = {path.replace(".", "_")}
+                if path.startswith("text_model."):
+                    spellings.add(path[len("text_model.") :].replace(".", "_"))
+                else:
+                    spellings.add("text_model_" + path.replace(".", "_"))
+                for spelling in spellings:
+                    index[spelling] = path if index.get(spelling, path) == path else None
+            self._kohya = index
+        return self._kohya
+
+
+def variant_delta_shape(module: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape of ΔW a Tucker / LoHa / LoKr module builds, from its factor shapes alone."""
+    try:
+        if module.variant == "tucker":
+            up, mid, down = shapes["up"], shapes["mid"], shapes["down"]
+            return (up[0], down[1], *mid[2:])
+        if module.variant == "loha":
+            if "t1" in shapes:
+                return (shapes["w1a"][1], shapes["w1b"][1], *shapes["t1"][2:])
+            return (shapes["w1a"][0], math.prod(shapes["w1b"][1:]))
+        if module.variant == "lokr":
+            w1 = shapes["k1"] if "k1" in shapes else (shapes["k1a"][0], shapes["k1b"][1])
+            if "k2" in shapes:
+                w2 = shapes["k2"]
+            elif "kt2" in shapes:
+                w2 = (shapes["k2a"][1], shapes["k2b"][1], *shapes["kt2"][2:])
+            else:
+                w2 = (shapes["k2a"][0], *shapes["k2b"][1:])
+            w1 = tuple(w1) + (1,) * (len(w2) - len(w1))
+            return tuple(a * b for a, b in zip(w1, w2, strict=True))
+    except (KeyError, IndexError, ValueError):
+        return None
+    return None
+
+
+def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    """ΔW fits a weight of the same shape, or a conv weight it equals once flattened (LoHa on conv)."""
+    return tuple(delta) == tuple(weight) or (
+        len(delta) >= 2 and delta[0] == weight[0] and math.prod(delta) == math.prod(weight)
+    )
+
+
+def _module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, TensorInfo], target: str) -> list[str]:
+    weight = base[f"{target}.weight"]
+    if not weight.is_float:
+        return [f"{module.name}: base weight is {weight.dtype}, not a float tensor"]
+    if module.variant != "lora":
+        shapes = {role: adapter.tensors[key].shape for role, key in module.factors}
+        shapes.update({"up": module.b_shape, "down": module.a_shape} if module.variant == "tucker" else {})
+        delta = variant_delta_shape(module, shapes)
+        if delta is None or not _fits(delta, weight.shape):
+            found = ", ".join(f"{role} {list(shape)}" for role, shape in sorted(shapes.items()))
+            return [
+                f"{module.name}: shape mismatch, base {target}.weight is {list(weight.shape)} but the "
+                f"{module.variant} factors ({found}) make {list(delta) if delta else 'no valid'} ΔW"
+            ]
+        return _dora_problems(adapter, module, weight.shape)
+    a_shape, b_shape = module.a_shape, module.b_shape
+    if len(b_shape) < 2 or b_shape[1] != module.rank:
+        return [f"{module.name}: rank mismatch, A {list(a_shape)} has rank {module.rank} but B is {list(b_shape)}"]
+    expected = _expected_ab(module, weight.shape)
+    if expected is None or (tuple(a_shape), tuple(b_shape)) != expected:
+        want = f"A {list(expected[0])}, B {list(expected[1])}" if expected else f"a {module.kind} weight"
+        return [
+            f"{module.name}: shape mismatch, base {target}.weight is {list(weight.shape)} so expected {want}, "
+            f"found A {list(a_shape)}, B {list(b_shape)}"
+        ]
+    problems = _dora_problems(adapter, module, weight.shape)
+    if module.bias_key is not None:
+        out = _out_features(module, weight.shape)
+        bias = base.get(f"{target}.bias")
+        found = adapter.tensors[module.bias_key].shape
+        if bias is None:
+            problems.append(f"{module.name}: adapter has lora_B.bias but base has no {target}.bias")
+        elif tuple(found) != (out,) or tuple(bias.shape) != (out,):
+            problems.append(f"{module.name}: lora_B.bias is {list(found)}, base bias is {list(bias.shape)}")
+    return problems
+
+
+def _dora_problems(adapter: Adapter, module: LoraModule, weight_shape: tuple[int, ...]) -> list[str]:
+    if module.magnitude_key is None:
+        return []
+    if module.kind == "embedding":
+        return [f"{module.name}: DoRA on embedding layers is not supported"]
+    if module.dora_axis == "in":
+        channels, what = weight_shape[1], "inputs"
+    else:
+        channels, what = _out_features(module, weight_shape), "outputs"
+    entries = adapter.tensors[module.magnitude_key].numel
+    if entries != channels:
+        return [f"{module.name}: DoRA magnitude has {entries} entries, the layer has {channels} {what}"]
+    return []
+
+
+def compatibility_problems(
+    adapter: Adapter, base: Mapping[str, TensorInfo], config: dict | None = None, *, allow_unmatched: bool = False
+) -> list[str]:
+    """Every way `adapter` fits `base` badly, as readable lines (empty when it fits).
+
+    With `allow_unmatched`, modules that match no base module are not problems
+    (the merge leaves them out and says how many).
+    """
     base = with_tied_head(base, config)
+    targets = Targets(base)
     problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
     for module in adapter.modules:
-        target = resolve_module(module.name, base)
+        target = targets.find(module)
         if target is None:
-            problems.append(f"{module.name}: no such module in the base (looked for {module.weight_name})")
-            continue
-        weight = base[f"{target}.weight"]
-        if not weight.is_float:
-            problems.append(f"{module.name}: base weight is {weight.dtype}, not a float tensor")
-            continue
-        a_shape, b_shape = module.a_shape, module.b_shape
-        if len(b_shape) < 2 or b_shape[1] != module.rank:
-            problems.append(
-                f"{module.name}: rank mismatch, A {list(a_shape)} has rank {module.rank} but B is {list(b_shape)}"
-            )
-            continue
-        expected = _expected_ab(module, weight.shape)
-        if expected is None or (tuple(a_shape), tuple(b_shape)) != expected:
-            want = f"A {list(expected[0])}, B {list(expected[1])}" if expected else f"a {module.kind} weight"
-            problems.append(
-                f"{module.name}: shape mismatch, base {target}.weight is {list(weight.shape)} so expected {want}, "
-                f"found A {list(a_shape)}, B {list(b_shape)}"
-            )
-            continue
-        out = _out_features(module, weight.shape)
-        if module.magnitude_key is not None:
-            magnitude = adapter.tensors[module.magnitude_key]
-            if module.kind == "embedding":
-                problems.append(f"{module.name}: DoRA on embedding layers is not supported")
-            elif magnitude.numel != out:
-                problems.append(
-                    f"{module.name}: DoRA magnitude has {magnitude.numel} entries, the layer has {out} outputs"
+            if targets.ambiguous(module):
+                problems.append(f"{module.name}: matches several base modules (ambiguous kohya name)")
+            elif not allow_unmatched:
+                looked = (
+                    f"any module named {module.name} (dots as underscores)" if module.kohya_name else module.weight_name
                 )
-        if module.bias_key is not None:
-            bias = base.get(f"{target}.bias")
-            found = adapter.tensors[module.bias_key].shape
-            if bias is None:
-                problems.append(f"{module.name}: adapter has lora_B.bias but base has no {target}.bias")
-            elif tuple(found) != (out,) or tuple(bias.shape) != (out,):
-                problems.append(f"{module.name}: lora_B.bias is {list(found)}, base bias is {list(bias.shape)}")
+                problems.append(f"{module.name}: no such module in the base (looked for {looked})")
+            continue
+        problems.extend(_module_problems(adapter, module, base, target))
     for item in adapter.replacements:
         problems.extend(_replacement_problems(adapter, item, base))
     return problems
@@ -222,6 +327,7 @@ def plan_merge(
     output_dtype: str | None = None,
     max_shard_size: int = 5_000_000_000,
     unmerge: bool = False,
+    allow_unmatched: bool = False,
 ) -> MergePlan:
     """Pair every adapter tensor with the base tensor it changes.
 
@@ -232,6 +338,7 @@ def plan_merge(
         output_dtype: a safetensors dtype for every float tensor, or None to keep each.
         max_shard_size: bytes per output shard.
         unmerge: plan W = W' − Σ wᵢ·ΔWᵢ instead.
+        allow_unmatched: leave out (with a warning) adapter modules that match nothing in the base.
 
     Raises:
         IncompatibleError: listing every adapter tensor that does not fit.
@@ -243,24 +350,35 @@ def plan_merge(
         )
     problems = []
     for adapter in adapters:
-        problems += [f"{adapter.path}: {p}" for p in compatibility_problems(adapter, base, config)]
-    resolvable = with_tied_head(base, config)
+        found = compatibility_problems(adapter, base, config, allow_unmatched=allow_unmatched)
+        problems += [f"{adapter.path}: {p}" for p in found]
     if problems:
-        raise IncompatibleError(f"{len(problems)} problem(s) between adapter and base", problems)
+        hint = "" if allow_unmatched else " (--allow-unmatched merges the rest when names match nothing)"
+        raise IncompatibleError(f"{len(problems)} problem(s) between adapter and base{hint}", problems)
+    targets = Targets(with_tied_head(base, config))
 
     sign = -1.0 if unmerge else 1.0
     terms: dict[str, list[Term]] = {}
     replaced: dict[str, list[tuple[int, Replacement, float]]] = {}
+    warnings: list[str] = []
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+        unmatched = 0
         for module in adapter.modules:
-            target = resolve_module(module.name, resolvable)
+            target = targets.find(module)
+            if target is None:
+                unmatched += 1
+                continue
             terms.setdefault(f"{target}.weight", []).append(Term(index, module, sign * weight))
             if module.bias_key is not None:
                 terms.setdefault(f"{target}.bias", []).append(Term(index, module, sign * weight, bias=True))
         for item in adapter.replacements:
-            replaced.setdefault(_resolve_tensor(item.target, resolvable), []).append((index, item, weight))
+            replaced.setdefault(_resolve_tensor(item.target, targets.base), []).append((index, item, weight))
+        if unmatched:
+            warnings.append(
+                f"{adapter.path}: {unmatched} of {len(adapter.modules)} modules match nothing in the base and were "
+                "left out (--allow-unmatched)"
+            )
 
-    warnings: list[str] = []
     _check_combinations(adapters, terms, replaced, unmerge)
 
     tied = tied_embedding(base, config)
