@@ -1,0 +1,257 @@
+"""kohya / LyCORIS / diffusers adapters on a tiny Stable-Diffusion-shaped pipeline, checked against
+independent fp64 computations of each format's formula (and against diffusers where it reads the file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import pytest
+import torch
+from conftest import load_state, run_cli
+from safetensors.torch import save_file
+
+import lora_tools
+
+R = 4
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+def _text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=100, max_position_embeddings=32, projection_dim=32)  # fmt: skip
+    return CLIPTextModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A diffusers-layout pipeline folder: unet/, text_encoder/, scheduler/, model_index.json."""
+    root = tmp_path_factory.mktemp("pipeline") / "sd-tiny"
+    unet, text_encoder = _unet(), _text_encoder()
+    unet.save_pretrained(root / "unet")
+    text_encoder.save_pretrained(root / "text_encoder")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root, unet, text_encoder
+
+
+def _kohya_name(prefix: str, module_path: str) -> str:
+    """sd-scripts' rule: prefix + the module path with dots as underscores."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def _targets(unet, text_encoder):
+    linears = [(n, m) for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and "attentions" in n]
+    convs = [
+        (n, m)
+        for n, m in unet.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and "resnets" in n
+    ]
+    te = [(n, m) for n, m in text_encoder.named_modules() if isinstance(m, torch.nn.Linear)]
+    return linears, convs, te
+
+
+def _rand(generator, *shape):
+    return torch.randn(*shape, generator=generator) * 0.1
+
+
+def _write_kohya(pipeline, tmp_path, kind: str):
+    """A kohya / LyCORIS file of the given kind, and the fp64 ΔW (or full new weight) it implies per base tensor."""
+    root, unet, text_encoder = pipeline
+    linears, convs, te = _targets(unet, text_encoder)
+    g = torch.Generator().manual_seed(zlib.crc32(kind.encode()))
+    tensors, expected = {}, {}
+    state = {f"unet/{k}": v.double() for k, v in unet.state_dict().items()}
+    state.update({f"text_encoder/{k}": v.double() for k, v in text_encoder.state_dict().items()})
+
+    def add_lora(component, prefix, path, weight, conv=False, alpha=None, tucker=False, spelled=None):
+        name = _kohya_name(prefix, spelled or path)
+        out, inp = weight.shape[:2]
+        if tucker:
+            down, mid, up = _rand(g, R, inp, 1, 1), _rand(g, R, R, 3, 3), _rand(g, out, R, 1, 1)
+            tensors[f"{name}.lora_mid.weight"] = mid
+            delta = torch.einsum("mnhw,om,ni->oihw", mid.double(), up.double()[:, :, 0, 0], down.double()[:, :, 0, 0])
+        elif conv:
+            down, up = _rand(g, R, inp, 3, 3), _rand(g, out, R, 1, 1)
+            delta = torch.einsum("or,rihw->oihw", up.double()[:, :, 0, 0], down.double())
+        else:
+            down, up = _rand(g, R, inp), _rand(g, out, R)
+            delta = up.double() @ down.double()
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+        scale = (alpha if alpha is not None else R) / R
+        expected[f"{component}/{path}.weight"] = state[f"{component}/{path}.weight"] + scale * delta
+
+    if kind in ("lora", "locon"):
+        for i, (path, module) in enumerate(linears):
+            add_lora("unet", "lora_unet", path, module.weight, alpha=2.0 if i % 2 else None)
+        for path, module in te:
+            # real SD files spell text-encoder modules with text_model_, whether or not the base's keys have it
+            spelled = path if path.startswith("text_model.") else f"text_model.{path}"
+            add_lora("text_encoder", "lora_te", path, module.weight, alpha=8.0, spelled=spelled)
+        if kind == "locon":
+            for i, (path, module) in enumerate(convs):
+                add_lora("unet", "lora_unet", path, module.weight, conv=True, tucker=i % 2 == 1, alpha=3.0)
+    elif kind == "loha":
+        for path, module in linears[:4] + convs[:2]:
+            name, weight = _kohya_name("lora_unet", path), state[f"unet/{path}.weight"]
+            out, flat = weight.shape[0], math.prod(weight.shape[1:])
+            w1a, w1b, w2a, w2b = _rand(g, out, R), _rand(g, R, flat), _rand(g, out, R), _rand(g, R, flat)
+            tensors.update({f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b, f"{name}.hada_w2_a": w2a,
+                            f"{name}.hada_w2_b": w2b, f"{name}.alpha": torch.tensor(2.0)})  # fmt: skip
+            delta = ((w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double())).reshape(weight.shape)
+            expected[f"unet/{path}.weight"] = weight + (2.0 / R) * delta
+    elif kind == "lokr":
+        for path, module in linears[:4]:
+            name, weight = _kohya_name("lora_unet", path), state[f"unet/{path}.weight"]
+            out, inp = weight.shape
+            a, c = 4, 4
+            w1, w2a, w2b = _rand(g, a, c), _rand(g, out // a, R), _rand(g, R, inp // c)
+            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b,
+                            f"{name}.alpha": torch.tensor(1.0)})  # fmt: skip
+            expected[f"unet/{path}.weight"] = weight + (1.0 / R) * torch.kron(w1.double(), w2a.double() @ w2b.double())
+    elif kind == "dora":
+        for path, module in linears[:3]:
+            name, weight = _kohya_name("lora_unet", path), state[f"unet/{path}.weight"]
+            out, inp = weight.shape
+            down, up, scale_in = _rand(g, R, inp), _rand(g, out, R), 1 + _rand(g, 1, inp)
+            tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                            f"{name}.alpha": torch.tensor(2.0), f"{name}.dora_scale": scale_in})  # fmt: skip
+            combined = weight + (2.0 / R) * (up.double() @ down.double())
+            norm = combined.norm(dim=0, keepdim=True)  # per input column, LyCORIS' default axis
+            expected[f"unet/{path}.weight"] = combined / norm * scale_in.double()
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        path,
+        metadata={"ss_network_dim": str(R), "ss_network_module": "networks.lora"},
+    )
+    return path, expected
+
+
+@pytest.mark.parametrize("kind", ["lora", "locon", "loha", "lokr", "dora"])
+def test_kohya_and_lycoris_merge_matches_fp64_formula(pipeline, tmp_path, kind):
+    root = pipeline[0]
+    adapter, expected = _write_kohya(pipeline, tmp_path, kind)
+    out = tmp_path / "merged"
+    report = lora_tools.merge(root, [adapter], out, device="cpu")
+    assert report.tensors_changed == len(expected)
+    merged = {f"unet/{k}": v for k, v in load_state(out / "unet").items()}
+    merged.update({f"text_encoder/{k}": v for k, v in load_state(out / "text_encoder").items()})
+    base = {f"unet/{k}": v for k, v in load_state(root / "unet").items()}
+    base.update({f"text_encoder/{k}": v for k, v in load_state(root / "text_encoder").items()})
+    for name, tensor in merged.items():
+        if name in expected:
+            torch.testing.assert_close(tensor.double(), expected[name], rtol=2e-6, atol=2e-7, msg=name)
+        else:
+            assert torch.equal(tensor, base[name]), name
+    assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "model_index.json").is_file()
+    assert (out / "unet" / "config.json").is_file()
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(out / "unet")
+
+
+def test_inspect_shows_kohya_metadata_and_variants(pipeline, tmp_path):
+    adapter, _ = _write_kohya(pipeline, tmp_path, "locon")
+    report = json.loads(run_cli(["inspect", adapter, "--json"]).stdout)
+    assert report["format"] == "kohya"
+    assert report["metadata"]["ss_network_module"] == "networks.lora"
+    assert {m["variant"] for m in report["modules"]} == {"lora", "tucker"}
+    assert {m["component"] for m in report["modules"]} == {"unet", "text_encoder"}
+    checked = run_cli(["inspect", adapter, "--base", pipeline[0] / "unet", "--json"])
+    assert checked.exit_code == 3  # the text-encoder modules have nothing to match in the unet alone
+
+
+def test_unmatched_kohya_names_are_listed_or_skipped(pipeline, tmp_path):
+    root = pipeline[0]
+    adapter, expected = _write_kohya(pipeline, tmp_path, "lora")
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter)
+    tensors["lora_unet_down_blocks_9_nonexistent.lora_down.weight"] = torch.zeros(R, 32)
+    tensors["lora_unet_down_blocks_9_nonexistent.lora_up.weight"] = torch.zeros(32, R)
+    save_file(tensors, adapter)
+    refused = run_cli(["merge", root, adapter, "-o", tmp_path / "out", "-q"])
+    assert refused.exit_code == 3
+    assert (
+        "down_blocks_9_nonexistent: no such module in the base" in refused.stderr
+        and "--allow-unmatched" in refused.stderr
+    )
+    assert not (tmp_path / "out").exists()
+    allowed = run_cli(["merge", root, adapter, "-o", tmp_path / "out", "-q", "--allow-unmatched", "--json"])
+    assert allowed.exit_code == 0, allowed.stderr
+    report = json.loads(allowed.stdout)
+    assert report["tensors_changed"] == len(expected)
+    assert any("1 of" in w and "match nothing" in w for w in report["warnings"])
+
+
+def test_diffusers_spellings_merge_like_the_formula(pipeline, tmp_path):
+    root, unet, _ = pipeline
+    linears, _, _ = _targets(unet, pipeline[2])
+    g = torch.Generator().manual_seed(3)
+    tensors, expected = {}, {}
+    spellings = [".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_A.weight"]
+    for i, (path, module) in enumerate(linears[:6]):
+        down_suffix = spellings[i % 3]
+        up_suffix = down_suffix.replace("down", "up").replace("lora_A", "lora_B")
+        out, inp = module.weight.shape
+        down, up = _rand(g, R, inp), _rand(g, out, R)
+        tensors[f"unet.{path}{down_suffix}"], tensors[f"unet.{path}{up_suffix}"] = down, up
+        tensors[f"unet.{path}.alpha"] = torch.tensor(8.0)
+        expected[f"{path}.weight"] = module.weight.double() + 2.0 * (up.double() @ down.double())
+    save_file(tensors, tmp_path / "pytorch_lora_weights.safetensors")
+    lora_tools.merge(root, [tmp_path / "pytorch_lora_weights.safetensors"], tmp_path / "merged", device="cpu")
+    merged = load_state(tmp_path / "merged" / "unet")
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name].double(), value, rtol=2e-6, atol=2e-7)
+    assert lora_tools.inspect(tmp_path / "pytorch_lora_weights.safetensors").format == "diffusers"
+
+
+def test_merge_agrees_with_diffusers_own_kohya_loading(pipeline, tmp_path):
+    """diffusers converts a kohya LoRA and fuses it into the UNet; our merge gives the same weights.
+
+    This diffusers reads one alpha for the whole UNet correctly, but applies its most common
+    alpha to every module when they differ (its alpha_pattern keys miss the converted names)
+    and another module's alpha where one is missing (kohya's rule is alpha = rank). So the file
+    given to both uses one alpha throughout, which is what diffusers understands.
+    """
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    root = pipeline[0]
+    adapter, _ = _write_kohya(pipeline, tmp_path, "lora")
+    tensors = load_file(adapter)
+    for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
+        tensors[key.replace(".lora_down.weight", ".alpha")] = torch.tensor(2.0)
+    save_file(tensors, adapter)
+    lora_tools.merge(root, [adapter], tmp_path / "merged", device="cpu")
+    ours = load_state(tmp_path / "merged" / "unet")
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(load_file(adapter))
+    unet = _unet()
+    unet.load_state_dict(load_state(root / "unet"))
+    unet.load_lora_adapter(converted, prefix="unet", network_alphas=alphas, adapter_name="kohya")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    theirs, base = unet.state_dict(), load_state(root / "unet")
+    changed = [name for name in ours if not torch.equal(ours[name], base[name])]
+    assert len(changed) == sum(1 for k in tensors if k.startswith("lora_unet_") and k.endswith(".lora_down.weight"))
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
