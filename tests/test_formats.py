@@ -110,7 +110,7 @@ def _write_kohya(pipeline, tmp_path, kind: str):
             for i, (path, module) in enumerate(convs):
                 add_lora("unet", "lora_unet", path, module.weight, conv=True, tucker=i % 2 == 1, alpha=3.0)
     elif kind == "loha":
-        for path, module in linears[:4] + convs[:2]:
+        for path, _module in linears[:4] + convs[:2]:
             name, weight = _kohya_name("lora_unet", path), state[f"unet/{path}.weight"]
             out, flat = weight.shape[0], math.prod(weight.shape[1:])
             w1a, w1b, w2a, w2b = _rand(g, out, R), _rand(g, R, flat), _rand(g, out, R), _rand(g, R, flat)
@@ -119,7 +119,7 @@ def _write_kohya(pipeline, tmp_path, kind: str):
             delta = ((w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double())).reshape(weight.shape)
             expected[f"unet/{path}.weight"] = weight + (2.0 / R) * delta
     elif kind == "lokr":
-        for path, module in linears[:4]:
+        for path, _module in linears[:4]:
             name, weight = _kohya_name("lora_unet", path), state[f"unet/{path}.weight"]
             out, inp = weight.shape
             a, c = 4, 4
@@ -128,7 +128,7 @@ def _write_kohya(pipeline, tmp_path, kind: str):
                             f"{name}.alpha": torch.tensor(1.0)})  # fmt: skip
             expected[f"unet/{path}.weight"] = weight + (1.0 / R) * torch.kron(w1.double(), w2a.double() @ w2b.double())
     elif kind == "dora":
-        for path, module in linears[:3]:
+        for path, _module in linears[:3]:
             name, weight = _kohya_name("lora_unet", path), state[f"unet/{path}.weight"]
             out, inp = weight.shape
             down, up, scale_in = _rand(g, R, inp), _rand(g, out, R), 1 + _rand(g, 1, inp)
