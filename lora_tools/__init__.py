@@ -21,6 +21,8 @@ __all__ = [
     "unmerge",
     "extract",
     "resize",
+    "convert",
+    "push",
     "open_checkpoint",
     "read_adapter",
 ]
@@ -31,6 +33,8 @@ _LAZY = {
     "unmerge": ".merging",
     "extract": ".extraction",
     "resize": ".extraction",
+    "convert": ".convert",
+    "push": ".hub",
     "open_checkpoint": ".checkpoint",
     "read_adapter": ".adapter",
 }
@@ -38,7 +42,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from .adapter import read_adapter
     from .checkpoint import open_checkpoint
+    from .convert import convert
     from .extraction import extract, resize
+    from .hub import push
     from .inspection import inspect
     from .merging import merge, unmerge
 

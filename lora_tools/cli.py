@@ -485,6 +485,32 @@ def resize(adapter: str, **options) -> None:
 
 
 @cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["peft", "kohya"]), required=True, help="Target format.")
+@click.option("--base", type=click.Path(), help="Base model, to match kohya names to dotted module paths.")
+@click.option("--component", help="Pipeline component to take or to name (unet, text_encoder, …).")
+@click.option("--rank", "-r", type=int, help="Rank for re-factorising LoHa / LoKr / Tucker modules as LoRA.")
+@click.option("--bake-alpha", is_flag=True, help="Fold the scale into B and set alpha = rank.")
+@click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")
+@output_options
+@json_option
+@hub_input_options
+def convert(adapter: str, **options) -> None:
+    """Convert ADAPTER between PEFT and kohya spellings (--to peft|kohya).
+
+    LoRA factors are copied exactly and alpha is carried unless --bake-alpha;
+    LoHa / LoKr / Tucker modules become LoRA only by re-factorising ΔW to --rank.
+    """
+    from .convert import convert as run_convert
+
+    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    _silence_hub_progress(quiet)
+    report = run_convert(adapter, options.pop("output"), **options)
+    _render_extraction(report, as_json)
+
+
+@cli.command()
 @click.argument("folder", type=click.Path())
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private.")

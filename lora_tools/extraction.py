@@ -37,7 +37,18 @@ from .safetensors_io import SafetensorsWriter, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["extract", "resize", "ExtractReport", "ModuleExtraction", "plan_extraction", "ExtractTask"]
+__all__ = [
+    "extract",
+    "resize",
+    "factorize",
+    "ExtractReport",
+    "ModuleExtraction",
+    "plan_extraction",
+    "ExtractTask",
+    "Spool",
+    "peft_adapter_config",
+    "write_adapter_config",
+]
 
 Progress = Callable[[int, int], None]
 METHODS = ("auto", "svd", "randomized")
@@ -253,7 +264,7 @@ def factorize(
 # --- output ---------------------------------------------------------------------
 
 
-class _Spool:
+class Spool:
     """Factor tensors appended to one scratch file as produced; written out as safetensors at the end."""
 
     def __init__(self, path: Path) -> None:
@@ -274,12 +285,14 @@ class _Spool:
         )
         self._offset += len(memoryview(data).cast("B"))
 
-    def finish(self, destination: Path) -> int:
+    def finish(self, destination: Path, metadata: dict[str, str] | None = None) -> int:
         """Write the spooled tensors (sorted by name) as a safetensors file; return its size."""
         os.close(self._fd)
         ordered = sorted(self.entries)
         writer = SafetensorsWriter(
-            destination, [(n, self.entries[n].dtype, self.entries[n].shape) for n in ordered], {"format": "pt"}
+            destination,
+            [(n, self.entries[n].dtype, self.entries[n].shape) for n in ordered],
+            {"format": "pt", **(metadata or {})},
         )
         for name in ordered:
             writer.copy_from(name, self.entries[name])
@@ -288,7 +301,7 @@ class _Spool:
         return writer.total_bytes
 
 
-def _peft_config(
+def peft_adapter_config(
     ranks: dict[str, int],
     alphas: dict[str, float],
     *,
@@ -323,7 +336,7 @@ def _peft_config(
     return config
 
 
-def _write_config(folder: Path, config: dict) -> None:
+def write_adapter_config(folder: Path, config: dict) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -440,7 +453,7 @@ def extract(
     with atomic_output(
         output, is_dir=True, force=force, inputs=[base_checkpoint.path, tuned_checkpoint.path]
     ) as target:
-        spool = _Spool(target / ".factors.spool")
+        spool = Spool(target / ".factors.spool")
         for task in plan.tasks:
             delta = delta_of(task.tensor)
             done += delta.numel()
@@ -508,9 +521,9 @@ def extract(
         size = spool.finish(target / "adapter_model.safetensors")
         base_name = display_name(base, base_repo)
         base_model = base_repo or (base_checkpoint.config or {}).get("_name_or_path") or base_name
-        _write_config(
+        write_adapter_config(
             target,
-            _peft_config(
+            peft_adapter_config(
                 ranks,
                 {m: float(r) for m, r in ranks.items()},
                 base_model=base_model,
@@ -640,7 +653,7 @@ def resize(
     parameters = full = 0
     handled: set[str] = set()
     with atomic_output(output, is_dir=True, force=force, inputs=[source.path]) as target:
-        spool = _Spool(target / ".factors.spool")
+        spool = Spool(target / ".factors.spool")
         for number, module in enumerate(source.modules, 1):
             a = source.read(module.a_key).to(torch_device, torch.float64)
             b = source.read(module.b_key).to(torch_device, torch.float64)
@@ -677,7 +690,7 @@ def resize(
         size = spool.finish(target / "adapter_model.safetensors")
         config = dict(source.config)
         config.update(
-            _peft_config(
+            peft_adapter_config(
                 ranks,
                 alphas,
                 base_model=source.base_model,
@@ -687,7 +700,7 @@ def resize(
                 extra={"use_dora": bool(source.config.get("use_dora", False))},
             )
         )
-        _write_config(target, config)
+        write_adapter_config(target, config)
         name = display_name(adapter, adapter_repo)
         command = ["loratool", "resize", name, "--output", "OUTPUT", *_rule_words(rule)]
         _adapter_card(target, source.base_model, f"{name} resized", modules, command)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_state, run_cli
 from safetensors.torch import save_file
+from ulp import max_ulp
 
 import lora_tools
 
@@ -255,3 +257,89 @@ def test_merge_agrees_with_diffusers_own_kohya_loading(pipeline, tmp_path):
     assert len(changed) == sum(1 for k in tensors if k.startswith("lora_unet_") and k.endswith(".lora_down.weight"))
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+FIXTURE_BASE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama"
+FIXTURE_ADAPTER = FIXTURE_BASE.parent / "tiny-llama-lora"
+
+
+def test_peft_kohya_peft_round_trip_is_exact(tmp_path):
+    from lora_tools.adapter import read_adapter
+
+    kohya = tmp_path / "kohya.safetensors"
+    first = run_cli(["convert", FIXTURE_ADAPTER, "--to", "kohya", "--component", "unet", "-o", kohya, "-q"])
+    assert first.exit_code == 0, first.stderr
+    read = lora_tools.inspect(kohya)
+    assert read.format == "kohya" and read.metadata["ss_network_module"] == "networks.lora"
+    back = run_cli(["convert", kohya, "--to", "peft", "--base", FIXTURE_BASE, "-o", tmp_path / "peft", "-q"])
+    assert back.exit_code == 0, back.stderr
+    original, returned = read_adapter(FIXTURE_ADAPTER), read_adapter(tmp_path / "peft")
+    pairs = {m.name: m for m in returned.modules}
+    assert pairs.keys() == {m.name for m in original.modules}
+    for module in original.modules:
+        other = pairs[module.name]
+        assert other.scale == module.scale and other.rank == module.rank
+        assert torch.equal(returned.read(other.a_key), original.read(module.a_key))
+        assert torch.equal(returned.read(other.b_key), original.read(module.b_key))
+    for adapter in (FIXTURE_ADAPTER, tmp_path / "peft", kohya):
+        lora_tools.merge(FIXTURE_BASE, [adapter], tmp_path / f"merged-{adapter.name}", device="cpu")
+    reference = (tmp_path / "merged-tiny-llama-lora" / "model.safetensors").read_bytes()
+    assert (tmp_path / "merged-peft" / "model.safetensors").read_bytes() == reference
+    assert (tmp_path / "merged-kohya.safetensors" / "model.safetensors").read_bytes() == reference
+
+
+def test_bake_alpha_keeps_delta(tmp_path):
+    kohya = tmp_path / "baked.safetensors"
+    assert (
+        run_cli(
+            ["convert", FIXTURE_ADAPTER, "--to", "kohya", "--component", "unet", "--bake-alpha", "-o", kohya]
+        ).exit_code
+        == 0
+    )
+    from safetensors.torch import load_file
+
+    alphas = {k: v for k, v in load_file(kohya).items() if k.endswith(".alpha")}
+    assert {float(v) for v in alphas.values()} == {8.0, 4.0}  # alpha = rank (8, and 4 for down_proj): scale 1
+    lora_tools.merge(FIXTURE_BASE, [kohya], tmp_path / "a", device="cpu")
+    lora_tools.merge(FIXTURE_BASE, [FIXTURE_ADAPTER], tmp_path / "b", device="cpu")
+    ours, reference = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    for name in reference:  # B·s rounded once in fp32, then one more rounding to bf16
+        assert max_ulp(ours[name], reference[name]) <= 1, name
+
+
+def test_kohya_to_peft_loads_in_peft_and_matches(pipeline, tmp_path):
+    from peft import PeftModel
+
+    root, _, _ = pipeline
+    adapter, _ = _write_kohya(pipeline, tmp_path, "locon")
+    refused = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / "peft", "--base", root])
+    assert refused.exit_code == 3 and "--component" in refused.stderr
+    lora = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / "peft", "--base", root, "--component", "unet",
+                    "--rank", "4", "--json"])  # fmt: skip
+    assert lora.exit_code == 0, lora.stderr
+    notes = json.loads(lora.stdout)["notes"]
+    assert notes and all("re-factorised" in n for n in notes)  # the Tucker modules
+    unet = _unet()
+    unet.load_state_dict(load_state(root / "unet"))
+    merged = PeftModel.from_pretrained(unet, tmp_path / "peft").merge_and_unload().state_dict()
+    lora_tools.merge(root / "unet", [tmp_path / "peft"], tmp_path / "ours", device="cpu")
+    ours = load_state(tmp_path / "ours")
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loha_and_lokr_become_lora_by_refactorising(pipeline, tmp_path):
+    root, _, _ = pipeline
+    for kind in ("loha", "lokr"):
+        adapter, expected = _write_kohya(pipeline, tmp_path, kind)
+        needs_rank = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / f"{kind}-x", "--base", root])
+        assert needs_rank.exit_code == 3 and "--rank" in needs_rank.stderr
+        full_rank = 64
+        done = run_cli(
+            ["convert", adapter, "--to", "peft", "-o", tmp_path / kind, "--base", root, "--rank", full_rank, "--json"]
+        )
+        assert done.exit_code == 0, done.stderr
+        lora_tools.merge(root / "unet", [tmp_path / kind], tmp_path / f"{kind}-merged", device="cpu")
+        merged = load_state(tmp_path / f"{kind}-merged")
+        for name, value in expected.items():  # at full rank the re-factorisation is exact up to rounding
+            torch.testing.assert_close(merged[name.removeprefix("unet/")].double(), value, rtol=1e-5, atol=1e-6)
