@@ -343,3 +343,87 @@ def test_loha_and_lokr_become_lora_by_refactorising(pipeline, tmp_path):
         merged = load_state(tmp_path / f"{kind}-merged")
         for name, value in expected.items():  # at full rank the re-factorisation is exact up to rounding
             torch.testing.assert_close(merged[name.removeprefix("unet/")].double(), value, rtol=1e-5, atol=1e-6)
+
+
+def _single_module_file(tmp_path, name: str, tensors: dict) -> Path:
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+def test_loha_tucker_lokr_decomposed_and_dora_out_axis(pipeline, tmp_path):
+    """The remaining spellings, each against a formula built another way (tensordot / loops / kron by blocks)."""
+    root, unet, _ = pipeline
+    linears, convs, _ = _targets(unet, pipeline[2])
+    g = torch.Generator().manual_seed(11)
+    base = {k: v.double() for k, v in load_state(root / "unet").items()}
+    tensors, expected = {}, {}
+
+    conv_path = convs[0][0]
+    name, weight = _kohya_name("lora_unet", conv_path), base[f"{conv_path}.weight"]
+    out, inp = weight.shape[:2]
+    t1, t2 = _rand(g, R, R, 3, 3), _rand(g, R, R, 3, 3)
+    w1a, w1b, w2a, w2b = _rand(g, R, out), _rand(g, R, inp), _rand(g, R, out), _rand(g, R, inp)
+    tensors.update({f"{name}.hada_t1": t1, f"{name}.hada_t2": t2, f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b,
+                    f"{name}.hada_w2_a": w2a, f"{name}.hada_w2_b": w2b, f"{name}.alpha": torch.tensor(2.0)})  # fmt: skip
+
+    def tucker(t, down, up):  # Σ_ij t[i,j] · up[i,p] · down[j,r], built with tensordot
+        inner = torch.tensordot(t.double(), down.double(), dims=([1], [0]))  # i, h, w, r
+        return torch.tensordot(up.double(), inner, dims=([0], [0])).permute(0, 3, 1, 2)  # p, r, h, w
+
+    expected[f"{conv_path}.weight"] = weight + 0.5 * tucker(t1, w1b, w1a) * tucker(t2, w2b, w2a)
+
+    lin_path = linears[1][0]
+    name, weight = _kohya_name("lora_unet", lin_path), base[f"{lin_path}.weight"]
+    out, inp = weight.shape
+    w1a_, w1b_ = _rand(g, 4, 2), _rand(g, 2, 4)
+    w2 = _rand(g, out // 4, inp // 4)
+    tensors.update(
+        {
+            f"{name}.lokr_w1_a": w1a_,
+            f"{name}.lokr_w1_b": w1b_,
+            f"{name}.lokr_w2": w2,
+            f"{name}.alpha": torch.tensor(1.0),
+        }
+    )
+    w1 = w1a_.double() @ w1b_.double()
+    lokr = torch.zeros(out, inp, dtype=torch.float64)
+    bo, bi = w2.shape
+    for i in range(4):  # the Kronecker product block by block
+        for j in range(4):
+            lokr[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi] = w1[i, j] * w2.double()
+    expected[f"{lin_path}.weight"] = weight + (1.0 / 2) * lokr  # rank 2 from lokr_w1_a
+
+    dora_path = linears[2][0]
+    name, weight = _kohya_name("lora_unet", dora_path), base[f"{dora_path}.weight"]
+    out, inp = weight.shape
+    down, up, magnitude = _rand(g, R, inp), _rand(g, out, R), 1 + _rand(g, out, 1)
+    tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.dora_scale": magnitude})
+    combined = weight + up.double() @ down.double()
+    rows = torch.stack([combined[o] / combined[o].norm() * magnitude[o, 0].double() for o in range(out)])
+    expected[f"{dora_path}.weight"] = rows
+
+    adapter = _single_module_file(tmp_path, "mixed", tensors)
+    lora_tools.merge(root / "unet", [adapter], tmp_path / "merged", device="cpu")
+    merged = load_state(tmp_path / "merged")
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name].double(), value, rtol=2e-6, atol=2e-7, msg=name)
+
+
+def test_attention_processor_spelling(pipeline, tmp_path):
+    root, unet, _ = pipeline
+    block = next(n for n, _ in unet.named_modules() if n.endswith("attn1"))
+    g = torch.Generator().manual_seed(5)
+    base = {k: v.double() for k, v in load_state(root / "unet").items()}
+    tensors, expected = {}, {}
+    for proj, module_path in (("to_q", f"{block}.to_q"), ("to_out", f"{block}.to_out.0")):
+        weight = base[f"{module_path}.weight"]
+        down, up = _rand(g, R, weight.shape[1]), _rand(g, weight.shape[0], R)
+        tensors[f"unet.{block}.processor.{proj}_lora.down.weight"] = down
+        tensors[f"unet.{block}.processor.{proj}_lora.up.weight"] = up
+        expected[f"{module_path}.weight"] = weight + up.double() @ down.double()
+    adapter = _single_module_file(tmp_path, "processors", tensors)
+    lora_tools.merge(root, [adapter], tmp_path / "merged", device="cpu")
+    merged = load_state(tmp_path / "merged" / "unet")
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name].double(), value, rtol=2e-6, atol=2e-7)
