@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from contender import run_contender
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=32)
@@ -73,20 +73,6 @@ print(json.dumps(results))
 """
 
 
-def run(label: str, command: list[str], cleanup: Path) -> dict:
-    shutil.rmtree(cleanup, ignore_errors=True)
-    os.sync()  # start each contender with no dirty pages left by the previous one
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{label} failed:\\n{stderr[-3000:]}")
-    return {"label": label, "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -99,12 +85,12 @@ def main() -> None:
         subprocess.run([python, "-c", BUILD, work], check=True)
     ours = [python, "-m", "lora_tools", "extract", work / "base", work / "tuned", "-o", work / "ours",
             "--rank", RANK, "-q", "--device", args.device]  # fmt: skip
-    results = [run("loratool extract", [str(c) for c in ours], work / "ours")]
+    results = [run_contender("loratool extract", ours, work / "ours")]
     outputs = ["loratool extract", work / "ours"]
     if args.mergekit:
         theirs = [args.mergekit, "--model", work / "tuned", "--base-model", work / "base", "--out-path", work / "mergekit",
                   "--max-rank", RANK, "-e", "embed_tokens|lm_head|norm", "--skip-undecomposable", "--quiet"]  # fmt: skip
-        results.append(run("mergekit-extract-lora", [str(c) for c in theirs], work / "mergekit"))
+        results.append(run_contender("mergekit-extract-lora", theirs, work / "mergekit"))
         outputs += ["mergekit-extract-lora", work / "mergekit"]
     else:
         print("mergekit-extract-lora not found: pass --mergekit PATH to compare", file=sys.stderr)

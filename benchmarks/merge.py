@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from contender import run_contender
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=32)
@@ -43,22 +42,6 @@ model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
-
-
-def run(label: str, command: list[str], cleanup: Path | None = None) -> dict:
-    """Run one contender; wall time and peak RSS from wait4."""
-    if cleanup is not None:
-        shutil.rmtree(cleanup, ignore_errors=True)
-    os.sync()  # start each contender with no dirty pages left by the previous one
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{label} failed:\n{stderr}")
-    return {"label": label, "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -86,7 +69,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeat):
         for label, command, out in contenders:
-            results.setdefault(label, []).append(run(label, [str(c) for c in command], out))
+            results.setdefault(label, []).append(run_contender(label, command, out))
     best = {label: min(runs, key=lambda r: r["seconds"]) for label, runs in results.items()}
     floor = best[contenders[0][0]]["seconds"]
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, {SHAPE}, adapter r=16 on 7 projections; best of {args.repeat}")

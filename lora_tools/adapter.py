@@ -346,14 +346,18 @@ def _has_peft_keys(names: list[str]) -> bool:
     return any(_split_peft_key(n) is not None and _split_peft_key(n)[1] in ("A", "embA") for n in names)
 
 
-def _detect_peft_file(path: Path) -> bool:
+def safetensors_names(path: Path) -> list[str]:
+    """Tensor names of a readable `.safetensors` file, or [] for anything else (format detection)."""
     if not path.is_file() or path.suffix != ".safetensors":
-        return False
+        return []
     try:
-        tensors, _ = read_header(path)
+        return list(read_header(path)[0])
     except CorruptFileError:
-        return False
-    return _has_peft_keys(list(tensors))
+        return []
+
+
+def _detect_peft_file(path: Path) -> bool:
+    return _has_peft_keys(safetensors_names(path))
 
 
 def _read_peft_file(path: Path, *, alpha: float | None = None) -> Adapter:

@@ -142,6 +142,14 @@ def _silence_hub_progress(quiet: bool) -> None:
             disable_progress_bars()
 
 
+_PUSH_KEYS = ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
+
+
+def _pop_push_settings(options: dict) -> dict:
+    """Take the --push-to-hub options out of a command's options."""
+    return {key: options.pop(key) for key in _PUSH_KEYS}
+
+
 def _publish(output: str, options: dict, token: str | None, as_json: bool) -> dict | None:
     """Push a finished output when --push-to-hub was given; return the push report as a dict."""
     repo_id = options.pop("push_to_hub")
@@ -312,9 +320,7 @@ def _merge_options(f: Callable) -> Callable:
 def _run_merge(operation: str, base: str, adapters: tuple[str, ...], options: dict) -> None:
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     _silence_hub_progress(quiet)
-    push_settings = {
-        k: options.pop(k) for k in ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
-    }
+    push_settings = _pop_push_settings(options)
     if push_settings["push_to_hub"] and options["dry_run"]:
         raise click.UsageError("--dry-run writes nothing, so there is nothing to --push-to-hub")
     run = _merge_command(operation)
@@ -449,9 +455,7 @@ def extract(base: str, tuned: str, **options) -> None:
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     _silence_hub_progress(quiet)
-    push_settings = {
-        k: options.pop(k) for k in ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
-    }
+    push_settings = _pop_push_settings(options)
     output = options.pop("output")
     with _module_progress(quiet, "extract") as progress:
         report = run_extract(base, tuned, output, progress=progress, **options)
@@ -475,9 +479,7 @@ def resize(adapter: str, **options) -> None:
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     _silence_hub_progress(quiet)
-    push_settings = {
-        k: options.pop(k) for k in ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
-    }
+    push_settings = _pop_push_settings(options)
     output = options.pop("output")
     with _module_progress(quiet, "resize") as progress:
         report = run_resize(adapter, output, progress=progress, **options)

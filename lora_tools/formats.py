@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import CorruptFileError, InvalidInputError
-from .safetensors_io import read_header
 
 __all__ = ["register", "KOHYA_PREFIXES", "COMPONENT_PREFIXES"]
 
@@ -78,13 +77,9 @@ def _has_kohya_keys(names: list[str]) -> bool:
 
 
 def _detect_kohya(path: Path) -> bool:
-    if not path.is_file() or path.suffix != ".safetensors":
-        return False
-    try:
-        tensors, _ = read_header(path)
-    except CorruptFileError:
-        return False
-    return _has_kohya_keys(list(tensors))
+    from .adapter import safetensors_names
+
+    return _has_kohya_keys(safetensors_names(path))
 
 
 def _kohya_module(path: Path, weights, name: str, component: str, roles: dict[str, str], alpha_override):
@@ -207,12 +202,9 @@ def _split_diffusers(key: str) -> tuple[str, str | None, str] | None:
 
 
 def _detect_diffusers(path: Path) -> bool:
-    if not path.is_file() or path.suffix != ".safetensors":
-        return False
-    try:
-        names = list(read_header(path)[0])
-    except CorruptFileError:
-        return False
+    from .adapter import safetensors_names
+
+    names = safetensors_names(path)
     splits = [_split_diffusers(n) for n in names]
     has_old = any(".lora.down." in n or "lora_linear_layer" in n or "_lora.down." in n for n in names)
     has_component = any(s is not None and s[1] is not None for s in splits)

@@ -185,24 +185,31 @@ class _Handler(BaseHTTPRequestHandler):
         self._body()
         self._send(200, {"errors": [], "warnings": []})
 
-    def repo_info(self, query, repo, rev="main") -> None:
+    def _revision(self, repo: str, rev: str) -> tuple[Repo, str] | None:
+        """The repo and the commit a branch or sha names, or None after answering 40x."""
         found = self._repo(repo)
         if found is None:
-            return
+            return None
         sha = found.branches.get(rev, rev if rev in found.commits else None)
         if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return None
+        return found, sha
+
+    def repo_info(self, query, repo, rev="main") -> None:
+        resolved = self._revision(repo, rev)
+        if resolved is None:
+            return
+        found, sha = resolved
         files = found.commits[sha]
         self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": found.private,
                          "siblings": [{"rfilename": name} for name in sorted(files)]})  # fmt: skip
 
     def tree(self, query, repo, rev, subpath="") -> None:
-        found = self._repo(repo)
-        if found is None:
+        resolved = self._revision(repo, rev)
+        if resolved is None:
             return
-        sha = found.branches.get(rev, rev if rev in found.commits else None)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        found, sha = resolved
         entries = []
         for name, content in sorted(found.commits[sha].items()):
             entry = {"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
@@ -212,12 +219,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, entries)
 
     def resolve(self, query, repo, rev, filename) -> None:
-        found = self._repo(repo)
-        if found is None:
+        resolved = self._revision(repo, rev)
+        if resolved is None:
             return
-        sha = found.branches.get(rev, rev if rev in found.commits else None)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        found, sha = resolved
         content = found.commits[sha].get(filename)
         if content is None:
             return self._error(404, "EntryNotFound", f"{filename} does not exist")
