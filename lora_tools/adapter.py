@@ -115,11 +115,12 @@ class Adapter:
         return {m.component for m in self.modules} | {r.component for r in self.replacements}
 
     def restricted(self, component: str | None) -> Adapter:
-        """The part of the adapter that targets one pipeline component."""
+        """The part of the adapter that targets one pipeline component (unknown keys stay with the whole)."""
         return replace(
             self,
             modules=[m for m in self.modules if m.component == component],
             replacements=[r for r in self.replacements if r.component == component],
+            unknown_keys=[],
         )
 
     @property

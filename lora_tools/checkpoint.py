@@ -20,7 +20,15 @@ from .safetensors_io import TensorInfo, read_header
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_json", "PICKLE_SUFFIXES", "RECORD_PREFIX"]
+__all__ = [
+    "Checkpoint",
+    "open_checkpoint",
+    "open_components",
+    "component_aliases",
+    "read_json",
+    "PICKLE_SUFFIXES",
+    "RECORD_PREFIX",
+]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 #: Files loratool leaves beside a merged model (never weights of the model itself).
@@ -285,3 +293,23 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     config = read_json(config_path, "config.json") if config_path is not None and config_path.is_file() else None
     prefix = "diffusion_pytorch_model" if files[0].name.startswith("diffusion_pytorch_model") else "model"
     return Checkpoint(path, folder, files, tensors, metadata, config, prefix, pickles)
+
+
+def open_components(path: Path) -> dict[str | None, Checkpoint]:
+    """A diffusers pipeline folder's weight-bearing subfolders by name, else the one checkpoint (key None)."""
+    path = Path(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        found = {}
+        for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            weights = [f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()]
+            if weights:
+                found[folder.name] = open_checkpoint(folder)
+        if not found:
+            raise InvalidInputError(f"{path}: a pipeline folder (model_index.json) with no component weights")
+        return found
+    return {None: open_checkpoint(path)}
+
+
+def component_aliases(components: dict) -> dict[str, str]:
+    """kohya calls a Flux / SD3 transformer `lora_unet_`: map unet to transformer where only that exists."""
+    return {"unet": "transformer"} if "unet" not in components and "transformer" in components else {}

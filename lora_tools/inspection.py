@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .adapter import Adapter, is_adapter, read_adapter
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
 from .plan import HEAD_NAME, Targets, compatibility_problems, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
@@ -81,13 +81,18 @@ class CheckpointReport:
         return asdict(self)
 
 
-def _adapter_report(adapter: Adapter, base: Checkpoint | None) -> AdapterReport:
-    targets = Targets(with_tied_head(base.tensors, base.config)) if base is not None else None
+def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | None) -> AdapterReport:
+    aliases = component_aliases(components) if components else {}
+
+    def part(module_component: str | None):
+        return components.get(None) or components.get(aliases.get(module_component, module_component))
+
     modules = []
     for module in adapter.modules:
         name = module.name
-        if targets is not None:
-            name = targets.find(module) or module.name
+        checkpoint = part(module.component) if components else None
+        if checkpoint is not None:
+            name = Targets(with_tied_head(checkpoint.tensors, checkpoint.config)).find(module) or module.name
         modules.append(
             ModuleReport(
                 name=name,
@@ -103,9 +108,22 @@ def _adapter_report(adapter: Adapter, base: Checkpoint | None) -> AdapterReport:
             )
         )
     validation = None
-    if base is not None:
-        problems = compatibility_problems(adapter, base.tensors, base.config)
-        validation = Validation(str(base.path), problems + _nonfinite_problems(adapter))
+    if components is not None:
+        if None in components:
+            checkpoint = components[None]
+            problems = compatibility_problems(adapter, checkpoint.tensors, checkpoint.config)
+        else:
+            problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
+            for component in sorted(adapter.components, key=str):
+                checkpoint = part(component)
+                if checkpoint is None:
+                    problems.append(
+                        f"{component or 'modules without a component prefix'}: the pipeline has no such component"
+                    )
+                    continue
+                found = compatibility_problems(adapter.restricted(component), checkpoint.tensors, checkpoint.config)
+                problems += [f"{component}: {p}" for p in found]
+        validation = Validation(str(base_path), problems + _nonfinite_problems(adapter))
     return AdapterReport(
         path=str(adapter.path),
         format=adapter.format,
@@ -172,6 +190,6 @@ def inspect(
     """
     path = Path(path)
     if is_adapter(path):
-        base_checkpoint = open_checkpoint(base) if base is not None else None
-        return _adapter_report(read_adapter(path, alpha=alpha), base_checkpoint)
+        components = open_components(base) if base is not None else None
+        return _adapter_report(read_adapter(path, alpha=alpha), base, components)
     return _checkpoint_report(open_checkpoint(path))

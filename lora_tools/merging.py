@@ -21,7 +21,7 @@ from pathlib import Path
 from . import __version__
 from .adapter import Adapter, read_adapter
 from .card import CARD_NAME, display_name, write_card
-from .checkpoint import RECORD_PREFIX, Checkpoint, open_checkpoint, read_json
+from .checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .hub import resolve_input
 from .output import atomic_output, checksums
@@ -163,7 +163,7 @@ def _run(
     base_local, base_repo = resolve_input(base_path, revision=revision, token=token)
     adapter_inputs = [resolve_input(p, revision=revision, token=token) for p in adapter_paths]
     adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
-    components = _components(base_local)
+    components = open_components(base_local)
     pipeline = None not in components
     single_file = not pipeline and components[None].folder is None and output.suffix == ".safetensors"
     parts = _assign_components(adapters, components, allow_unmatched)
@@ -253,30 +253,17 @@ def _qualified(component: str | None, name: str) -> str:
     return f"{component}/{name}" if component else name
 
 
-def _components(base: Path) -> dict[str | None, Checkpoint]:
-    """A diffusers pipeline folder's weight-bearing subfolders by name, else the one checkpoint (key None)."""
-    if base.is_dir() and (base / "model_index.json").is_file():
-        found = {}
-        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            weights = [f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()]
-            if weights:
-                found[folder.name] = open_checkpoint(folder)
-        if not found:
-            raise InvalidInputError(f"{base}: a pipeline folder (model_index.json) with no component weights")
-        return found
-    return {None: open_checkpoint(base)}
-
-
 def _assign_components(
     adapters: Sequence[Adapter], components: dict[str | None, Checkpoint], allow_unmatched: bool
 ) -> dict[str | None, list[Adapter]]:
     """Split each adapter by the pipeline component its modules target (all of it for a lone checkpoint)."""
     if None in components:
         return {None: list(adapters)}
-    aliases = {"unet": "transformer"} if "unet" not in components and "transformer" in components else {}
+    aliases = component_aliases(components)
     parts: dict[str | None, list[Adapter]] = {name: [] for name in components}
     problems = []
     for adapter in adapters:
+        problems += [f"{adapter.path}: {key}: not a key lora_tools understands" for key in adapter.unknown_keys]
         wanted = {aliases.get(c, c) for c in adapter.components}
         if None in wanted:
             problems.append(

@@ -427,3 +427,27 @@ def test_attention_processor_spelling(pipeline, tmp_path):
     merged = load_state(tmp_path / "merged" / "unet")
     for name, value in expected.items():
         torch.testing.assert_close(merged[name].double(), value, rtol=2e-6, atol=2e-7)
+
+
+def test_inspect_validates_against_a_pipeline(pipeline, tmp_path):
+    root = pipeline[0]
+    adapter, _ = _write_kohya(pipeline, tmp_path, "locon")
+    fits = run_cli(["inspect", adapter, "--base", root, "--json"])
+    assert fits.exit_code == 0, fits.stderr
+    report = json.loads(fits.stdout)
+    assert report["validation"]["compatible"] is True
+    assert any(m["name"].startswith("down_blocks.") and "." in m["name"] for m in report["modules"])
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter)
+    tensors["lora_te2_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(R, 32)
+    tensors["lora_te2_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(64, R)
+    tensors["lora_unet_mystery.weird_suffix"] = torch.zeros(1)
+    save_file(tensors, adapter)
+    broken = run_cli(["inspect", adapter, "--base", root, "--json"])
+    assert broken.exit_code == 3
+    problems = json.loads(broken.stdout)["validation"]["problems"]
+    assert any("text_encoder_2: the pipeline has no such component" in p for p in problems)
+    assert any("lora_unet_mystery.weird_suffix: not a key" in p for p in problems)
+    merged = run_cli(["merge", root, adapter, "-o", tmp_path / "out", "-q"])
+    assert merged.exit_code == 3 and "weird_suffix" in merged.stderr and "text_encoder_2" in merged.stderr
