@@ -82,10 +82,6 @@ class Checkpoint:
     def num_parameters(self) -> int:
         return sum(info.numel for info in self.tensors.values())
 
-    @property
-    def is_safetensors(self) -> bool:
-        return all(info.offset is not None for info in self.tensors.values())
-
     def auxiliary_files(self) -> list[Path]:
         """Files of the folder that are not weights or weight indexes (config, tokenizer, ...)."""
         if self.folder is None:
@@ -103,13 +99,13 @@ class Checkpoint:
             found.append(path)
         return found
 
-    def read(self, name: str, buffer: bytearray | None = None) -> torch.Tensor:
-        """Return one tensor on the CPU: fresh, or a view of `buffer` when one is given (safetensors only)."""
+    def read(self, name: str) -> torch.Tensor:
+        """Return one tensor as a fresh CPU tensor."""
         info = self.tensors[name]
         if info.offset is not None:
             from .tensors import read_safetensors_tensor
 
-            return read_safetensors_tensor(info, buffer)
+            return read_safetensors_tensor(info)
         return self._pickle(info.file)[name]
 
     def mapped(self, name: str) -> AbstractContextManager[torch.Tensor]:

@@ -43,18 +43,13 @@ def to_safetensors_dtype(dtype: torch.dtype) -> str:
     return _SAFETENSORS_DTYPES[dtype]
 
 
-def read_safetensors_tensor(info: TensorInfo, buffer: bytearray | None = None) -> torch.Tensor:
-    """Read one tensor's bytes from disk into a CPU tensor (nothing else is loaded).
-
-    With `buffer` (at least `info.nbytes` long) the tensor is a view of it, so a
-    caller streaming many tensors can reuse memory instead of faulting in new pages.
-    """
+def read_safetensors_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes from disk into a fresh CPU tensor (nothing else is loaded)."""
     dtype = TORCH_DTYPES[info.dtype]
     nbytes = info.nbytes
     if nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    if buffer is None:
-        buffer = bytearray(nbytes)
+    buffer = bytearray(nbytes)
     with open(info.file, "rb", buffering=0) as f:
         f.seek(info.offset)
         view, done = memoryview(buffer), 0
@@ -63,7 +58,7 @@ def read_safetensors_tensor(info: TensorInfo, buffer: bytearray | None = None) -
             if not got:
                 raise CorruptFileError(info.file, f"tensor {info.name!r} is cut short (truncated file?)")
             done += got
-    return torch.frombuffer(buffer, dtype=dtype, count=info.numel).reshape(info.shape)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
 
 
 @contextmanager
