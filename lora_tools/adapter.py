@@ -114,12 +114,12 @@ class Adapter:
     def components(self) -> set[str | None]:
         return {m.component for m in self.modules} | {r.component for r in self.replacements}
 
-    def restricted(self, component: str | None) -> Adapter:
-        """The part of the adapter that targets one pipeline component (unknown keys stay with the whole)."""
+    def restricted(self, *components: str | None) -> Adapter:
+        """The part of the adapter that targets these pipeline components (unknown keys stay with the whole)."""
         return replace(
             self,
-            modules=[m for m in self.modules if m.component == component],
-            replacements=[r for r in self.replacements if r.component == component],
+            modules=[m for m in self.modules if m.component in components],
+            replacements=[r for r in self.replacements if r.component in components],
             unknown_keys=[],
         )
 

@@ -166,7 +166,7 @@ def _run(
     components = open_components(base_local)
     pipeline = None not in components
     single_file = not pipeline and components[None].folder is None and output.suffix == ".safetensors"
-    parts = _assign_components(adapters, components, allow_unmatched)
+    parts, left_out = _assign_components(adapters, components, allow_unmatched)
     plans = {
         name: plan_merge(
             checkpoint.tensors,
@@ -190,7 +190,7 @@ def _run(
         output=str(output),
         device=str(torch_device),
         dry_run=dry_run,
-        warnings=[w for plan in plans.values() for w in plan.warnings],
+        warnings=left_out + [w for plan in plans.values() for w in plan.warnings],
     )
     changed = [(name, t) for name, plan in plans.items() for t in plan.tasks if t.changed]
     total = sum(plan.total_bytes for plan in plans.values())
@@ -255,13 +255,16 @@ def _qualified(component: str | None, name: str) -> str:
 
 def _assign_components(
     adapters: Sequence[Adapter], components: dict[str | None, Checkpoint], allow_unmatched: bool
-) -> dict[str | None, list[Adapter]]:
-    """Split each adapter by the pipeline component its modules target (all of it for a lone checkpoint)."""
+) -> tuple[dict[str | None, list[Adapter]], list[str]]:
+    """Split each adapter by the pipeline component its modules target (all of it for a lone checkpoint).
+
+    Returns the parts by component, and warnings for what `allow_unmatched` left out.
+    """
     if None in components:
-        return {None: list(adapters)}
+        return {None: list(adapters)}, []
     aliases = component_aliases(components)
     parts: dict[str | None, list[Adapter]] = {name: [] for name in components}
-    problems = []
+    problems, warnings = [], []
     for adapter in adapters:
         problems += [f"{adapter.path}: {key}: not a key lora_tools understands" for key in adapter.unknown_keys]
         wanted = {aliases.get(c, c) for c in adapter.components}
@@ -273,13 +276,16 @@ def _assign_components(
         missing = sorted(c for c in wanted - set(components) if c is not None)
         if missing and not allow_unmatched:
             problems.append(f"{adapter.path}: targets {', '.join(missing)}, which the pipeline does not have")
+        elif missing:
+            count = sum(1 for m in adapter.modules if aliases.get(m.component, m.component) in missing)
+            warnings.append(
+                f"{adapter.path}: {count} modules for {', '.join(missing)} were left out (--allow-unmatched)"
+            )
         for name in components:
-            sources = [c for c in adapter.components if aliases.get(c, c) == name]
-            restricted = adapter.restricted(sources[0]) if sources else adapter.restricted("<none>")
-            parts[name].append(restricted)
+            parts[name].append(adapter.restricted(*(c for c in adapter.components if aliases.get(c, c) == name)))
     if problems:
         raise IncompatibleError("the adapters do not fit the pipeline", problems)
-    return parts
+    return parts, warnings
 
 
 def _copy_pipeline_files(base: Path, target: Path, components: dict) -> None:

@@ -451,3 +451,8 @@ def test_inspect_validates_against_a_pipeline(pipeline, tmp_path):
     assert any("lora_unet_mystery.weird_suffix: not a key" in p for p in problems)
     merged = run_cli(["merge", root, adapter, "-o", tmp_path / "out", "-q"])
     assert merged.exit_code == 3 and "weird_suffix" in merged.stderr and "text_encoder_2" in merged.stderr
+    del tensors["lora_unet_mystery.weird_suffix"]
+    save_file(tensors, adapter)
+    allowed = run_cli(["merge", root, adapter, "-o", tmp_path / "out", "-q", "--allow-unmatched", "--json"])
+    assert allowed.exit_code == 0, allowed.stderr
+    assert any("1 modules for text_encoder_2 were left out" in w for w in json.loads(allowed.stdout)["warnings"])
