@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -217,7 +218,10 @@ def _run(
 
     writing = _Writing(adapters, Workspace(torch_device), torch_device, unmerge, allow_nonfinite, recorded, advance)
     inputs = [base_local, *(a.path for a in adapters)]
-    with atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target:
+    with (
+        atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target,
+        closing(writing),
+    ):
         files: list[str] = []
         for name, checkpoint in components.items():
             folder = target / name if name else target
@@ -301,6 +305,46 @@ def _copy_pipeline_files(base: Path, target: Path, components: dict) -> None:
         shutil.copyfile(source, destination)
 
 
+class _CudaStager:
+    """On CUDA, reads the next tensor into pinned memory and starts its copy to the GPU on a side
+    stream, so that disk, PCIe transfer and compute overlap."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="loratool-stage")
+
+    def stage(self, base: Checkpoint, name: str):
+        return self.reader.submit(self._load, base, name)
+
+    def _load(self, base: Checkpoint, name: str):
+        import torch
+
+        with base.mapped(name) as view:
+            host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
+            host.copy_(view)
+        with torch.cuda.stream(self.stream):
+            on_device = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return on_device, ready
+
+    def take(self, staged):
+        """The staged tensor, usable on the current stream once its copy has landed."""
+        import torch
+
+        on_device, ready = staged.result()
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        on_device.record_stream(current)
+        return on_device
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)
+
+
 class _Writing:
     """Streams planned checkpoints to disk: compute what changes, copy what does not."""
 
@@ -309,6 +353,11 @@ class _Writing:
         self.unmerge, self.allow_nonfinite, self.recorded, self.advance = unmerge, allow_nonfinite, recorded, advance
         self.changes: list[TensorChange] = []
         self.norms: dict = {}
+        self.stager = _CudaStager(device) if device.type == "cuda" else None
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
 
     def fetch(self, index: int, key: str):
         return self.adapters[index].read(key)
@@ -334,12 +383,19 @@ class _Writing:
                             _refuse_nonfinite(info)
                         copies.append((copier.submit(writer.copy_from, task.name, info), task.nbytes))
                 computed = [t for t in tasks if _needs_compute(t, base)]
+                staged = self.stager.stage(base, computed[0].source) if self.stager and computed else None
                 for position, task in enumerate(computed):
-                    if position + 1 < len(computed):
-                        base.prefetch(computed[position + 1].source)
+                    upcoming = computed[position + 1].source if position + 1 < len(computed) else None
                     qualified = _qualified(component, task.name)
-                    with base.mapped(task.source) as source, writer.mapped(task.name) as destination:
-                        tensor = source.to(self.device) if self.device.type != "cpu" else source
+                    with ExitStack() as stack:
+                        if self.stager is not None:  # this tensor was read and sent to the GPU meanwhile
+                            tensor = self.stager.take(staged)
+                            staged = self.stager.stage(base, upcoming) if upcoming else None
+                        else:
+                            if upcoming:
+                                base.prefetch(upcoming)
+                            tensor = stack.enter_context(base.mapped(task.source))
+                        destination = stack.enter_context(writer.mapped(task.name))
                         result = compute_task(
                             task,
                             tensor,
