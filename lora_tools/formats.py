@@ -108,7 +108,8 @@ def _kohya_module(path: Path, weights, name: str, component: str, roles: dict[st
         ):
             raise CorruptFileError(path, f"LoKr module {name!r} needs lokr_w1 (or _a/_b) and lokr_w2 (or _a/_b)")
         variant, a_key, b_key = "lokr", "", ""
-        rank = shapes["k1a"][1] if "k1a" in roles else shapes["k2a"][1] if "k2a" in roles else None
+        # the rank as LyCORIS' forward pass reads it: lokr_w1_b's rows, else lokr_w2_b's (also under lokr_t2)
+        rank = shapes["k1b"][0] if "k1b" in roles else shapes["k2b"][0] if "k2b" in roles else None
         kind = "conv" if len(shapes.get("k2", shapes.get("k2b", ()))) > 2 or "kt2" in roles else "linear"
     else:
         return None

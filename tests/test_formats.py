@@ -456,3 +456,29 @@ def test_inspect_validates_against_a_pipeline(pipeline, tmp_path):
     allowed = run_cli(["merge", root, adapter, "-o", tmp_path / "out", "-q", "--allow-unmatched", "--json"])
     assert allowed.exit_code == 0, allowed.stderr
     assert any("1 modules for text_encoder_2 were left out" in w for w in json.loads(allowed.stdout)["warnings"])
+
+
+def test_lokr_with_tucker_core_on_a_conv(pipeline, tmp_path):
+    root, unet, _ = pipeline
+    _, convs, _ = _targets(unet, pipeline[2])
+    path = convs[0][0]
+    weight = load_state(root / "unet")[f"{path}.weight"].double()
+    out, inp, kh, kw = weight.shape
+    g = torch.Generator().manual_seed(21)
+    w1, t2, w2a, w2b = _rand(g, 4, 4), _rand(g, R, R, kh, kw), _rand(g, R, out // 4), _rand(g, R, inp // 4)
+    name = _kohya_name("lora_unet", path)
+    adapter = _single_module_file(tmp_path, "lokr_t2", {f"{name}.lokr_w1": w1, f"{name}.lokr_t2": t2,
+                                                        f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b,
+                                                        f"{name}.alpha": torch.tensor(2.0)})  # fmt: skip
+    # w2[p, r, h, w] = Σ_ij t2[i, j, h, w] · w2a[i, p] · w2b[j, r], by loops; ΔW = w1 ⊗ w2 · alpha / rank
+    w2 = torch.zeros(out // 4, inp // 4, kh, kw, dtype=torch.float64)
+    for i in range(R):
+        for j in range(R):
+            w2 += t2[i, j].double() * torch.outer(w2a[i].double(), w2b[j].double())[:, :, None, None]
+    delta = torch.zeros_like(weight)
+    for a in range(4):
+        for c in range(4):
+            delta[a * (out // 4) : (a + 1) * (out // 4), c * (inp // 4) : (c + 1) * (inp // 4)] = w1[a, c].double() * w2
+    lora_tools.merge(root / "unet", [adapter], tmp_path / "merged", device="cpu")
+    merged = load_state(tmp_path / "merged")[f"{path}.weight"].double()
+    torch.testing.assert_close(merged, weight + (2.0 / R) * delta, rtol=2e-6, atol=2e-7)
