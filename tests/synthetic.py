@@ -23,6 +23,11 @@ PROJECTIONS = {
 }
 
 
+def _sizes(hidden: int, intermediate: int, heads: int, kv_heads: int | None) -> dict[str, int]:
+    """Row and column sizes of the projections, by the names PROJECTIONS uses."""
+    return {"hidden": hidden, "intermediate": intermediate, "kv": hidden // heads * (kv_heads or heads)}
+
+
 def write_llama_checkpoint(
     folder: Path,
     *,
@@ -37,8 +42,7 @@ def write_llama_checkpoint(
     seed: int = 0,
 ) -> Path:
     """A transformers-loadable LlamaForCausalLM checkpoint with random weights, sharded like save_pretrained."""
-    kv_heads = kv_heads or heads
-    sizes = {"hidden": hidden, "intermediate": intermediate, "kv": hidden // heads * kv_heads}
+    sizes = _sizes(hidden, intermediate, heads, kv_heads)
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -79,7 +83,7 @@ def write_llama_checkpoint(
         "intermediate_size": intermediate,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
+        "num_key_value_heads": kv_heads or heads,
         "vocab_size": vocab,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-6,
@@ -104,8 +108,7 @@ def write_lora_adapter(
     seed: int = 1,
 ) -> Path:
     """A PEFT LoRA folder for `write_llama_checkpoint`'s model, with random (non-zero) A and B."""
-    kv_heads = kv_heads or heads
-    sizes = {"hidden": hidden, "intermediate": intermediate, "kv": hidden // heads * kv_heads}
+    sizes = _sizes(hidden, intermediate, heads, kv_heads)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(layers):
