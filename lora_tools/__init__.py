@@ -6,12 +6,16 @@ CLI's `--help`) never pays for importing torch.
 
 from __future__ import annotations
 
+import warnings
 from importlib import import_module
 from typing import TYPE_CHECKING
 
 from .errors import LoraToolError
 
 __version__ = "0.1.0"
+
+# torch warns at import when numpy is absent; lora_tools never needs numpy, so the warning is noise
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __all__ = [
     "__version__",

@@ -13,21 +13,19 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import click
 
 from . import __version__
+from .cli_help import GroupedCommand
+from .console import byte_progress as _progress
+from .console import count_progress as _module_progress
+from .console import set_color
+from .console import stderr_console as _stderr_console
 from .errors import EXIT_INTERNAL, Interrupted, LoraToolError
 from .units import format_bytes, parse_size
 
 __all__ = ["cli", "main"]
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:
@@ -41,6 +39,8 @@ def _raise_on_sigterm(signum, frame):
 
 class LoraToolGroup(click.Group):
     """A group that maps every error to its exit code and a one-line message."""
+
+    command_class = GroupedCommand
 
     def invoke(self, ctx: click.Context):
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
@@ -168,42 +168,31 @@ def _publish(output: str, options: dict, token: str | None, as_json: bool) -> di
     return report.to_dict()
 
 
+#: Version of every `--json` report's layout; bumped only when a field changes meaning or goes away.
+JSON_SCHEMA = 1
+
+
 def _print_json(data: dict) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-@contextmanager
-def _progress(quiet: bool, description: str):
-    """Yield a (done, total) callback driving a rich byte progress bar on stderr."""
-    if quiet:
-        yield None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=_stderr_console(), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
+    click.echo(json.dumps({"schema": JSON_SCHEMA, **data}, indent=2, default=str))
 
 
 @click.group(cls=LoraToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loratool")
-def cli() -> None:
+@click.option(
+    "--color",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Colour on stderr; auto follows the terminal, NO_COLOR and FORCE_COLOR.",
+)
+def cli(color: str) -> None:
     """Inspect, validate, merge, un-merge and extract LoRA adapters.
 
     Streams one tensor at a time, merges in fp32 with a single rounding, and
-    writes outputs atomically. Set LORATOOL_DEBUG=1 for tracebacks.
+    writes outputs atomically. Set LORATOOL_DEBUG=1 for tracebacks; attach the
+    output of `loratool env` to bug reports.
     """
+    set_color(color)
 
 
 @cli.command()
@@ -414,18 +403,6 @@ def _render_extraction(report, as_json: bool, pushed: dict | None = None) -> Non
     )
 
 
-@contextmanager
-def _module_progress(quiet: bool, description: str):
-    if quiet:
-        yield None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=_stderr_console(), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
 @cli.command()
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
@@ -540,6 +517,41 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
         _print_json(report.to_dict())
     else:
         _stderr_console().print(f"pushed {folder} to {report.repo_id}: {report.pull_request_url or report.commit_url}")
+
+
+@cli.command()
+@json_option
+def env(as_json: bool) -> None:
+    """Print versions, devices and Hub settings, for bug reports.
+
+    Lists lora_tools, Python, torch, safetensors, huggingface_hub and the
+    optional libraries, CPU count, CUDA / MPS devices, the HF cache path, and
+    whether a Hub token is configured (yes or no; never the token).
+    """
+    from .environment import collect_environment
+
+    report = collect_environment()
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    _render_environment(report)
+
+
+def _render_environment(report) -> None:
+    rows = [("lora_tools", report.lora_tools), ("python", report.python), ("platform", report.platform)]
+    rows += [(name, version or "not installed") for name, version in report.libraries.items()]
+    cuda = ", ".join(report.cuda_devices) if report.cuda_devices else "no"
+    rows += [
+        ("cpus", f"{report.usable_cpus} usable of {report.cpu_count}"),
+        ("cuda", f"{cuda} (CUDA {report.cuda_version})" if report.cuda_available else "no"),
+        ("mps", "yes" if report.mps_available else "no"),
+        ("hf cache", report.hf_hub_cache),
+        ("hf endpoint", report.hf_endpoint + (" (offline)" if report.hf_hub_offline else "")),
+        ("hf token", "configured" if report.token_configured else "not configured"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")  # the data asked for: stdout, like --json
 
 
 def main() -> None:

@@ -110,10 +110,15 @@ def prefetch(path: Path, offset: int, nbytes: int) -> None:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without copying when it is contiguous."""
-    flat = tensor.detach().contiguous().reshape(-1)
+    import ctypes
+
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    # through ctypes rather than .numpy(): numpy is not a dependency of lora_tools
+    window = (ctypes.c_ubyte * flat.numel()).from_address(flat.data_ptr())
+    window.owner = flat  # the memoryview keeps the window alive, the window keeps the tensor alive
+    return memoryview(window).cast("B")
 
 
 def return_freed_memory_to_os() -> None:
