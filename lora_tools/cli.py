@@ -195,27 +195,72 @@ def cli(color: str) -> None:
     set_color(color)
 
 
+class PlotPath(click.Path):
+    """A picture to write: its extension (.png or .svg) chooses the format."""
+
+    def convert(self, value, param, ctx):
+        from .analysis.plot import PLOT_SUFFIXES
+
+        if not str(value).lower().endswith(PLOT_SUFFIXES):
+            self.fail(f"{value!r}: use a .png or .svg file name (the extension chooses the format)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def plot_option(f: Callable) -> Callable:
+    return click.option(
+        "--plot", type=PlotPath(dir_okay=False), metavar="FILE", help="Also draw the result as a PNG or SVG picture."
+    )(f)
+
+
+def _adapter_statistics(report, path: str, base: str | None, alpha: float | None, stats: bool, plot: str | None):
+    """inspect --stats (and --plot): the statistics of an adapter, drawn when asked."""
+    from .inspection import AdapterReport
+
+    if not (stats or plot):
+        return None
+    if not isinstance(report, AdapterReport):
+        raise click.UsageError("--stats and --plot describe adapters; to compare checkpoints use `loratool diff`")
+    from .analysis.stats import adapter_stats
+
+    statistics = adapter_stats(path, base=base, alpha=alpha)
+    if plot:
+        from .analysis.plot import plot_stats
+
+        plot_stats(statistics, plot)
+    return statistics
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--base", type=click.Path(), help="Validate the adapter against this base checkpoint.")
 @click.option("--all", "show_all", is_flag=True, help="List every module, not a grouped summary.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@click.option("--stats", is_flag=True, help="Per-module ‖ΔW‖, σ₁, stable rank, ranks for 90/99 % energy, flags.")
+@plot_option
 @json_option
-def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as_json: bool) -> None:
+def inspect(
+    path: str, base: str | None, show_all: bool, alpha: float | None, stats: bool, plot: str | None, as_json: bool
+) -> None:
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
     With --base, also validate the adapter against that checkpoint and exit 3
-    when they do not fit.
+    when they do not fit. With --stats, measure what every module changes
+    (exactly, without forming ΔW) and show a layers × module-type heat map.
     """
     from .errors import IncompatibleError
     from .inspection import AdapterReport
     from .inspection import inspect as run_inspect
 
     report = run_inspect(path, base=base, alpha=alpha)
+    statistics = _adapter_statistics(report, path, base, alpha, stats, plot)
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "stats": statistics.to_dict()} if statistics else report.to_dict())
     elif isinstance(report, AdapterReport):
         _render_adapter(report, show_all)
+        if statistics is not None:
+            from .analysis.terminal import render_stats
+
+            render_stats(_stderr_console(), statistics)
     else:
         _render_checkpoint(report)
     validation = getattr(report, "validation", None)
@@ -416,6 +461,7 @@ def _render_extraction(report, as_json: bool, pushed: dict | None = None) -> Non
 )  # fmt: skip
 @click.option("--save-1d", is_flag=True, help="Store changed norms (1-D tensors) in modules_to_save.")
 @click.option("--skip-mismatched", is_flag=True, help="Leave out tensors whose shapes differ or exist on one side.")
+@plot_option
 @device_option
 @dtype_option
 @output_options
@@ -433,9 +479,13 @@ def extract(base: str, tuned: str, **options) -> None:
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     _silence_hub_progress(quiet)
     push_settings = _pop_push_settings(options)
-    output = options.pop("output")
+    output, plot = options.pop("output"), options.pop("plot")
     with _module_progress(quiet, "extract") as progress:
         report = run_extract(base, tuned, output, progress=progress, **options)
+    if plot:
+        from .analysis.plot import plot_extraction
+
+        plot_extraction(report, plot)
     _render_extraction(report, as_json, _publish(output, push_settings, options["token"], as_json))
 
 
@@ -517,6 +567,46 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
         _print_json(report.to_dict())
     else:
         _stderr_console().print(f"pushed {folder} to {report.repo_id}: {report.pull_request_url or report.commit_url}")
+
+
+@cli.command()
+@click.argument("first", type=click.Path())
+@click.argument("second", type=click.Path())
+@click.option("--expect-identical", is_flag=True, help="Exit 3 unless every tensor is byte-identical.")
+@click.option("--max-ulp", type=click.IntRange(min=0), help="Exit 3 if any tensor differs by more than N ulp.")
+@click.option("--no-spectrum", is_flag=True, help="Skip the rank-for-90/99 %-energy of changed 2-D tensors.")
+@plot_option
+@json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@hub_input_options
+def diff(first: str, second: str, expect_identical: bool, max_ulp: int | None, no_spectrum: bool, plot: str | None,
+         as_json: bool, quiet: bool, revision: str | None, token: str | None) -> None:  # fmt: skip
+    """Compare two checkpoints FIRST and SECOND tensor by tensor.
+
+    Per tensor: identical or not, max |Δ|, relative Frobenius change, max
+    distance in ulp of the stored dtype, and for 2-D tensors the rank holding
+    90/99 % of the change. Exits 0 whatever differs, unless --expect-identical
+    or --max-ulp is given and violated (exit 3).
+    """
+    from .analysis.diff import diff as run_diff
+    from .errors import IncompatibleError
+
+    with _module_progress(quiet, "diff") as progress:
+        report = run_diff(first, second, spectrum=not no_spectrum, revision=revision, token=token, progress=progress)
+    if plot:
+        from .analysis.plot import plot_diff
+
+        plot_diff(report, plot)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        from .analysis.terminal import render_diff
+
+        render_diff(_stderr_console(), report)
+    problems = report.violations(expect_identical=expect_identical, max_ulp=max_ulp)
+    if problems:
+        gate = "--expect-identical" if expect_identical else f"--max-ulp {max_ulp}"
+        raise IncompatibleError(f"{first} and {second} fail {gate}", problems)
 
 
 @cli.command()

@@ -33,6 +33,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "loratool inspect fixtures/tiny-llama-lora --base fixtures/tiny-llama",
         "loratool inspect fixtures/tiny-llama --json",
         "loratool inspect my-org/my-lora --all",
+        "loratool inspect fixtures/tiny-llama-lora --stats --base fixtures/tiny-llama --plot lora.png",
     ),
     "merge": (
         "loratool merge fixtures/tiny-llama fixtures/tiny-llama-lora -o merged",
@@ -58,6 +59,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "push": (
         "loratool push merged my-org/merged --private",
         'loratool push merged my-org/merged --create-pr --commit-message "merge v2"',
+    ),
+    "diff": (
+        "loratool diff merged-yesterday merged-today --expect-identical",
+        "loratool diff base merged --json --no-spectrum",
+        "loratool diff base tuned --plot change.png",
     ),
     "env": (
         "loratool env",

@@ -214,8 +214,14 @@ def test_readme_documents_every_json_field(adapters, tmp_path):
         (["merge", base, adapter, "-o", merged, "--json", "-q"], "`merge`, `unmerge`"),
         (["extract", base, merged, "-o", tmp_path / "extracted", "-r", "2", "--json", "-q"], "`extract`, `resize`, `convert`"),
         (["env", "--json"], "`env`"),
+        (["diff", base, merged, "--json", "-q"], "`diff`"),
     ]  # fmt: skip
     for args, label in cases:
         result = run_cli(args)
         assert result.exit_code == 0, (args, result.stderr)
         _assert_documented(json.loads(result.stdout), label)
+    stats = run_cli(["inspect", adapter, "--stats", "--json"])
+    _assert_documented(json.loads(stats.stdout)["stats"], "`inspect --stats`")
+    diffed = json.loads(run_cli(["diff", base, merged, "--json", "-q"]).stdout)
+    changed = next(t for t in diffed["tensors"] if t["status"] == "changed")
+    assert not [k for k in changed if f"`{k}`" not in _readme_json_row("`diff`")]

@@ -1,0 +1,1 @@
+"""Seeing what an adapter or a fine-tune changes: per-module statistics, checkpoint diffs, pictures."""
