@@ -261,7 +261,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             files = [path / name for name in chosen.files]
         else:  # nothing under a usual name: whatever weights there are (consolidated*, *.pt, *.pth)
             found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(RECORD_PREFIX))
-            files = [p for p in found if p.suffix == ".safetensors"] or [p for p in found if p.suffix in PICKLE_SUFFIXES]
+            files = [p for p in found if p.suffix == ".safetensors"] or [
+                p for p in found if p.suffix in PICKLE_SUFFIXES
+            ]
             if not files:
                 raise InvalidInputError(
                     f"{path}: no weights found (expected *.safetensors, an index, or pytorch_model*.bin)"

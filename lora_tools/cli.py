@@ -102,7 +102,7 @@ def device_option(f: Callable) -> Callable:
 def dtype_option(f: Callable) -> Callable:
     return click.option(
         "--dtype",
-        type=click.Choice(["bf16", "fp16", "fp32"]),
+        type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], case_sensitive=False),
         default=None,
         help="Output dtype for every float tensor (default: keep each tensor's dtype).",
     )(f)
@@ -212,7 +212,8 @@ def cli() -> None:
 @click.option("--all", "show_all", is_flag=True, help="List every module, not a grouped summary.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @json_option
-def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as_json: bool) -> None:
+@hub_input_options
+def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as_json: bool, **hub) -> None:
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
     With --base, also validate the adapter against that checkpoint and exit 3
@@ -222,7 +223,7 @@ def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as
     from .inspection import AdapterReport
     from .inspection import inspect as run_inspect
 
-    report = run_inspect(path, base=base, alpha=alpha)
+    report = run_inspect(path, base=base, alpha=alpha, **hub)
     if as_json:
         _print_json(report.to_dict())
     elif isinstance(report, AdapterReport):

@@ -25,6 +25,7 @@ __all__ = ["HubError", "RepoNotFoundError", "is_repo_id", "resolve_input", "hub_
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9])(?:@(?P<revision>[^\s@]+))?$")
 
+
 class HubError(EnvironmentProblem):
     """The Hub could not be reached, refused the request, or no token was available."""
 
