@@ -45,6 +45,8 @@ def _walk(folder: Path, depth: int, seen: set[str]) -> Iterator[Path]:
         return
     for entry in entries:
         path = Path(entry.path)
+        if entry.name.startswith("."):  # .git, .cache: never read by loratool
+            continue
         if path.is_dir():
             yield from _walk(path, depth + 1, seen)
         elif path.is_file():
