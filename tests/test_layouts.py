@@ -207,3 +207,31 @@ def test_a_killed_lock_holder_does_not_block_the_next_run(tmp_path):
     _cli_ok("merge", FIXTURE_BASE, FIXTURE_ADAPTER, "-o", out, "-q", "--device", "cpu")
     assert time.perf_counter() - started < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the next run cleaned the lock file up
+
+
+def test_other_copies_of_the_weights_are_neither_read_nor_carried(layouts, tmp_path):
+    """Beside the shards: a .bin duplicate, consolidated.safetensors, original/*.pth, a GGUF — the index wins."""
+    base = sharded_copy(tmp_path / "base")
+    torch.save(load_state(FIXTURE_BASE), base / "pytorch_model.bin")
+    (base / "consolidated.safetensors").write_bytes((FIXTURE_BASE / "model.safetensors").read_bytes())
+    (base / "original").mkdir()
+    (base / "original" / "consolidated.00.pth").write_bytes((base / "pytorch_model.bin").read_bytes())
+    (base / "original" / "params.json").write_text("{}")
+    (base / "model-q4.gguf").write_bytes(b"GGUF")
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    _cli_ok("merge", base, FIXTURE_ADAPTER, "-o", tmp_path / "out", "-q", "--device", "cpu")
+    assert weight_bytes(tmp_path / "out") == weight_bytes(layouts / "merged-plain")
+    carried = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*"))
+    assert "chat_template.jinja" in carried and "config.json" in carried
+    assert not [
+        name for name in carried if "consolidated" in name or "original" in name or name.endswith((".gguf", ".bin"))
+    ]
+
+
+def test_out_may_sit_beside_a_single_file_input(tmp_path):
+    (tmp_path / "base.safetensors").write_bytes((FIXTURE_BASE / "model.safetensors").read_bytes())
+    _cli_ok("merge", tmp_path / "base.safetensors", FIXTURE_ADAPTER, "-o", tmp_path / "out.safetensors", "-q")
+    assert load_state(tmp_path / "out.safetensors").keys() == load_state(FIXTURE_BASE).keys()
+    refused = run_cli(["merge", tmp_path / "base.safetensors", FIXTURE_ADAPTER, "-o", tmp_path / "base.safetensors",
+                       "--force", "-q"])  # fmt: skip
+    assert refused.exit_code == 3 and "would overwrite" in refused.stderr
