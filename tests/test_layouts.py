@@ -235,3 +235,31 @@ def test_out_may_sit_beside_a_single_file_input(tmp_path):
     refused = run_cli(["merge", tmp_path / "base.safetensors", FIXTURE_ADAPTER, "-o", tmp_path / "base.safetensors",
                        "--force", "-q"])  # fmt: skip
     assert refused.exit_code == 3 and "would overwrite" in refused.stderr
+
+
+def test_weight_set_choice_for_repo_listings():
+    """Pure choice over repo paths: transformers' order, per pipeline component, adapters' safetensors first."""
+    from lora_tools.weightsets import choose_weights, is_safe_name, repo_files_to_fetch
+
+    files, indexes = repo_files_to_fetch([
+        "model_index.json", "sd_xl_base.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+        "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+        "text_encoder/model-00001-of-00002.safetensors", "text_encoder/pytorch_model.bin", "vae/diffusion_pytorch_model.bin",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "onnx/unet/model.onnx", "scheduler/scheduler_config.json",
+    ])  # fmt: skip
+    assert files == sorted([
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+        "text_encoder/model.safetensors.index.json", "vae/diffusion_pytorch_model.bin", "tokenizer/vocab.json",
+        "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+    ])  # fmt: skip
+    assert indexes == ["text_encoder/model.safetensors.index.json"]
+    adapter, _ = repo_files_to_fetch(["adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"])
+    assert adapter == ["adapter_config.json", "adapter_model.safetensors"]
+    mistral, _ = repo_files_to_fetch(["params.json", "consolidated.safetensors", "tokenizer.model.v3"])
+    assert mistral == ["params.json", "tokenizer.model.v3"]  # a consolidated copy only: no weights chosen
+    assert choose_weights(["model.safetensors", "pytorch_model.bin.index.json"]).files == ("model.safetensors",)
+    assert choose_weights(["lora.safetensors", "consolidated.safetensors"]).files == ("lora.safetensors",)
+    assert [is_safe_name(n) for n in ("a/b.safetensors", "../x", "/x", "C:x", "a\\..\\b", "a\0", "", "a//b")] == [
+        True, False, False, False, False, False, False, False,
+    ]  # fmt: skip
