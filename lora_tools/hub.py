@@ -117,6 +117,7 @@ def _download_one_weight_set(repo_id: str, revision: str | None, token: str | No
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    from .checkpoint import read_json
     from .weightsets import repo_files_to_fetch, shard_names
 
     try:
@@ -134,8 +135,6 @@ def _download_one_weight_set(repo_id: str, revision: str | None, token: str | No
     available = {sibling.rfilename for sibling in listing.siblings or []}
     shards = []
     for index in indexes:
-        from .checkpoint import read_json
-
         weight_map = read_json(Path(folder) / index, "index").get("weight_map")
         if isinstance(weight_map, dict):
             shards += [name for name in shard_names(index.rpartition("/")[0], weight_map) if name in available]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .adapter import Adapter, is_adapter, read_adapter
 from .checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components

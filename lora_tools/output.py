@@ -91,7 +91,13 @@ def _put_in_place(temporary: Path, output: Path, *, force: bool, inputs: Sequenc
     except BaseException:
         _remove(temporary)
         raise
-    _put_in_place(temporary, output, force=force, inputs=inputs)
+    old = output.parent / f".{output.name}.loratool-old-{os.getpid()}"
+    if output.is_symlink():
+        output.unlink()
+    elif output.exists():
+        os.replace(output, old)
+    os.replace(temporary, output)
+    _remove(old)
 
 
 @_one_run_at_a_time

@@ -263,3 +263,13 @@ def test_weight_set_choice_for_repo_listings():
     assert [is_safe_name(n) for n in ("a/b.safetensors", "../x", "/x", "C:x", "a\\..\\b", "a\0", "", "a//b")] == [
         True, False, False, False, False, False, False, False,
     ]  # fmt: skip
+
+
+def test_force_replaces_an_existing_out_once_the_new_one_is_complete(tmp_path):
+    out = tmp_path / "out"
+    _cli_ok("merge", FIXTURE_BASE, FIXTURE_ADAPTER, "-o", out, "-q", "--device", "cpu")
+    first = weight_bytes(out)
+    _cli_ok("merge", FIXTURE_BASE, FIXTURE_ADAPTER, "-o", out, "-q", "--device", "cpu", "--weight", "0.5", "--force")
+    lora_tools.merge(FIXTURE_BASE, [FIXTURE_ADAPTER], tmp_path / "half", weights=[0.5], device="cpu")
+    assert weight_bytes(out) == weight_bytes(tmp_path / "half") != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "out"]
