@@ -122,9 +122,13 @@ def _download_one_weight_set(repo_id: str, revision: str | None, token: str | No
 
     try:
         listing = hub_client(token).model_info(repo_id, revision=revision, files_metadata=False)
-    except HfHubHTTPError:  # an answer from the Hub (not found, no access): the caller says what it means
-        raise
+    except HfHubHTTPError as exc:  # not found, no access: the caller says what it means; a Hub down: the cache
+        if getattr(exc.response, "status_code", 0) < 500:
+            raise
+        listing = None
     except (OfflineModeIsEnabled, *_transport_errors()):
+        listing = None
+    if listing is None:
         return snapshot_download(
             repo_id, revision=revision, token=token, local_files_only=True, allow_patterns=[], library_name="loratool"
         )
