@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CorruptFileError, InvalidInputError, UnsafePickleError
 from .safetensors_io import TensorInfo, read_header
+from .weightsets import choose_weights, is_extra_file, is_safe_name
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +34,6 @@ __all__ = [
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 #: Files loratool leaves beside a merged model (never weights of the model itself).
 RECORD_PREFIX = "loratool_merge"
-INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-\d{5}-of-(?P<total>\d{5})\.(?P<ext>safetensors|bin)$")
 
 
@@ -83,18 +83,24 @@ class Checkpoint:
         return sum(info.numel for info in self.tensors.values())
 
     def auxiliary_files(self) -> list[Path]:
-        """Files of the folder that are not weights or weight indexes (config, tokenizer, ...)."""
+        """Files of the folder that are not weights or weight indexes (config, tokenizer, ...).
+
+        Judged by name, never by where a symlink points: in the HF cache every file is a symlink into
+        `blobs/`. Other copies of the weights (`consolidated*`, `original/`, `*.pth`, `*.gguf`, ...) are left out.
+        """
         if self.folder is None:
             return []
-        weights = {f.resolve() for f in self.files}
+        weights = {f.relative_to(self.folder) for f in self.files if f.parent == self.folder}
         found = []
         for path in sorted(self.folder.rglob("*")):
             relative = path.relative_to(self.folder)
             if any(part.startswith(".") for part in relative.parts) or not path.is_file():
                 continue
-            if path.resolve() in weights or path.name.endswith(".index.json") or path.name.startswith(RECORD_PREFIX):
+            if relative in weights or path.name.endswith(".index.json") or path.name.startswith(RECORD_PREFIX):
                 continue
             if len(relative.parts) == 1 and path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+                continue
+            if not is_extra_file(str(relative.as_posix())):
                 continue
             found.append(path)
         return found
@@ -174,14 +180,6 @@ def _pickle_infos(path: Path, state: dict) -> dict[str, TensorInfo]:
     return {name: TensorInfo(name, to_safetensors_dtype(t.dtype), tuple(t.shape), path) for name, t in state.items()}
 
 
-def _inside(folder: Path, target: Path) -> bool:
-    try:
-        target.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
 def _index_shards(index_path: Path) -> dict[str, list[str]]:
     """Map each shard file named by an index to the tensors the index puts there, refusing unsafe paths."""
     index = read_json(index_path, "index")
@@ -193,9 +191,9 @@ def _index_shards(index_path: Path) -> dict[str, list[str]]:
     folder = index_path.parent
     shards: dict[str, list[str]] = {}
     for tensor, filename in weight_map.items():
-        candidate = folder / filename
-        if os.path.isabs(filename) or ".." in Path(filename).parts or not _inside(folder, candidate):
+        if not is_safe_name(filename):  # judged by name: a safe name may be a symlink to anywhere
             raise CorruptFileError(index_path, f"weight_map entry {tensor!r} points outside the folder: {filename!r}")
+        candidate = folder / filename
         if not candidate.is_file():
             raise CorruptFileError(index_path, f"weight_map entry {tensor!r} names missing shard {filename!r}")
         shards.setdefault(filename, []).append(tensor)
@@ -254,21 +252,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     index_path: Path | None = None
     if path.is_dir():
         folder = path
-        index_path = next(
-            (path / n for n in (*INDEX_NAMES, "pytorch_model.bin.index.json") if (path / n).is_file()), None
-        )
-        if index_path is None:
-            others = sorted(p for p in path.glob("*.safetensors.index.json") if p.is_file())
-            index_path = others[0] if others else None
-        if index_path is not None:
+        chosen = choose_weights((p.name for p in path.iterdir() if p.is_file()), ignore_prefix=RECORD_PREFIX)
+        if chosen is not None and chosen.index is not None:
+            index_path = path / chosen.index
             shards = _index_shards(index_path)
             files = [folder / name for name in sorted(shards)]
-        else:
-            files = sorted(
-                p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(RECORD_PREFIX)
-            )
-            if not files:
-                files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        elif chosen is not None:
+            files = [path / name for name in chosen.files]
+        else:  # nothing under a usual name: whatever weights there are (consolidated*, *.pt, *.pth)
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(RECORD_PREFIX))
+            files = [p for p in found if p.suffix == ".safetensors"] or [
+                p for p in found if p.suffix in PICKLE_SUFFIXES
+            ]
             if not files:
                 raise InvalidInputError(
                     f"{path}: no weights found (expected *.safetensors, an index, or pytorch_model*.bin)"

@@ -102,7 +102,7 @@ def device_option(f: Callable) -> Callable:
 def dtype_option(f: Callable) -> Callable:
     return click.option(
         "--dtype",
-        type=click.Choice(["bf16", "fp16", "fp32"]),
+        type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], case_sensitive=False),
         default=None,
         help="Output dtype for every float tensor (default: keep each tensor's dtype).",
     )(f)
@@ -212,7 +212,9 @@ def plot_option(f: Callable) -> Callable:
     )(f)
 
 
-def _adapter_statistics(report, path: str, base: str | None, alpha: float | None, stats: bool, plot: str | None):
+def _adapter_statistics(
+    report, path: str, base: str | None, alpha: float | None, stats: bool, plot: str | None, hub: dict
+):
     """inspect --stats (and --plot): the statistics of an adapter, drawn when asked."""
     from .inspection import AdapterReport
 
@@ -222,7 +224,7 @@ def _adapter_statistics(report, path: str, base: str | None, alpha: float | None
         raise click.UsageError("--stats and --plot describe adapters; to compare checkpoints use `loratool diff`")
     from .analysis.stats import adapter_stats
 
-    statistics = adapter_stats(path, base=base, alpha=alpha)
+    statistics = adapter_stats(path, base=base, alpha=alpha, **hub)
     if plot:
         from .analysis.plot import plot_stats
 
@@ -238,9 +240,11 @@ def _adapter_statistics(report, path: str, base: str | None, alpha: float | None
 @click.option("--stats", is_flag=True, help="Per-module ‖ΔW‖, σ₁, stable rank, ranks for 90/99 % energy, flags.")
 @plot_option
 @json_option
+@hub_input_options
 def inspect(
-    path: str, base: str | None, show_all: bool, alpha: float | None, stats: bool, plot: str | None, as_json: bool
-) -> None:
+    path: str, base: str | None, show_all: bool, alpha: float | None, stats: bool, plot: str | None, as_json: bool,
+    **hub,
+) -> None:  # fmt: skip
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
     With --base, also validate the adapter against that checkpoint and exit 3
@@ -251,8 +255,8 @@ def inspect(
     from .inspection import AdapterReport
     from .inspection import inspect as run_inspect
 
-    report = run_inspect(path, base=base, alpha=alpha)
-    statistics = _adapter_statistics(report, path, base, alpha, stats, plot)
+    report = run_inspect(path, base=base, alpha=alpha, **hub)
+    statistics = _adapter_statistics(report, path, base, alpha, stats, plot, hub)
     if as_json:
         _print_json({**report.to_dict(), "stats": statistics.to_dict()} if statistics else report.to_dict())
     elif isinstance(report, AdapterReport):

@@ -21,6 +21,7 @@ __all__ = [
     "UnknownFormatError",
     "IncompatibleError",
     "NonFiniteError",
+    "OutputNameError",
     "OutputExistsError",
     "UnsupportedError",
     "EnvironmentProblem",
@@ -81,6 +82,12 @@ class NonFiniteError(InvalidInputError, ArithmeticError):
 
 class OutputExistsError(InvalidInputError, FileExistsError):
     """The output path exists (and --force was not given) or would overwrite an input."""
+
+
+class OutputNameError(LoraToolError, ValueError):
+    """The output path's name says file where a folder is written (or the reverse): a usage error."""
+
+    exit_code = EXIT_USAGE
 
 
 class UnsupportedError(InvalidInputError, NotImplementedError):

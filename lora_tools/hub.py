@@ -25,20 +25,6 @@ __all__ = ["HubError", "RepoNotFoundError", "is_repo_id", "resolve_input", "hub_
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9])(?:@(?P<revision>[^\s@]+))?$")
 
-#: What a merge, extraction or inspection needs from a repo: weights, indexes, configs, tokenizer files.
-DOWNLOAD_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.bin",
-    "*.bin.index.json",
-    "*.json",
-    "*.model",
-    "*.tiktoken",
-    "*.txt",
-    "*.jinja",
-    "tokenizer*",
-]
-
 
 class HubError(EnvironmentProblem):
     """The Hub could not be reached, refused the request, or no token was available."""
@@ -88,7 +74,6 @@ def resolve_input(
         return Path(spec), None
     match = _REPO_ID.match(text)
     repo_id, revision = match.group("repo"), match.group("revision") or revision
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -100,9 +85,7 @@ def resolve_input(
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        path = snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=DOWNLOAD_PATTERNS, library_name="loratool"
-        )
+        path = _download_one_weight_set(repo_id, revision, token)
     except RevisionNotFoundError as exc:
         raise RepoNotFoundError(f"{where}: no such revision on the Hub; check the branch, tag or commit") from exc
     except GatedRepoError as exc:
@@ -122,6 +105,55 @@ def resolve_input(
     except _transport_errors() as exc:
         raise HubError(f"{where}: cannot reach the Hub ({type(exc).__name__}); check the network") from exc
     return Path(path), repo_id
+
+
+def _download_one_weight_set(repo_id: str, revision: str | None, token: str | None) -> str:
+    """Download configs, tokenizer files and exactly one weight set of a repo; return the snapshot folder.
+
+    The repo's file list comes from one API call; the choice is `weightsets.repo_files_to_fetch`'s
+    (transformers' order), and an index's shards are fetched once the index is here. Offline, or when
+    the Hub cannot be reached, the cached snapshot is used as it is (readers make the same choice).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from .checkpoint import read_json
+    from .weightsets import repo_files_to_fetch, shard_names
+
+    try:
+        listing = hub_client(token).model_info(repo_id, revision=revision, files_metadata=False)
+    except HfHubHTTPError as exc:  # not found, no access: the caller says what it means; a Hub down: the cache
+        if getattr(exc.response, "status_code", 0) < 500:
+            raise
+        listing = None
+    except (OfflineModeIsEnabled, *_transport_errors()):
+        listing = None
+    if listing is None:
+        return snapshot_download(
+            repo_id, revision=revision, token=token, local_files_only=True, allow_patterns=[], library_name="loratool"
+        )
+    files, indexes = repo_files_to_fetch(sibling.rfilename for sibling in listing.siblings or [])
+    folder = snapshot_download(
+        repo_id, revision=revision, token=token, allow_patterns=_exactly(files), library_name="loratool"
+    )
+    available = {sibling.rfilename for sibling in listing.siblings or []}
+    shards = []
+    for index in indexes:
+        weight_map = read_json(Path(folder) / index, "index").get("weight_map")
+        if isinstance(weight_map, dict):
+            shards += [name for name in shard_names(index.rpartition("/")[0], weight_map) if name in available]
+    if shards:  # the same commit as the first call (its folder is named by the commit hash)
+        snapshot_download(
+            repo_id, revision=Path(folder).name, token=token, allow_patterns=_exactly(shards), library_name="loratool"
+        )
+    return folder
+
+
+def _exactly(names: list[str]) -> list[str]:
+    """allow_patterns matching exactly these repo paths (fnmatch's special characters escaped)."""
+    import glob
+
+    return [glob.escape(name) for name in names]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .adapter import Adapter, is_adapter, read_adapter
 from .checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
@@ -176,7 +175,12 @@ def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
 
 
 def inspect(
-    path: str | os.PathLike, *, base: str | os.PathLike | None = None, alpha: float | None = None
+    path: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    alpha: float | None = None,
+    revision: str | None = None,
+    token: str | None = None,
 ) -> AdapterReport | CheckpointReport:
     """Describe an adapter or a checkpoint (detected), reading headers only.
 
@@ -184,11 +188,15 @@ def inspect(
         path: an adapter (any registered format) or a checkpoint.
         base: with an adapter, a base checkpoint to validate it against.
         alpha: lora_alpha for adapter files that do not record it.
+        revision, token: for `path` or `base` given as Hub repo ids (`org/name`, or `org/name@revision`).
 
     Returns:
         An `AdapterReport` (with `validation` when `base` is given) or a `CheckpointReport`.
     """
-    path = Path(path)
+    from .hub import resolve_input
+
+    path = resolve_input(path, revision=revision, token=token)[0]
+    base = resolve_input(base, revision=revision, token=token)[0] if base is not None else None
     if is_adapter(path):
         components = open_components(base) if base is not None else None
         return _adapter_report(read_adapter(path, alpha=alpha), base, components)

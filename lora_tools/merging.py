@@ -23,7 +23,7 @@ from . import __version__
 from .adapter import Adapter, read_adapter
 from .card import CARD_NAME, display_name, write_card
 from .checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
-from .errors import IncompatibleError, InvalidInputError, UnsupportedError
+from .errors import IncompatibleError, InvalidInputError, OutputNameError, UnsupportedError
 from .hub import resolve_input
 from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
@@ -166,7 +166,7 @@ def _run(
     adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
     components = open_components(base_local)
     pipeline = None not in components
-    single_file = not pipeline and components[None].folder is None and output.suffix == ".safetensors"
+    single_file, carried_not = _single_file_output(output, components)
     parts, left_out = _assign_components(adapters, components, allow_unmatched)
     plans = {
         name: plan_merge(
@@ -191,7 +191,7 @@ def _run(
         output=str(output),
         device=str(torch_device),
         dry_run=dry_run,
-        warnings=left_out + [w for plan in plans.values() for w in plan.warnings],
+        warnings=left_out + carried_not + [w for plan in plans.values() for w in plan.warnings],
     )
     changed = [(name, t) for name, plan in plans.items() for t in plan.tasks if t.changed]
     total = sum(plan.total_bytes for plan in plans.values())
@@ -251,6 +251,24 @@ def _run(
         changes=writing.changes,
         checksums=digests,
     )
+
+
+def _single_file_output(output: Path, components: dict) -> tuple[bool, list[str]]:
+    """Whether OUT is one `.safetensors` file (every tensor of the base in it), and what that leaves behind."""
+    if output.suffix != ".safetensors":
+        return False, []
+    if None not in components:
+        raise OutputNameError(
+            f"output {output} is one file, but a pipeline has several components ({', '.join(components)}); "
+            "give a folder as --output"
+        )
+    folder = components[None].folder
+    if folder is None:
+        return True, []
+    return True, [
+        f"{output} is a single .safetensors file: config.json, tokenizer and other files of {folder} are not "
+        "carried (and no merge record is kept); give a folder as --output to keep them"
+    ]
 
 
 def _qualified(component: str | None, name: str) -> str:

@@ -13,26 +13,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DiskSpaceError, OutputExistsError
+from .errors import DiskSpaceError, OutputExistsError, OutputNameError
+from .output_guard import output_lock, refuse_touching_inputs, rename_no_replace
 
 __all__ = ["atomic_output", "check_output_path", "checksums", "TEMP_MARKER"]
 
 TEMP_MARKER = ".loratool-tmp-"
 
 
-def _within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 def check_output_path(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
     """Refuse an output that exists (without `force`), or that is, holds, or sits inside an input."""
-    resolved = output.resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if _within(resolved, source) or _within(source, resolved):
-            raise OutputExistsError(
-                f"output {output} would overwrite or sit inside input {source}; choose another --output"
-            )
+    refuse_touching_inputs(output, inputs)
     if (output.exists() or output.is_symlink()) and not force:
         raise OutputExistsError(f"output {output} already exists; pass --force to replace it")
 
@@ -65,14 +56,62 @@ def remove_stale_temporaries(output: Path) -> list[Path]:
     return removed
 
 
+def _one_run_at_a_time(open_output):
+    """Run `atomic_output` holding OUT's lock; refuse a folder named like a weights file."""
+
+    @contextmanager
+    def locked(output: Path, *, is_dir: bool, force: bool, inputs: Sequence[Path], **options) -> Iterator[Path]:
+        output = Path(output)
+        if is_dir and output.suffix in _FILE_SUFFIXES:
+            raise OutputNameError(f"output {output} names a file, but this writes a folder; drop the {output.suffix}")
+        check_output_path(output, inputs, force=force)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(output), open_output(output, is_dir=is_dir, force=force, inputs=inputs, **options) as target:
+            yield target
+
+    return locked
+
+
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json")
+
+
+def _put_in_place(temporary: Path, output: Path, *, force: bool, inputs: Sequence[Path]) -> None:
+    """The final rename: inputs checked again; without `force` never over something that appeared meanwhile."""
+    try:
+        refuse_touching_inputs(output, inputs)
+        if not force:
+            try:
+                rename_no_replace(temporary, output)
+            except FileExistsError:
+                raise OutputExistsError(
+                    f"output {output} appeared while this run was writing it; it was left as it is and this "
+                    "run's result discarded (pass --force to replace it)"
+                ) from None
+            return
+    except BaseException:
+        _remove(temporary)
+        raise
+    old = output.parent / f".{output.name}.loratool-old-{os.getpid()}"
+    if output.is_symlink():
+        output.unlink()
+    elif output.exists():
+        os.replace(output, old)
+    os.replace(temporary, output)
+    _remove(old)
+
+
+@_one_run_at_a_time
 @contextmanager
 def atomic_output(
     output: Path, *, is_dir: bool, force: bool, inputs: Sequence[Path], estimated_bytes: int = 0
 ) -> Iterator[Path]:
     """Yield a temporary sibling of `output` to write into; rename it into place on success.
 
+    The whole run holds OUT's lock (see `output_guard`); the checks run again under it.
+
     Raises:
-        OutputExistsError: see `check_output_path`.
+        OutputExistsError: see `check_output_path`; another run writes OUT; OUT appeared meanwhile.
+        OutputNameError: a folder output named like a file (`out.safetensors`).
         DiskSpaceError: fewer free bytes than `estimated_bytes` where the output goes.
     """
     output = Path(output)
@@ -93,13 +132,7 @@ def atomic_output(
     except BaseException:
         _remove(temporary)
         raise
-    old = output.parent / f".{output.name}.loratool-old-{os.getpid()}"
-    if output.is_symlink():
-        output.unlink()
-    elif output.exists():
-        os.replace(output, old)
-    os.replace(temporary, output)
-    _remove(old)
+    _put_in_place(temporary, output, force=force, inputs=inputs)
 
 
 def checksums(path: Path) -> dict[str, str]:

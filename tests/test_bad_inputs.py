@@ -110,18 +110,28 @@ def test_index_entry_outside_folder(plain, tmp_path):
     assert_nothing_left(tmp_path)
 
 
-def test_index_with_absolute_path_and_symlink_escape(plain, tmp_path):
+@pytest.mark.parametrize("bad", ["{absolute}", "C:\\model.safetensors", "sub/../../x.safetensors", "a\0b", ""])
+def test_index_names_are_judged_by_name(plain, tmp_path, bad):
+    """Absolute paths, drive letters, `..`, NUL and empty names are refused; a symlink to elsewhere is fine."""
     base, adapter = plain
     index = _shard(base, tmp_path)
     name = next(iter(index["weight_map"]))
-    index["weight_map"][name] = str(base / "model-00001-of-00002.safetensors")
+    index["weight_map"][name] = bad.format(absolute=base / "model-00001-of-00002.safetensors")
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
     assert_refused(merge(base, adapter, tmp_path), 3, "points outside the folder")
+    assert_nothing_left(tmp_path)
+
+
+def test_index_shard_symlinked_elsewhere_is_read(plain, tmp_path):
+    base, adapter = plain
+    _shard(base, tmp_path)
     shutil.move(base / "model-00001-of-00002.safetensors", tmp_path / "elsewhere.safetensors")
     (base / "model-00001-of-00002.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
-    index["weight_map"][name] = "model-00001-of-00002.safetensors"
-    (base / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert_refused(merge(base, adapter, tmp_path), 3, "points outside the folder")
+    result = merge(base, adapter, tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert len(load_file(tmp_path / "out" / "model.safetensors")) == len(
+        load_file(tmp_path / "elsewhere.safetensors")
+    ) + len(load_file(base / "model-00002-of-00002.safetensors"))
 
 
 def test_missing_shard(plain, tmp_path):

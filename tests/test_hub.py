@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 from hub_server import FakeHub
+from layouts_models import sharded_copy, weight_bytes
 
 TOKEN = "hf_loopbackSecretToken123"
 FIXTURE_BASE = REPO / "fixtures" / "tiny-llama"
@@ -177,3 +180,84 @@ def test_extract_push_writes_a_peft_card(hub, tmp_path):
     card = hub.files("me/small", "dev")["README.md"].decode()
     assert "library_name: peft" in card and "- peft" in card and 'base_model: "fixtures/tiny-llama"' in card
     assert "adapter_model.safetensors" in hub.files("me/small", "dev")
+
+
+def _resolved_files(hub: FakeHub, repo_id: str) -> set[str]:
+    """Every file of `repo_id` the client asked the server for (HEAD or GET), from the server's request log."""
+    pattern = re.compile(rf"^/{re.escape(repo_id)}/resolve/[^/]+/(?P<file>.+)$")
+    found = set()
+    for _, path, _ in hub.requests:
+        match = pattern.match(unquote(urlparse(path).path))
+        if match:
+            found.add(match.group("file"))
+    return found
+
+
+def _snapshot(hf_home: Path, repo_id: str) -> Path:
+    (snapshot,) = (hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots").iterdir()
+    return snapshot
+
+
+def test_sharded_base_from_a_real_hf_cache_online_offline_and_by_snapshot_path(hub, tmp_path):
+    """The cache holds relative symlinks into ../../blobs; every way in gives the plain folder's bytes."""
+    import lora_tools
+
+    plain = sharded_copy(tmp_path / "plain")
+    hub.add_files("org/sharded", _folder_files(plain))
+    hub.add_files("org/tiny-lora", _folder_files(FIXTURE_ADAPTER))
+    hf_home = tmp_path / "hf"
+    shards = ["--max-shard-size", "60KB"]
+    online = loratool(["merge", "org/sharded", "org/tiny-lora", "-o", tmp_path / "online", "-q", *shards], hub.url,
+                      hf_home)  # fmt: skip
+    assert online.returncode == 0, online.stderr
+    asked = len(hub.requests)
+    offline = loratool(["merge", "org/sharded", "org/tiny-lora", "-o", tmp_path / "offline", "-q", *shards], hub.url,
+                       hf_home, offline=True)  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
+    assert len(hub.requests) == asked
+
+    snapshot, adapter_snapshot = _snapshot(hf_home, "org/sharded"), _snapshot(hf_home, "org/tiny-lora")
+    shard = snapshot / "model-00001-of-00003.safetensors"
+    assert shard.is_symlink() and os.readlink(shard).startswith("../../blobs/")
+    lora_tools.merge(snapshot, [adapter_snapshot], tmp_path / "snapshot", device="cpu", max_shard_size="60KB")
+    lora_tools.merge(plain, [FIXTURE_ADAPTER], tmp_path / "local", device="cpu", max_shard_size="60KB")
+    reference = weight_bytes(tmp_path / "local")
+    assert "model.safetensors.index.json" in reference and len(reference) > 3
+    for way in ("online", "offline", "snapshot"):
+        assert weight_bytes(tmp_path / way) == reference, way
+
+    by_id = loratool(["inspect", "--json", "org/sharded"], hub.url, hf_home, offline=True)
+    assert by_id.returncode == 0, by_id.stderr
+    by_path = run_cli(["inspect", "--json", snapshot])
+    assert by_path.exit_code == 0, by_path.stderr
+    assert json.loads(by_id.stdout) == json.loads(by_path.stdout)
+    assert json.loads(by_id.stdout)["files"] == [f"model-0000{n}-of-00003.safetensors" for n in (1, 2, 3)]
+
+
+def test_a_download_fetches_one_weight_set_with_configs_and_tokenizer(hub, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    plain = sharded_copy(tmp_path / "plain")
+    files = _folder_files(plain)
+    state = load_file(FIXTURE_BASE / "model.safetensors")
+    duplicate = tmp_path / "pytorch_model.bin"
+    torch.save(state, duplicate)
+    wanted = set(files) | {"tokenizer.json", "chat_template.jinja", "special_tokens_map.json"}
+    files.update({
+        "tokenizer.json": b'{"version": "1.0"}', "chat_template.jinja": b"{{ messages }}",
+        "special_tokens_map.json": b"{}", "pytorch_model.bin": duplicate.read_bytes(),
+        "consolidated.safetensors": (FIXTURE_BASE / "model.safetensors").read_bytes(),
+        "original/consolidated.00.pth": duplicate.read_bytes(), "original/params.json": b"{}",
+        "original/tokenizer.model": b"sentencepiece", "model-q4.gguf": b"GGUF", "onnx/model.onnx": b"onnx",
+        "onnx/config.json": b"{}", "flax_model.msgpack": b"msgpack", "tf_model.h5": b"h5", "README.md": b"# card",
+    })  # fmt: skip
+    hub.add_files("org/many", files)
+    result = loratool(["merge", "org/many", FIXTURE_ADAPTER, "-o", tmp_path / "out", "-q"], hub.url, tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    assert _resolved_files(hub, "org/many") == wanted
+    import lora_tools
+
+    lora_tools.merge(plain, [FIXTURE_ADAPTER], tmp_path / "local", device="cpu")
+    assert weight_bytes(tmp_path / "out") == weight_bytes(tmp_path / "local")
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"tokenizer.json", "chat_template.jinja", "config.json"}
