@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DiskSpaceError, OutputExistsError
+from .storage import named_as_output
 
 __all__ = ["atomic_output", "check_output_path", "checksums", "TEMP_MARKER"]
 
@@ -89,7 +90,8 @@ def atomic_output(
     if is_dir:
         temporary.mkdir()
     try:
-        yield temporary
+        with named_as_output(temporary, output):
+            yield temporary
     except BaseException:
         _remove(temporary)
         raise
