@@ -153,6 +153,7 @@ _OS_ERRORS: dict[int, tuple[type[LoraToolError], str]] = {
         "the system has too many open files; close some programs or raise fs.file-max",
     ),
     errno.ENOTDIR: (NotAFolderError, "part of this path is a file, not a folder; check the path"),
+    errno.EEXIST: (OutputExistsError, "already exists, in the way (a file where a folder is needed?); check the path"),
 }
 
 

@@ -87,10 +87,10 @@ def atomic_output(
         )
     temporary = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}"
     _remove(temporary)
-    if is_dir:
-        temporary.mkdir()
     try:
         with named_as_output(temporary, output):
+            if is_dir:
+                temporary.mkdir()
             yield temporary
     except BaseException:
         _remove(temporary)
