@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 from conftest import REPO, run_cli
 from fault_models import mounted_tmpfs, remount_read_only, write_big_llama
+from safetensors.torch import load_file
 from synthetic import write_lora_adapter
 
 import lora_tools
@@ -274,7 +274,9 @@ def test_folder_without_write_permission_is_exit_4_and_keeps_the_old_output(comm
     lock()
     result = run_cli(command_args(command, out, tuned))
     assert result.exit_code == 4, result.stderr
-    assert_one_error_line(result.stderr, f"error: {folder}/", out.name, "permission" if os.geteuid() else "not permitted")
+    assert_one_error_line(
+        result.stderr, f"error: {folder}/", out.name, "permission" if os.geteuid() else "not permitted"
+    )
     assert_untouched(folder, out)
 
 
