@@ -22,7 +22,7 @@ from .console import byte_progress as _progress
 from .console import count_progress as _module_progress
 from .console import set_color
 from .console import stderr_console as _stderr_console
-from .errors import EXIT_INTERNAL, Interrupted, LoraToolError
+from .errors import EXIT_INTERNAL, Interrupted, LoraToolError, os_error_problem
 from .units import format_bytes, parse_size
 
 __all__ = ["cli", "main"]
@@ -44,6 +44,8 @@ class LoraToolGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
+        _ignore_file_size_signal()
+        _debug_log()
         try:
             return super().invoke(ctx)
         except LoraToolError as exc:
@@ -56,7 +58,12 @@ class LoraToolGroup(click.Group):
             _fail(ctx, "interrupted by SIGINT; temporary output removed", 130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except Exception as exc:  # a bug: say so, and how to see it
+        except Exception as exc:  # the machine (full disk, read-only folder …) or a bug: say which
+            problem = os_error_problem(exc)
+            if problem is not None:
+                if os.environ.get("LORATOOL_DEBUG"):
+                    traceback.print_exc()
+                _fail(ctx, str(problem), problem.exit_code)
             if os.environ.get("LORATOOL_DEBUG"):
                 raise
             _fail(
@@ -68,6 +75,30 @@ class LoraToolGroup(click.Group):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_file_size_signal() -> None:
+    """Past `ulimit -f` a write then fails with EFBIG (reported as exit 4) instead of SIGXFSZ killing us.
+
+    CPython already ignores SIGXFSZ at start-up; an embedding program may not.
+    """
+    if hasattr(signal, "SIGXFSZ") and _main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _debug_log() -> None:
+    """With LORATOOL_DEBUG set, the library's debug lines (e.g. how output space was reserved) go to stderr."""
+    import logging
+
+    class StderrHandler(logging.StreamHandler):
+        stream = property(lambda self: sys.stderr, lambda self, value: None)  # whatever stderr is at the time
+
+    logger = logging.getLogger("lora_tools")
+    if os.environ.get("LORATOOL_DEBUG") and not logger.handlers:
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("debug: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
 
 
 def _main_thread() -> bool:

@@ -8,6 +8,9 @@ prints one line.
 
 from __future__ import annotations
 
+import errno
+import os
+
 __all__ = [
     "EXIT_OK",
     "EXIT_INTERNAL",
@@ -27,7 +30,13 @@ __all__ = [
     "EnvironmentProblem",
     "DeviceUnavailableError",
     "DiskSpaceError",
+    "FileTooLargeError",
+    "NotWritableError",
+    "PathTooLongError",
+    "TooManyOpenFilesError",
+    "NotAFolderError",
     "Interrupted",
+    "os_error_problem",
 ]
 
 EXIT_OK = 0
@@ -106,6 +115,68 @@ class DeviceUnavailableError(EnvironmentProblem):
 
 class DiskSpaceError(EnvironmentProblem):
     """Not enough free space for the output."""
+
+
+class FileTooLargeError(EnvironmentProblem):
+    """A file would grow past the size limit of the process (ulimit -f) or of the filesystem."""
+
+
+class NotWritableError(EnvironmentProblem, PermissionError):
+    """The filesystem is read-only, or permissions or attributes forbid writing there."""
+
+
+class PathTooLongError(EnvironmentProblem):
+    """A file name or path is longer than the filesystem allows."""
+
+
+class TooManyOpenFilesError(EnvironmentProblem):
+    """The process or the system ran out of file descriptors."""
+
+
+class NotAFolderError(InvalidInputError, NotADirectoryError):
+    """A path goes through a file as if it were a folder."""
+
+
+#: errno → (error class, what it means and what to do). Errors that name two
+#: files (a copy) name the one written in `filename2`.
+_OS_ERRORS: dict[int, tuple[type[LoraToolError], str]] = {
+    errno.ENOSPC: (DiskSpaceError, "the disk filled up (no space left on device); free some space or write elsewhere"),
+    errno.EDQUOT: (DiskSpaceError, "disk quota exceeded; free some of your quota or write elsewhere"),
+    errno.EFBIG: (
+        FileTooLargeError,
+        "the file is larger than this system allows: ulimit -f or the filesystem's limit "
+        "(raise it, or use a smaller --max-shard-size where the command has one)",
+    ),
+    errno.EROFS: (NotWritableError, "the filesystem is read-only; write somewhere writable"),
+    errno.EACCES: (NotWritableError, "permission denied; check the owner and mode of this path or its folder"),
+    errno.EPERM: (
+        NotWritableError,
+        "operation not permitted; check this path's folder (its mode, or an immutable attribute: lsattr)",
+    ),
+    errno.ENAMETOOLONG: (PathTooLongError, "the name is too long for this filesystem; choose a shorter path"),
+    errno.EMFILE: (TooManyOpenFilesError, "too many open files for this process; raise ulimit -n"),
+    errno.ENFILE: (
+        TooManyOpenFilesError,
+        "the system has too many open files; close some programs or raise fs.file-max",
+    ),
+    errno.ENOTDIR: (NotAFolderError, "part of this path is a file, not a folder; check the path"),
+    errno.EEXIST: (OutputExistsError, "already exists, in the way (a file where a folder is needed?); check the path"),
+}
+
+
+def os_error_problem(exc: BaseException, where: str | None = None) -> LoraToolError | None:
+    """The error to report for an `OSError` that the machine, not lora_tools, caused; None for any other.
+
+    Args:
+        exc: the exception that stopped the run.
+        where: the path to name when `exc` names none (e.g. the download cache).
+    """
+    if not isinstance(exc, OSError) or isinstance(exc, LoraToolError) or exc.errno not in _OS_ERRORS:
+        return None
+    kind, meaning = _OS_ERRORS[exc.errno]
+    path = exc.filename2 if exc.filename2 is not None and exc.errno != errno.ENOTDIR else exc.filename
+    path = where if path is None else path
+    return kind(f"{os.fsdecode(path)}: {meaning}" if path is not None else meaning)
 
 
 class Interrupted(LoraToolError):

@@ -33,6 +33,7 @@ from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES
 from .rank import RankRule, choose_rank, spectrum_decided
 from .safetensors_io import SafetensorsWriter, TensorInfo
+from .storage import naming
 
 if TYPE_CHECKING:
     import torch
@@ -278,8 +279,9 @@ class Spool:
 
         data = tensor_bytes(tensor.detach().cpu().contiguous())
         view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(self._fd, view) :]
+        with naming(self.path):
+            while view:
+                view = view[os.write(self._fd, view) :]
         self.entries[name] = TensorInfo(
             name, to_safetensors_dtype(tensor.dtype), tuple(tensor.shape), self.path, self._offset
         )

@@ -103,6 +103,13 @@ def resolve_input(
         status = getattr(exc.response, "status_code", "?")
         raise HubError(f"{where}: the Hub answered HTTP {status}; check your token's access to this repo") from exc
     except _transport_errors() as exc:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        from .errors import os_error_problem
+
+        problem = os_error_problem(exc, where=f"{where}: the Hugging Face download cache {HF_HUB_CACHE}")
+        if problem is not None:  # a full disk, quota or read-only cache: not the network
+            raise problem from exc
         raise HubError(f"{where}: cannot reach the Hub ({type(exc).__name__}); check the network") from exc
     return Path(path), repo_id
 

@@ -563,9 +563,9 @@ def _write_record(
         "dtype": out_dtype,
     }
     if norms:
-        from safetensors.torch import save_file
+        from .storage import write_tensors
 
-        save_file({name: norm.contiguous() for name, norm in sorted(norms.items())}, target / DORA_NORMS_NAME)
+        write_tensors(target / DORA_NORMS_NAME, norms)
         record["dora_norms"] = {"file": DORA_NORMS_NAME, "tensors": sorted(norms)}
     (target / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 

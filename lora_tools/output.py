@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import DiskSpaceError, OutputExistsError, OutputNameError
 from .output_guard import output_lock, refuse_touching_inputs, rename_no_replace
+from .storage import named_as_output
 
 __all__ = ["atomic_output", "check_output_path", "checksums", "TEMP_MARKER"]
 
@@ -125,10 +126,11 @@ def atomic_output(
         )
     temporary = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}"
     _remove(temporary)
-    if is_dir:
-        temporary.mkdir()
     try:
-        yield temporary
+        with named_as_output(temporary, output):
+            if is_dir:
+                temporary.mkdir()
+            yield temporary
     except BaseException:
         _remove(temporary)
         raise

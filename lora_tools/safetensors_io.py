@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CorruptFileError
+from .storage import naming, reserve, written_on_exit
 
 __all__ = ["DTYPE_SIZES", "TensorInfo", "read_header", "SafetensorsWriter", "copy_bytes"]
 
@@ -185,7 +186,8 @@ def copy_bytes(src: Path, offset: int, count: int, dst_fd: int, dst_offset: int)
 class SafetensorsWriter:
     """Write one safetensors file whose tensors are announced up front.
 
-    The header is written and the file sized at once, so each tensor has a fixed
+    The header is written and the file's full size reserved at once (see
+    `storage.reserve`: a full disk fails here, cleanly), so each tensor has a fixed
     place: tensors can then be written in any order, by copying bytes from a
     source file, writing a buffer, or computing straight into a mapped view
     (`mapped`). Memory never holds more than the tensor being produced.
@@ -213,8 +215,13 @@ class SafetensorsWriter:
         self._places = {name: (dtype, shape, data_start + begin, nbytes) for name, dtype, shape, begin, nbytes in spans}
         self._missing = set(self._places)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, struct.pack("<Q", len(encoded)) + encoded, 0)
-        os.ftruncate(self._fd, self.total_bytes)
+        try:
+            with naming(path):
+                os.pwrite(self._fd, struct.pack("<Q", len(encoded)) + encoded, 0)
+            self.reserved = reserve(self._fd, self.total_bytes, path)  # a full disk fails here, not in a mapped write
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def _claim(self, name: str, nbytes: int | None = None) -> tuple[str, tuple[int, ...], int, int]:
         dtype, shape, offset, expected = self._places[name]
@@ -226,21 +233,30 @@ class SafetensorsWriter:
     def write(self, name: str, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
         _, _, offset, _ = self._claim(name, len(view))
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        with naming(self.path):
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
 
     def copy_from(self, name: str, info: TensorInfo) -> None:
         """Copy a tensor's bytes straight from its source safetensors file, inside the kernel."""
         assert info.offset is not None
         _, _, offset, nbytes = self._claim(name, info.nbytes)
-        copy_bytes(info.file, info.offset, nbytes, self._fd, offset)
+        with naming(self.path):
+            copy_bytes(info.file, info.offset, nbytes, self._fd, offset)
 
     def mapped(self, name: str):
-        """A context manager yielding a writable CPU tensor that is the tensor's place in the file."""
+        """A context manager yielding a writable CPU tensor that is the tensor's place in the file.
+
+        Where the filesystem could not reserve the file's space, the tensor is in
+        memory and written with `pwrite` at the end instead: a mapped write there
+        could meet a full disk, which the kernel answers with SIGBUS.
+        """
         from .tensors import mapped_tensor
 
         dtype, shape, offset, _ = self._claim(name)
+        if not self.reserved:
+            return written_on_exit(self._fd, self.path, offset, dtype, shape)
         return mapped_tensor(self.path, offset, dtype, shape, writable=True)
 
     def close(self) -> None:
