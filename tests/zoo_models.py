@@ -70,7 +70,7 @@ ZOO: list[Arch] = [
     Arch("qwen3_moe", "qwen3_moe", dict(_TEXT, num_experts=4, **_MOE), target_parameters=_EXPERTS),
     Arch("gpt_oss", "gpt_oss", dict(_TEXT, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"]),
          dtype=torch.bfloat16, target_parameters=_EXPERTS),  # fmt: skip
-    Arch("deepseek_v3", "deepseek_v3", dict(_TEXT, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
+    Arch("deepseek_v3", "deepseek_v3", dict({**_TEXT, "head_dim": 4, "num_key_value_heads": 4}, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
          kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_group=1,
          topk_group=1, **_MOE), dtype=torch.bfloat16, target_parameters=_EXPERTS),  # fmt: skip
     Arch("llava", "llava", dict(text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION_CLIP,
