@@ -75,3 +75,22 @@ def test_merge_equals_peft_in_disk_names(arch: Arch, zoo_case, tmp_path):
     merged = _logits(arch.model_class.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval(), arch)
     tolerance = 1e-4 if arch.dtype == torch.float32 else 3e-2
     torch.testing.assert_close(merged, unmerged, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("arch", ZOO, ids=lambda a: a.name)
+def test_layout_table_agrees_with_save_pretrained(arch: Arch, zoo_case):
+    """Every in-memory tensor, mapped by lora_tools' table, is exactly what transformers' save_pretrained wrote."""
+    from lora_tools.layouts.transformers import disk_tensor_names, layout_for
+
+    base, _ = zoo_case(arch)
+    model = arch.build()
+    model_type, layout = layout_for(model.config.to_dict())
+    assert model_type == arch.model_type
+    experts = next((p.shape[0] for n, p in model.named_parameters() if n.endswith("experts.down_proj")), 0)
+    seen, memory = set(), []
+    for name, tensor in model.state_dict().items():  # persistent tensors; a tied copy is saved once
+        if tensor.data_ptr() not in seen or not tensor.numel():
+            seen.add(tensor.data_ptr())
+            memory.append(name)
+    mapped = {disk for name in memory for disk in disk_tensor_names(name, layout, experts)}
+    assert mapped == set(load_state(base))

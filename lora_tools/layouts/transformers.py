@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Rename", "FusedExperts", "Layout", "LAYOUTS", "layout_for", "parse_rename", "to_disk_path"]
+__all__ = [
+    "Rename", "FusedExperts", "Layout", "LAYOUTS", "layout_for", "parse_rename", "to_disk_path", "disk_tensor_names",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Layout:
 _LLAVA = Layout(
     renames=(
         Rename(r"^model\.language_model\.", "language_model.model."),
-        Rename(r"^lm_head$", "language_model.lm_head"),
+        Rename(r"^lm_head\b", "language_model.lm_head"),
         Rename(r"^model\.vision_tower\.", "vision_tower."),
         Rename(r"^model\.multi_modal_projector\.", "multi_modal_projector."),
     )
@@ -123,3 +125,19 @@ def parse_rename(text: str) -> Rename:
     except re.error as exc:
         raise InvalidInputError(f"--rename {text!r}: {pattern!r} is not a valid regular expression ({exc})") from exc
     return Rename(pattern, replacement)
+
+
+def disk_tensor_names(memory_name: str, layout: Layout, experts: int) -> list[str]:
+    """The on-disk tensor(s) that hold one in-memory tensor (`experts` = E, for fused expert parameters).
+
+    `model.layers.0.mlp.experts.gate_up_proj` of a Mixtral → `model.layers.0.block_sparse_moe.experts.{e}.w1.weight`
+    and `….w3.weight` for every e; any other name → its renamed self.
+    """
+    module, _, leaf = memory_name.rpartition(".")
+    disk_module, _ = to_disk_path(module, layout.renames)
+    spec = next((s for s in layout.experts if s.param == leaf and module.endswith("experts")), None)
+    if spec is None:
+        return [to_disk_path(memory_name, layout.renames)[0]]
+    if not spec.parts:
+        return [f"{disk_module}.{leaf}"]
+    return [f"{disk_module}.{e}.{part}.weight" for e in range(experts) for part in spec.parts]
