@@ -375,6 +375,10 @@ def _merge_options(f: Callable) -> Callable:
         "--allow-unmatched", is_flag=True, help="Merge what matches; leave out (and count) modules matching nothing."
     )(f)
     f = click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")(f)
+    f = click.option(
+        "--rename", "renames", multiple=True, metavar="REGEX=REPLACEMENT",
+        help="Rename adapter module paths before matching them to the base (repeatable).",
+    )(f)  # fmt: skip
     f = click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")(f)
     f = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
     f = click.option(

@@ -140,6 +140,7 @@ def _run(
     revision: str | None,
     token: str | None,
     progress: Progress | None,
+    renames: Sequence[str] = (),
 ) -> MergeReport:
 
     from .device import resolve_device
@@ -166,6 +167,10 @@ def _run(
     adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
     components = open_components(base_local)
     pipeline = None not in components
+    if not pipeline:  # in-memory names (VLM prefixes, fused experts) → the checkpoint's own
+        from .disk_names import adapters_on_disk
+
+        adapters = adapters_on_disk(adapters, components[None], renames)
     single_file, carried_not = _single_file_output(output, components)
     parts, left_out = _assign_components(adapters, components, allow_unmatched)
     plans = {
@@ -619,6 +624,7 @@ def merge(
     revision: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
+    renames: Sequence[str] = (),
 ) -> MergeReport:
     """Merge adapters into a base checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed tensor by tensor.
 
@@ -638,6 +644,7 @@ def merge(
         checksum: add the sha256 of every output file to the report.
         revision, token: for inputs given as Hub repo ids (`org/name`, or `org/name@revision`).
         progress: called with (bytes done, bytes total) after each tensor.
+        renames: `REGEX=REPLACEMENT` rules applied to adapter module paths before matching.
 
     Returns:
         A `MergeReport`.
@@ -653,6 +660,7 @@ def merge(
         "merge", base, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
         allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum, revision=revision, token=token, progress=progress,
+        renames=renames,
     )  # fmt: skip
 
 
@@ -674,6 +682,7 @@ def unmerge(
     revision: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
+    renames: Sequence[str] = (),
 ) -> MergeReport:
     """Undo a merge: W = W' − Σ wᵢ·ΔWᵢ, with the same arithmetic and options as `merge`.
 
@@ -684,4 +693,5 @@ def unmerge(
         "unmerge", merged, adapters, output, weights=weights, dtype=dtype, device=device,
         max_shard_size=max_shard_size, force=force, dry_run=dry_run, alpha=alpha,
         allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum, revision=revision, token=token, progress=progress,
+        renames=renames,
     )  # fmt: skip

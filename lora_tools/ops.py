@@ -49,6 +49,10 @@ def variant_delta(module: LoraModule, factor: Callable[[str], torch.Tensor], sha
     these variants; its forward pass, which inference uses, applies it once).
     """
     roles = dict(module.factors)
+    if module.variant == "experts":
+        from .experts import fused_delta
+
+        return fused_delta(module, factor(roles["A"]), factor(roles["B"])).reshape(shape)
     if module.variant == "tucker":
         up, down, mid = factor(module.b_key), factor(module.a_key), factor(roles["mid"])
         delta = torch.einsum(

@@ -24,6 +24,7 @@ __all__ = [
     "compatibility_problems",
     "Targets",
     "variant_delta_shape",
+    "weight_tensor",
     "with_tied_head",
     "plan_merge",
     "plan_shards",
@@ -101,6 +102,8 @@ class Targets:
         self._kohya: dict[str, str | None] | None = None
 
     def find(self, module: LoraModule) -> str | None:
+        if module.variant == "experts":  # names its fused tensor itself (`…experts.gate_up_proj`)
+            return module.name if module.name in self.base else None
         if not module.kohya_name:
             return resolve_module(module.name, self.base)
         return self.kohya_index().get(module.name)
@@ -126,9 +129,18 @@ class Targets:
         return self._kohya
 
 
+def weight_tensor(module: LoraModule, target: str) -> str:
+    """The base tensor a module's ΔW lands on: `{target}.weight`, or a fused experts tensor itself."""
+    return target if module.variant == "experts" else f"{target}.weight"
+
+
 def variant_delta_shape(module: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
     """The shape of ΔW a Tucker / LoHa / LoKr module builds, from its factor shapes alone."""
     try:
+        if module.variant == "experts":
+            a, b = shapes["A"], shapes["B"]
+            inner_outer = (a[1], b[0]) if module.fan_in_fan_out else (b[0], a[1])
+            return (a[0] // module.rank, *inner_outer)
         if module.variant == "tucker":
             up, mid, down = shapes["up"], shapes["mid"], shapes["down"]
             return (up[0], down[1], *mid[2:])
@@ -159,7 +171,7 @@ def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
 
 
 def _module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, TensorInfo], target: str) -> list[str]:
-    weight = base[f"{target}.weight"]
+    weight = base[weight_tensor(module, target)]
     if not weight.is_float:
         return [f"{module.name}: base weight is {weight.dtype}, not a float tensor"]
     if module.variant != "lora":
@@ -368,7 +380,7 @@ def plan_merge(
             if target is None:
                 unmatched += 1
                 continue
-            terms.setdefault(f"{target}.weight", []).append(Term(index, module, sign * weight))
+            terms.setdefault(weight_tensor(module, target), []).append(Term(index, module, sign * weight))
             if module.bias_key is not None:
                 terms.setdefault(f"{target}.bias", []).append(Term(index, module, sign * weight, bias=True))
         for item in adapter.replacements:
