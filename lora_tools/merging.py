@@ -19,15 +19,13 @@ from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, quant
 from .adapter import Adapter, read_adapter
 from .card import CARD_NAME, display_name, write_card
 from .checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .hub import resolve_input
 from .output import atomic_output, checksums
-from .quant.execute import QuantizedTensors, requantization_summary
-from . import quant
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
 from .safetensors_io import SafetensorsWriter
 from .units import parse_size
@@ -149,6 +147,7 @@ def _run(
 
     from .device import resolve_device
     from .ops import Workspace
+    from .quant.execute import QuantizedTensors, requantization_summary
     from .tensors import return_freed_memory_to_os
 
     return_freed_memory_to_os()
@@ -368,7 +367,7 @@ class _Writing:
         self.adapters, self.workspace, self.device = adapters, workspace, device
         self.unmerge, self.allow_nonfinite, self.recorded, self.advance = unmerge, allow_nonfinite, recorded, advance
         self.changes: list[TensorChange] = []
-        self.quant: dict[str | None, QuantizedTensors] = {}
+        self.quant: dict = {}  # component → quant.execute.QuantizedTensors
         self.norms: dict = {}
         self.stager = _CudaStager(device) if device.type == "cuda" else None
 

@@ -81,7 +81,7 @@ def _adapter_delta(adapter: Path, weight: str) -> torch.Tensor:
 def _raw(folder: Path) -> dict[str, bytes]:
     out = {}
     with safe_open(folder / "model.safetensors", "pt") as f:
-        for key in f.keys():
+        for key in f:
             out[key] = f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     return out
 
@@ -147,9 +147,12 @@ def test_fp8_merge_then_unmerge_returns_base_within_one_step(tmp_path, fp8_model
     states = [load_file(p / "model.safetensors") for p in (base, tmp_path / "merged", tmp_path / "back")]
     for weight in (n for n in states[0] if states[0][n].dtype == torch.float8_e4m3fn):
         scales = [state[_scale_name(scheme, weight)] for state in states]
-        values = [dequantize_fp8_fp64(state[weight], scale, scheme, BLOCK) for state, scale in zip(states, scales)]
+        values = [
+            dequantize_fp8_fp64(state[weight], scale, scheme, BLOCK)
+            for state, scale in zip(states, scales, strict=True)
+        ]
         original, restored = values[0], values[2]
-        step = torch.stack([_e4m3_step(v, scale, scheme) for v, scale in zip(values, scales)]).amax(dim=0)
+        step = torch.stack([_e4m3_step(v, scale, scheme) for v, scale in zip(values, scales, strict=True)]).amax(dim=0)
         assert bool(((restored - original).abs() <= step).all()), weight
         if weight.split(".")[-2] not in TARGETS:
             assert torch.equal(states[2][weight].view(torch.uint8), states[0][weight].view(torch.uint8))
@@ -354,3 +357,24 @@ def test_inspect_shows_quantization(fp8_models):
     result = run_cli(["inspect", fp8_models["channel"][0]])
     assert result.exit_code == 0 and "quantization: compressed-tensors" in result.output
     assert "fp8 per-channel, F32 scales ×14" in result.output
+    validation = inspect(fp8_models["channel"][2], base=fp8_models["channel"][0]).validation
+    assert validation.compatible, validation.problems
+
+
+def test_extract_dequantizes_quantized_base_and_tuned(tmp_path, fp8_models):
+    from lora_tools import extract
+
+    base, twin, adapter = fp8_models["block-f32"]
+    merge(base, [adapter], tmp_path / "tuned", dtype="fp32", device="cpu")
+    report = extract(base, tmp_path / "tuned", tmp_path / "lora", rank=4, device="cpu")
+    assert sorted(m.name.rsplit(".", 1)[-1] for m in report.modules) == sorted(TARGETS * 2)
+    state = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    for module in (m.name for m in report.modules):
+        key = f"base_model.model.{module}"
+        extracted = state[f"{key}.lora_B.weight"].double() @ state[f"{key}.lora_A.weight"].double()
+        expected = _adapter_delta(adapter, f"{module}.weight")
+        assert float((extracted - expected).norm() / expected.norm()) < 1e-5, module
+    # a quantized TUNED: its requantized weights against the dequantized base carry ΔW plus requantization noise
+    merge(base, [adapter], tmp_path / "tuned-fp8", device="cpu")
+    report = extract(twin, tmp_path / "tuned-fp8", tmp_path / "lora-fp8", rank=4, device="cpu")
+    assert len(report.modules) == 6 and all(m.relative_error < 0.5 for m in report.modules)

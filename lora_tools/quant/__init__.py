@@ -8,7 +8,7 @@ planner see each as one fp32 tensor; `QuantizedTensors` is the executor hook.
 
 from __future__ import annotations
 
-from .layout import QuantizedWeight, QuantLayout, adapt_plan, detect, planning_view
+from .layout import DequantizedCheckpoint, QuantizedWeight, QuantLayout, adapt_plan, dequantized, detect, planning_view
 from .refuse import SUPPORTED_METHODS, refuse_gguf, refuse_unsupported
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "detect",
     "planning_view",
     "adapt_plan",
+    "DequantizedCheckpoint",
+    "dequantized",
     "SUPPORTED_METHODS",
     "refuse_gguf",
     "refuse_unsupported",

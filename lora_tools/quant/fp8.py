@@ -89,10 +89,8 @@ def quantize_scaled(
     x: torch.Tensor, scale_shape: tuple[int, ...], scale_dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, scale of `scale_shape`): one scale for the tensor, or one per output row."""
-    if math.prod(scale_shape) == 1:
-        amax = x.abs().amax()
-    else:
-        amax = x.abs().reshape(x.shape[0], -1).amax(dim=1)
+    per_tensor = math.prod(scale_shape) == 1
+    amax = x.abs().amax() if per_tensor else x.abs().reshape(x.shape[0], -1).amax(dim=1)
     scale = _scale_from_amax(amax, scale_dtype)
     scaled = x / _broadcast(scale.float(), x.dim())
     return _to_e4m3(scaled, out), scale.reshape(scale_shape)

@@ -15,10 +15,17 @@ from dataclasses import dataclass, replace
 from ..errors import CorruptFileError
 from ..plan import MergePlan, TensorTask, plan_shards
 from ..safetensors_io import TensorInfo
-from . import mxfp4
 from .refuse import refuse_unsupported
 
-__all__ = ["QuantizedWeight", "QuantLayout", "detect", "planning_view", "adapt_plan"]
+__all__ = [
+    "QuantizedWeight",
+    "QuantLayout",
+    "detect",
+    "planning_view",
+    "adapt_plan",
+    "DequantizedCheckpoint",
+    "dequantized",
+]
 
 _DEFAULT_BLOCK = (128, 128)
 
@@ -108,7 +115,8 @@ def _mxfp4_weight(stem: str, data: TensorInfo, scale: TensorInfo) -> QuantizedWe
             f"{data.name} {list(data.shape)} and {scale.name} {list(scale.shape)} are not MXFP4 blocks "
             "[…, rows, columns/32, 16] with scales [..., rows, columns/32]",
         )
-    return QuantizedWeight(stem, "mxfp4", data, scale, mxfp4.logical_shape(data.shape))
+    *experts, rows, groups, _ = data.shape  # the model's parameter is [E, columns, rows] (see mxfp4)
+    return QuantizedWeight(stem, "mxfp4", data, scale, (*experts, groups * 32, rows))
 
 
 def detect(path, tensors: Mapping[str, TensorInfo], config: dict | None) -> QuantLayout | None:
@@ -188,3 +196,35 @@ def adapt_plan(
                     produced[info.name] = (weight, logical)
     shards = plan_shards([task.nbytes for task in tasks], max_shard_size)
     return replace(plan, tasks=tasks, shards=shards), produced
+
+
+class DequantizedCheckpoint:
+    """A checkpoint whose quantized weights read as their fp32 values (for `extract`), everything else as is.
+
+    `tensors` is the planning view; `read(name)` dequantizes a quantized weight; other
+    attributes are the wrapped checkpoint's.
+    """
+
+    def __init__(self, checkpoint, layout: QuantLayout) -> None:
+        self._checkpoint, self.layout = checkpoint, layout
+        self.tensors = planning_view(checkpoint.tensors, layout)
+
+    def __getattr__(self, name: str):
+        return getattr(self._checkpoint, name)
+
+    def read(self, name: str):
+        weight = self.layout.weights.get(name)
+        if weight is None:
+            return self._checkpoint.read(name)
+        import torch
+
+        from .execute import dequantize
+
+        data, scale = self._checkpoint.read(weight.data.name), self._checkpoint.read(weight.scale.name)
+        return dequantize(weight, data, scale, torch.empty(weight.shape, dtype=torch.float32))
+
+
+def dequantized(checkpoint):
+    """`checkpoint`, or a `DequantizedCheckpoint` over it when it holds quantized weights (packed ones refused)."""
+    layout = detect(checkpoint.path, checkpoint.tensors, checkpoint.config)
+    return checkpoint if layout is None else DequantizedCheckpoint(checkpoint, layout)

@@ -18,19 +18,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["E2M1_VALUES", "GROUP", "dequantize", "quantize", "logical_shape"]
+__all__ = ["E2M1_VALUES", "GROUP", "dequantize", "quantize"]
 
 #: E2M1 value of each 4-bit code (bit 3 is the sign).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 GROUP = 32
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _E2M1_EMAX = 2
-
-
-def logical_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """[E, R, G, 16] stored → [E, G·32, R] as the model's parameter."""
-    *lead, rows, groups, _ = blocks_shape
-    return (*lead, groups * GROUP, rows)
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
