@@ -360,6 +360,12 @@ def _render_checkpoint(report) -> None:
         f"dtypes {', '.join(f'{k}×{v}' for k, v in report.dtypes.items())}"
     )
     console.print(f"files: {', '.join(report.files)}; lm_head: {report.lm_head}")
+    quantization = report.quantization or {}
+    if "unsupported" in quantization:
+        console.print(f"[red]quantization:[/red] {quantization['unsupported']}")
+    elif quantization:
+        formats = ", ".join(f"{name} ×{count}" for name, count in quantization["formats"].items())
+        console.print(f"quantization: {quantization['method']}: {formats}")
 
 
 def _merge_command(operation: str):

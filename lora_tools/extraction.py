@@ -423,7 +423,12 @@ def extract(
         resolve_input(base, revision=revision, token=token),
         resolve_input(tuned, revision=revision, token=token),
     )
-    base_checkpoint, tuned_checkpoint = open_checkpoint(base_local), open_checkpoint(tuned_local)
+    from .quant import dequantized
+
+    base_checkpoint, tuned_checkpoint = (
+        dequantized(open_checkpoint(base_local)),
+        dequantized(open_checkpoint(tuned_local)),
+    )
     plan = plan_extraction(
         base_checkpoint.tensors,
         tuned_checkpoint.tensors,

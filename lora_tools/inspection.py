@@ -75,6 +75,8 @@ class CheckpointReport:
     lm_head: str
     metadata: dict[str, str]
     kind: str = field(default="checkpoint")
+    #: method, formats (with tensor counts) and names of quantized weights; or `unsupported` with the reason
+    quantization: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +112,8 @@ def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | 
     if components is not None:
         if None in components:
             checkpoint = components[None]
-            problems = compatibility_problems(adapter, checkpoint.tensors, checkpoint.config)
+            tensors, problems = _quantized_view(checkpoint)
+            problems += compatibility_problems(adapter, tensors, checkpoint.config)
         else:
             problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
             for component in sorted(adapter.components, key=str):
@@ -153,6 +156,28 @@ def _nonfinite_problems(adapter: Adapter) -> list[str]:
     ]
 
 
+def _quantization(checkpoint: Checkpoint) -> dict | None:
+    from .errors import UnsupportedError
+    from .quant import detect
+
+    try:
+        layout = detect(checkpoint.path, checkpoint.tensors, checkpoint.config)
+    except UnsupportedError as exc:
+        return {"unsupported": str(exc)}
+    return layout.describe() if layout is not None else None
+
+
+def _quantized_view(checkpoint: Checkpoint) -> tuple[dict, list[str]]:
+    """The tensors as merging plans against them (quantized weights as one fp32 tensor), or why it cannot."""
+    from .errors import UnsupportedError
+    from .quant import detect, planning_view
+
+    try:
+        return planning_view(checkpoint.tensors, detect(checkpoint.path, checkpoint.tensors, checkpoint.config)), []
+    except UnsupportedError as exc:
+        return checkpoint.tensors, [str(exc)]
+
+
 def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
     if HEAD_NAME in checkpoint.tensors:
         head = "present"
@@ -171,6 +196,7 @@ def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
         architecture=architectures[0] if isinstance(architectures, list) else str(architectures),
         lm_head=head,
         metadata=dict(checkpoint.metadata),
+        quantization=_quantization(checkpoint),
     )
 
 

@@ -19,7 +19,7 @@ from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, quant
 from .adapter import Adapter, read_adapter
 from .card import CARD_NAME, display_name, write_card
 from .checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
@@ -65,6 +65,8 @@ class MergeReport:
     changes: list[TensorChange]
     warnings: list[str] = field(default_factory=list)
     checksums: dict[str, str] | None = None
+    #: per quantized format: merged tensors, max and mean ‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ (see lora_tools.quant)
+    quantization: dict[str, dict] = field(default_factory=dict)
 
     @property
     def max_abs_delta(self) -> float:
@@ -114,6 +116,7 @@ def _updated_config(config: dict, plan: MergePlan, dtype: str | None) -> dict:
         if isinstance(config.get("text_config"), dict):
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     if dtype is not None:
+        config.pop("quantization_config", None)  # quantized weights were written dequantized
         name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
         for key in ("torch_dtype", "dtype"):
             if key in config:
@@ -145,6 +148,7 @@ def _run(
 
     from .device import resolve_device
     from .ops import Workspace
+    from .quant.execute import QuantizedTensors, requantization_summary
     from .tensors import return_freed_memory_to_os
 
     return_freed_memory_to_os()
@@ -165,7 +169,9 @@ def _run(
     base_local, base_repo = resolve_input(base_path, revision=revision, token=token)
     adapter_inputs = [resolve_input(p, revision=revision, token=token) for p in adapter_paths]
     adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
+    quant.refuse_gguf(base_local)
     components = open_components(base_local)
+    layouts = {name: quant.detect(c.path, c.tensors, c.config) for name, c in components.items()}
     pipeline = None not in components
     if not pipeline:  # in-memory names (VLM prefixes, fused experts) → the checkpoint's own
         from .disk_names import adapters_on_disk
@@ -175,7 +181,7 @@ def _run(
     parts, left_out = _assign_components(adapters, components, allow_unmatched)
     plans = {
         name: plan_merge(
-            checkpoint.tensors,
+            quant.planning_view(checkpoint.tensors, layouts[name]),
             checkpoint.config,
             parts[name],
             weights,
@@ -186,6 +192,11 @@ def _run(
         )
         for name, checkpoint in components.items()
     }
+    adapted = {
+        n: quant.adapt_plan(p, layouts[n], out_dtype, (1 << 62) if single_file else shard_bytes)
+        for n, p in plans.items()
+    }
+    plans = {name: plan for name, (plan, _) in adapted.items()}
     _check_adapters_finite(adapters)
     recorded = _recorded_dora_norms(base_local, adapters, plans) if unmerge else {}
     report_args = dict(
@@ -222,6 +233,7 @@ def _run(
             progress(done_bytes, total)
 
     writing = _Writing(adapters, Workspace(torch_device), torch_device, unmerge, allow_nonfinite, recorded, advance)
+    writing.quant = {n: QuantizedTensors(produced, allow_nonfinite) for n, (_, produced) in adapted.items() if produced}
     inputs = [base_local, *(a.path for a in adapters)]
     with (
         atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target,
@@ -244,6 +256,8 @@ def _run(
             _write_record(target, operation, base_name, adapters, adapter_names, weights, out_dtype, writing.norms)
             config = components[next(iter(components))].config if not pipeline else None
             _write_merge_card(target, operation, config, base_name, base_repo, adapter_names, weights, dtype)
+        quantization, requantized = requantization_summary(writing.quant.values())
+        report_args["warnings"] += requantized
         digests = checksums(target) if checksum else None
         if digests is not None and single_file:
             digests = {output.name: digests[target.name]}
@@ -255,6 +269,7 @@ def _run(
         files=files,
         changes=writing.changes,
         checksums=digests,
+        quantization=quantization,
     )
 
 
@@ -375,6 +390,7 @@ class _Writing:
         self.adapters, self.workspace, self.device = adapters, workspace, device
         self.unmerge, self.allow_nonfinite, self.recorded, self.advance = unmerge, allow_nonfinite, recorded, advance
         self.changes: list[TensorChange] = []
+        self.quant: dict = {}  # component → quant.execute.QuantizedTensors
         self.norms: dict = {}
         self.stager = _CudaStager(device) if device.type == "cuda" else None
 
@@ -396,6 +412,7 @@ class _Writing:
             for shard, path in zip(plan.shards, paths, strict=True):
                 tasks = [plan.tasks[i] for i in shard]
                 writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
+                tasks = self._write_quantized(tasks, base, writer, component)
                 # untouched tensors are checked here (torch work stays on this thread: two threads driving
                 # torch's thread pool at once thrash it) and copied inside the kernel on a helper thread
                 copies = []
@@ -443,6 +460,31 @@ class _Writing:
         finally:
             copier.shutdown(wait=True, cancel_futures=True)
         return names
+
+    def _write_quantized(self, tasks: list[TensorTask], base: Checkpoint, writer, component: str | None) -> list:
+        """Write the tasks of quantized weights (dequantize, merge, requantize or cast); return the others."""
+        from .ops import compute_task
+
+        quantized = self.quant.get(component)
+        if quantized is None:
+            return tasks
+
+        def compute(logical: TensorTask, values):
+            recorded = self.recorded.get(_qualified(component, logical.name))
+            return compute_task(logical, values, self.fetch, self.workspace, values, unmerge=self.unmerge,
+                                recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
+
+        for task in (t for t in tasks if quantized.handles(t.name)):
+            result = quantized.write(task, base, writer, compute)
+            if result is not None:
+                logical = quantized.produced[task.name][1]
+                self.changes.append(
+                    TensorChange(_qualified(component, task.name), _describe(task, self.adapters), result.max_abs_delta)
+                )
+                if result.dora_norm is not None and not self.unmerge:
+                    self.norms[_qualified(component, logical.name)] = result.dora_norm
+            self.advance(task.nbytes)
+        return [t for t in tasks if not quantized.handles(t.name)]
 
 
 def _refuse_nonfinite(info) -> None:

@@ -1,0 +1,380 @@
+"""Quantized bases: FP8 block / per-channel / per-tensor and MXFP4, merged against fp64 references.
+
+Exactness: our requantization runs in fp32 as the producers' does, the references
+in fp64, so a value whose exact result lies within fp32 rounding of a tie between
+two codes may land on either: stored values are checked to be within one
+quantization step (one code) of the reference everywhere and bit-identical for
+at least 98% of them; scales within 2^-20 relative (fp32) or one bf16 step.
+Quantizing the same fp32 input (no merge) is checked bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, lora_config, randomize_adapter, run_cli
+from quant_models import (
+    dequantize_fp8_fp64,
+    dequantize_mxfp4_fp64,
+    e4m3_bytes,
+    e4m3_ordinal,
+    fp8_block_fp64,
+    fp8_scaled_fp64,
+    mxfp4_fp64,
+    quantize_gpt_oss,
+    quantize_llama,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_tools import merge, unmerge
+from lora_tools.quant import detect, fp8, mxfp4
+
+BLOCK = (16, 16)
+LLAMA = dict(hidden_size=48, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+SCHEMES = {  # name → (scheme, scale dtype)
+    "block-f32": ("fp8-block", torch.float32),
+    "block-bf16": ("fp8-block", torch.bfloat16),
+    "channel": ("fp8-channel", torch.float32),
+    "tensor": ("fp8-tensor", torch.bfloat16),
+}
+
+
+@pytest.fixture(scope="session")
+def plain_llama(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("quant") / "llama"
+    build_model("llama", **LLAMA).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fp8_models(tmp_path_factory, plain_llama) -> dict[str, tuple[Path, Path, Path]]:
+    """name → (quantized base, dequantized twin, PEFT adapter trained on the twin)."""
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("fp8")
+    models = {}
+    for name, (scheme, scale_dtype) in SCHEMES.items():
+        base, twin = quantize_llama(plain_llama, root / name, scheme, scale_dtype, BLOCK)
+        peft_model = get_peft_model(
+            LlamaForCausalLM.from_pretrained(twin), lora_config(r=4, lora_alpha=8, target_modules=TARGETS)
+        )
+        randomize_adapter(peft_model, seed=3)
+        peft_model.save_pretrained(root / f"{name}-lora")
+        models[name] = (base, twin, root / f"{name}-lora")
+    return models
+
+
+def _adapter_delta(adapter: Path, weight: str) -> torch.Tensor:
+    state = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    module = "base_model.model." + weight.removesuffix(".weight")
+    a, b = state[f"{module}.lora_A.weight"].double(), state[f"{module}.lora_B.weight"].double()
+    return config["lora_alpha"] / config["r"] * (b @ a)
+
+
+def _raw(folder: Path) -> dict[str, bytes]:
+    out = {}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for key in f:
+            out[key] = f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def _scale_name(scheme: str, weight: str) -> str:
+    return f"{weight}_scale_inv" if scheme == "fp8-block" else f"{weight}_scale"
+
+
+def _assert_within_one_step(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    steps = (e4m3_ordinal(ours) - e4m3_ordinal(reference)).abs()
+    assert int(steps.max()) <= 1
+    assert float((steps == 0).double().mean()) >= 0.98
+
+
+def _reference(scheme: str, merged: torch.Tensor, scale_dtype):
+    if scheme == "fp8-block":
+        return fp8_block_fp64(merged, BLOCK, scale_dtype)
+    return fp8_scaled_fp64(merged, scheme == "fp8-channel", scale_dtype)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_fp8_merge_requantizes_like_fp64_reference(tmp_path, fp8_models, name):
+    scheme, scale_dtype = SCHEMES[name]
+    base, _, adapter = fp8_models[name]
+    report = merge(base, [adapter], tmp_path / "out", device="cpu")
+    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    targeted = [n for n in before if n.endswith(".weight") and n.split(".")[-2] in TARGETS]
+    assert len(targeted) == 6 and report.tensors_changed == 6
+    for weight in targeted:
+        scale = _scale_name(scheme, weight)
+        merged = dequantize_fp8_fp64(before[weight], before[scale], scheme, BLOCK) + _adapter_delta(adapter, weight)
+        q, s = _reference(scheme, merged, scale_dtype)
+        assert after[weight].dtype == torch.float8_e4m3fn and after[scale].dtype == scale_dtype
+        assert after[scale].shape == before[scale].shape
+        rtol = 2**-20 if scale_dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(after[scale].double(), s.double(), rtol=rtol, atol=0)
+        _assert_within_one_step(after[weight], q)
+    raw_before, raw_after = _raw(base), _raw(tmp_path / "out")
+    changed = set(targeted) | {_scale_name(scheme, w) for w in targeted}
+    assert set(raw_after) == set(raw_before)
+    assert all(raw_after[n] == raw_before[n] for n in raw_before if n not in changed)  # scales, input_scale too
+    config = json.loads((base / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == config
+    (summary,) = report.quantization.values()
+    assert summary["tensors"] == 6 and 0 < summary["mean"] <= summary["max"]
+
+
+def _e4m3_step(values: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """One e4m3 quantization step at each value on the grid of `scale` (subnormal spacing 2^-9 at the bottom)."""
+    full = dequantize_fp8_fp64(torch.ones(values.shape).to(torch.float8_e4m3fn), scale, scheme, BLOCK)
+    exponent = torch.floor(torch.log2((values.abs() / full).clamp(min=2**-6)))
+    return full * torch.pow(2.0, exponent - 3)
+
+
+@pytest.mark.parametrize("name", ["block-f32", "channel", "tensor"])
+def test_fp8_merge_then_unmerge_returns_base_within_one_step(tmp_path, fp8_models, name):
+    """Each requantization rounds by at most half a step (at the value it rounds, on its own grid), so the round
+    trip lands within one step: the largest of the steps at the base, merged and restored values."""
+    scheme, _ = SCHEMES[name]
+    base, _, adapter = fp8_models[name]
+    merge(base, [adapter], tmp_path / "merged", device="cpu")
+    unmerge(tmp_path / "merged", [adapter], tmp_path / "back", device="cpu")
+    states = [load_file(p / "model.safetensors") for p in (base, tmp_path / "merged", tmp_path / "back")]
+    for weight in (n for n in states[0] if states[0][n].dtype == torch.float8_e4m3fn):
+        scales = [state[_scale_name(scheme, weight)] for state in states]
+        values = [
+            dequantize_fp8_fp64(state[weight], scale, scheme, BLOCK)
+            for state, scale in zip(states, scales, strict=True)
+        ]
+        original, restored = values[0], values[2]
+        step = torch.stack([_e4m3_step(v, scale, scheme) for v, scale in zip(values, scales, strict=True)]).amax(dim=0)
+        assert bool(((restored - original).abs() <= step).all()), weight
+        if weight.split(".")[-2] not in TARGETS:
+            assert torch.equal(states[2][weight].view(torch.uint8), states[0][weight].view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype,atol", [("fp32", 1e-5), ("bf16", 3e-2)])
+def test_fp8_dtype_output_loads_as_plain_model_with_peft_logits(tmp_path, fp8_models, dtype, atol):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base, twin, adapter = fp8_models["block-bf16"]
+    merge(base, [adapter], tmp_path / "out", dtype=dtype, device="cpu")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    assert not any("scale" in n for n in state) and {t.dtype for t in state.values()} == {
+        torch.float32 if dtype == "fp32" else torch.bfloat16
+    }
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(twin, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference.eval()(ids).logits, atol=atol, rtol=0)
+
+
+def test_fp8_untouched_weights_dequantize_exactly_with_dtype(tmp_path, fp8_models):
+    base, twin, adapter = fp8_models["channel"]
+    merge(base, [adapter], tmp_path / "out", dtype="fp32", device="cpu")
+    out, plain = load_file(tmp_path / "out" / "model.safetensors"), load_file(twin / "model.safetensors")
+    assert set(out) == set(plain)
+    for name in (n for n in plain if n.split(".")[-2] in ("k_proj", "o_proj", "gate_proj", "up_proj")):
+        assert torch.equal(out[name], plain[name]), name
+
+
+def test_quantizers_agree_bit_for_bit_on_same_input():
+    """No merge, so no fp32-vs-fp64 rounding: our quantizers give the spec quantizers' exact bytes."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 56) * torch.logspace(-3, 1, 56)
+    x[3, :] = 0.0  # an all-zero block row
+    q, s = fp8.quantize_blocks(x, BLOCK, torch.float32)
+    q_ref, s_ref = fp8_block_fp64(x.double(), BLOCK, torch.float32)
+    assert torch.equal(s, s_ref)
+    # x / s in fp32 then e4m3 vs in fp64: equal unless the fp32 quotient rounded onto a tie
+    assert float((q.view(torch.uint8) == q_ref.view(torch.uint8)).double().mean()) >= 0.999
+    experts = torch.randn(3, 64, 48) * torch.logspace(-4, 2, 48)
+    blocks, scales = mxfp4.quantize(experts)
+    blocks_ref, scales_ref = mxfp4_fp64(experts.double())
+    assert torch.equal(blocks, blocks_ref) and torch.equal(scales, scales_ref)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.25, -5.0] + [6.0] * 22).reshape(1, 32, 1)
+    assert torch.equal(mxfp4.quantize(ties)[0], mxfp4_fp64(ties.double())[0])
+    assert torch.equal(e4m3_bytes(torch.tensor([1.0625, 1.1875]).double()).float(), torch.tensor([1.0, 1.25]))
+
+
+# ---- MXFP4 (gpt-oss) ----------------------------------------------------------------------------------------------
+
+
+def gpt_oss_config():
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=96, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def gpt_oss(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(MXFP4 base, dequantized twin, PEFT adapter on attention trained on the twin)."""
+    from peft import get_peft_model
+    from transformers import GptOssForCausalLM
+
+    root = tmp_path_factory.mktemp("gpt_oss")
+    torch.manual_seed(0)
+    GptOssForCausalLM(gpt_oss_config()).save_pretrained(root / "plain")
+    base, twin = quantize_gpt_oss(root / "plain", root / "mxfp4")
+    peft_model = get_peft_model(
+        GptOssForCausalLM.from_pretrained(twin), lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])
+    )
+    randomize_adapter(peft_model, seed=5)
+    peft_model.save_pretrained(root / "lora")
+    return base, twin, root / "lora"
+
+
+def test_mxfp4_dequantization_equals_transformers(gpt_oss):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    state = load_file(gpt_oss[0] / "model.safetensors")
+    stems = [n.removesuffix("_blocks") for n in state if n.endswith("_blocks")]
+    assert len(stems) == 4
+    for stem in stems:
+        blocks, scales = state[f"{stem}_blocks"], state[f"{stem}_scales"]
+        ours = mxfp4.dequantize(blocks, scales)
+        theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+        assert torch.equal(ours.bfloat16(), convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16))
+        assert torch.equal(ours, dequantize_mxfp4_fp64(blocks, scales).float())
+
+
+def test_mxfp4_merge_of_per_expert_delta_matches_reference(gpt_oss):
+    """The executor's dequantize → +ΔW → requantize for an expert tensor, with a per-expert delta built here."""
+    from lora_tools.quant.execute import dequantize, requantize
+
+    layout = detect(gpt_oss[0], _infos(gpt_oss[0]), json.loads((gpt_oss[0] / "config.json").read_text()))
+    weight = layout.weights["model.layers.1.mlp.experts.gate_up_proj"]
+    assert weight.scheme == "mxfp4" and weight.shape == (4, 64, 64)
+    state = load_file(gpt_oss[0] / "model.safetensors")
+    blocks, scales = state[weight.data.name], state[weight.scale.name]
+    generator = torch.Generator().manual_seed(7)
+    delta = torch.stack([torch.randn(64, 2, generator=generator) @ torch.randn(2, 64, generator=generator) * 0.01
+                         for _ in range(4)])  # fmt: skip
+    values = dequantize(weight, blocks, scales, torch.empty(weight.shape))
+    new_blocks, new_scales = requantize(weight, values + delta)
+    ref_blocks, ref_scales = mxfp4_fp64(dequantize_mxfp4_fp64(blocks, scales) + delta.double())
+    assert torch.equal(new_scales, ref_scales) or int((new_scales.int() - ref_scales.int()).abs().max()) <= 1
+    ours, reference = dequantize_mxfp4_fp64(new_blocks, new_scales), dequantize_mxfp4_fp64(ref_blocks, ref_scales)
+    step = 0.5 * torch.pow(2.0, ref_scales.double() - 127).repeat_interleave(32, -1).transpose(-1, -2)
+    assert bool(((ours - reference).abs() <= step * 2 + 1e-12).all())  # one E2M1 step (≤ 2 units of 0.5·2^e)
+    assert float((ours == reference).double().mean()) >= 0.98
+
+
+def test_mxfp4_base_merge_keeps_experts_and_dtype_output_loads(tmp_path, gpt_oss):
+    from peft import PeftModel
+    from transformers import GptOssForCausalLM
+
+    base, twin, adapter = gpt_oss
+    merge(base, [adapter], tmp_path / "kept", device="cpu")
+    raw_before, raw_after = _raw(base), _raw(tmp_path / "kept")
+    experts = [n for n in raw_before if n.endswith(("_blocks", "_scales"))]
+    assert len(experts) == 8 and all(raw_after[n] == raw_before[n] for n in experts)
+    merge(base, [adapter], tmp_path / "plain", dtype="fp32", device="cpu")
+    state = load_file(tmp_path / "plain" / "model.safetensors")
+    assert not any(n.endswith(("_blocks", "_scales")) for n in state)
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 64)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
+    merged = GptOssForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
+    reference = PeftModel.from_pretrained(GptOssForCausalLM.from_pretrained(twin, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+def _infos(folder: Path):
+    from lora_tools.checkpoint import open_checkpoint
+
+    return open_checkpoint(folder).tensors
+
+
+# ---- refusals -----------------------------------------------------------------------------------------------------
+
+
+def _packed_base(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": config}))
+    return folder
+
+
+PACKED = {
+    "bnb-4bit": (
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        {"model.layers.0.self_attn.q_proj.weight": torch.zeros(512, 1, dtype=torch.uint8),
+         "model.layers.0.self_attn.q_proj.weight.absmax": torch.ones(16),
+         "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4": torch.zeros(8, dtype=torch.uint8)},
+        "bitsandbytes 4-bit (nf4)",
+    ),
+    "gptq": (
+        {"quant_method": "gptq", "bits": 4, "group_size": 128},
+        {"model.layers.0.self_attn.q_proj.qweight": torch.zeros(4, 32, dtype=torch.int32),
+         "model.layers.0.self_attn.q_proj.qzeros": torch.zeros(1, 4, dtype=torch.int32),
+         "model.layers.0.self_attn.q_proj.scales": torch.ones(1, 32, dtype=torch.float16)},
+        "GPTQ 4-bit",
+    ),
+    "gptq-no-config": (None, None, "GPTQ/AWQ"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(PACKED))
+def test_packed_integer_bases_are_refused_naming_the_method(tmp_path, fp8_models, kind):
+    config, tensors, method = PACKED[kind]
+    if config is None:
+        config, tensors = {"quant_method": "fp8"}, PACKED["gptq"][1]
+    base = _packed_base(tmp_path / "base", config, tensors)
+    adapter = fp8_models["channel"][2]
+    result = run_cli(["merge", base, adapter, "-o", tmp_path / "out"])
+    assert result.exit_code == 3, result.output
+    assert method in result.output and "merge into the unquantized base model, then quantize" in result.output
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_gguf_base_is_refused(tmp_path, fp8_models):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    result = run_cli(["merge", tmp_path / "model.gguf", fp8_models["channel"][2], "-o", tmp_path / "out"])
+    assert result.exit_code == 3 and "GGUF" in result.output and not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_quantization(fp8_models):
+    from lora_tools import inspect
+
+    report = inspect(fp8_models["block-bf16"][0])
+    assert report.quantization["method"] == "fp8"
+    assert report.quantization["formats"] == {"fp8 block 16×16, BF16 scales": 14}
+    result = run_cli(["inspect", fp8_models["channel"][0]])
+    assert result.exit_code == 0 and "quantization: compressed-tensors" in result.output
+    assert "fp8 per-channel, F32 scales ×14" in result.output
+    validation = inspect(fp8_models["channel"][2], base=fp8_models["channel"][0]).validation
+    assert validation.compatible, validation.problems
+
+
+def test_extract_dequantizes_quantized_base_and_tuned(tmp_path, fp8_models):
+    from lora_tools import extract
+
+    base, twin, adapter = fp8_models["block-f32"]
+    merge(base, [adapter], tmp_path / "tuned", dtype="fp32", device="cpu")
+    report = extract(base, tmp_path / "tuned", tmp_path / "lora", rank=4, device="cpu")
+    assert sorted(m.name.rsplit(".", 1)[-1] for m in report.modules) == sorted(TARGETS * 2)
+    state = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    for module in (m.name for m in report.modules):
+        key = f"base_model.model.{module}"
+        extracted = state[f"{key}.lora_B.weight"].double() @ state[f"{key}.lora_A.weight"].double()
+        expected = _adapter_delta(adapter, f"{module}.weight")
+        assert float((extracted - expected).norm() / expected.norm()) < 1e-5, module
+    # a quantized TUNED: its requantized weights against the dequantized base carry ΔW plus requantization noise
+    merge(base, [adapter], tmp_path / "tuned-fp8", device="cpu")
+    report = extract(twin, tmp_path / "tuned-fp8", tmp_path / "lora-fp8", rank=4, device="cpu")
+    assert len(report.modules) == 6 and all(m.relative_error < 0.5 for m in report.modules)
