@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CorruptFileError
+from .writeback import Writeback
 
 __all__ = ["DTYPE_SIZES", "TensorInfo", "read_header", "SafetensorsWriter", "copy_bytes"]
 
@@ -215,6 +216,7 @@ class SafetensorsWriter:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(encoded)) + encoded, 0)
         os.ftruncate(self._fd, self.total_bytes)
+        self._writeback = Writeback(self._fd, self.total_bytes)
 
     def _claim(self, name: str, nbytes: int | None = None) -> tuple[str, tuple[int, ...], int, int]:
         dtype, shape, offset, expected = self._places[name]
@@ -230,18 +232,37 @@ class SafetensorsWriter:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
 
-    def copy_from(self, name: str, info: TensorInfo) -> None:
-        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel."""
+    def copy_from(self, name: str, info: TensorInfo, *, final: bool = True) -> None:
+        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel.
+
+        `final=False`: the bytes will be updated in place (see `mapped(again=True)`) and `written` called.
+        """
         assert info.offset is not None
         _, _, offset, nbytes = self._claim(name, info.nbytes)
         copy_bytes(info.file, info.offset, nbytes, self._fd, offset)
+        if final:
+            self._writeback.finished(offset, nbytes)
 
-    def mapped(self, name: str):
-        """A context manager yielding a writable CPU tensor that is the tensor's place in the file."""
+    def mapped(self, name: str, *, again: bool = False):
+        """A context manager yielding a writable CPU tensor that is the tensor's place in the file.
+
+        `again`: the tensor was already written (e.g. copied from the base, to be updated in place).
+        Call `written(name)` once its final bytes are in.
+        """
         from .tensors import mapped_tensor
 
-        dtype, shape, offset, _ = self._claim(name)
+        if again:
+            if name in self._missing:
+                raise AssertionError(f"{self.path}: tensor {name} is rewritten before it was written")
+            dtype, shape, offset, _ = self._places[name]
+        else:
+            dtype, shape, offset, _ = self._claim(name)
         return mapped_tensor(self.path, offset, dtype, shape, writable=True)
+
+    def written(self, name: str) -> None:
+        """The tensor's bytes are final: let the writeback pacing (large files only) send them to disk."""
+        _, _, offset, nbytes = self._places[name]
+        self._writeback.finished(offset, nbytes)
 
     def close(self) -> None:
         try:
