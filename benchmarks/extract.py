@@ -10,13 +10,15 @@ RSS, then one evaluator measures every module's relative error
 mergekit lives in its own environment (its pins are not ours):
 
     python3 -m venv /tmp/mkenv && /tmp/mkenv/bin/pip install torch==2.13.0 mergekit
-    .venv/bin/python benchmarks/extract.py --mergekit /tmp/mkenv/bin/mergekit-extract-lora
+    .venv/bin/python benchmarks/extract.py --mergekit /tmp/mkenv/bin/mergekit-extract-lora [--workers 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,15 +80,20 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--mergekit", default=shutil.which("mergekit-extract-lora"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loratool runs, one per count")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-extract-bench-"))
     python = sys.executable
     if not (work / "tuned").exists():
         subprocess.run([python, "-c", BUILD, work], check=True)
-    ours = [python, "-m", "lora_tools", "extract", work / "base", work / "tuned", "-o", work / "ours",
-            "--rank", RANK, "-q", "--device", args.device]  # fmt: skip
-    results = [run_contender("loratool extract", ours, work / "ours")]
-    outputs = ["loratool extract", work / "ours"]
+    results, outputs, digests = [], [], {}
+    for workers in args.workers:
+        label, folder = f"loratool --workers {workers}", work / f"ours-{workers}"
+        ours = [python, "-m", "lora_tools", "extract", work / "base", work / "tuned", "-o", folder,
+                "--rank", RANK, "-q", "--device", args.device, "--workers", workers]  # fmt: skip
+        results.append(run_contender(label, ours, folder))
+        outputs += [label, folder]
+        digests[label] = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
     if args.mergekit:
         theirs = [args.mergekit, "--model", work / "tuned", "--base-model", work / "base", "--out-path", work / "mergekit",
                   "--max-rank", RANK, "-e", "embed_tokens|lm_head|norm", "--skip-undecomposable", "--quiet"]  # fmt: skip
@@ -102,15 +109,23 @@ def main() -> None:
             text=True,
         ).stdout  # fmt: skip
     )
-    print(f"1.1 GB bf16 Llama-shaped pair {SHAPE}, rank {RANK}, 2 CPU cores" if args.device == "cpu" else args.device)
+    print(f"1.1 GB bf16 Llama-shaped pair {SHAPE}, rank {RANK}, {os.cpu_count()} CPUs" if args.device == "cpu" else args.device)
     print(f"{'tool':24} {'wall s':>8} {'peak RSS MB':>12} {'modules':>8} {'mean rel. error':>16} {'optimal':>9}")
     for r in results:
         e = evaluated[r["label"]]
         print(f"{r['label']:24} {r['seconds']:8.1f} {r['peak_rss_mb']:12.0f} {e['modules']:8d} "
               f"{e['mean_relative_error']:16.5f} {e['optimal_mean_relative_error']:9.5f}")  # fmt: skip
-    if len(results) == 2:
-        print(f"loratool is {results[1]['seconds'] / results[0]['seconds']:.1f}× faster than mergekit-extract-lora")
-    print(json.dumps({"runs": results, "errors": evaluated}))
+    by_label = {r["label"]: r for r in results}
+    first = f"loratool --workers {args.workers[0]}"
+    for workers in args.workers[1:]:
+        label = f"loratool --workers {workers}"
+        speedup = by_label[first]["seconds"] / by_label[label]["seconds"]
+        same = "byte-identical" if digests[label] == digests[first] else "DIFFERENT BYTES"
+        print(f"{label} is {speedup:.2f}× faster than {first}; adapters {same}")
+    if "mergekit-extract-lora" in by_label:
+        fastest = min((r for r in results if r["label"].startswith("loratool")), key=lambda r: r["seconds"])
+        print(f"loratool is {by_label['mergekit-extract-lora']['seconds'] / fastest['seconds']:.1f}× faster than mergekit")
+    print(json.dumps({"runs": results, "errors": evaluated, "sha256": digests}))
 
 
 if __name__ == "__main__":

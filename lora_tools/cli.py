@@ -126,7 +126,16 @@ def device_option(f: Callable) -> Callable:
         "--device",
         default="auto",
         show_default=True,
-        help="Where to compute: auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps.",
+        help="Where to compute: auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N, mps, or a list (cuda:0,cuda:1).",
+    )(f)
+
+
+def workers_option(f: Callable) -> Callable:
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Modules computed at once, one core each (default: the usable cores; one per device for a list).",
     )(f)
 
 
@@ -508,6 +517,7 @@ def _render_extraction(report, as_json: bool, pushed: dict | None = None) -> Non
 @click.option("--skip-mismatched", is_flag=True, help="Leave out tensors whose shapes differ or exist on one side.")
 @plot_option
 @device_option
+@workers_option
 @dtype_option
 @output_options
 @json_option
@@ -538,6 +548,7 @@ def extract(base: str, tuned: str, **options) -> None:
 @click.argument("adapter", type=click.Path())
 @rank_options
 @device_option
+@workers_option
 @output_options
 @json_option
 @hub_input_options

@@ -9,7 +9,7 @@ from .errors import DeviceUnavailableError, InvalidInputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "resolve_devices"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -49,3 +49,19 @@ def resolve_device(spec: str = "auto") -> torch.device:
             raise DeviceUnavailableError(f"--device {spec}: MPS is not available here; use --device cpu or auto")
         return device
     raise InvalidInputError(f"--device {spec!r} is not supported (use auto, cpu, cuda, cuda:N or mps)")
+
+
+def resolve_devices(spec: str = "auto") -> list[torch.device]:
+    """Turn a comma-separated list (`cuda:0,cuda:1`) into usable devices; one spelling gives one device.
+
+    Raises:
+        InvalidInputError: a device is named twice, or devices of different kinds are mixed.
+        DeviceUnavailableError: see `resolve_device`.
+    """
+    devices = [resolve_device(part) for part in spec.split(",")] if "," in spec else [resolve_device(spec)]
+    kinds = {device.type for device in devices}
+    if len(kinds) > 1:
+        raise InvalidInputError(f"--device {spec}: list devices of one kind (e.g. cuda:0,cuda:1)")
+    if devices[0].type == "cuda" and len(set(devices)) < len(devices):
+        raise InvalidInputError(f"--device {spec}: a device is named twice")
+    return devices

@@ -164,10 +164,15 @@ class _Rewriter:
                 continue
             found.append((spec, shape, reading))
         if len(found) != 1:
-            what = "fits several expert parameters" if found else "; ".join(errors) or (
-                f"targets fused experts (PEFT target_parameters) but the base has no experts at {prefix} "
-                f"(model type {self.model_type or 'unknown'}); --allow-unmatched cannot leave out a delta lora_tools "
-                "recognises"
+            what = (
+                "fits several expert parameters"
+                if found
+                else "; ".join(errors)
+                or (
+                    f"targets fused experts (PEFT target_parameters) but the base has no experts at {prefix} "
+                    f"(model type {self.model_type or 'unknown'}); --allow-unmatched cannot leave out a delta lora_tools "
+                    "recognises"
+                )
             )
             self.problems.append(f"{module.name}: {what}")
             return []
@@ -186,9 +191,7 @@ class _Rewriter:
                     factors=(("A", module.a_key), ("B", module.b_key)), **common,
                 )
             ]  # fmt: skip
-        return [
-            self._piece(module, piece, reading, common) for piece in split_pieces(prefix, *shape[:2], spec.parts)
-        ]
+        return [self._piece(module, piece, reading, common) for piece in split_pieces(prefix, *shape[:2], spec.parts)]
 
     def _alpha(self, name: str) -> float:
         config = self.adapter.config
@@ -250,7 +253,6 @@ def to_disk_names(
     replacements = [rewriter.replacement(item) for item in adapter.replacements]
     weights = SlicedWeights(adapter.weights, rewriter.views) if rewriter.views else adapter.weights
     return DiskNames(replace(adapter, modules=modules, replacements=replacements, weights=weights), rewriter.rules)
-
 
 
 def adapters_on_disk(adapters: Sequence[Adapter], base, renames: Sequence[str] = ()) -> list[Adapter]:

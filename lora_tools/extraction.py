@@ -262,6 +262,19 @@ def factorize(
     return left[:, :rank] * root, root[:, None] * vh[:rank], method
 
 
+@dataclass
+class _ModuleResult:
+    """What a worker made of one extraction task (factors, the whole tuned tensor, or nothing)."""
+
+    task: ExtractTask
+    numel: int
+    unchanged: bool = False
+    whole: torch.Tensor | None = None
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    error: float = 0.0
+    method: str = ""
+
+
 # --- output ---------------------------------------------------------------------
 
 
@@ -383,6 +396,7 @@ def extract(
     revision: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> ExtractReport:
     """Extract a LoRA adapter approximating TUNED − BASE, as a PEFT folder.
 
@@ -399,14 +413,16 @@ def extract(
         dtype: dtype of the factors ("fp32" default, "bf16", "fp16").
         checksum: add the sha256 of every output file to the report.
         revision, token: for inputs given as Hub repo ids.
+        workers: modules decomposed at once, each single-threaded (default: the usable cores, or one
+            per device for a device list); the output is byte-identical for any number.
 
     Returns:
         An `ExtractReport` with per-module rank, energy kept and relative error.
     """
     import torch
 
-    from .device import resolve_device
-    from .ops import Workspace
+    from .compute.workers import ModuleWorkers
+    from .device import resolve_devices
     from .tensors import return_freed_memory_to_os, to_torch_dtype
 
     started = time.perf_counter()
@@ -417,7 +433,7 @@ def extract(
     if dtype_name is None:
         raise InvalidInputError(f"--dtype {dtype!r} is not one of bf16, fp16, fp32")
     factor_dtype = to_torch_dtype(dtype_name)
-    torch_device = resolve_device(device)
+    devices = resolve_devices(device)
     return_freed_memory_to_os()
     (base_local, base_repo), (tuned_local, tuned_repo) = (
         resolve_input(base, revision=revision, token=token),
@@ -440,7 +456,6 @@ def extract(
         skip_mismatched=skip_mismatched,
     )
     output = Path(output)
-    workspace = Workspace(torch_device)
     modules: list[ModuleExtraction] = []
     unchanged: list[str] = []
     ranks: dict[str, int] = {}
@@ -451,45 +466,57 @@ def extract(
     total = sum(task_info.numel for task_info in (base_checkpoint.tensors[t.tensor] for t in plan.tasks))
     done = 0
 
-    def delta_of(name: str) -> torch.Tensor:
-        info = base_checkpoint.tensors[name]
+    def extract_module(task: ExtractTask, workspace) -> _ModuleResult:
+        """Δ of one module and its factors (runs on a worker thread; reads only, writes nothing)."""
+        info = base_checkpoint.tensors[task.tensor]
         compute = torch.float64 if info.dtype == "F64" else torch.float32
-        result = workspace.get("tuned", info.shape, compute).copy_(tuned_checkpoint.read(name))
-        return result.sub_(workspace.get("base", info.shape, compute).copy_(base_checkpoint.read(name)))
+        delta = workspace.get("tuned", info.shape, compute).copy_(tuned_checkpoint.read(task.tensor))
+        delta.sub_(workspace.get("base", info.shape, compute).copy_(base_checkpoint.read(task.tensor)))
+        if not bool(delta.any()):
+            return _ModuleResult(task, delta.numel(), unchanged=True)
+        if task.embedding_like and embeddings == "full":
+            return _ModuleResult(task, delta.numel(), whole=tuned_checkpoint.read(task.tensor))
+        matrix = delta.reshape(delta.shape[0], -1) if task.kind == "conv" else delta
+        if task.kind == "embedding" or task.fan_in_fan_out:
+            matrix = matrix.T
+        b, a, used = factorize(matrix, rule, method, seed=_seed(task.module))
+        # relative error of what is stored: ‖Δ − B·A‖ / ‖Δ‖, after rounding the factors
+        b_out, a_out = b.to(factor_dtype), a.to(factor_dtype)
+        norm = float(torch.linalg.vector_norm(matrix))
+        residual = float(
+            torch.linalg.vector_norm(matrix.addmm_(b_out.to(matrix.dtype), a_out.to(matrix.dtype), alpha=-1))
+        )
+        b_out, a_out = _factor_shapes(task, b_out.cpu(), a_out.cpu())
+        return _ModuleResult(
+            task, delta.numel(), factors=(b_out, a_out), error=residual / norm if norm else 0.0, method=used
+        )
 
-    with atomic_output(
-        output, is_dir=True, force=force, inputs=[base_checkpoint.path, tuned_checkpoint.path]
-    ) as target:
+    with (
+        atomic_output(output, is_dir=True, force=force, inputs=[base_checkpoint.path, tuned_checkpoint.path]) as target,
+        ModuleWorkers(devices, workers) as pool,
+    ):
         spool = Spool(target / ".factors.spool")
-        for task in plan.tasks:
-            delta = delta_of(task.tensor)
-            done += delta.numel()
-            if not bool(delta.any()):
+        for result in pool.map(extract_module, plan.tasks):
+            task = result.task
+            done += result.numel
+            if result.unchanged:
                 unchanged.append(task.tensor)
-            elif task.embedding_like and embeddings == "full":
-                spool.add(f"base_model.model.{task.tensor}", tuned_checkpoint.read(task.tensor))
+            elif result.whole is not None:
+                spool.add(f"base_model.model.{task.tensor}", result.whole)
                 modules_to_save.append(task.module)
             else:
-                matrix = delta.reshape(delta.shape[0], -1) if task.kind == "conv" else delta
-                if task.kind == "embedding" or task.fan_in_fan_out:
-                    matrix = matrix.T
-                b, a, used = factorize(matrix, rule, method, seed=_seed(task.module))
-                # relative error of what is stored: ‖Δ − B·A‖ / ‖Δ‖, after rounding the factors
-                b_out, a_out = b.to(factor_dtype), a.to(factor_dtype)
-                norm = float(torch.linalg.vector_norm(matrix))
-                residual = float(
-                    torch.linalg.vector_norm(matrix.addmm_(b_out.to(matrix.dtype), a_out.to(matrix.dtype), alpha=-1))
-                )
-                error = residual / norm if norm else 0.0
+                b_out, a_out = result.factors
                 key_a, key_b = _lora_keys(task.module, task.kind)
-                b_out, a_out = _factor_shapes(task, b_out, a_out)
                 spool.add(key_a, a_out)
                 spool.add(key_b, b_out)
                 ranks[task.module] = a_out.shape[0]
                 parameters += a_out.numel() + b_out.numel()
-                full_delta += delta.numel()
+                full_delta += result.numel
+                error = result.error
                 modules.append(
-                    ModuleExtraction(task.module, a_out.shape[0], max(0.0, 1 - error * error), error, used, task.shape)
+                    ModuleExtraction(
+                        task.module, a_out.shape[0], max(0.0, 1 - error * error), error, result.method, task.shape
+                    )
                 )
             if progress is not None:
                 progress(done, total)
@@ -550,7 +577,7 @@ def extract(
     return ExtractReport(
         operation="extract",
         output=str(output),
-        device=str(torch_device),
+        device=",".join(str(d) for d in devices),
         modules=modules,
         skipped=plan.skipped,
         unchanged=unchanged,
@@ -633,6 +660,7 @@ def resize(
     revision: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> ExtractReport:
     """Re-factorise an adapter's ΔW = s·B·A to a new rank, exactly and without forming ΔW.
 
@@ -640,11 +668,13 @@ def resize(
     the rank rule picks k and the new balanced factors keep each module's scale
     (alpha is set to s·k, or s·√k for rsLoRA). Modules already at or below the new
     rank are re-balanced at their rank; DoRA magnitudes, lora_B.bias and
-    modules_to_save are copied unchanged.
+    modules_to_save are copied unchanged. `workers` modules are re-factorised at
+    once (see `extract`); the output is byte-identical for any number.
     """
     import torch
 
-    from .device import resolve_device
+    from .compute.workers import ModuleWorkers
+    from .device import resolve_devices
 
     started = time.perf_counter()
     rule = RankRule(rank, energy, sv_ratio, max_rank)
@@ -652,32 +682,39 @@ def resize(
     source = read_adapter(adapter_local)
     if source.format != "peft":
         raise UnsupportedError(f"{source.path}: resize writes PEFT folders; convert this {source.format} adapter first")
-    torch_device = resolve_device(device)
+    devices = resolve_devices(device)
     output = Path(output)
     modules: list[ModuleExtraction] = []
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     parameters = full = 0
     handled: set[str] = set()
-    with atomic_output(output, is_dir=True, force=force, inputs=[source.path]) as target:
+
+    def resize_module(module, workspace):
+        """The exact re-factorisation of one module (runs on a worker thread)."""
+        a = source.read(module.a_key).to(workspace.device, torch.float64)
+        b = source.read(module.b_key).to(workspace.device, torch.float64)
+        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        q_b, r_b = torch.linalg.qr(b2)
+        q_a, r_a = torch.linalg.qr(a2.T)
+        core_u, values, core_vh = torch.linalg.svd(r_b @ r_a.T)
+        total = float(values.pow(2).sum())
+        new_rank = max(1, choose_rank(values.tolist(), total, rule, module.rank))
+        root = values[:new_rank].sqrt()
+        new_b = (q_b @ core_u[:, :new_rank]) * root
+        new_a = root[:, None] * (core_vh[:new_rank] @ q_a.T)
+        new_b = new_b.reshape(b.shape[0], new_rank, *b.shape[2:]).to(torch.float32).cpu()
+        new_a = new_a.reshape(new_rank, *a.shape[1:]).to(torch.float32).cpu()
+        kept = float(values[:new_rank].pow(2).sum()) / total if total else 1.0
+        return module, a, b, new_a, new_b, kept
+
+    with (
+        atomic_output(output, is_dir=True, force=force, inputs=[source.path]) as target,
+        ModuleWorkers(devices, workers) as pool,
+    ):
         spool = Spool(target / ".factors.spool")
-        for number, module in enumerate(source.modules, 1):
-            a = source.read(module.a_key).to(torch_device, torch.float64)
-            b = source.read(module.b_key).to(torch_device, torch.float64)
-            a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-            q_b, r_b = torch.linalg.qr(b2)
-            q_a, r_a = torch.linalg.qr(a2.T)
-            core_u, values, core_vh = torch.linalg.svd(r_b @ r_a.T)
-            total = float(values.pow(2).sum())
-            new_rank = choose_rank(values.tolist(), total, rule, module.rank)
-            if new_rank == 0:
-                new_rank = 1
-            root = values[:new_rank].sqrt()
-            new_b = (q_b @ core_u[:, :new_rank]) * root
-            new_a = root[:, None] * (core_vh[:new_rank] @ q_a.T)
-            new_b = new_b.reshape(b.shape[0], new_rank, *b.shape[2:]).to(torch.float32)
-            new_a = new_a.reshape(new_rank, *a.shape[1:]).to(torch.float32)
-            kept = float(values[:new_rank].pow(2).sum()) / total if total else 1.0
+        for number, (module, a, b, new_a, new_b, kept) in enumerate(pool.map(resize_module, source.modules), 1):
+            new_rank = new_a.shape[0]
             spool.add(module.a_key, new_a)
             spool.add(module.b_key, new_b)
             handled |= {module.a_key, module.b_key}
@@ -715,7 +752,7 @@ def resize(
     return ExtractReport(
         operation="resize",
         output=str(output),
-        device=str(torch_device),
+        device=",".join(str(d) for d in devices),
         modules=modules,
         skipped=[],
         unchanged=[],

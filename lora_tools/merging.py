@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -146,12 +147,9 @@ def _run(
     renames: Sequence[str] = (),
 ) -> MergeReport:
 
-    from .device import resolve_device
-    from .ops import Workspace
-    from .quant.execute import QuantizedTensors, requantization_summary
-    from .tensors import return_freed_memory_to_os
-
-    return_freed_memory_to_os()
+    # Nothing before the first computation needs torch: its import (a second or more) runs while
+    # the kernel copies the tensors that pass unchanged (see `_Writing`). Quantized bases are the
+    # exception: their executor (lora_tools.quant.execute) imports torch when one is planned.
     started = time.perf_counter()
     if not adapter_paths:
         raise InvalidInputError("give at least one adapter")
@@ -164,7 +162,6 @@ def _run(
         out_dtype = OUTPUT_DTYPES[dtype.lower()]
     weights = [1.0] * len(adapter_paths) if not weights else [float(w) for w in weights]
     shard_bytes = parse_size(max_shard_size)
-    torch_device = resolve_device(device)
 
     base_local, base_repo = resolve_input(base_path, revision=revision, token=token)
     adapter_inputs = [resolve_input(p, revision=revision, token=token) for p in adapter_paths]
@@ -197,7 +194,6 @@ def _run(
         for n, p in plans.items()
     }
     plans = {name: plan for name, (plan, _) in adapted.items()}
-    _check_adapters_finite(adapters)
     recorded = _recorded_dora_norms(base_local, adapters, plans) if unmerge else {}
     report_args = dict(
         operation=operation,
@@ -205,7 +201,6 @@ def _run(
         adapters=[str(p) for p in adapter_paths],
         weights=weights,
         output=str(output),
-        device=str(torch_device),
         dry_run=dry_run,
         warnings=left_out + carried_not + [w for plan in plans.values() for w in plan.warnings],
     )
@@ -215,12 +210,16 @@ def _run(
         tensors_changed=len(changed), tensors_copied=sum(len(p.tasks) for p in plans.values()) - len(changed)
     )
     if dry_run:
+        from .device import resolve_devices
+
+        devices = resolve_devices(device)
+        _check_adapters_finite(adapters)
         files = [output.name] if single_file else [
             _qualified(name, file) for name, plan in plans.items()
             for file in shard_file_names(len(plan.shards), components[name].weight_prefix)
         ]  # fmt: skip
         return MergeReport(
-            **report_args, **counted, bytes_written=total, seconds=time.perf_counter() - started, files=files,
+            **report_args, device=_device_names(devices), **counted, bytes_written=total, seconds=time.perf_counter() - started, files=files,
             changes=[TensorChange(_qualified(name, t.name), _describe(t, adapters)) for name, t in changed],
         )  # fmt: skip
 
@@ -232,22 +231,35 @@ def _run(
         if progress is not None:
             progress(done_bytes, total)
 
-    writing = _Writing(adapters, Workspace(torch_device), torch_device, unmerge, allow_nonfinite, recorded, advance)
-    writing.quant = {n: QuantizedTensors(produced, allow_nonfinite) for n, (_, produced) in adapted.items() if produced}
+    writing = _Writing(adapters, unmerge, allow_nonfinite, recorded, advance)
+    if any(produced for _, produced in adapted.values()):
+        from .quant.execute import QuantizedTensors
+
+        writing.quant = {
+            n: QuantizedTensors(produced, allow_nonfinite) for n, (_, produced) in adapted.items() if produced
+        }
     inputs = [base_local, *(a.path for a in adapters)]
     with (
         atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target,
         closing(writing),
     ):
-        files: list[str] = []
+        written: dict[str | None, list[str]] = {}
         for name, checkpoint in components.items():
             folder = target / name if name else target
             if name:
                 folder.mkdir()
-            written = writing.checkpoint(checkpoint, plans[name], target if single_file else folder, single_file, name)
-            files += [output.name] if single_file else [_qualified(name, f) for f in written]
+            written[name] = writing.prepare(
+                checkpoint, plans[name], target if single_file else folder, single_file, name
+            )
+        devices = writing.start(device)
+        writing.run()
+        files: list[str] = []
+        for name, checkpoint in components.items():
+            files += [output.name] if single_file else [_qualified(name, f) for f in written[name]]
             if not single_file:
-                _write_folder_extras(folder, checkpoint, plans[name], written, out_dtype)
+                _write_folder_extras(
+                    target / name if name else target, checkpoint, plans[name], written[name], out_dtype
+                )
         if pipeline:
             _copy_pipeline_files(base_local, target, components)
         if not single_file:
@@ -256,13 +268,14 @@ def _run(
             _write_record(target, operation, base_name, adapters, adapter_names, weights, out_dtype, writing.norms)
             config = components[next(iter(components))].config if not pipeline else None
             _write_merge_card(target, operation, config, base_name, base_repo, adapter_names, weights, dtype)
-        quantization, requantized = requantization_summary(writing.quant.values())
+        quantization, requantized = _requantization(writing.quant)
         report_args["warnings"] += requantized
         digests = checksums(target) if checksum else None
         if digests is not None and single_file:
             digests = {output.name: digests[target.name]}
     return MergeReport(
         **report_args,
+        device=_device_names(devices),
         **counted,
         bytes_written=total,
         seconds=time.perf_counter() - started,
@@ -289,6 +302,19 @@ def _single_file_output(output: Path, components: dict) -> tuple[bool, list[str]
         f"{output} is a single .safetensors file: config.json, tokenizer and other files of {folder} are not "
         "carried (and no merge record is kept); give a folder as --output to keep them"
     ]
+
+
+def _device_names(devices: list) -> str:
+    return ",".join(str(d) for d in devices)
+
+
+def _requantization(quantized: dict) -> tuple[dict, list[str]]:
+    """The requantization error report of a quantized merge (nothing for a plain one)."""
+    if not quantized:
+        return {}, []
+    from .quant.execute import requantization_summary
+
+    return requantization_summary(quantized.values())
 
 
 def _qualified(component: str | None, name: str) -> str:
@@ -343,148 +369,229 @@ def _copy_pipeline_files(base: Path, target: Path, components: dict) -> None:
         shutil.copyfile(source, destination)
 
 
-class _CudaStager:
-    """On CUDA, reads the next tensor into pinned memory and starts its copy to the GPU on a side
-    stream, so that disk, PCIe transfer and compute overlap."""
+@dataclass
+class _Shard:
+    """One output file being written: its copies in flight and the tensors left to compute."""
 
-    def __init__(self, device) -> None:
-        import torch
-
-        self.device = device
-        self.stream = torch.cuda.Stream(device=device)
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="loratool-stage")
-
-    def stage(self, base: Checkpoint, name: str):
-        return self.reader.submit(self._load, base, name)
-
-    def _load(self, base: Checkpoint, name: str):
-        import torch
-
-        with base.mapped(name) as view:
-            host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
-            host.copy_(view)
-        with torch.cuda.stream(self.stream):
-            on_device = host.to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        return on_device, ready
-
-    def take(self, staged):
-        """The staged tensor, usable on the current stream once its copy has landed."""
-        import torch
-
-        on_device, ready = staged.result()
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(ready)
-        on_device.record_stream(current)
-        return on_device
-
-    def close(self) -> None:
-        self.reader.shutdown(wait=True, cancel_futures=True)
+    base: Checkpoint
+    component: str | None
+    writer: SafetensorsWriter
+    copies: list = field(default_factory=list)  # (task, future): bytes that come through unchanged
+    quantized: list = field(default_factory=list)  # tasks of quantized weights (and their scales)
+    computed: list = field(default_factory=list)  # (task, future or None): tensors to compute, in place when copied
 
 
 class _Writing:
-    """Streams planned checkpoints to disk: compute what changes, copy what does not."""
+    """Streams planned checkpoints to disk: copy what does not change, compute what does.
 
-    def __init__(self, adapters, workspace, device, unmerge: bool, allow_nonfinite: bool, recorded: dict, advance):
-        self.adapters, self.workspace, self.device = adapters, workspace, device
-        self.unmerge, self.allow_nonfinite, self.recorded, self.advance = unmerge, allow_nonfinite, recorded, advance
+    `prepare` (no torch) creates the output files and starts kernel copies on a helper
+    thread: first the base bytes of tensors to be computed in place, then tensors that
+    pass unchanged. `start` then imports torch while those copies run. `run` computes
+    each changed tensor in place in the output file, its rows split across the cores
+    (or dealt to several devices), and `finish` checks and closes every file.
+    """
+
+    def __init__(self, adapters, unmerge: bool, allow_nonfinite: bool, recorded: dict, advance):
+        self.adapters, self.unmerge, self.allow_nonfinite = adapters, unmerge, allow_nonfinite
+        self.recorded, self._advance = recorded, advance
+        self._progress_lock = threading.Lock()
+        self.checks: list = []
         self.changes: list[TensorChange] = []
         self.quant: dict = {}  # component → quant.execute.QuantizedTensors
         self.norms: dict = {}
-        self.stager = _CudaStager(device) if device.type == "cuda" else None
+        self.shards: list[_Shard] = []
+        self.copier = ThreadPoolExecutor(1, thread_name_prefix="loratool-copy")
+        self.lanes: list = []
 
     def close(self) -> None:
-        if self.stager is not None:
-            self.stager.close()
+        self.copier.shutdown(wait=True, cancel_futures=True)
+        for lane in self.lanes:
+            lane.close()
+
+    def advance(self, nbytes: int) -> None:
+        with self._progress_lock:  # several device lanes may report at once
+            self._advance(nbytes)
 
     def fetch(self, index: int, key: str):
         return self.adapters[index].read(key)
 
-    def checkpoint(self, base: Checkpoint, plan: MergePlan, target: Path, single_file: bool, component: str | None):
-        """Write one checkpoint's shards into `target` (a folder, or the file itself); return the shard names."""
-        from .ops import compute_task
+    def prepare(self, base: Checkpoint, plan: MergePlan, target: Path, single_file: bool, component: str | None):
+        """Create one checkpoint's shard files in `target` (a folder, or the file itself) and start their copies.
 
+        Returns the shard file names.
+        """
         names = [target.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
         paths = [target] if single_file else [target / n for n in names]
-        copier = ThreadPoolExecutor(1, thread_name_prefix="loratool-copy")
-        try:
-            for shard, path in zip(plan.shards, paths, strict=True):
-                tasks = [plan.tasks[i] for i in shard]
-                writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
-                tasks = self._write_quantized(tasks, base, writer, component)
-                # untouched tensors are checked here (torch work stays on this thread: two threads driving
-                # torch's thread pool at once thrash it) and copied inside the kernel on a helper thread
-                copies = []
-                for task in tasks:
-                    if not _needs_compute(task, base):
-                        info = base.tensors[task.source]
-                        if not self.allow_nonfinite:
-                            _refuse_nonfinite(info)
-                        copies.append((copier.submit(writer.copy_from, task.name, info), task.nbytes))
-                computed = [t for t in tasks if _needs_compute(t, base)]
-                staged = self.stager.stage(base, computed[0].source) if self.stager and computed else None
-                for position, task in enumerate(computed):
-                    upcoming = computed[position + 1].source if position + 1 < len(computed) else None
-                    qualified = _qualified(component, task.name)
-                    with ExitStack() as stack:
-                        if self.stager is not None:  # this tensor was read and sent to the GPU meanwhile
-                            tensor = self.stager.take(staged)
-                            staged = self.stager.stage(base, upcoming) if upcoming else None
-                        else:
-                            if upcoming:
-                                base.prefetch(upcoming)
-                            tensor = stack.enter_context(base.mapped(task.source))
-                        destination = stack.enter_context(writer.mapped(task.name))
-                        result = compute_task(
-                            task,
-                            tensor,
-                            self.fetch,
-                            self.workspace,
-                            destination,
-                            unmerge=self.unmerge,
-                            recorded_norm=self.recorded.get(qualified),
-                            allow_nonfinite=self.allow_nonfinite,
-                        )
-                    if task.changed:
-                        self.changes.append(
-                            TensorChange(qualified, _describe(task, self.adapters), result.max_abs_delta)
-                        )
-                    if result.dora_norm is not None and not self.unmerge:
-                        self.norms[qualified] = result.dora_norm
-                    self.advance(task.nbytes)
-                for future, nbytes in copies:
-                    future.result()
-                    self.advance(nbytes)
-                writer.close()
-        finally:
-            copier.shutdown(wait=True, cancel_futures=True)
+        quantized = self.quant.get(component)
+        for shard, path in zip(plan.shards, paths, strict=True):
+            tasks = [plan.tasks[i] for i in shard]
+            writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
+            job = _Shard(base, component, writer)
+            self.shards.append(job)
+            if quantized is not None:  # dequantize → merge → requantize, after torch is imported (see `run`)
+                job.quantized = [t for t in tasks if quantized.handles(t.name)]
+                tasks = [t for t in tasks if not quantized.handles(t.name)]
+            for task in tasks:
+                if _needs_compute(task, base):
+                    info = base.tensors[task.source]
+                    in_place = task.out_dtype == task.in_dtype and info.offset is not None
+                    copied = self.copier.submit(writer.copy_from, task.name, info, final=False) if in_place else None
+                    job.computed.append((task, copied))
+            for task in tasks:
+                if not _needs_compute(task, base):
+                    job.copies.append(
+                        (task, self.copier.submit(writer.copy_from, task.name, base.tensors[task.source]))
+                    )
         return names
 
-    def _write_quantized(self, tasks: list[TensorTask], base: Checkpoint, writer, component: str | None) -> list:
-        """Write the tasks of quantized weights (dequantize, merge, requantize or cast); return the others."""
+    def start(self, device: str):
+        """Import torch, resolve the device(s) and check what must be checked before computing; return the devices."""
+        from .compute.pool import usable_cores
+        from .device import resolve_devices
+        from .tensors import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
+        devices = resolve_devices(device)
+        _check_adapters_finite(self.adapters)
+        if not self.allow_nonfinite:  # copied tensors are checked from their source while the compute runs
+            for job in self.shards:
+                for task, _ in job.copies:
+                    self.checks.append(self.copier.submit(_refuse_nonfinite, job.base.tensors[task.source]))
+        self.lanes = [_Lane(d, usable_cores() if len(devices) == 1 else 1) for d in devices]
+        return devices
+
+    def run(self) -> None:
+        """Compute every changed tensor, on one device or dealt to several, then finish the files."""
+        from .compute.pool import single_threaded_torch
+
+        work = [(job, task, copied) for job in self.shards for task, copied in job.computed]
+        with single_threaded_torch():
+            if len(self.lanes) == 1:
+                ahead = [*work[1:], None]
+                results = [self._compute(self.lanes[0], *item, upcoming) for item, upcoming in zip(work, ahead)]
+            else:
+                results = _deal(self.lanes, work, self._compute)
+        for (job, task, _), result in zip(work, results, strict=True):
+            qualified = _qualified(job.component, task.name)
+            if task.changed:
+                self.changes.append(TensorChange(qualified, _describe(task, self.adapters), result.max_abs_delta))
+            if result.dora_norm is not None and not self.unmerge:
+                self.norms[qualified] = result.dora_norm
+        for job in self.shards:
+            self._write_quantized(job)
+        for job in self.shards:
+            for task, future in job.copies:
+                future.result()
+                self.advance(task.nbytes)
+        for check in self.checks:
+            check.result()
+        for job in self.shards:
+            job.writer.close()
+
+    def _compute(self, lane, job: _Shard, task: TensorTask, copied, upcoming):
+        """Compute one tensor into its place in the output; `upcoming` (job, task, copied) is staged meanwhile."""
         from .ops import compute_task
 
-        quantized = self.quant.get(component)
-        if quantized is None:
-            return tasks
+        qualified = _qualified(job.component, task.name)
+        with ExitStack() as stack:
+            if copied is not None:
+                copied.result()
+            staged = lane.take(job.base, task.source) if lane.stager is not None else None
+            if upcoming is not None and lane.stager is not None:
+                lane.stage_ahead(upcoming[0].base, upcoming[1].source)
+            elif upcoming is not None and upcoming[2] is None:
+                upcoming[0].base.prefetch(upcoming[1].source)
+            destination = stack.enter_context(job.writer.mapped(task.name, again=copied is not None))
+            if staged is not None:
+                tensor = staged
+            elif copied is not None:
+                tensor = destination  # the base bytes were copied into place: compute there
+            else:
+                tensor = stack.enter_context(job.base.mapped(task.source))
+            result = compute_task(
+                task, tensor, self.fetch, lane.workspace, destination, unmerge=self.unmerge,
+                recorded_norm=self.recorded.get(qualified), allow_nonfinite=self.allow_nonfinite, pool=lane.pool,
+            )  # fmt: skip
+        job.writer.written(task.name)
+        self.advance(task.nbytes)
+        return result
+
+    def _write_quantized(self, job: _Shard) -> None:
+        """Write a shard's quantized weights: dequantize, merge, requantize (or cast), one weight at a time."""
+        from .ops import compute_task
+
+        if not job.quantized:
+            return
+        quantized, workspace = self.quant[job.component], self.lanes[0].workspace
 
         def compute(logical: TensorTask, values):
-            recorded = self.recorded.get(_qualified(component, logical.name))
-            return compute_task(logical, values, self.fetch, self.workspace, values, unmerge=self.unmerge,
+            recorded = self.recorded.get(_qualified(job.component, logical.name))
+            return compute_task(logical, values, self.fetch, workspace, values, unmerge=self.unmerge,
                                 recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
 
-        for task in (t for t in tasks if quantized.handles(t.name)):
-            result = quantized.write(task, base, writer, compute)
+        for task in job.quantized:
+            result = quantized.write(task, job.base, job.writer, compute)
             if result is not None:
                 logical = quantized.produced[task.name][1]
-                self.changes.append(
-                    TensorChange(_qualified(component, task.name), _describe(task, self.adapters), result.max_abs_delta)
-                )
+                qualified = _qualified(job.component, task.name)
+                self.changes.append(TensorChange(qualified, _describe(task, self.adapters), result.max_abs_delta))
                 if result.dora_norm is not None and not self.unmerge:
-                    self.norms[_qualified(component, logical.name)] = result.dora_norm
+                    self.norms[_qualified(job.component, logical.name)] = result.dora_norm
             self.advance(task.nbytes)
-        return [t for t in tasks if not quantized.handles(t.name)]
+
+
+class _Lane:
+    """One compute device: its buffers, its row pool (CPU) or its staging pipeline (CUDA)."""
+
+    def __init__(self, device, workers: int) -> None:
+        from .compute.pool import BlockPool
+        from .compute.streams import Stager, streams_for
+        from .ops import Workspace
+
+        self.device = device
+        self.workspace = Workspace(device)
+        streams = streams_for(device)
+        self.stager = Stager(streams) if streams is not None else None
+        self.pool = BlockPool(workers) if device.type == "cpu" else None
+        self._staged: dict = {}
+
+    def take(self, base: Checkpoint, name: str):
+        """The tensor `name`, staged on this device (the first call stages it; later ones were staged ahead)."""
+        staged = self._staged.pop(name, None) or self.stager.stage(lambda: base.mapped(name))
+        return self.stager.take(staged)
+
+    def stage_ahead(self, base: Checkpoint, name: str) -> None:
+        if self.stager is not None and name not in self._staged:
+            self._staged[name] = self.stager.stage(lambda: base.mapped(name))
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _deal(lanes: list, work: list, compute) -> list:
+    """Deal tasks to lanes largest first (each to the least loaded), run the lanes at once; results in task order."""
+    load = [0] * len(lanes)
+    assigned: list[list[int]] = [[] for _ in lanes]
+    for index in sorted(range(len(work)), key=lambda i: (-work[i][1].nbytes, i)):
+        lane = min(range(len(lanes)), key=lambda k: (load[k], k))
+        assigned[lane].append(index)
+        load[lane] += work[index][1].nbytes
+    results: list = [None] * len(work)
+
+    def run_lane(number: int) -> None:
+        mine = sorted(assigned[number])
+        for position, index in enumerate(mine):
+            upcoming = work[mine[position + 1]] if position + 1 < len(mine) else None
+            results[index] = compute(lanes[number], *work[index], upcoming)
+
+    from .compute.pool import wait_all
+
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="loratool-device") as executor:
+        wait_all([executor.submit(run_lane, number) for number in range(len(lanes))])
+    return results
 
 
 def _refuse_nonfinite(info) -> None:

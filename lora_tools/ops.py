@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import LoraModule
+from .compute.pool import BlockPool
 from .errors import NonFiniteError
 from .plan import TensorTask
 
@@ -148,6 +149,16 @@ def _check_finite(task: TensorTask, result: torch.Tensor) -> None:
 _BLOCK_BYTES = 1 << 20
 
 
+def _rounds_finite(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value stays finite once rounded to `dtype`, from one min/max pass before rounding.
+
+    Rounding is monotonic, so all values round to finite numbers exactly when the smallest
+    and the largest do (NaN reaches both); this spares a pass over the rounded result.
+    """
+    extremes = torch.stack(torch.aminmax(values)).to(dtype)
+    return bool(torch.isfinite(extremes).all())
+
+
 def _compute_blocked(
     task: TensorTask,
     base: torch.Tensor,
@@ -155,11 +166,15 @@ def _compute_blocked(
     workspace: Workspace,
     destination: torch.Tensor,
     allow_nonfinite: bool,
+    pool: BlockPool | None = None,
 ) -> TaskResult:
     """W + Σ wᵢ·sᵢ·BᵢAᵢ one block of rows at a time, so every pass runs in cache.
 
     The same operations in the same order as the whole-tensor path (so the same
-    bits), but each block is read from memory once and written once.
+    bits), but each block is read from memory once and written once. With a pool,
+    the blocks are dealt to its workers in contiguous runs; every block is still
+    computed by the same calls, so the bits do not depend on the number of workers.
+    `base` may be `destination` itself: each block is read before it is written.
     """
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     rows = base.shape[0]
@@ -175,21 +190,31 @@ def _compute_blocked(
             right, scale = right * scale, 1.0
         pairs.append((term, left, right, scale))
     block = max(1, _BLOCK_BYTES // (base_2d.shape[1] * 4))
-    weight_buffer = workspace.get("weight", (block, base_2d.shape[1]), compute)
-    delta_buffer = workspace.get("delta", (block, base_2d.shape[1]), compute)
-    max_abs = [0.0] * len(pairs)
-    for start in range(0, rows, block):
-        stop = min(rows, start + block)
-        weight = weight_buffer[: stop - start].copy_(base_2d[start:stop])
-        for index, (term, left, right, scale) in enumerate(pairs):
-            delta = torch.mm(left[start:stop], right, out=delta_buffer[: stop - start])
-            if scale != 1.0:
-                delta.mul_(scale)
-            max_abs[index] = max(max_abs[index], _largest_magnitude(delta))
-            weight.add_(delta, alpha=term.weight)
-        out_2d[start:stop].copy_(weight)
-    if not allow_nonfinite:
+    check = not allow_nonfinite and destination.is_floating_point() and destination.numel() > 0
+
+    def run(worker: int, first: int, last: int) -> tuple[list[float], bool]:
+        weight_buffer = workspace.get(f"weight{worker}", (block, base_2d.shape[1]), compute)
+        delta_buffer = workspace.get(f"delta{worker}", (block, base_2d.shape[1]), compute)
+        max_abs, finite = [0.0] * len(pairs), True
+        for start in range(first * block, min(rows, last * block), block):
+            stop = min(rows, start + block)
+            weight = weight_buffer[: stop - start].copy_(base_2d[start:stop])
+            for index, (term, left, right, scale) in enumerate(pairs):
+                delta = torch.mm(left[start:stop], right, out=delta_buffer[: stop - start])
+                if scale != 1.0:
+                    delta.mul_(scale)
+                max_abs[index] = max(max_abs[index], _largest_magnitude(delta))
+                weight.add_(delta, alpha=term.weight)
+            if check and finite:
+                finite = _rounds_finite(weight, destination.dtype)
+            out_2d[start:stop].copy_(weight)
+        return max_abs, finite
+
+    blocks = -(-rows // block)
+    parts = pool.split(blocks, run) if pool is not None else [run(0, 0, blocks)]
+    if not all(finite for _, finite in parts):
         _check_finite(task, destination)
+    max_abs = [max(part[0][index] for part in parts) for index in range(len(pairs))]
     largest = max((abs(pair[0].weight) * m for pair, m in zip(pairs, max_abs, strict=True)), default=0.0)
     return TaskResult(largest)
 
@@ -204,6 +229,7 @@ def compute_task(
     unmerge: bool = False,
     recorded_norm: torch.Tensor | None = None,
     allow_nonfinite: bool = False,
+    pool: BlockPool | None = None,
 ) -> TaskResult:
     """Produce one output tensor: replacements, then Σ wᵢ·ΔWᵢ (or DoRA), one rounding.
 
@@ -213,6 +239,7 @@ def compute_task(
         destination: a CPU tensor of the output dtype (typically the tensor's place in the
             output file) that receives the rounded result.
         recorded_norm: for un-merging DoRA, the norm the merge recorded.
+        pool: workers to split a plain LoRA tensor's rows across (CPU only).
 
     Raises:
         NonFiniteError: the result holds NaN or Inf (unless `allow_nonfinite`).
@@ -221,7 +248,7 @@ def compute_task(
     plain = not task.replacements and base.dim() >= 2
     plain = plain and all(not t.bias and not t.module.dora and t.module.variant == "lora" for t in task.terms)
     if plain and task.terms and device.type == "cpu":
-        return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite)
+        return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite, pool)
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     weight = workspace.get("weight", base.shape, compute).copy_(base, non_blocking=True)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import CorruptFileError
 from .storage import naming, reserve, written_on_exit
+from .writeback import Writeback
 
 __all__ = ["DTYPE_SIZES", "TensorInfo", "read_header", "SafetensorsWriter", "copy_bytes"]
 
@@ -222,6 +223,7 @@ class SafetensorsWriter:
         except BaseException:
             os.close(self._fd)
             raise
+        self._writeback = Writeback(self._fd, self.total_bytes)
 
     def _claim(self, name: str, nbytes: int | None = None) -> tuple[str, tuple[int, ...], int, int]:
         dtype, shape, offset, expected = self._places[name]
@@ -238,26 +240,42 @@ class SafetensorsWriter:
                 written = os.pwrite(self._fd, view, offset)
                 view, offset = view[written:], offset + written
 
-    def copy_from(self, name: str, info: TensorInfo) -> None:
-        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel."""
+    def copy_from(self, name: str, info: TensorInfo, *, final: bool = True) -> None:
+        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel.
+
+        `final=False`: the bytes will be updated in place (see `mapped(again=True)`) and `written` called.
+        """
         assert info.offset is not None
         _, _, offset, nbytes = self._claim(name, info.nbytes)
         with naming(self.path):
             copy_bytes(info.file, info.offset, nbytes, self._fd, offset)
+        if final:
+            self._writeback.finished(offset, nbytes)
 
-    def mapped(self, name: str):
+    def mapped(self, name: str, *, again: bool = False):
         """A context manager yielding a writable CPU tensor that is the tensor's place in the file.
 
-        Where the filesystem could not reserve the file's space, the tensor is in
-        memory and written with `pwrite` at the end instead: a mapped write there
-        could meet a full disk, which the kernel answers with SIGBUS.
+        `again`: the tensor was already written (e.g. copied from the base, to be updated in place);
+        call `written(name)` once its final bytes are in. Where the filesystem could not reserve
+        the file's space, the tensor is in memory and written with `pwrite` at the end instead: a
+        mapped write there could meet a full disk, which the kernel answers with SIGBUS.
         """
         from .tensors import mapped_tensor
 
-        dtype, shape, offset, _ = self._claim(name)
+        if again:
+            if name in self._missing:
+                raise AssertionError(f"{self.path}: tensor {name} is rewritten before it was written")
+            dtype, shape, offset, _ = self._places[name]
+        else:
+            dtype, shape, offset, _ = self._claim(name)
         if not self.reserved:
-            return written_on_exit(self._fd, self.path, offset, dtype, shape)
+            return written_on_exit(self._fd, self.path, offset, dtype, shape, load=again)
         return mapped_tensor(self.path, offset, dtype, shape, writable=True)
+
+    def written(self, name: str) -> None:
+        """The tensor's bytes are final: let the writeback pacing (large files only) send them to disk."""
+        _, _, offset, nbytes = self._places[name]
+        self._writeback.finished(offset, nbytes)
 
     def close(self) -> None:
         try:

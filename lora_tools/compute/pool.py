@@ -1,0 +1,139 @@
+"""Small worker pools we own, so each core runs one single-threaded torch computation.
+
+Two shapes of parallel work:
+
+- `BlockPool.split`: one tensor's rows cut into disjoint contiguous ranges, one per
+  worker (the merge: convert, matmul, add and round run on every core at once).
+- `run_ordered`: independent tasks (extract/resize modules) on N workers, at most N in
+  flight, results yielded in task order so outputs are byte-identical for any N.
+
+Torch's own intra-op pool is set to one thread while ours run (`single_threaded_torch`):
+two pools sharing two cores thrash each other, and a fixed thread count keeps every
+kernel's summation order, hence every output bit, independent of N.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+__all__ = ["usable_cores", "single_threaded_torch", "BlockPool", "run_ordered", "block_ranges", "wait_all"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Torch's intra-op thread count set to 1 for the duration, then restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def block_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """`count` items cut into at most `parts` contiguous, non-empty, near-equal ranges."""
+    parts = max(1, min(parts, count))
+    size, extra = divmod(count, parts)
+    ranges, start = [], 0
+    for index in range(parts):
+        stop = start + size + (index < extra)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def wait_all(futures: Iterable[Future]) -> list:
+    """Every future's result, waiting for all of them even when one failed (then re-raising the first error)."""
+    results, error = [], None
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below once every worker has stopped
+            error = error or exc
+            results.append(None)
+    if error is not None:
+        raise error
+    return results
+
+
+class BlockPool:
+    """Runs `fn(worker, start, stop)` over disjoint ranges of blocks, one range per worker.
+
+    The calling thread takes the first range itself, so `workers` threads compute in
+    all (`workers - 1` helpers). `split` returns only once every range is done, also
+    when one fails: the ranges often write into a mapping that is closed right after.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._helpers = ThreadPoolExecutor(self.workers - 1, "loratool-rows") if self.workers > 1 else None
+
+    def split(self, count: int, fn: Callable[[int, int, int], R]) -> list[R]:
+        ranges = block_ranges(count, self.workers)
+        if self._helpers is None or len(ranges) == 1:
+            return [fn(worker, start, stop) for worker, (start, stop) in enumerate(ranges)]
+        futures = [self._helpers.submit(fn, worker, *ranges[worker]) for worker in range(1, len(ranges))]
+        try:
+            first = fn(0, *ranges[0])
+        except BaseException:
+            wait_all(futures)
+            raise
+        return [first, *wait_all(futures)]
+
+    def close(self) -> None:
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> BlockPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Iterator[R]:
+    """`fn(task)` for every task on `workers` threads, yielded in task order.
+
+    At most `workers` tasks are in flight (plus the result the caller holds), so memory
+    stays at about `workers` × the largest task. With one worker everything runs on
+    the calling thread. Stopping the iteration early cancels what has not started and
+    waits for what has.
+
+    Example:
+        >>> list(run_ordered(range(5), lambda x: x * x, workers=3))
+        [0, 1, 4, 9, 16]
+    """
+    if workers <= 1:
+        for task in tasks:
+            yield fn(task)
+        return
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(workers, "loratool-worker") as executor:
+        try:
+            for task in tasks:
+                pending.append(executor.submit(fn, task))
+                if len(pending) >= workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

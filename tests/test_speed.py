@@ -1,0 +1,214 @@
+"""The fast paths give the same bytes: row pools, device lists, worker counts, writeback pacing, early copies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+from synthetic import write_llama_checkpoint, write_lora_adapter
+
+import lora_tools
+from lora_tools.compute import pool as pool_module
+from lora_tools.compute.pool import BlockPool, block_ranges, run_ordered
+
+SHAPE = dict(hidden=64, intermediate=160, layers=2, heads=4)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, Path]:
+    """A two-shard bf16 Llama (embeddings and head copied, projections changed) and a rank-4 LoRA."""
+    root = tmp_path_factory.mktemp("speed")
+    base = write_llama_checkpoint(root / "base", vocab=96, max_shard_bytes=60_000, **SHAPE)
+    adapter = write_lora_adapter(root / "lora", rank=4, alpha=6.0, **SHAPE)  # scale 1.5: not folded
+    return base, adapter
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
+
+
+def _merge(model, output: Path, **options) -> dict[str, bytes]:
+    base, adapter = model
+    lora_tools.merge(base, [adapter], output, max_shard_size=60_000, **options)
+    return _bytes(output)
+
+
+def test_merge_bytes_do_not_depend_on_workers_blocks_or_devices(model, tmp_path, monkeypatch):
+    reference = _merge(model, tmp_path / "reference", device="cpu")
+    assert len(reference) >= 2
+    monkeypatch.setattr("lora_tools.ops._BLOCK_BYTES", 7 * 64 * 4)  # 7-row blocks: tensors span many blocks
+    for workers in (1, 3):
+        monkeypatch.setattr(pool_module, "usable_cores", lambda workers=workers: workers)
+        assert _merge(model, tmp_path / f"workers{workers}", device="cpu") == reference
+    assert _merge(model, tmp_path / "two-devices", device="cpu,cpu") == reference
+
+
+def test_merge_matches_an_fp32_reference_rounded_once(model, tmp_path):
+    base, adapter = model
+    merged = {}
+    for data in _merge(model, tmp_path / "out", device="cpu").values():
+        merged.update(load_file_bytes(data))
+    state = {}
+    for file in sorted(base.glob("*.safetensors")):
+        state.update(load_file(file))
+    factors = load_file(adapter / "adapter_model.safetensors")
+    changed = 0
+    for name, weight in state.items():
+        key = f"base_model.model.{name.removesuffix('.weight')}"
+        if f"{key}.lora_A.weight" in factors:
+            delta = factors[f"{key}.lora_B.weight"] @ factors[f"{key}.lora_A.weight"] * 1.5
+            weight = (weight.float() + delta).to(weight.dtype)
+            changed += 1
+        assert torch.equal(merged[name], weight), name
+    assert changed == 2 * 7
+
+
+def load_file_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def test_writeback_pacing_keeps_the_bytes(model, tmp_path, monkeypatch):
+    from lora_tools import writeback
+
+    reference = _merge(model, tmp_path / "reference", device="cpu")
+    calls = []
+    real = writeback._sync_file_range()
+    if real is None:
+        pytest.skip("no sync_file_range here")
+
+    def counting(fd, offset, nbytes, flags):
+        calls.append(flags)
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(writeback, "background_threshold", lambda: 0)
+    monkeypatch.setattr(writeback, "_sync_file_range", lambda: counting)
+    monkeypatch.setattr(writeback, "WINDOW_BYTES", 20_000)
+    monkeypatch.setattr(writeback.Writeback.__init__, "__defaults__", (None, 20_000))
+    assert _merge(model, tmp_path / "paced", device="cpu") == reference
+    assert writeback._WRITE in calls  # ranges handed to the disk as they finished
+    assert writeback._WAIT_BEFORE | writeback._WRITE | writeback._WAIT_AFTER in calls  # and old ones retired
+
+
+def test_copies_start_before_torch_is_imported(model, tmp_path):
+    """Everything up to the kernel copies of untouched tensors runs without torch (its import overlaps them)."""
+    base, adapter = model
+    script = textwrap.dedent(
+        f"""
+        import sys, threading
+        from lora_tools import merging
+
+        def start(self, device):
+            assert "torch" not in sys.modules, "torch was imported before the copies started"
+            assert [t for t in threading.enumerate() if t.name.startswith("loratool-copy")], "no copy is running"
+            assert self.shards and all(job.copies for job in self.shards[:1])
+            print("copies started without torch")
+            raise KeyboardInterrupt
+
+        merging._Writing.start = start
+        try:
+            merging.merge({str(base)!r}, [{str(adapter)!r}], {str(tmp_path / "out")!r}, device="cpu")
+        except KeyboardInterrupt:
+            pass
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "copies started without torch" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # the interrupted output was removed
+
+
+def _fine_tune(tmp_path: Path) -> tuple[Path, Path]:
+    base = write_llama_checkpoint(tmp_path / "base", vocab=96, dtype=torch.float32, **SHAPE)
+    tuned = write_llama_checkpoint(tmp_path / "tuned", vocab=96, dtype=torch.float32, seed=1, **SHAPE)
+    return base, tuned
+
+
+def test_extract_and_resize_bytes_do_not_depend_on_workers(tmp_path):
+    base, tuned = _fine_tune(tmp_path)
+    extracted, resized = {}, {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"extract{workers}"
+        lora_tools.extract(base, tuned, out, rank=6, device="cpu", workers=workers)
+        extracted[workers] = (out / "adapter_model.safetensors").read_bytes()
+        small = tmp_path / f"resize{workers}"
+        lora_tools.resize(tmp_path / "extract1", small, rank=3, device="cpu", workers=workers)
+        resized[workers] = (small / "adapter_model.safetensors").read_bytes()
+    assert extracted[1] == extracted[2] == extracted[3]
+    assert resized[1] == resized[2] == resized[3]
+    assert lora_tools.extract(base, tuned, tmp_path / "devices", rank=6, device="cpu,cpu", workers=2).modules
+    assert (tmp_path / "devices" / "adapter_model.safetensors").read_bytes() == extracted[1]
+
+
+def test_workers_option_is_checked(tmp_path):
+    base, tuned = _fine_tune(tmp_path)
+    result = run_cli(["extract", base, tuned, "-o", tmp_path / "out", "--rank", "2", "--workers", "0"])
+    assert result.exit_code == 2 and "--workers" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_device_list_is_refused(model, tmp_path):
+    base, adapter = model
+    result = run_cli(["merge", base, adapter, "-o", tmp_path / "out", "-q", "--device", "cpu,cuda:0"])
+    assert result.exit_code in (3, 4)
+    assert "--device" in result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_run_ordered_keeps_order_and_bounds_work_in_flight():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(item: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.002 * (7 - item % 7))  # later items often finish first
+        with lock:
+            running[0] -= 1
+        return item * item
+
+    assert list(run_ordered(range(20), work, workers=3)) == [i * i for i in range(20)]
+    assert peak[0] <= 3
+    assert list(run_ordered(range(5), work, workers=1)) == [i * i for i in range(5)]
+
+
+def test_run_ordered_raises_the_first_error_and_stops():
+    started = []
+
+    def work(item: int) -> int:
+        started.append(item)
+        if item == 2:
+            raise ValueError("module 2 is broken")
+        time.sleep(0.01)
+        return item
+
+    with pytest.raises(ValueError, match="module 2"):
+        list(run_ordered(range(50), work, workers=2))
+    assert len(started) < 10  # nothing was queued far ahead
+
+
+def test_block_pool_waits_for_every_range_before_raising():
+    finished = []
+
+    def work(worker: int, start: int, stop: int) -> int:
+        if worker == 0:
+            raise RuntimeError("first range failed")
+        time.sleep(0.05)
+        finished.append(worker)
+        return stop - start
+
+    with BlockPool(3) as pool:
+        with pytest.raises(RuntimeError, match="first range"):
+            pool.split(9, work)
+        assert sorted(finished) == [1, 2]  # the helpers were done before the error surfaced
+        assert pool.split(10, lambda worker, start, stop: (start, stop)) == [(0, 4), (4, 7), (7, 10)]
+    assert block_ranges(2, 5) == [(0, 1), (1, 2)]
