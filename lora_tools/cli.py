@@ -488,18 +488,25 @@ def resize(adapter: str, **options) -> None:
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya"]), required=True, help="Target format.")
-@click.option("--base", type=click.Path(), help="Base model, to match kohya names to dotted module paths.")
+@click.option(
+    "--to", "to", type=click.Choice(["peft", "kohya", "gguf", "mlx"]), required=True, help="Target format."
+)
+@click.option(
+    "--base", type=click.Path(), help="Base model: matches kohya names to module paths; its config lays out GGUF."
+)
 @click.option("--component", help="Pipeline component to take or to name (unet, text_encoder, …).")
 @click.option("--rank", "-r", type=int, help="Rank for re-factorising LoHa / LoKr / Tucker modules as LoRA.")
 @click.option("--bake-alpha", is_flag=True, help="Fold the scale into B and set alpha = rank.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")
+@click.option(
+    "--drop-unsupported", is_flag=True, help="gguf/mlx: leave out (and report) what the format cannot carry."
+)
 @output_options
 @json_option
 @hub_input_options
 def convert(adapter: str, **options) -> None:
-    """Convert ADAPTER between PEFT and kohya spellings (--to peft|kohya).
+    """Convert ADAPTER between PEFT, kohya, GGUF (llama.cpp) and mlx-lm formats (--to peft|kohya|gguf|mlx).
 
     LoRA factors are copied exactly and alpha is carried unless --bake-alpha;
     LoHa / LoKr / Tucker modules become LoRA only by re-factorising ΔW to --rank.
