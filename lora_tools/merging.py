@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .adapter import Adapter, read_adapter
+from .serving import fit_to_base
 from .card import CARD_NAME, display_name, write_card
 from .checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
@@ -163,7 +164,7 @@ def _run(
 
     base_local, base_repo = resolve_input(base_path, revision=revision, token=token)
     adapter_inputs = [resolve_input(p, revision=revision, token=token) for p in adapter_paths]
-    adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
+    adapters = [fit_to_base(read_adapter(local, alpha=alpha), base_local) for local, _ in adapter_inputs]
     components = open_components(base_local)
     pipeline = None not in components
     single_file = not pipeline and components[None].folder is None and output.suffix == ".safetensors"

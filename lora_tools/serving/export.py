@@ -8,7 +8,7 @@ representable part is written and the report's `skipped` lists what was left out
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..adapter import Adapter, LoraModule, read_adapter
@@ -45,14 +45,17 @@ def _unsupported(adapter: Adapter, to: str) -> tuple[list[LoraModule], list[dict
             why = f"{module.variant} module (re-factorise first: loratool convert --to peft --rank N)"
         elif module.kind == "conv" or module.fan_in_fan_out:
             why = f"{'conv' if module.kind == 'conv' else 'Conv1D (fan_in_fan_out)'} layer"
-        elif module.dora and to == "gguf":
-            why = "DoRA magnitude vector"
-        elif module.bias_key is not None:
-            why = "lora_B bias"
-        if why is None:
-            kept.append(module)
-        else:
+        if why is not None:
             dropped.append({"name": module.name, "reason": why})
+            continue
+        # parts of a module: without them the rest is a different (plain LoRA) adapter, so they are named too
+        if module.dora and to == "gguf":
+            dropped.append({"name": module.name, "reason": "DoRA magnitude vector (the rest serves as plain LoRA)"})
+            module = replace(module, magnitude_key=None)
+        if module.bias_key is not None:
+            dropped.append({"name": module.name, "reason": "lora_B bias"})
+            module = replace(module, bias_key=None)
+        kept.append(module)
     return kept, dropped
 
 

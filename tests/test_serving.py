@@ -1,0 +1,195 @@
+"""Serving formats: GGUF LoRA (llama.cpp), mlx-lm adapters, and `check --for ENGINE`.
+
+Oracles: gguf-py's own GGUFReader and GGUFWriter, ΔW products computed here in fp64
+with the rotary permutation re-derived index by index, PEFT's saved factors, and
+mlx-lm's own tuner (it writes adapters and loads ours).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from serving_models import build, save_mlx_adapter, save_peft
+
+from conftest import load_state, run_cli
+
+GGUF_NAMES = {  # HF projection → llama.cpp tensor (gguf-py's TENSOR_NAMES), for the three test architectures
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv",
+    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "gate_up_proj": "ffn_up",
+}  # fmt: skip
+ARCH_NAMES = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3"}
+HEADS, KV_HEADS = 4, 2
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """kind → (base folder, PEFT adapter folder), built once."""
+    root = tmp_path_factory.mktemp("serving")
+    made = {}
+    for kind in ("llama", "qwen2", "phi3"):
+        base = root / f"{kind}-base"
+        build(kind).save_pretrained(base)
+        made[kind] = (base, save_peft(kind, root / f"{kind}-lora"))
+    return made
+
+
+def _peft_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """module → s·B·A in fp64, from a PEFT folder (uniform alpha/r)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    state = load_file(folder / "adapter_model.safetensors")
+    scale = config["lora_alpha"] / config["r"]
+    deltas = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = state[key.replace("lora_A", "lora_B")]
+            deltas[module] = scale * (b.double() @ a.double())
+    return deltas
+
+
+def _rotary_order(rows: int, heads: int) -> list[int]:
+    """llama.cpp's q/k row order, derived from the RoPE pairing: new row 2i+t of a head is old row i + t·d/2."""
+    size = rows // heads
+    return [h * size + t * (size // 2) + i for h in range(heads) for i in range(size // 2) for t in (0, 1)]
+
+
+def _gguf_tensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: reader.get_field(name).contents() for name in reader.fields}
+    return fields, {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3"])
+def test_gguf_export_matches_llama_cpp_layout_and_round_trips(tiny, kind, tmp_path):
+    base, adapter = tiny[kind]
+    out = tmp_path / "adapter.gguf"
+    result = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", out])
+    assert result.exit_code == 0, result.output
+    fields, tensors = _gguf_tensors(out)
+    assert fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 8.0
+    assert fields["general.architecture"] == ARCH_NAMES[kind]
+    deltas = _peft_deltas(adapter)
+    assert len(tensors) == 2 * len(deltas)
+    for module, delta in deltas.items():
+        layer, projection = module.split(".")[2], module.rsplit(".", 1)[-1]
+        name = f"blk.{layer}.{GGUF_NAMES[projection]}.weight"
+        a, b = tensors[f"{name}.lora_a"].double(), tensors[f"{name}.lora_b"].double()
+        assert a.shape == (4, delta.shape[1]) and b.shape == (delta.shape[0], 4)  # [r, in], [out, r]
+        expected = delta
+        if kind == "llama" and projection in ("q_proj", "k_proj"):
+            expected = delta[_rotary_order(delta.shape[0], HEADS if projection == "q_proj" else KV_HEADS)]
+        assert torch.equal(8.0 / 4 * (b @ a), expected), module
+    back = tmp_path / "back"
+    result = run_cli(["convert", out, "--to", "peft", "-o", back])
+    assert result.exit_code == 0, result.output
+    returned = _peft_deltas(back)
+    assert returned.keys() == deltas.keys()
+    assert all(torch.equal(returned[m], deltas[m]) for m in deltas)
+
+
+def test_gguf_merge_equals_peft_merge(tiny, tmp_path):
+    from lora_tools import merge
+
+    base, adapter = tiny["llama"]
+    run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "a.gguf"])
+    merge(base, [tmp_path / "a.gguf"], tmp_path / "from-gguf")
+    merge(base, [adapter], tmp_path / "from-peft")
+    ours, theirs = load_state(tmp_path / "from-gguf"), load_state(tmp_path / "from-peft")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _strip_to_llama_cpp(source: Path, target: Path) -> None:
+    """Rewrite our GGUF as llama.cpp's convert_lora_to_gguf.py writes it: no head counts, no HF names."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(target), arch="llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_llama_cpp_written_gguf_reads_back_with_base_config(tiny, tmp_path):
+    base, adapter = tiny["llama"]
+    run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "ours.gguf"])
+    _strip_to_llama_cpp(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+    inspected = run_cli(["inspect", tmp_path / "theirs.gguf", "--json"])
+    assert inspected.exit_code == 0 and "model.layers.1.self_attn.q_proj" in inspected.stdout
+    refused = run_cli(["convert", tmp_path / "theirs.gguf", "--to", "peft", "-o", tmp_path / "no"])
+    assert refused.exit_code == 3
+    assert "head counts; pass --base" in refused.stderr and not (tmp_path / "no").exists()
+    result = run_cli(["convert", tmp_path / "theirs.gguf", "--to", "peft", "--base", base, "-o", tmp_path / "yes"])
+    assert result.exit_code == 0, result.output
+    deltas, returned = _peft_deltas(adapter), _peft_deltas(tmp_path / "yes")
+    assert all(torch.equal(returned[m], deltas[m]) for m in deltas)
+
+
+def test_gguf_folds_differing_scales_into_b(tmp_path, tiny):
+    base, _ = tiny["llama"]
+    adapter = save_peft("llama", tmp_path / "patterns", r=4, lora_alpha=8, alpha_pattern={"o_proj": 2})
+    result = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "a.gguf", "--json"])
+    assert result.exit_code == 0, result.output
+    assert any("folded into lora_b" in n for n in json.loads(result.stdout)["notes"])
+    _, tensors = _gguf_tensors(tmp_path / "a.gguf")
+    state = load_file(adapter / "adapter_model.safetensors")
+    a = state["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].double()
+    b = state["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"].double()
+    product = 2.0 * tensors["blk.0.attn_output.weight.lora_b"].double() @ tensors["blk.0.attn_output.weight.lora_a"].double()
+    assert torch.allclose(product, 0.5 * b @ a, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("lora", "named"),
+    [
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(use_dora=True), "DoRA magnitude vector"),
+        (dict(lora_bias=True), "lora_B bias"),
+    ],
+)
+def test_gguf_refuses_what_it_cannot_carry_and_drops_on_request(tmp_path, tiny, lora, named):
+    base, _ = tiny["llama"]
+    adapter = save_peft("llama", tmp_path / "extra", **lora)
+    out = tmp_path / "a.gguf"
+    result = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", out])
+    assert result.exit_code == 3 and named in result.stderr and "--drop-unsupported" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".a.gguf*"))
+    result = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", out, "--drop-unsupported", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["skipped"] and any(named in s["reason"] for s in report["skipped"])
+    assert out.is_file()
+
+
+def test_gguf_bad_inputs(tmp_path, tiny, monkeypatch):
+    base, adapter = tiny["llama"]
+    cases = [
+        (["--base", base, "-o", tmp_path / "a.safetensors"], 3, "ending in .gguf"),
+        (["-o", tmp_path / "a.gguf"], 3, "--to gguf needs --base"),
+        (["--base", tmp_path, "-o", tmp_path / "a.gguf"], 3, "no config.json"),
+    ]
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    cases.append((["--base", gpt2, "-o", tmp_path / "a.gguf"], 3, "GPT2LMHeadModel has no GGUF LoRA layout"))
+    for args, code, message in cases:
+        result = run_cli(["convert", adapter, "--to", "gguf", *args])
+        assert result.exit_code == code and message in result.stderr, (args, result.output)
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)
+    result = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "a.gguf"])
+    assert result.exit_code == 4 and "pip install 'lora_tools[gguf]'" in result.stderr
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".a.gguf*"))
