@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import click
 
 from . import __version__
-from .errors import EXIT_INTERNAL, Interrupted, LoraToolError
+from .errors import EXIT_INTERNAL, EXIT_INVALID, Interrupted, LoraToolError
 from .units import format_bytes, parse_size
 
 __all__ = ["cli", "main"]
@@ -110,6 +110,13 @@ def dtype_option(f: Callable) -> Callable:
 
 def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")(f)
+
+
+def engine_options(f: Callable) -> Callable:
+    f = click.option("--max-lora-rank", type=int, help="The server's rank limit (default: the engine's own).")(f)
+    return click.option(
+        "--for", "engine", type=click.Choice(["vllm", "sglang", "llama.cpp", "mlx"]), help="Serving engine to check for."
+    )(f)
 
 
 def output_options(f: Callable) -> Callable:
@@ -211,27 +218,62 @@ def cli() -> None:
 @click.option("--base", type=click.Path(), help="Validate the adapter against this base checkpoint.")
 @click.option("--all", "show_all", is_flag=True, help="List every module, not a grouped summary.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@engine_options
 @json_option
-def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as_json: bool) -> None:
+def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as_json: bool, **serving) -> None:
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
     With --base, also validate the adapter against that checkpoint and exit 3
-    when they do not fit.
+    when they do not fit. With --for ENGINE, also run `check` and exit 3 when not ready.
     """
     from .errors import IncompatibleError
     from .inspection import AdapterReport
     from .inspection import inspect as run_inspect
 
     report = run_inspect(path, base=base, alpha=alpha)
-    if as_json:
+    checking = serving["engine"] is not None
+    if as_json and not checking:
         _print_json(report.to_dict())
-    elif isinstance(report, AdapterReport):
+    elif isinstance(report, AdapterReport) and not as_json:
         _render_adapter(report, show_all)
-    else:
+    elif not as_json:
         _render_checkpoint(report)
+    ready = _run_check(path, base, alpha, as_json, serving, report.to_dict() if as_json else None) if checking else None
     validation = getattr(report, "validation", None)
     if validation is not None and not validation.compatible:
         raise IncompatibleError(f"{path} does not fit {base}", validation.problems)
+    if ready is False:
+        _fail(click.get_current_context(), f"{path} is not ready for {serving['engine']}", EXIT_INVALID)
+
+
+def _run_check(path: str, base: str | None, alpha: float | None, as_json: bool, serving: dict, inspected=None) -> bool:
+    """Run `check` for `serving["engine"]`, print its report (JSON on stdout, else lines on stderr); return ready."""
+    from .serving.check import check, report_lines
+
+    report = check(path, engine=serving["engine"], base=base, max_lora_rank=serving["max_lora_rank"], alpha=alpha)
+    if as_json:
+        _print_json({**inspected, "check": report.to_dict()} if inspected is not None else report.to_dict())
+    else:
+        for line in report_lines(report):
+            click.echo(line, err=True)
+    return report.ready
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--base", type=click.Path(), help="Base model folder (config.json alone is enough for llama.cpp rules).")
+@click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@engine_options
+@json_option
+def check(adapter: str, base: str | None, alpha: float | None, as_json: bool, **serving) -> None:
+    """Check ADAPTER for a serving engine (--for vllm|sglang|llama.cpp|mlx): exit 0 ready, 3 not.
+
+    Lists every reason the engine would reject the adapter or silently ignore part of it, with what to do.
+    """
+    if serving["engine"] is None:
+        raise click.UsageError("Missing option '--for' (vllm, sglang, llama.cpp or mlx).")
+    if not _run_check(adapter, base, alpha, as_json, serving):
+        _fail(click.get_current_context(), f"{adapter} is not ready for {serving['engine']}", EXIT_INVALID)
 
 
 def _render_adapter(report, show_all: bool) -> None:
