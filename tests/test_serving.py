@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from serving_models import build, save_mlx_adapter, save_peft
 
-from conftest import load_state, run_cli
+from conftest import build_model, load_state, lora_config, run_cli, save_adapter
 
 GGUF_NAMES = {  # HF projection → llama.cpp tensor (gguf-py's TENSOR_NAMES), for the three test architectures
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv",
@@ -193,3 +193,106 @@ def test_gguf_bad_inputs(tmp_path, tiny, monkeypatch):
     result = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "a.gguf"])
     assert result.exit_code == 4 and "pip install 'lora_tools[gguf]'" in result.stderr
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".a.gguf*"))
+
+
+# --- check --for ENGINE -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def check_adapters(tmp_path_factory, tiny):
+    """One PEFT adapter per rule (plus a clean one), built once."""
+    root = tmp_path_factory.mktemp("check")
+    attention_mlp = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    variants = {
+        "plain": dict(target_modules=attention_mlp),
+        "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "embedding": dict(target_modules=["embed_tokens", "q_proj"]),
+        "dora": dict(target_modules=["q_proj", "v_proj"], use_dora=True),
+        "bias": dict(target_modules=["q_proj"], lora_bias=True),
+        "rank512": dict(target_modules=["q_proj"], r=512, lora_alpha=512),
+        "mixed": dict(target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 2}, alpha_pattern={"o_proj": 8}),
+        "lm_head": dict(target_modules=["q_proj", "lm_head"]),
+    }
+    made = {name: save_peft("llama", root / name, **options) for name, options in variants.items()}
+    made["phi3"] = tiny["phi3"][1]
+    made["gpt2"] = save_adapter(lambda: build_model("gpt2"), lora_config(r=4, target_modules=["c_attn"]), root / "gpt2")
+    return made
+
+
+def _rules(adapter, engine, **options) -> dict[str, list[str]]:
+    from lora_tools.serving.check import check
+
+    return {f.rule: f.items for f in check(adapter, engine=engine, **options).findings}
+
+
+@pytest.mark.parametrize(
+    ("variant", "rule", "options"),
+    [
+        ("modules_to_save", "modules_to_save", {}),
+        ("embedding", "embedding_lora", {}),
+        ("lm_head", "embedding_lora", {}),
+        ("dora", "dora", {}),
+        ("bias", "bias", {}),
+        ("rank512", "rank_limit", {"max_lora_rank": 256}),
+        ("phi3", "unmatched_target", {"base": "llama"}),
+    ],
+)
+def test_check_vllm_flags_each_rule(check_adapters, tiny, variant, rule, options):
+    if options.get("base"):
+        options = {**options, "base": tiny[options["base"]][0]}
+    found = _rules(check_adapters[variant], "vllm", **options)
+    assert rule in found, found
+    assert rule not in _rules(check_adapters["plain"], "vllm", **options)
+
+
+def test_check_vllm_rank_default_and_cli(check_adapters, tiny):
+    assert "rank 512 > 16" in _rules(check_adapters["rank512"], "vllm")["rank_limit"][0]  # vLLM's default 16
+    result = run_cli(["check", check_adapters["rank512"], "--for", "vllm", "--max-lora-rank", "256", "--json"])
+    assert result.exit_code == 3
+    report = json.loads(result.stdout)
+    assert report["ready"] is False and report["findings"][0]["rule"] == "rank_limit"
+    assert "resize --rank" in report["findings"][0]["fix"]
+    result = run_cli(["check", check_adapters["plain"], "--for", "vllm", "--base", tiny["llama"][0]])
+    assert result.exit_code == 0 and "ready" in result.stderr
+    result = run_cli(["inspect", check_adapters["dora"], "--for", "vllm"])
+    assert result.exit_code == 3 and "DoRA magnitude vectors" in result.stderr
+    assert run_cli(["check", check_adapters["plain"]]).exit_code == 2
+    result = run_cli(["check", check_adapters["plain"], "--for", "vllm", "--max-lora-rank", "0"])
+    assert result.exit_code == 3 and "--max-lora-rank must be a positive integer" in result.stderr
+
+
+def test_check_other_engines(check_adapters, tiny, tmp_path):
+    assert _rules(check_adapters["embedding"], "sglang")["embedding_lora"] == ["model.embed_tokens"]
+    assert _rules(check_adapters["gpt2"], "sglang")["unsupported_target"] == ["c_attn"]
+    assert _rules(check_adapters["dora"], "sglang")["dora"]  # loads, but the magnitudes are ignored
+    assert not _rules(check_adapters["plain"], "sglang")
+    assert _rules(check_adapters["mixed"], "mlx").keys() >= {"mixed_ranks", "mixed_scales"}
+    assert not _rules(check_adapters["dora"], "mlx")  # mlx-lm serves DoRA
+    config_only = tmp_path / "gpt2"
+    config_only.mkdir()
+    (config_only / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert _rules(check_adapters["plain"], "llama.cpp", base=config_only)["no_gguf_tensor"] == [
+        "architecture GPT2LMHeadModel"
+    ]
+    assert not _rules(check_adapters["plain"], "llama.cpp", base=tiny["llama"][0])
+    assert "modules_to_save" in _rules(check_adapters["modules_to_save"], "llama.cpp")
+
+
+def test_check_flags_unknown_and_non_lora_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "loha.safetensors"
+    save_file(
+        {
+            "lora_unet_down_blocks_0_proj.hada_w1_a": torch.ones(8, 2),
+            "lora_unet_down_blocks_0_proj.hada_w1_b": torch.ones(2, 8),
+            "lora_unet_down_blocks_0_proj.hada_w2_a": torch.ones(8, 2),
+            "lora_unet_down_blocks_0_proj.hada_w2_b": torch.ones(2, 8),
+            "lora_unet_down_blocks_0_proj.alpha": torch.tensor(2.0),
+            "lora_unet_something.else": torch.ones(1),
+        },
+        path,
+    )
+    found = _rules(path, "vllm")
+    assert found["not_lora"] == ["down_blocks_0_proj (loha)"]
+    assert found["unknown_tensors"] == ["lora_unet_something.else"]
