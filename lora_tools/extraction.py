@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .adapter import read_adapter
+from .serving import as_peft
 from .card import display_name, write_card
 from .checkpoint import open_checkpoint
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
@@ -642,7 +643,7 @@ def resize(
     started = time.perf_counter()
     rule = RankRule(rank, energy, sv_ratio, max_rank)
     adapter_local, adapter_repo = resolve_input(adapter, revision=revision, token=token)
-    source = read_adapter(adapter_local)
+    source = as_peft(read_adapter(adapter_local))  # GGUF / mlx-lm adapters resize into PEFT folders too
     if source.format != "peft":
         raise UnsupportedError(f"{source.path}: resize writes PEFT folders; convert this {source.format} adapter first")
     torch_device = resolve_device(device)

@@ -296,3 +296,92 @@ def test_check_flags_unknown_and_non_lora_tensors(tmp_path):
     found = _rules(path, "vllm")
     assert found["not_lora"] == ["down_blocks_0_proj (loha)"]
     assert found["unknown_tensors"] == ["lora_unet_something.else"]
+
+
+# --- mlx-lm -------------------------------------------------------------------------------------------
+
+
+def _mlx_fused(base: Path, adapter: Path | None = None) -> dict[str, torch.Tensor]:
+    """mlx-lm's own answer: its Llama with BASE's weights, our adapter loaded by load_adapters, fused."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.utils import load_adapters
+    from serving_models import mlx_llama
+
+    model = mlx_llama()
+    model.load_weights([(k, mx.array(v.numpy())) for k, v in load_state(base).items()])
+    if adapter is not None:
+        load_adapters(model, str(adapter))
+        fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+        model.update_modules(tree_unflatten(fused))
+    return {k: torch.from_numpy(np.array(v)) for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.fixture(scope="session")
+def mlx_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlx")
+    return {"lora": save_mlx_adapter(root / "lora"), "dora": save_mlx_adapter(root / "dora", dora=True)}
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_mlx_adapter_merges_like_its_peft_conversion_and_like_mlx_lm(mlx_adapters, tiny, tmp_path, kind):
+    from lora_tools import merge
+
+    base, adapter = tiny["llama"][0], mlx_adapters[kind]
+    result = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / "peft"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] is (kind == "dora") and config["r"] == 4 and config["lora_alpha"] == 3.5 * 4
+    merge(base, [adapter], tmp_path / "from-mlx")
+    merge(base, [tmp_path / "peft"], tmp_path / "from-peft")
+    ours, theirs = load_state(tmp_path / "from-mlx"), load_state(tmp_path / "from-peft")
+    spacing = {k: torch.finfo(torch.float32).eps * v.abs().clamp_min(torch.finfo(torch.float32).tiny) for k, v in theirs.items()}
+    assert all(((ours[k] - theirs[k]).abs() <= spacing[k]).all() for k in ours)  # within 1 ulp
+    mlx_lm = _mlx_fused(base, adapter)
+    for name, value in ours.items():
+        assert torch.allclose(value, mlx_lm[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_mlx_lm_loads_our_conversion(tiny, tmp_path):
+    from lora_tools import merge
+
+    base, adapter = tiny["llama"]
+    result = run_cli(["convert", adapter, "--to", "mlx", "-o", tmp_path / "mlx", "--base", base])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["scale"] == 2.0 and config["num_layers"] == 2
+    merge(base, [adapter], tmp_path / "merged")
+    ours, mlx_lm = load_state(tmp_path / "merged"), _mlx_fused(base, tmp_path / "mlx")
+    for name, value in ours.items():
+        assert torch.allclose(value, mlx_lm[name], rtol=1e-5, atol=1e-6), name
+    assert run_cli(["inspect", tmp_path / "mlx", "--for", "mlx"]).exit_code == 0
+
+
+def test_mlx_adapter_inspect_resize_unmerge(mlx_adapters, tiny, tmp_path):
+    from lora_tools import merge, unmerge
+
+    adapter, base = mlx_adapters["lora"], tiny["llama"][0]
+    report = json.loads(run_cli(["inspect", adapter, "--json"]).stdout)
+    assert report["format"] == "mlx" and {m["scale"] for m in report["modules"]} == {3.5}
+    assert len(report["modules"]) == 2 * 7  # mlx-lm's default keys: every linear of both blocks
+    result = run_cli(["resize", adapter, "--rank", "2", "-o", tmp_path / "small"])
+    assert result.exit_code == 0, result.output
+    merge(base, [adapter], tmp_path / "merged")
+    unmerge(tmp_path / "merged", [adapter], tmp_path / "back")
+    original, back = load_state(base), load_state(tmp_path / "back")
+    assert all(torch.allclose(back[k], original[k], atol=1e-6) for k in original)
+
+
+def test_mlx_export_refusals(check_adapters, tmp_path):
+    mixed = check_adapters["mixed"]
+    result = run_cli(["convert", mixed, "--to", "mlx", "-o", tmp_path / "out"])
+    assert result.exit_code == 3 and "resize --rank" in result.stderr and not (tmp_path / "out").exists()
+    same_rank = save_peft("llama", tmp_path / "scales", target_modules=["q_proj", "o_proj"], alpha_pattern={"o_proj": 2})
+    result = run_cli(["convert", same_rank, "--to", "mlx", "-o", tmp_path / "out"])
+    assert result.exit_code == 3 and "--bake-alpha" in result.stderr and not (tmp_path / "out").exists()
+    result = run_cli(["convert", same_rank, "--to", "mlx", "-o", tmp_path / "out", "--bake-alpha"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_parameters"]["scale"] == 1.0
+    result = run_cli(["convert", same_rank, "--to", "mlx", "-o", tmp_path / "x.safetensors"])
+    assert result.exit_code == 3 and "adapters are folders" in result.stderr
