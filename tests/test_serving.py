@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 from serving_models import build, save_mlx_adapter, save_peft
 
+from ulp import max_ulp
+
 from conftest import build_model, load_state, lora_config, run_cli, save_adapter
 
 GGUF_NAMES = {  # HF projection → llama.cpp tensor (gguf-py's TENSOR_NAMES), for the three test architectures
@@ -336,8 +338,7 @@ def test_mlx_adapter_merges_like_its_peft_conversion_and_like_mlx_lm(mlx_adapter
     merge(base, [adapter], tmp_path / "from-mlx")
     merge(base, [tmp_path / "peft"], tmp_path / "from-peft")
     ours, theirs = load_state(tmp_path / "from-mlx"), load_state(tmp_path / "from-peft")
-    spacing = {k: torch.finfo(torch.float32).eps * v.abs().clamp_min(torch.finfo(torch.float32).tiny) for k, v in theirs.items()}
-    assert all(((ours[k] - theirs[k]).abs() <= spacing[k]).all() for k in ours)  # within 1 ulp
+    assert ours.keys() == theirs.keys() and all(max_ulp(ours[k], theirs[k]) <= 1 for k in ours)
     mlx_lm = _mlx_fused(base, adapter)
     for name, value in ours.items():
         assert torch.allclose(value, mlx_lm[name], rtol=1e-5, atol=1e-6), name
@@ -367,6 +368,7 @@ def test_mlx_adapter_inspect_resize_unmerge(mlx_adapters, tiny, tmp_path):
     assert len(report["modules"]) == 2 * 7  # mlx-lm's default keys: every linear of both blocks
     result = run_cli(["resize", adapter, "--rank", "2", "-o", tmp_path / "small"])
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 2
     merge(base, [adapter], tmp_path / "merged")
     unmerge(tmp_path / "merged", [adapter], tmp_path / "back")
     original, back = load_state(base), load_state(tmp_path / "back")
