@@ -115,7 +115,10 @@ def json_option(f: Callable) -> Callable:
 def engine_options(f: Callable) -> Callable:
     f = click.option("--max-lora-rank", type=int, help="The server's rank limit (default: the engine's own).")(f)
     return click.option(
-        "--for", "engine", type=click.Choice(["vllm", "sglang", "llama.cpp", "mlx"]), help="Serving engine to check for."
+        "--for",
+        "engine",
+        type=click.Choice(["vllm", "sglang", "llama.cpp", "mlx"]),
+        help="Serving engine to check for.",
     )(f)
 
 
@@ -530,9 +533,7 @@ def resize(adapter: str, **options) -> None:
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option(
-    "--to", "to", type=click.Choice(["peft", "kohya", "gguf", "mlx"]), required=True, help="Target format."
-)
+@click.option("--to", "to", type=click.Choice(["peft", "kohya", "gguf", "mlx"]), required=True, help="Target format.")
 @click.option(
     "--base", type=click.Path(), help="Base model: matches kohya names to module paths; its config lays out GGUF."
 )
@@ -541,9 +542,7 @@ def resize(adapter: str, **options) -> None:
 @click.option("--bake-alpha", is_flag=True, help="Fold the scale into B and set alpha = rank.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")
-@click.option(
-    "--drop-unsupported", is_flag=True, help="gguf/mlx: leave out (and report) what the format cannot carry."
-)
+@click.option("--drop-unsupported", is_flag=True, help="gguf/mlx: leave out (and report) what the format cannot carry.")
 @output_options
 @json_option
 @hub_input_options

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .adapter import read_adapter
-from .serving import as_peft
 from .card import display_name, write_card
 from .checkpoint import open_checkpoint
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
@@ -34,6 +33,7 @@ from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES
 from .rank import RankRule, choose_rank, spectrum_decided
 from .safetensors_io import SafetensorsWriter, TensorInfo
+from .serving import as_peft
 
 if TYPE_CHECKING:
     import torch

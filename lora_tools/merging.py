@@ -21,7 +21,6 @@ from pathlib import Path
 
 from . import __version__
 from .adapter import Adapter, read_adapter
-from .serving import fit_to_base
 from .card import CARD_NAME, display_name, write_card
 from .checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
@@ -29,6 +28,7 @@ from .hub import resolve_input
 from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
 from .safetensors_io import SafetensorsWriter
+from .serving import fit_to_base
 from .units import parse_size
 
 __all__ = ["merge", "unmerge", "MergeReport", "TensorChange", "RECORD_NAME", "DORA_NORMS_NAME"]

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import randomize_adapter
 
 #: architecture → (transformers config class, model class, LoRA targets).

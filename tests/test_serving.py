@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_model, load_state, lora_config, run_cli, save_adapter
 from safetensors.torch import load_file
 from serving_models import build, save_mlx_adapter, save_peft
-
 from ulp import max_ulp
-
-from conftest import build_model, load_state, lora_config, run_cli, save_adapter
 
 GGUF_NAMES = {  # HF projection → llama.cpp tensor (gguf-py's TENSOR_NAMES), for the three test architectures
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv",
@@ -151,7 +149,9 @@ def test_gguf_folds_differing_scales_into_b(tmp_path, tiny):
     state = load_file(adapter / "adapter_model.safetensors")
     a = state["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].double()
     b = state["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"].double()
-    product = 2.0 * tensors["blk.0.attn_output.weight.lora_b"].double() @ tensors["blk.0.attn_output.weight.lora_a"].double()
+    product = (
+        2.0 * tensors["blk.0.attn_output.weight.lora_b"].double() @ tensors["blk.0.attn_output.weight.lora_a"].double()
+    )
     assert torch.allclose(product, 0.5 * b @ a, rtol=1e-6, atol=0)
 
 
@@ -379,7 +379,9 @@ def test_mlx_export_refusals(check_adapters, tmp_path):
     mixed = check_adapters["mixed"]
     result = run_cli(["convert", mixed, "--to", "mlx", "-o", tmp_path / "out"])
     assert result.exit_code == 3 and "resize --rank" in result.stderr and not (tmp_path / "out").exists()
-    same_rank = save_peft("llama", tmp_path / "scales", target_modules=["q_proj", "o_proj"], alpha_pattern={"o_proj": 2})
+    same_rank = save_peft(
+        "llama", tmp_path / "scales", target_modules=["q_proj", "o_proj"], alpha_pattern={"o_proj": 2}
+    )
     result = run_cli(["convert", same_rank, "--to", "mlx", "-o", tmp_path / "out"])
     assert result.exit_code == 3 and "--bake-alpha" in result.stderr and not (tmp_path / "out").exists()
     result = run_cli(["convert", same_rank, "--to", "mlx", "-o", tmp_path / "out", "--bake-alpha"])

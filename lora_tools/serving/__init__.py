@@ -73,4 +73,6 @@ def as_peft(adapter: Adapter) -> Adapter:
         modules_to_save=[], extra={"use_dora": any(m.dora for m in modules)},
     )  # fmt: skip
     weights = DerivedCheckpoint.build(adapter.path, adapter.weights.files[0], entries, dict(adapter.metadata))
-    return AdapterClass(adapter.path, "peft", modules, [], list(adapter.unknown_keys), weights, config, adapter.base_model)
+    return AdapterClass(
+        adapter.path, "peft", modules, [], list(adapter.unknown_keys), weights, config, adapter.base_model
+    )

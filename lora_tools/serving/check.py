@@ -103,7 +103,9 @@ def report_lines(report: CheckReport) -> list[str]:
     """The report as plain lines for a terminal: one per finding, with what to do."""
     lines = [f"{report.adapter} for {report.engine} (rules checked against {report.checked_against}):"]
     for finding in report.findings:
-        shown = ", ".join(finding.items[:6]) + (f", and {len(finding.items) - 6} more" if len(finding.items) > 6 else "")
+        shown = ", ".join(finding.items[:6]) + (
+            f", and {len(finding.items) - 6} more" if len(finding.items) > 6 else ""
+        )
         lines.append(f"  {finding.effect}: {finding.problem}: {shown}")
         lines.append(f"    fix: {finding.fix}")
     lines += [f"  note: {note}" for note in report.notes]

@@ -65,9 +65,7 @@ def gguf_module():
     try:
         import gguf
     except ImportError as exc:
-        raise EnvironmentProblem(
-            "GGUF support needs the 'gguf' package: pip install 'lora_tools[gguf]'"
-        ) from exc
+        raise EnvironmentProblem("GGUF support needs the 'gguf' package: pip install 'lora_tools[gguf]'") from exc
     return gguf
 
 
@@ -263,7 +261,9 @@ class _Heads:
 def _torch_of(tensor, path: Path) -> tuple[str, Callable[[], torch.Tensor]]:
     kind = tensor.tensor_type.name
     if kind not in _GGUF_FLOATS:
-        raise UnsupportedError(f"{path}: {tensor.name} is stored as {kind}; only F32, F16 and BF16 LoRA tensors are read")
+        raise UnsupportedError(
+            f"{path}: {tensor.name} is stored as {kind}; only F32, F16 and BF16 LoRA tensors are read"
+        )
 
     def load() -> torch.Tensor:
         import numpy as np

@@ -43,9 +43,12 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     "vllm": Engine("vLLM", "vLLM 0.11", 16),
     "sglang": Engine(
-        "SGLang", "SGLang 0.5", None,
-        frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
-                   "gate_up_proj"}),
+        "SGLang",
+        "SGLang 0.5",
+        None,
+        frozenset(
+            {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj"}
+        ),
     ),  # fmt: skip
     "llama.cpp": Engine("llama.cpp", "llama.cpp master 2026-11 (gguf-py 0.19)", None),
     "mlx": Engine("mlx-lm", "mlx-lm 0.32", None),
