@@ -88,3 +88,39 @@ def save_mlx_adapter(folder: Path, *, rank: int = 4, scale: float = 3.5, dora: b
     config = {"fine_tune_type": "dora" if dora else "lora", "num_layers": 2, "lora_parameters": parameters}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
+
+
+def save_mlx_moe_adapter(folder: Path, *, experts: int = 3, rank: int = 2, scale: float = 1.5):
+    """mlx-lm's tiny Mixtral with LoRASwitchLinear on the stacked experts; returns (folder, {module: mlx ΔW})."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import mixtral
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    args = mixtral.ModelArgs(
+        model_type="mixtral", vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=experts, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = mixtral.Model(args)
+    model.freeze()
+    keys = ["block_sparse_moe.switch_mlp.gate_proj", "block_sparse_moe.switch_mlp.down_proj"]
+    parameters = {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys}
+    linear_to_lora_layers(model, 1, parameters)
+    mx.random.seed(7)
+    model.update(
+        {"model": {"layers": [{"block_sparse_moe": {"switch_mlp": {
+            name: {"lora_b": 0.1 * mx.random.normal(getattr(model.model.layers[0].block_sparse_moe.switch_mlp, name).lora_b.shape)}
+            for name in ("gate_proj", "down_proj")
+        }}}]}}
+    )  # fmt: skip
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    config = {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": parameters}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    deltas = {}
+    for name in ("gate_proj", "down_proj"):
+        layer = getattr(model.model.layers[0].block_sparse_moe.switch_mlp, name)
+        delta = np.array(layer.fuse().weight - layer.linear.weight)  # mlx-lm's own fused ΔW, [E, out, in]
+        deltas[name] = torch.from_numpy(delta)
+    return folder, deltas

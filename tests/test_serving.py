@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import build_model, load_state, lora_config, run_cli, save_adapter
 from safetensors.torch import load_file
-from serving_models import build, save_mlx_adapter, save_peft
+from serving_models import build, save_mlx_adapter, save_mlx_moe_adapter, save_peft
 from ulp import max_ulp
 
 GGUF_NAMES = {  # HF projection → llama.cpp tensor (gguf-py's TENSOR_NAMES), for the three test architectures
@@ -389,3 +389,59 @@ def test_mlx_export_refusals(check_adapters, tmp_path):
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_parameters"]["scale"] == 1.0
     result = run_cli(["convert", same_rank, "--to", "mlx", "-o", tmp_path / "x.safetensors"])
     assert result.exit_code == 3 and "adapters are folders" in result.stderr
+
+
+def test_mlx_switch_experts_read_as_per_expert_modules(tmp_path):
+    from lora_tools import read_adapter
+
+    folder, deltas = save_mlx_moe_adapter(tmp_path / "moe")
+    adapter = read_adapter(folder)
+    names = {"gate_proj": "w1", "down_proj": "w2"}
+    assert len(adapter.modules) == 2 * 3
+    for module in adapter.modules:
+        expert, weight = int(module.name.split(".")[-2]), module.name.split(".")[-1]
+        projection = next(p for p, w in names.items() if w == weight)
+        assert module.name == f"model.layers.0.block_sparse_moe.experts.{expert}.{weight}"
+        ours = module.scale * (adapter.read(module.b_key).double() @ adapter.read(module.a_key).double())
+        assert torch.allclose(ours, deltas[projection][expert].double(), rtol=1e-5, atol=1e-7)
+    result = run_cli(["convert", folder, "--to", "peft", "-o", tmp_path / "peft"])
+    assert result.exit_code == 0, result.output
+    state = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.block_sparse_moe.experts.2.w2.lora_B.weight" in state
+
+
+def test_serving_readers_refuse_bad_files(tmp_path, mlx_adapters, tiny):
+    import gguf
+
+    base, adapter = tiny["llama"]
+    good = tmp_path / "good.gguf"
+    run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", good])
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[:300])
+    model = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(model), arch="llama")
+    writer.add_tensor("token_embd.weight", torch.ones(4, 4).numpy())
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"lora_parameters": {"rank": 4}}))
+    (broken / "adapters.safetensors").write_bytes((mlx_adapters["lora"] / "adapters.safetensors").read_bytes())
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / "adapter_config.json").write_text((mlx_adapters["lora"] / "adapter_config.json").read_text())
+    state = load_file(mlx_adapters["lora"] / "adapters.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in state.items() if not k.endswith("lora_b")}, lonely / "adapters.safetensors")
+    cases = [
+        (truncated, "not a readable GGUF file"),
+        (model, "a GGUF file, but not a LoRA adapter"),
+        (broken, "lora_parameters must hold 'rank' and 'scale'"),
+        (lonely, "lacks lora_b"),
+    ]
+    for path, message in cases:
+        result = run_cli(["convert", path, "--to", "peft", "-o", tmp_path / "out"])
+        assert result.exit_code == 3 and message in result.stderr, (path, result.output)
+        assert not (tmp_path / "out").exists()
