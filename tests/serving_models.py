@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import randomize_adapter
+from conftest import llama_config, randomize_adapter
 
 #: architecture → (transformers config class, model class, LoRA targets).
 ARCHITECTURES = {
@@ -14,16 +14,12 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
-SIZES = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=96,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+#: The shared tiny Llama sizes (conftest.llama_config), used for every architecture here.
+SIZES = {
+    key: getattr(llama_config(), key)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+}  # fmt: skip
 
 
 def build(kind: str):

@@ -269,14 +269,16 @@ def test_check_other_engines(check_adapters, tiny, tmp_path):
     assert _rules(check_adapters["dora"], "sglang")["dora"]  # loads, but the magnitudes are ignored
     assert not _rules(check_adapters["plain"], "sglang")
     assert _rules(check_adapters["mixed"], "mlx").keys() >= {"mixed_ranks", "mixed_scales"}
-    assert not _rules(check_adapters["dora"], "mlx")  # mlx-lm serves DoRA
+    assert _rules(check_adapters["dora"], "mlx").keys() == {"format"}  # mlx-lm serves DoRA, once converted
     config_only = tmp_path / "gpt2"
     config_only.mkdir()
     (config_only / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     assert _rules(check_adapters["plain"], "llama.cpp", base=config_only)["no_gguf_tensor"] == [
         "architecture GPT2LMHeadModel"
     ]
-    assert not _rules(check_adapters["plain"], "llama.cpp", base=tiny["llama"][0])
+    assert _rules(check_adapters["plain"], "llama.cpp", base=tiny["llama"][0]) == {
+        "format": ["peft adapter, llama.cpp loads gguf"]
+    }
     assert "modules_to_save" in _rules(check_adapters["modules_to_save"], "llama.cpp")
 
 
@@ -357,6 +359,7 @@ def test_mlx_lm_loads_our_conversion(tiny, tmp_path):
     for name, value in ours.items():
         assert torch.allclose(value, mlx_lm[name], rtol=1e-5, atol=1e-6), name
     assert run_cli(["inspect", tmp_path / "mlx", "--for", "mlx"]).exit_code == 0
+    assert _rules(tmp_path / "mlx", "vllm") == {"format": ["mlx adapter, vLLM loads peft"]}
 
 
 def test_mlx_adapter_inspect_resize_unmerge(mlx_adapters, tiny, tmp_path):

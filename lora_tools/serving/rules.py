@@ -36,6 +36,8 @@ class Engine:
     name: str
     checked: str
     default_max_rank: int | None
+    #: the adapter format the engine loads (lora_tools' format names).
+    loads: str = "peft"
     #: module names (last path component) the engine can put LoRA on; None = any linear layer.
     targets: frozenset[str] | None = None
 
@@ -50,8 +52,8 @@ ENGINES: dict[str, Engine] = {
             {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj"}
         ),
     ),  # fmt: skip
-    "llama.cpp": Engine("llama.cpp", "llama.cpp master 2026-11 (gguf-py 0.19)", None),
-    "mlx": Engine("mlx-lm", "mlx-lm 0.32", None),
+    "llama.cpp": Engine("llama.cpp", "llama.cpp master 2026-11 (gguf-py 0.19)", None, "gguf"),
+    "mlx": Engine("mlx-lm", "mlx-lm 0.32", None, "mlx"),
 }
 
 
@@ -68,6 +70,11 @@ class Facts:
 
 
 _EMBEDDING_LEAVES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "tok_embeddings", "output")
+
+
+def _format(facts: Facts) -> list[str]:
+    found = facts.adapter.format
+    return [] if found == facts.engine.loads else [f"{found} adapter, {facts.engine.name} loads {facts.engine.loads}"]
 
 
 def _replacements(facts: Facts) -> list[str]:
@@ -163,6 +170,9 @@ def _every(effect: str, *engines: str) -> dict[str, str]:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("format", _format, _every("rejects"),
+         "the engine does not load this file format",
+         "loratool convert ADAPTER --to peft|gguf|mlx (gguf needs --base)"),
     Rule("modules_to_save", _replacements, {**_every("rejects"), "sglang": "ignores"},
          "whole tensors saved beside the LoRA (modules_to_save / trainable tokens) cannot be served as an adapter",
          "merge the adapter into the base (loratool merge) and serve the merged model"),
