@@ -390,6 +390,10 @@ from .formats import register  # noqa: E402  (the other formats plug in after th
 
 register(FORMATS)
 
+from .serving import register as register_serving  # noqa: E402  (GGUF and mlx-lm readers)
+
+register_serving(FORMATS)
+
 
 def is_adapter(path: str | os.PathLike) -> bool:
     """True when some registered format recognises `path`."""

@@ -22,7 +22,7 @@ from .console import byte_progress as _progress
 from .console import count_progress as _module_progress
 from .console import set_color
 from .console import stderr_console as _stderr_console
-from .errors import EXIT_INTERNAL, Interrupted, LoraToolError, os_error_problem
+from .errors import EXIT_INTERNAL, EXIT_INVALID, Interrupted, LoraToolError, os_error_problem
 from .units import format_bytes, parse_size
 
 __all__ = ["cli", "main"]
@@ -152,6 +152,16 @@ def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")(f)
 
 
+def engine_options(f: Callable) -> Callable:
+    f = click.option("--max-lora-rank", type=int, help="The server's rank limit (default: the engine's own).")(f)
+    return click.option(
+        "--for",
+        "engine",
+        type=click.Choice(["vllm", "sglang", "llama.cpp", "mlx"]),
+        help="Serving engine to check for.",
+    )(f)
+
+
 def output_options(f: Callable) -> Callable:
     f = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
     f = click.option("--force", is_flag=True, help="Replace an existing OUT (only once the new one is complete).")(f)
@@ -279,17 +289,19 @@ def _adapter_statistics(
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @click.option("--stats", is_flag=True, help="Per-module ‖ΔW‖, σ₁, stable rank, ranks for 90/99 % energy, flags.")
 @plot_option
+@engine_options
 @json_option
 @hub_input_options
 def inspect(
     path: str, base: str | None, show_all: bool, alpha: float | None, stats: bool, plot: str | None, as_json: bool,
-    **hub,
+    engine: str | None, max_lora_rank: int | None, **hub,
 ) -> None:  # fmt: skip
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
     With --base, also validate the adapter against that checkpoint and exit 3
     when they do not fit. With --stats, measure what every module changes
     (exactly, without forming ΔW) and show a layers × module-type heat map.
+    With --for ENGINE, also run `check` and exit 3 when not ready.
     """
     from .errors import IncompatibleError
     from .inspection import AdapterReport
@@ -297,19 +309,55 @@ def inspect(
 
     report = run_inspect(path, base=base, alpha=alpha, **hub)
     statistics = _adapter_statistics(report, path, base, alpha, stats, plot, hub)
-    if as_json:
-        _print_json({**report.to_dict(), "stats": statistics.to_dict()} if statistics else report.to_dict())
-    elif isinstance(report, AdapterReport):
+    inspected = {**report.to_dict(), "stats": statistics.to_dict()} if statistics else report.to_dict()
+    serving = {"engine": engine, "max_lora_rank": max_lora_rank}
+    checking = engine is not None
+    if as_json and not checking:
+        _print_json(inspected)
+    elif isinstance(report, AdapterReport) and not as_json:
         _render_adapter(report, show_all)
         if statistics is not None:
             from .analysis.terminal import render_stats
 
             render_stats(_stderr_console(), statistics)
-    else:
+    elif not as_json:
         _render_checkpoint(report)
+    ready = _run_check(path, base, alpha, as_json, serving, inspected if as_json else None) if checking else None
     validation = getattr(report, "validation", None)
     if validation is not None and not validation.compatible:
         raise IncompatibleError(f"{path} does not fit {base}", validation.problems)
+    if ready is False:
+        _fail(click.get_current_context(), f"{path} is not ready for {serving['engine']}", EXIT_INVALID)
+
+
+def _run_check(path: str, base: str | None, alpha: float | None, as_json: bool, serving: dict, inspected=None) -> bool:
+    """Run `check` for `serving["engine"]`, print its report (JSON on stdout, else lines on stderr); return ready."""
+    from .serving.check import check, report_lines
+
+    report = check(path, engine=serving["engine"], base=base, max_lora_rank=serving["max_lora_rank"], alpha=alpha)
+    if as_json:
+        _print_json({**inspected, "check": report.to_dict()} if inspected is not None else report.to_dict())
+    else:
+        for line in report_lines(report):
+            click.echo(line, err=True)
+    return report.ready
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--base", type=click.Path(), help="Base model folder (config.json alone is enough for llama.cpp rules).")
+@click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@engine_options
+@json_option
+def check(adapter: str, base: str | None, alpha: float | None, as_json: bool, **serving) -> None:
+    """Check ADAPTER for a serving engine (--for vllm|sglang|llama.cpp|mlx): exit 0 ready, 3 not.
+
+    Lists every reason the engine would reject the adapter or silently ignore part of it, with what to do.
+    """
+    if serving["engine"] is None:
+        raise click.UsageError("Missing option '--for' (vllm, sglang, llama.cpp or mlx).")
+    if not _run_check(adapter, base, alpha, as_json, serving):
+        _fail(click.get_current_context(), f"{adapter} is not ready for {serving['engine']}", EXIT_INVALID)
 
 
 def _render_adapter(report, show_all: bool) -> None:
@@ -571,18 +619,21 @@ def resize(adapter: str, **options) -> None:
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya"]), required=True, help="Target format.")
-@click.option("--base", type=click.Path(), help="Base model, to match kohya names to dotted module paths.")
+@click.option("--to", "to", type=click.Choice(["peft", "kohya", "gguf", "mlx"]), required=True, help="Target format.")
+@click.option(
+    "--base", type=click.Path(), help="Base model: matches kohya names to module paths; its config lays out GGUF."
+)
 @click.option("--component", help="Pipeline component to take or to name (unet, text_encoder, …).")
 @click.option("--rank", "-r", type=int, help="Rank for re-factorising LoHa / LoKr / Tucker modules as LoRA.")
 @click.option("--bake-alpha", is_flag=True, help="Fold the scale into B and set alpha = rank.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")
+@click.option("--drop-unsupported", is_flag=True, help="gguf/mlx: leave out (and report) what the format cannot carry.")
 @output_options
 @json_option
 @hub_input_options
 def convert(adapter: str, **options) -> None:
-    """Convert ADAPTER between PEFT and kohya spellings (--to peft|kohya).
+    """Convert ADAPTER between PEFT, kohya, GGUF (llama.cpp) and mlx-lm formats (--to peft|kohya|gguf|mlx).
 
     LoRA factors are copied exactly and alpha is carried unless --bake-alpha;
     LoHa / LoKr / Tucker modules become LoRA only by re-factorising ΔW to --rank.

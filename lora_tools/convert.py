@@ -22,10 +22,11 @@ from .hub import resolve_input
 from .output import atomic_output, checksums
 from .plan import Targets, compatibility_problems
 from .rank import RankRule
+from .serving import fit_to_base
 
 __all__ = ["convert", "TARGET_FORMATS"]
 
-TARGET_FORMATS = ("peft", "kohya")
+TARGET_FORMATS = ("peft", "kohya", "gguf", "mlx")
 _KOHYA_PREFIX_FOR = {"unet": "lora_unet", "transformer": "lora_unet", "text_encoder": "lora_te",
                      "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}  # fmt: skip
 
@@ -187,6 +188,7 @@ def convert(
     revision: str | None = None,
     token: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    drop_unsupported: bool = False,
 ) -> ExtractReport:
     """Convert an adapter between PEFT and kohya spellings.
 
@@ -197,6 +199,7 @@ def convert(
         component: which pipeline component to take (or to name, for kohya output).
         rank: LoHa / LoKr / Tucker modules are re-factorised to this rank (an approximation).
         bake_alpha: fold the scale into B and set alpha = rank, instead of carrying alpha.
+        drop_unsupported: for `to="gguf"|"mlx"`, leave out (and report) what the target cannot carry.
 
     Returns:
         An `ExtractReport` listing each module, how it was carried, and any approximation error.
@@ -206,6 +209,11 @@ def convert(
         raise InvalidInputError(f"--to must be one of {', '.join(TARGET_FORMATS)}, got {to!r}")
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"--rank must be a positive integer, got {rank}")
+    if to in ("gguf", "mlx"):
+        from .serving.export import ExportOptions, export
+
+        options = ExportOptions(to, base, alpha, bake_alpha, drop_unsupported, force, checksum, revision, token)
+        return export(adapter, output, options)
     output = Path(output)
     if to == "kohya" and output.suffix != ".safetensors":
         raise InvalidInputError(
@@ -213,7 +221,7 @@ def convert(
         )
     adapter_local, _ = resolve_input(adapter, revision=revision, token=token)
     base_local = resolve_input(base, revision=revision, token=token)[0] if base is not None else None
-    source = read_adapter(adapter_local, alpha=alpha)
+    source = fit_to_base(read_adapter(adapter_local, alpha=alpha), base_local)
     if source.unknown_keys:
         raise InvalidInputError(
             f"{source.path}: keys lora_tools does not understand: {', '.join(source.unknown_keys[:5])}"

@@ -33,6 +33,7 @@ from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES
 from .rank import RankRule, choose_rank, spectrum_decided
 from .safetensors_io import SafetensorsWriter, TensorInfo
+from .serving import as_peft
 from .storage import naming
 
 if TYPE_CHECKING:
@@ -679,7 +680,7 @@ def resize(
     started = time.perf_counter()
     rule = RankRule(rank, energy, sv_ratio, max_rank)
     adapter_local, adapter_repo = resolve_input(adapter, revision=revision, token=token)
-    source = read_adapter(adapter_local)
+    source = as_peft(read_adapter(adapter_local))  # GGUF / mlx-lm adapters resize into PEFT folders too
     if source.format != "peft":
         raise UnsupportedError(f"{source.path}: resize writes PEFT folders; convert this {source.format} adapter first")
     devices = resolve_devices(device)

@@ -29,6 +29,7 @@ from .hub import resolve_input
 from .output import atomic_output, checksums
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
 from .safetensors_io import SafetensorsWriter
+from .serving import fit_to_base
 from .units import parse_size
 
 __all__ = ["merge", "unmerge", "MergeReport", "TensorChange", "RECORD_NAME", "DORA_NORMS_NAME"]
@@ -165,7 +166,7 @@ def _run(
 
     base_local, base_repo = resolve_input(base_path, revision=revision, token=token)
     adapter_inputs = [resolve_input(p, revision=revision, token=token) for p in adapter_paths]
-    adapters = [read_adapter(local, alpha=alpha) for local, _ in adapter_inputs]
+    adapters = [fit_to_base(read_adapter(local, alpha=alpha), base_local) for local, _ in adapter_inputs]
     quant.refuse_gguf(base_local)
     components = open_components(base_local)
     layouts = {name: quant.detect(c.path, c.tensors, c.config) for name, c in components.items()}
