@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, LoraModule, Replacement
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
+from .relayout import Located, LayoutTargets, Piece, located_problems
 from .safetensors_io import DTYPE_SIZES, TensorInfo
 
 __all__ = [
@@ -99,8 +100,19 @@ class Targets:
     def __init__(self, base: Mapping[str, TensorInfo]) -> None:
         self.base = base
         self._kohya: dict[str, str | None] | None = None
+        self.layout = LayoutTargets(base)
+
+    def located(self, module: LoraModule) -> Located | None:
+        """Where a module lands through the base's diffusion layout (the other naming, fused projections)."""
+        if self.layout.layout is None or (not self.layout.original_side and self._own(module) is not None):
+            return None
+        return self.layout.locate(module)
 
     def find(self, module: LoraModule) -> str | None:
+        located = self.located(module)
+        return located.whole if located is not None else self._own(module)
+
+    def _own(self, module: LoraModule) -> str | None:
         if not module.kohya_name:
             return resolve_module(module.name, self.base)
         return self.kohya_index().get(module.name)
@@ -222,6 +234,10 @@ def compatibility_problems(
     targets = Targets(base)
     problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
     for module in adapter.modules:
+        located = targets.located(module)
+        if located is not None and located.whole is None:
+            problems.extend(located_problems(adapter, module, base, located))
+            continue
         target = targets.find(module)
         if target is None:
             if targets.ambiguous(module):
@@ -270,6 +286,7 @@ class Term:
     module: LoraModule
     weight: float
     bias: bool = False
+    piece: Piece | None = None
 
 
 @dataclass(frozen=True)
@@ -364,6 +381,13 @@ def plan_merge(
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         unmatched = 0
         for module in adapter.modules:
+            located = targets.located(module)
+            if located is not None and located.whole is None:  # row blocks of other weights (fused projections)
+                for weight_name, bias_name, piece in located.parts:
+                    terms.setdefault(weight_name, []).append(Term(index, module, sign * weight, piece=piece))
+                    if module.bias_key is not None:
+                        terms.setdefault(bias_name, []).append(Term(index, module, sign * weight, True, piece))
+                continue
             target = targets.find(module)
             if target is None:
                 unmatched += 1
