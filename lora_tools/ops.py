@@ -49,6 +49,8 @@ def variant_delta(module: LoraModule, factor: Callable[[str], torch.Tensor], sha
     these variants; its forward pass, which inference uses, applies it once).
     """
     roles = dict(module.factors)
+    if module.variant == "full":  # `.diff`: ΔW as stored
+        return factor(roles["diff"]).reshape(shape).clone()
     if module.variant == "tucker":
         up, down, mid = factor(module.b_key), factor(module.a_key), factor(roles["mid"])
         delta = torch.einsum(

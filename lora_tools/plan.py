@@ -148,6 +148,8 @@ def variant_delta_shape(module: LoraModule, shapes: Mapping[str, tuple[int, ...]
             if "t1" in shapes:
                 return (shapes["w1a"][1], shapes["w1b"][1], *shapes["t1"][2:])
             return (shapes["w1a"][0], math.prod(shapes["w1b"][1:]))
+        if module.variant == "full":
+            return tuple(shapes["diff"]) if "diff" in shapes else None
         if module.variant == "lokr":
             w1 = shapes["k1"] if "k1" in shapes else (shapes["k1a"][0], shapes["k1b"][1])
             if "k2" in shapes:
@@ -174,6 +176,8 @@ def _module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, Te
     weight = base[f"{target}.weight"]
     if not weight.is_float:
         return [f"{module.name}: base weight is {weight.dtype}, not a float tensor"]
+    if module.variant == "full":
+        return _full_problems(adapter, module, base, target)
     if module.variant != "lora":
         shapes = {role: adapter.tensors[key].shape for role, key in module.factors}
         shapes.update({"up": module.b_shape, "down": module.a_shape} if module.variant == "tucker" else {})
@@ -204,6 +208,18 @@ def _module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, Te
             problems.append(f"{module.name}: adapter has lora_B.bias but base has no {target}.bias")
         elif tuple(found) != (out,) or tuple(bias.shape) != (out,):
             problems.append(f"{module.name}: lora_B.bias is {list(found)}, base bias is {list(bias.shape)}")
+    return problems
+
+
+def _full_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, TensorInfo], target: str) -> list[str]:
+    """`.diff` must be the weight's shape and `.diff_b` the bias' (LyCORIS full / ComfyUI difference keys)."""
+    problems = []
+    for key, tensor in ((module.factor("diff"), f"{target}.weight"), (module.bias_key, f"{target}.bias")):
+        if key is None:
+            continue
+        found, want = adapter.tensors[key].shape, base[tensor].shape if tensor in base else None
+        if want is None or tuple(found) != tuple(want):
+            problems.append(f"{key}: is {list(found)} but base {tensor} is {list(want) if want else 'missing'}")
     return problems
 
 
@@ -392,7 +408,8 @@ def plan_merge(
             if target is None:
                 unmatched += 1
                 continue
-            terms.setdefault(f"{target}.weight", []).append(Term(index, module, sign * weight))
+            if module.variant != "full" or module.factor("diff") is not None:  # `.diff_b` alone: the bias only
+                terms.setdefault(f"{target}.weight", []).append(Term(index, module, sign * weight))
             if module.bias_key is not None:
                 terms.setdefault(f"{target}.bias", []).append(Term(index, module, sign * weight, bias=True))
         for item in adapter.replacements:

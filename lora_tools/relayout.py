@@ -124,14 +124,14 @@ class LayoutTargets:
     def _onto_original(self, links: list[Link]) -> Located | None:
         """A diffusers-named module into a single file: its rows land in row blocks of fused weights."""
         shapes = [self._shape(link.original_weight) for link in links]
-        if any(s is None or len(s) < 2 for s in shapes):
+        if any(not s for s in shapes):
             return None
-        blocks = [block_rows(link.block, s[0], s[1]) for link, s in zip(links, shapes, strict=True)]
+        blocks = [block_rows(link.block, s[0], _cols(s)) for link, s in zip(links, shapes, strict=True)]
         sizes = [(b[1] - b[0]) if b else s[0] for b, s in zip(blocks, shapes, strict=True)]
         total = sum(sizes)
         parts = []
         for link, rows, shape in zip(links, blocks, shapes, strict=True):
-            source = block_rows(link.diffusers_block, total, shape[1])
+            source = block_rows(link.diffusers_block, total, _cols(shape))
             piece = None if rows is None and source is None else Piece(rows, source, total)
             parts.append((link.original_weight, link.original_bias, piece))
         return Located((total, *shapes[0][1:]), tuple(parts))
@@ -139,10 +139,10 @@ class LayoutTargets:
     def _onto_diffusers(self, links: list[Link]) -> Located | None:
         """An original-named module (a fused qkv) into a diffusers folder: each split weight takes its rows."""
         shapes = {link.diffusers: self._shape(f"{link.diffusers}.weight") for link in links}
-        if any(s is None or len(s) < 2 for s in shapes.values()):
+        if any(not s for s in shapes.values()):
             return None
         total = sum(s[0] for s in shapes.values())
-        cols = next(iter(shapes.values()))[1]
+        cols = _cols(next(iter(shapes.values())))
         parts = []
         for link in links:
             rows = shapes[link.diffusers][0]
@@ -151,6 +151,11 @@ class LayoutTargets:
             piece = None if source is None and target is None else Piece(target, source, total)
             parts.append((f"{link.diffusers}.weight", f"{link.diffusers}.bias", piece))
         return Located((total, *next(iter(shapes.values()))[1:]), tuple(parts))
+
+
+def _cols(shape: tuple[int, ...]) -> int:
+    """In-features for the row rules (1 for norms' 1-D weights)."""
+    return shape[1] if len(shape) > 1 else 1
 
 
 def piece_delta(

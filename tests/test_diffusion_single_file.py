@@ -44,16 +44,12 @@ def unet_folder(tmp_path_factory):
 
 
 @pytest.fixture
-def lycoris_preset():
-    """LyCORIS keeps its preset on the class: name keys as sd-scripts does, restore afterwards."""
+def lycoris_class():
+    """LyCORIS keeps its preset on the class: restore it afterwards."""
     from lycoris import LycorisNetwork
 
-    saved = {k: getattr(LycorisNetwork, k) for k in ("LORA_PREFIX", "ENABLE_CONV", "TARGET_REPLACE_NAME", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP") if hasattr(LycorisNetwork, k)}  # fmt: skip
-    LycorisNetwork.apply_preset(
-        {"target_module": [], "target_name": [".*conv1", ".*conv_shortcut", ".*attn1.to_q"], "enable_conv": True,
-         "lora_prefix": "lora_unet"}
-    )  # fmt: skip
-    yield
+    saved = {k: v for k, v in vars(LycorisNetwork).items() if k.isupper()}
+    yield LycorisNetwork
     for key, value in saved.items():
         setattr(LycorisNetwork, key, value)
 
@@ -67,42 +63,58 @@ def _forward_weight(module, layer) -> torch.Tensor:
         return module.apply_weight_decompose(merged, module.multiplier)
 
 
+def _lycoris_layers(unet) -> list[list[str]]:
+    """For each configuration its own 3×3 conv, 1×1 conv and linear, so all merge in one call."""
+    convs3 = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels >= 8]  # fmt: skip
+    convs1 = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    linears = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and ".attn" in n]
+    return [[convs3[i], convs1[i], linears[i]] for i in range(len(_LYCORIS))]
+
+
 @pytest.mark.parametrize("axis", ["out", "in"])
-@pytest.mark.parametrize("config", list(_LYCORIS))
-def test_lycoris_dora_on_convs_matches_lycoris_forward(unet_folder, tmp_path, lycoris_preset, config, axis):
+def test_lycoris_dora_on_convs_matches_lycoris_forward(unet_folder, tmp_path, lycoris_class, axis):
+    """LoCon / LoHa / LoKr in every factorisation, DoRA on `axis`: merged = LyCORIS' forward weight."""
+    import copy
+    import re
+
     from diffusers import UNet2DConditionModel
     from lycoris import create_lycoris
 
     unet = UNet2DConditionModel.from_pretrained(unet_folder).eval()
     torch.manual_seed(7)
-    network = create_lycoris(
-        unet, 1.0, linear_dim=R, linear_alpha=2, conv_dim=R, conv_alpha=2, dora_wd=True, wd_on_output=axis == "out",
-        **_LYCORIS[config],
-    )  # fmt: skip
-    network.apply_to()
-    with torch.no_grad():
-        for name, param in network.named_parameters():
-            param.copy_(param * (1 + 0.1 * torch.rand_like(param)) if "dora_scale" in name else torch.randn_like(param) * 0.2)
-    path = tmp_path / "lycoris.safetensors"
-    network.save_weights(str(path), torch.float32, None)
-    lora_tools.merge(unet_folder, [path], tmp_path / "merged", device="cpu")
-    merged = load_state(tmp_path / "merged")
-    kinds = set()
-    for module in network.loras:
-        layer = module.org_module[0]
-        target = module.lora_name.removeprefix("lora_unet_")
-        name = next(n for n, m in unet.named_modules() if m is layer or n.replace(".", "_") == target)
-        expected = _forward_weight(module, layer)
-        ours = merged[f"{name}.weight"]
-        relative = ((ours - expected).norm() / expected.norm()).item()
-        assert relative <= 1e-5, (name, relative, tuple(layer.weight.shape), {k: tuple(v.shape) for k, v in module.state_dict().items()})
-        x = torch.randn(2, layer.weight.shape[1], *([6, 6] if layer.weight.dim() == 4 else []))
+    networks, paths = [], []
+    for (config, options), layers in zip(_LYCORIS.items(), _lycoris_layers(unet), strict=True):
+        lycoris_class.apply_preset({"target_module": [], "target_name": [re.escape(n) + "$" for n in layers],
+                                    "enable_conv": True, "lora_prefix": "lora_unet"})  # fmt: skip
+        model = copy.deepcopy(unet)
+        network = create_lycoris(model, 1.0, linear_dim=R, linear_alpha=2, conv_dim=R, conv_alpha=2, dora_wd=True,
+                                 wd_on_output=axis == "out", **options)  # fmt: skip
+        network.apply_to()
         with torch.no_grad():
-            theirs = module(x)
-            mine = torch.nn.functional.conv2d(x, ours, layer.bias, layer.stride, layer.padding) if layer.weight.dim() == 4 else torch.nn.functional.linear(x, ours, layer.bias)  # fmt: skip
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
-        kinds.add(tuple(layer.weight.shape[2:]))
-    assert {(3, 3), (1, 1), ()} <= kinds  # 3×3 convs, 1×1 shortcuts and linears were all covered
+            for name, param in network.named_parameters():
+                param.copy_(param * (1 + 0.1 * torch.rand_like(param)) if "dora_scale" in name else torch.randn_like(param) * 0.2)  # fmt: skip
+        assert len(network.loras) == 3, config
+        paths.append(tmp_path / f"{config}.safetensors")
+        network.save_weights(str(paths[-1]), torch.float32, None)
+        networks.append((config, model, network))
+    lora_tools.merge(unet_folder, paths, tmp_path / "merged", device="cpu")
+    merged = load_state(tmp_path / "merged")
+    for config, model, network in networks:
+        names = {id(m): n for n, m in model.named_modules()}
+        for module in network.loras:
+            layer = module.org_module[0]
+            name, expected = names[id(layer)], _forward_weight(module, layer)
+            ours = merged[f"{name}.weight"]
+            relative = ((ours - expected).norm() / expected.norm()).item()
+            assert relative <= 1e-5, (config, name, relative)
+            x = torch.randn(2, layer.weight.shape[1], *([6, 6] if layer.weight.dim() == 4 else []))
+            with torch.no_grad():
+                theirs = module(x)
+                if layer.weight.dim() == 4:
+                    mine = torch.nn.functional.conv2d(x, ours, layer.bias, layer.stride, layer.padding)
+                else:
+                    mine = torch.nn.functional.linear(x, ours, layer.bias)
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=f"{config} {name}")
 
 
 # --- Stable Diffusion single files ------------------------------------------------------------------
@@ -331,3 +343,30 @@ def test_flux_bfl_named_kohya_qkv_lora_into_diffusers_folder(flux, tmp_path):
     ours = load_state(tmp_path / "out.safetensors")
     for key in ours:
         torch.testing.assert_close(ours[key], mapped[key], rtol=0, atol=0, msg=key)
+
+
+def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
+    """LyCORIS full / ComfyUI `.diff` (ΔW) and `.diff_b` (bias Δ), in either naming, fused rows included."""
+    root, _, state, single = flux
+    g = torch.Generator().manual_seed(5)
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    diffs = {
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff": torch.randn(d, d, generator=g),
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff_b": torch.randn(d, generator=g),
+        "lora_unet_single_blocks_0_norm_query_norm.diff": torch.randn(state["single_transformer_blocks.0.attn.norm_q.weight"].shape, generator=g),  # fmt: skip
+        "lora_unet_final_layer_linear.diff_b": torch.randn(state["proj_out.bias"].shape, generator=g),
+    }
+    adapter = tmp_path / "full.safetensors"
+    save_file(diffs, adapter)
+    report = lora_tools.merge(root / "flux1-tiny.safetensors", [adapter], tmp_path / "out.safetensors", device="cpu")
+    ours = load_state(tmp_path / "out.safetensors")
+    expected = dict(single)
+    expected["double_blocks.0.img_attn.qkv.weight"] = single["double_blocks.0.img_attn.qkv.weight"].clone()
+    expected["double_blocks.0.img_attn.qkv.weight"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff"]
+    expected["double_blocks.0.img_attn.qkv.bias"] = single["double_blocks.0.img_attn.qkv.bias"].clone()
+    expected["double_blocks.0.img_attn.qkv.bias"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff_b"]
+    expected["single_blocks.0.norm.query_norm.scale"] = single["single_blocks.0.norm.query_norm.scale"] + diffs["lora_unet_single_blocks_0_norm_query_norm.diff"]  # fmt: skip
+    expected["final_layer.linear.bias"] = single["final_layer.linear.bias"] + diffs["lora_unet_final_layer_linear.diff_b"]
+    for key in ours:
+        assert torch.equal(ours[key], expected[key]), key
+    assert report.tensors_changed == 4
