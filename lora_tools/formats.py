@@ -39,7 +39,7 @@ _KOHYA_ROLES = {
     "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
     "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2",
     "lokr_w1": "k1", "lokr_w1_a": "k1a", "lokr_w1_b": "k1b", "lokr_w2": "k2", "lokr_w2_a": "k2a", "lokr_w2_b": "k2b",
-    "lokr_t2": "kt2", "dora_scale": "dora_scale",
+    "lokr_t2": "kt2", "dora_scale": "dora_scale", "diff": "diff", "diff_b": "diff_b",
 }  # fmt: skip
 _DIFFUSERS_SUFFIXES = (
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
@@ -86,6 +86,8 @@ def _kohya_module(path: Path, weights, name: str, component: str, roles: dict[st
     from .adapter import LoraModule
 
     shapes = {role: weights.tensors[key].shape for role, key in roles.items()}
+    if "diff" in roles or "diff_b" in roles:
+        return _full_module(name, component, roles, shapes)
     if "down" in roles or "up" in roles:
         if not ("down" in roles and "up" in roles):
             missing = "lora_up.weight" if "down" in roles else "lora_down.weight"
@@ -146,6 +148,18 @@ def _kohya_module(path: Path, weights, name: str, component: str, roles: dict[st
         component=component,
         kohya_name=True,
     )
+
+
+def _full_module(name: str, component: str, roles: dict[str, str], shapes: dict):
+    """LyCORIS "full" / ComfyUI difference keys: `.diff` is ΔW itself, `.diff_b` the bias' Δ (no scale)."""
+    from .adapter import LoraModule
+
+    diff = shapes.get("diff", ())
+    return LoraModule(
+        name=name, kind="conv" if len(diff) > 2 else "linear", a_key="", b_key="", a_shape=(), b_shape=(), rank=0,
+        alpha=1.0, scale=1.0, bias_key=roles.get("diff_b"), variant="full",
+        factors=(("diff", roles["diff"]),) if "diff" in roles else (), component=component, kohya_name=True,
+    )  # fmt: skip
 
 
 def _read_kohya(path: Path, *, alpha: float | None = None):

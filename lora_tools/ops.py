@@ -26,7 +26,7 @@ def dora_norm(module: LoraModule, merged: torch.Tensor) -> torch.Tensor:
     """‖W + ΔW‖ per channel: per output as PEFT takes it, or per input as LyCORIS' dora_scale does."""
     if module.dora_axis == "in":
         return merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(p=2, dim=1)
-    if module.kind == "conv":
+    if merged.dim() > 2:  # the layer kind comes from the weight: LoHa/LoKr store conv factors flattened
         return merged.reshape(merged.shape[0], -1).norm(p=2, dim=1)
     rows = merged.T if module.fan_in_fan_out else merged
     return torch.linalg.norm(rows, dim=1)
@@ -36,7 +36,7 @@ def _per_output(module: LoraModule, factor: torch.Tensor, like: torch.Tensor) ->
     """Shape a per-channel factor to broadcast over the weight."""
     if module.dora_axis == "in":
         return factor.reshape(1, -1, *([1] * (like.dim() - 2)))
-    if module.kind == "conv":
+    if like.dim() > 2:
         return factor.reshape(-1, *([1] * (like.dim() - 1)))
     return factor.reshape(1, -1) if module.fan_in_fan_out else factor.reshape(-1, 1)
 
@@ -54,6 +54,8 @@ def variant_delta(module: LoraModule, factor: Callable[[str], torch.Tensor], sha
         from .experts import fused_delta
 
         return fused_delta(module, factor(roles["A"]), factor(roles["B"])).reshape(shape)
+    if module.variant == "full":  # `.diff`: ΔW as stored
+        return factor(roles["diff"]).reshape(shape).clone()
     if module.variant == "tucker":
         up, down, mid = factor(module.b_key), factor(module.a_key), factor(roles["mid"])
         delta = torch.einsum(
@@ -219,6 +221,22 @@ def _compute_blocked(
     return TaskResult(largest)
 
 
+def _piece(term, weight: torch.Tensor, get) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `weight` a term's piece changes, and its (unscaled) ΔW for them."""
+    from .relayout import piece_delta
+
+    rows = term.piece.target_rows
+    target = weight if rows is None else weight[rows[0] : rows[1]]
+
+    def fetch(key: str) -> torch.Tensor:
+        return get(term.adapter, key)
+
+    def full(shape) -> torch.Tensor:
+        return variant_delta(term.module, fetch, torch.Size(shape))
+
+    return target, piece_delta(term.module, term.piece, fetch, tuple(target.shape), bias=term.bias, full_delta=full)
+
+
 def compute_task(
     task: TensorTask,
     base: torch.Tensor,
@@ -246,7 +264,9 @@ def compute_task(
     """
     device = workspace.device
     plain = not task.replacements and base.dim() >= 2
-    plain = plain and all(not t.bias and not t.module.dora and t.module.variant == "lora" for t in task.terms)
+    plain = plain and all(
+        not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms
+    )
     if plain and task.terms and device.type == "cpu":
         return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite, pool)
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
@@ -274,7 +294,10 @@ def compute_task(
     norm_used = None
     for term in task.terms:
         module = term.module
-        if term.bias:
+        target = weight
+        if term.piece is not None:  # a row block of this tensor, or of the module's ΔW (fused projections)
+            target, delta = _piece(term, weight, get)
+        elif term.bias:
             delta = get(term.adapter, module.bias_key)
         elif module.variant != "lora":
             delta = variant_delta(module, lambda key, i=term.adapter: get(i, key), weight.shape)
@@ -296,7 +319,7 @@ def compute_task(
                 weight.mul_(_per_output(module, magnitude / norm_used, weight))
             factor = 1.0
         else:
-            weight.add_(delta, alpha=factor)
+            target.add_(delta, alpha=factor)
         if delta.numel():
             max_abs = max(max_abs, abs(factor) * _largest_magnitude(delta))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, LoraModule, Replacement
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
+from .relayout import Located, LayoutTargets, Piece, located_problems
 from .safetensors_io import DTYPE_SIZES, TensorInfo
 
 __all__ = [
@@ -100,10 +101,21 @@ class Targets:
     def __init__(self, base: Mapping[str, TensorInfo]) -> None:
         self.base = base
         self._kohya: dict[str, str | None] | None = None
+        self.layout = LayoutTargets(base)
+
+    def located(self, module: LoraModule) -> Located | None:
+        """Where a module lands through the base's diffusion layout (the other naming, fused projections)."""
+        if self.layout.layout is None or (not self.layout.original_side and self._own(module) is not None):
+            return None
+        return self.layout.locate(module)
 
     def find(self, module: LoraModule) -> str | None:
         if module.variant == "experts":  # names its fused tensor itself (`…experts.gate_up_proj`)
             return module.name if module.name in self.base else None
+        located = self.located(module)
+        return located.whole if located is not None else self._own(module)
+
+    def _own(self, module: LoraModule) -> str | None:
         if not module.kohya_name:
             return resolve_module(module.name, self.base)
         return self.kohya_index().get(module.name)
@@ -148,6 +160,8 @@ def variant_delta_shape(module: LoraModule, shapes: Mapping[str, tuple[int, ...]
             if "t1" in shapes:
                 return (shapes["w1a"][1], shapes["w1b"][1], *shapes["t1"][2:])
             return (shapes["w1a"][0], math.prod(shapes["w1b"][1:]))
+        if module.variant == "full":
+            return tuple(shapes["diff"]) if "diff" in shapes else None
         if module.variant == "lokr":
             w1 = shapes["k1"] if "k1" in shapes else (shapes["k1a"][0], shapes["k1b"][1])
             if "k2" in shapes:
@@ -174,6 +188,8 @@ def _module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, Te
     weight = base[weight_tensor(module, target)]
     if not weight.is_float:
         return [f"{module.name}: base weight is {weight.dtype}, not a float tensor"]
+    if module.variant == "full":
+        return _full_problems(adapter, module, base, target)
     if module.variant != "lora":
         shapes = {role: adapter.tensors[key].shape for role, key in module.factors}
         shapes.update({"up": module.b_shape, "down": module.a_shape} if module.variant == "tucker" else {})
@@ -207,6 +223,18 @@ def _module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, Te
     return problems
 
 
+def _full_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, TensorInfo], target: str) -> list[str]:
+    """`.diff` must be the weight's shape and `.diff_b` the bias' (LyCORIS full / ComfyUI difference keys)."""
+    problems = []
+    for key, tensor in ((module.factor("diff"), f"{target}.weight"), (module.bias_key, f"{target}.bias")):
+        if key is None:
+            continue
+        found, want = adapter.tensors[key].shape, base[tensor].shape if tensor in base else None
+        if want is None or tuple(found) != tuple(want):
+            problems.append(f"{key}: is {list(found)} but base {tensor} is {list(want) if want else 'missing'}")
+    return problems
+
+
 def _dora_problems(adapter: Adapter, module: LoraModule, weight_shape: tuple[int, ...]) -> list[str]:
     if module.magnitude_key is None:
         return []
@@ -234,6 +262,10 @@ def compatibility_problems(
     targets = Targets(base)
     problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
     for module in adapter.modules:
+        located = targets.located(module)
+        if located is not None and located.whole is None:
+            problems.extend(located_problems(adapter, module, base, located))
+            continue
         target = targets.find(module)
         if target is None:
             if targets.ambiguous(module):
@@ -282,6 +314,7 @@ class Term:
     module: LoraModule
     weight: float
     bias: bool = False
+    piece: Piece | None = None
 
 
 @dataclass(frozen=True)
@@ -376,11 +409,19 @@ def plan_merge(
     for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         unmatched = 0
         for module in adapter.modules:
+            located = targets.located(module)
+            if located is not None and located.whole is None:  # row blocks of other weights (fused projections)
+                for weight_name, bias_name, piece in located.parts:
+                    terms.setdefault(weight_name, []).append(Term(index, module, sign * weight, piece=piece))
+                    if module.bias_key is not None:
+                        terms.setdefault(bias_name, []).append(Term(index, module, sign * weight, True, piece))
+                continue
             target = targets.find(module)
             if target is None:
                 unmatched += 1
                 continue
-            terms.setdefault(weight_tensor(module, target), []).append(Term(index, module, sign * weight))
+            if module.variant != "full" or module.factor("diff") is not None:  # `.diff_b` alone: the bias only
+                terms.setdefault(weight_tensor(module, target), []).append(Term(index, module, sign * weight))
             if module.bias_key is not None:
                 terms.setdefault(f"{target}.bias", []).append(Term(index, module, sign * weight, bias=True))
         for item in adapter.replacements:

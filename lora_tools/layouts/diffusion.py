@@ -1,0 +1,337 @@
+"""Diffusion checkpoints: diffusers module names ↔ the original single-file layouts.
+
+Single files as the community holds them (A1111 / ComfyUI / Civitai): Stable Diffusion 1.x/2.x/SDXL
+(`model.diffusion_model.input_blocks.…`, `cond_stage_model.…`, `conditioner.embedders.N.…`) and Flux
+in Black Forest Labs' layout (`double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`). The maps
+are the inverse of the one-way conversions diffusers' `loaders/single_file_utils.py` runs for
+`from_single_file`; tests prove each against that code. Everything here is names and row blocks:
+no tensors, no dependency on diffusers.
+
+A `Link` says that a diffusers module is (a row block of) a module of the original layout. Fused
+projections are several links to one original module: Flux `img_attn.qkv` is to_q / to_k / to_v as
+thirds of its rows; `single_blocks.N.linear1` is to_q, to_k, to_v (hidden rows each) then proj_mlp;
+OpenCLIP's `attn.in_proj` is q/k/v_proj as thirds. Flux's final adaLN is stored (shift, scale) where
+diffusers keeps (scale, shift): two links with swapped halves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+
+__all__ = ["Link", "Layout", "detect_layout", "block_rows", "RULES"]
+
+#: how a fused module's rows divide into blocks, from its (rows, columns).
+RULES: dict[str, Callable[[int, int], list[int]]] = {
+    "halves": lambda rows, cols: [rows // 2] * 2,
+    "thirds": lambda rows, cols: [rows // 3] * 3,
+    "qkv_mlp": lambda rows, cols: [cols] * 3 + [rows - 3 * cols],  # Flux single blocks: hidden = in_features
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    """diffusers module `diffusers` of `component` is the `block` rows of the original module `original`.
+
+    `block` is (index, rule) into RULES, None for the whole module; `diffusers_block` likewise for
+    the diffusers side (only Flux's swapped halves need it). `original` includes the file's prefix.
+    """
+
+    component: str
+    original: str
+    diffusers: str
+    block: tuple[int, str] | None = None
+    diffusers_block: tuple[int, str] | None = None
+
+    @property
+    def original_weight(self) -> str:
+        return _tensor(self.original, "weight")
+
+    @property
+    def original_bias(self) -> str:
+        return _tensor(self.original, "bias")
+
+
+def _tensor(module: str, leaf: str) -> str:
+    """A module's weight/bias tensor name; OpenCLIP's fused attention spells them `in_proj_weight`."""
+    if module.endswith(".in_proj"):
+        return f"{module}_{leaf}"
+    if leaf == "weight" and module.endswith(("query_norm", "key_norm")):  # Flux's RMSNorm weights are `scale`
+        return f"{module}.scale"
+    return f"{module}.{leaf}"
+
+
+def block_rows(block: tuple[int, str] | None, rows: int, cols: int) -> tuple[int, int] | None:
+    """The (start, stop) rows of `block` in a module of `rows` × `cols`, None for the whole module."""
+    if block is None:
+        return None
+    index, rule = block
+    sizes = RULES[rule](rows, cols)
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a checkpoint is: its family, which naming its keys use, and every link of its modules.
+
+    `side` is "original" for single files (links map diffusers names onto the file) and
+    "diffusers" for diffusers folders (links map original names onto the folder). `prefixes`
+    maps pipeline components to the single file's key prefix, for names passed through as is.
+    """
+
+    family: str
+    side: str
+    links: tuple[Link, ...]
+    prefixes: tuple[tuple[str, str], ...] = ()
+
+
+# --- Stable Diffusion UNet -------------------------------------------------------------------
+
+UNET_PREFIX = "model.diffusion_model."
+_UNET_FIXED = (
+    ("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
+    ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out"),
+    ("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2"),
+)  # fmt: skip
+_RESNET = (
+    ("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"),
+)  # fmt: skip
+#: the modules inside a transformer block keep their names in both layouts.
+_ATTENTION_INNER = (
+    "norm", "proj_in", "proj_out",
+    "transformer_blocks.{t}.norm1", "transformer_blocks.{t}.norm2", "transformer_blocks.{t}.norm3",
+    "transformer_blocks.{t}.attn1.to_q", "transformer_blocks.{t}.attn1.to_k", "transformer_blocks.{t}.attn1.to_v",
+    "transformer_blocks.{t}.attn1.to_out.0", "transformer_blocks.{t}.attn2.to_q", "transformer_blocks.{t}.attn2.to_k",
+    "transformer_blocks.{t}.attn2.to_v", "transformer_blocks.{t}.attn2.to_out.0",
+    "transformer_blocks.{t}.ff.net.0.proj", "transformer_blocks.{t}.ff.net.2",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UnetShape:
+    """What the UNet maps need to know: blocks, resnets per down block, where attention is."""
+
+    layers_per_block: int
+    down_attention: tuple[bool, ...]
+    up_attention: tuple[bool, ...]
+    transformer_depth: int
+
+
+def _count(names: Collection[str], pattern: str) -> int:
+    """How many consecutive indices i make `pattern.format(i)` a prefix of some name."""
+    count = 0
+    while any(n.startswith(pattern.format(count)) for n in names):
+        count += 1
+    return count
+
+
+def _unet_shape_from_diffusers(names: Collection[str]) -> UnetShape:
+    blocks = _count(names, "down_blocks.{}.")
+    return UnetShape(
+        layers_per_block=_count(names, "down_blocks.0.resnets.{}."),
+        down_attention=tuple(any(n.startswith(f"down_blocks.{i}.attentions.") for n in names) for i in range(blocks)),
+        up_attention=tuple(any(n.startswith(f"up_blocks.{i}.attentions.") for n in names) for i in range(blocks)),
+        transformer_depth=_max_depth(names),
+    )
+
+
+def _unet_shape_from_original(names: Collection[str]) -> UnetShape:
+    inputs = _count(names, "input_blocks.{}.")
+    first_down = next((i for i in range(1, inputs) if f"input_blocks.{i}.0.op.weight" in names), inputs)
+    per = first_down  # layers_per_block + 1
+    blocks = inputs // per
+    return UnetShape(
+        layers_per_block=per - 1,
+        down_attention=tuple(any(n.startswith(f"input_blocks.{per * i + 1}.1.") for n in names) for i in range(blocks)),
+        up_attention=tuple(
+            any(n.startswith(f"output_blocks.{per * i}.1.") and ".1.conv." not in n for n in names)
+            for i in range(blocks)
+        ),
+        transformer_depth=_max_depth(names),
+    )
+
+
+def _max_depth(names: Collection[str]) -> int:
+    depths = [int(n.split("transformer_blocks.")[1].split(".")[0]) for n in names if "transformer_blocks." in n]
+    return max(depths, default=-1) + 1
+
+
+def _unet_pairs(shape: UnetShape) -> list[tuple[str, str, str]]:
+    """(original prefix, diffusers prefix, "resnet" | "attention" | "module") for every UNet part."""
+    per = shape.layers_per_block + 1
+    blocks = len(shape.down_attention)
+    pairs = [(original, diffusers, "module") for original, diffusers in _UNET_FIXED]
+    for i in range(blocks):
+        for j in range(shape.layers_per_block):
+            pairs.append((f"input_blocks.{per * i + j + 1}.0", f"down_blocks.{i}.resnets.{j}", "resnet"))
+            if shape.down_attention[i]:
+                pairs.append((f"input_blocks.{per * i + j + 1}.1", f"down_blocks.{i}.attentions.{j}", "attention"))
+        if i < blocks - 1:
+            pairs.append((f"input_blocks.{per * (i + 1)}.0.op", f"down_blocks.{i}.downsamplers.0.conv", "module"))
+        for j in range(per):
+            pairs.append((f"output_blocks.{per * i + j}.0", f"up_blocks.{i}.resnets.{j}", "resnet"))
+            if shape.up_attention[i]:
+                pairs.append((f"output_blocks.{per * i + j}.1", f"up_blocks.{i}.attentions.{j}", "attention"))
+        if i < blocks - 1:
+            slot = 2 if shape.up_attention[i] else 1
+            pairs.append((f"output_blocks.{per * i + per - 1}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv", "module"))
+    pairs += [("middle_block.0", "mid_block.resnets.0", "resnet"), ("middle_block.2", "mid_block.resnets.1", "resnet")]
+    pairs.append(("middle_block.1", "mid_block.attentions.0", "attention"))
+    return pairs
+
+
+def unet_links(shape: UnetShape, prefix: str = UNET_PREFIX, component: str = "unet") -> list[Link]:
+    """Every UNet module of this shape: original (with `prefix`) ↔ diffusers."""
+    links = []
+    for original, diffusers, kind in _unet_pairs(shape):
+        if kind == "module":
+            inner = [("", "")]
+        elif kind == "resnet":
+            inner = [(f".{a}", f".{b}") for a, b in _RESNET]
+        else:
+            inner = [
+                (f".{name}".format(t=t),) * 2
+                for t in range(max(shape.transformer_depth, 1))
+                for name in _ATTENTION_INNER
+                if t == 0 or "{t}" in name
+            ]
+        links += [Link(component, f"{prefix}{original}{a}", f"{diffusers}{b}") for a, b in inner]
+    return links
+
+
+# --- text encoders -------------------------------------------------------------------------
+
+_OPEN_CLIP_LAYER = (
+    ("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+)  # fmt: skip
+
+
+def open_clip_links(prefix: str, layers: int, component: str) -> list[Link]:
+    """OpenCLIP ViT-H / bigG (`transformer.resblocks.N`) ↔ transformers' CLIPTextModel(WithProjection)."""
+    links = []
+    for n in range(layers):
+        original, diffusers = f"{prefix}transformer.resblocks.{n}.", f"text_model.encoder.layers.{n}."
+        for index, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            links.append(Link(component, f"{original}attn.in_proj", f"{diffusers}self_attn.{proj}", (index, "thirds")))
+        links += [Link(component, f"{original}{a}", f"{diffusers}{b}") for a, b in _OPEN_CLIP_LAYER]
+    links.append(Link(component, f"{prefix}ln_final", "text_model.final_layer_norm"))
+    return links
+
+
+# --- Flux ------------------------------------------------------------------------------------
+
+_FLUX_TOP = (
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ("txt_in", "context_embedder"), ("img_in", "x_embedder"), ("final_layer.linear", "proj_out"),
+)  # fmt: skip
+_FLUX_DOUBLE = (
+    ("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+    ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+    ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+    ("img_attn.norm.query_norm", "attn.norm_q"), ("img_attn.norm.key_norm", "attn.norm_k"),
+    ("txt_attn.norm.query_norm", "attn.norm_added_q"), ("txt_attn.norm.key_norm", "attn.norm_added_k"),
+)  # fmt: skip
+_FLUX_FUSED_DOUBLE = (
+    ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+)
+_FLUX_SINGLE = (
+    ("modulation.lin", "norm.linear"), ("linear2", "proj_out"),
+    ("norm.query_norm", "attn.norm_q"), ("norm.key_norm", "attn.norm_k"),
+)  # fmt: skip
+_FLUX_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+
+
+def flux_links(double: int, single: int, prefix: str = "", component: str = "transformer") -> list[Link]:
+    """Black Forest Labs' Flux layout ↔ diffusers' FluxTransformer2DModel."""
+    links = [Link(component, f"{prefix}{a}", b) for a, b in _FLUX_TOP]
+    final = f"{prefix}final_layer.adaLN_modulation.1"  # (shift, scale) on disk, (scale, shift) in diffusers
+    links += [
+        Link(component, final, "norm_out.linear", (1, "halves"), (0, "halves")),
+        Link(component, final, "norm_out.linear", (0, "halves"), (1, "halves")),
+    ]
+    for i in range(double):
+        original, diffusers = f"{prefix}double_blocks.{i}.", f"transformer_blocks.{i}."
+        links += [Link(component, original + a, diffusers + b) for a, b in _FLUX_DOUBLE]
+        for fused, parts in _FLUX_FUSED_DOUBLE:
+            links += [Link(component, original + fused, diffusers + p, (k, "thirds")) for k, p in enumerate(parts)]
+    for i in range(single):
+        original, diffusers = f"{prefix}single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        links += [Link(component, original + a, diffusers + b) for a, b in _FLUX_SINGLE]
+        links += [Link(component, f"{original}linear1", diffusers + p, (k, "qkv_mlp")) for k, p in enumerate(_FLUX_LINEAR1)]
+    return links
+
+
+# --- detection -------------------------------------------------------------------------------
+
+#: single-file text encoders: key prefix → (component, kind), per family.
+_SD_ENCODERS = {
+    "SD 1.x": (("cond_stage_model.transformer.", "text_encoder", "clip"),),
+    "SD 2.x": (("cond_stage_model.model.", "text_encoder", "open_clip"),),
+    "SDXL": (
+        ("conditioner.embedders.0.transformer.", "text_encoder", "clip"),
+        ("conditioner.embedders.1.model.", "text_encoder_2", "open_clip"),
+    ),
+}
+
+
+def _stripped(names: Iterable[str], prefix: str) -> set[str]:
+    return {n[len(prefix) :] for n in names if n.startswith(prefix)}
+
+
+def _sd_family(names: Collection[str]) -> str:
+    if any(n.startswith("conditioner.embedders.") for n in names) or f"{UNET_PREFIX}label_emb.0.0.weight" in names:
+        return "SDXL"
+    if any(n.startswith("cond_stage_model.model.") for n in names):
+        return "SD 2.x"
+    return "SD 1.x"
+
+
+def _sd_single_file(names: Collection[str]) -> Layout:
+    family = _sd_family(names)
+    links = unet_links(_unet_shape_from_original(_stripped(names, UNET_PREFIX)))
+    prefixes = [("unet", UNET_PREFIX)]
+    for prefix, component, kind in _SD_ENCODERS[family]:
+        if kind == "clip":
+            prefixes.append((component, prefix))
+        else:
+            layers = _count(names, prefix + "transformer.resblocks.{}.")
+            links += open_clip_links(prefix, layers, component) if layers else []
+    return Layout(family, "original", tuple(links), tuple(prefixes))
+
+
+def _flux_prefix(names: Collection[str]) -> str | None:
+    for prefix in ("", UNET_PREFIX):
+        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in names:
+            return prefix
+    return None
+
+
+def detect_layout(names: Collection[str]) -> Layout | None:
+    """The diffusion layout of a checkpoint from its tensor names, or None when it is none of them."""
+    names = set(names)
+    if f"{UNET_PREFIX}input_blocks.0.0.weight" in names:
+        return _sd_single_file(names)
+    prefix = _flux_prefix(names)
+    if prefix is not None:
+        blocks = _stripped(names, prefix)
+        links = flux_links(_count(blocks, "double_blocks.{}."), _count(blocks, "single_blocks.{}."), prefix)
+        return Layout("Flux", "original", tuple(links), (("transformer", prefix),))
+    if "single_transformer_blocks.0.proj_mlp.weight" in names:
+        links = flux_links(_count(names, "transformer_blocks.{}."), _count(names, "single_transformer_blocks.{}."))
+        return Layout("Flux (diffusers)", "diffusers", tuple(links))
+    if "down_blocks.0.resnets.0.conv1.weight" in names and "conv_in.weight" in names:
+        return Layout("SD UNet (diffusers)", "diffusers", tuple(unet_links(_unet_shape_from_diffusers(names))))
+    if "text_model.encoder.layers.0.self_attn.q_proj.weight" in names:
+        layers = _count(names, "text_model.encoder.layers.{}.")
+        return Layout("CLIP text encoder (diffusers)", "diffusers", tuple(open_clip_links("", layers, "text_encoder")))
+    return None

@@ -1,0 +1,372 @@
+"""Diffusion checkpoints as the community holds them: single files, fused projections, LyCORIS on convs.
+
+The layout tables are proven against diffusers' own single-file conversion (run on our output, it
+must give back the diffusers model bit for bit, or, where diffusers hard-codes Flux-dev's sizes, on
+a key probe). Merges into single files are checked against the same LoRA merged into the diffusers
+folder and mapped: bit-exact in fp32. LyCORIS adapters are built by the LyCORIS library.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_state
+from diffusion_models import clip_l, diffusers_to_original, flux_transformer, sd1_unet, sdxl_unet
+from safetensors.torch import save_file
+
+import lora_tools
+from lora_tools.layouts.diffusion import block_rows, detect_layout
+
+R = 4
+
+
+# --- LyCORIS-built adapters on convs (LoHa / LoKr DoRA crash) -------------------------------------------
+
+_LYCORIS = {
+    "locon": dict(algo="locon"),
+    "locon-tucker": dict(algo="locon", use_tucker=True),
+    "loha": dict(algo="loha"),
+    "loha-tucker": dict(algo="loha", use_tucker=True),
+    "lokr": dict(algo="lokr", factor=4),
+    "lokr-both": dict(algo="lokr", factor=4, decompose_both=True),
+    "lokr-tucker": dict(algo="lokr", factor=4, use_tucker=True, decompose_both=True),
+    "lokr-full": dict(algo="lokr", full_matrix=True),
+}
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("unet") / "unet"
+    sd1_unet().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def lycoris_class():
+    """LyCORIS keeps its preset on the class: restore it afterwards."""
+    from lycoris import LycorisNetwork
+
+    saved = {k: v for k, v in vars(LycorisNetwork).items() if k.isupper()}
+    yield LycorisNetwork
+    for key, value in saved.items():
+        setattr(LycorisNetwork, key, value)
+
+
+def _forward_weight(module, layer) -> torch.Tensor:
+    """The weight LyCORIS' forward pass uses (its get_merged_weight applies α/r twice for LoHa / LoKr)."""
+    with torch.no_grad():
+        if type(module).__name__ == "LoConModule":
+            return module.get_merged_weight(shape=layer.weight.shape)[0]
+        merged = layer.weight + module.get_weight(layer.weight.shape) * module.scalar
+        return module.apply_weight_decompose(merged, module.multiplier)
+
+
+def _lycoris_layers(unet) -> list[list[str]]:
+    """For each configuration its own 3×3 conv, 1×1 conv and linear, so all merge in one call."""
+    convs3 = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels >= 8]  # fmt: skip
+    convs1 = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    linears = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and ".attn" in n]
+    return [[convs3[i], convs1[i], linears[i]] for i in range(len(_LYCORIS))]
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_lycoris_dora_on_convs_matches_lycoris_forward(unet_folder, tmp_path, lycoris_class, axis):
+    """LoCon / LoHa / LoKr in every factorisation, DoRA on `axis`: merged = LyCORIS' forward weight."""
+    import copy
+    import re
+
+    from diffusers import UNet2DConditionModel
+    from lycoris import create_lycoris
+
+    unet = UNet2DConditionModel.from_pretrained(unet_folder).eval()
+    torch.manual_seed(7)
+    networks, paths = [], []
+    for (config, options), layers in zip(_LYCORIS.items(), _lycoris_layers(unet), strict=True):
+        lycoris_class.apply_preset({"target_module": [], "target_name": [re.escape(n) + "$" for n in layers],
+                                    "enable_conv": True, "lora_prefix": "lora_unet"})  # fmt: skip
+        model = copy.deepcopy(unet)
+        network = create_lycoris(model, 1.0, linear_dim=R, linear_alpha=2, conv_dim=R, conv_alpha=2, dora_wd=True,
+                                 wd_on_output=axis == "out", **options)  # fmt: skip
+        network.apply_to()
+        with torch.no_grad():
+            for name, param in network.named_parameters():
+                param.copy_(param * (1 + 0.1 * torch.rand_like(param)) if "dora_scale" in name else torch.randn_like(param) * 0.2)  # fmt: skip
+        assert len(network.loras) == 3, config
+        paths.append(tmp_path / f"{config}.safetensors")
+        network.save_weights(str(paths[-1]), torch.float32, None)
+        networks.append((config, model, network))
+    lora_tools.merge(unet_folder, paths, tmp_path / "merged", device="cpu")
+    merged = load_state(tmp_path / "merged")
+    for config, model, network in networks:
+        names = {id(m): n for n, m in model.named_modules()}
+        for module in network.loras:
+            layer = module.org_module[0]
+            name, expected = names[id(layer)], _forward_weight(module, layer)
+            ours = merged[f"{name}.weight"]
+            relative = ((ours - expected).norm() / expected.norm()).item()
+            assert relative <= 1e-5, (config, name, relative)
+            x = torch.randn(2, layer.weight.shape[1], *([6, 6] if layer.weight.dim() == 4 else []))
+            with torch.no_grad():
+                theirs = module(x)
+                if layer.weight.dim() == 4:
+                    mine = torch.nn.functional.conv2d(x, ours, layer.bias, layer.stride, layer.padding)
+                else:
+                    mine = torch.nn.functional.linear(x, ours, layer.bias)
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=f"{config} {name}")
+
+
+# --- Stable Diffusion single files ------------------------------------------------------------------
+
+
+def _unet_oracle_names(unet, single: dict) -> dict[str, str]:
+    """diffusers key → single-file key, read off diffusers' own conversion run on an id-tagged copy."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet_keys = [k for k in single if k.startswith("model.diffusion_model.")]
+    probe = {k: torch.full((1,), float(i)) for i, k in enumerate(unet_keys)}
+    converted = convert_ldm_unet_checkpoint(probe, dict(unet.config))
+    return {k: unet_keys[int(v.item())] for k, v in converted.items()}
+
+
+def _sd_single(root, build, *, with_text_encoder: bool, prefix: str):
+    unet = build()
+    state = unet.state_dict()
+    single = diffusers_to_original(state, detect_layout(set(state)).links)
+    text = clip_l() if with_text_encoder else None
+    unet.save_pretrained(root / "folder" / "unet")
+    if text is not None:  # as transformers writes it (on disk: text_model.…), under the single file's prefix
+        text.save_pretrained(root / "folder" / "text_encoder")
+        encoder = load_state(root / "folder" / "text_encoder")
+        single.update({f"{prefix}{_text_model(k)}": v for k, v in encoder.items()})
+    (root / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    save_file(single, root / "model.safetensors")
+    return unet, text, single
+
+
+def _text_model(key: str) -> str:
+    """Single files keep CLIP under `text_model.`; transformers 5 writes the folder without it."""
+    return key if key.startswith("text_model.") else f"text_model.{key}"
+
+
+@pytest.fixture(scope="module", params=["SD 1.x", "SDXL"])
+def sd_single(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param.replace(" ", ""))
+    build = sd1_unet if request.param == "SD 1.x" else sdxl_unet
+    prefix = "cond_stage_model.transformer." if request.param == "SD 1.x" else "conditioner.embedders.0.transformer."
+    unet, text, single = _sd_single(root, build, with_text_encoder=True, prefix=prefix)
+    return request.param, root, unet, text, single, prefix
+
+
+def test_sd_single_file_tables_invert_diffusers_conversion(sd_single):
+    """diffusers' from_single_file conversion turns our single-file UNet back into the model, bit for bit."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    family, _, unet, _, single, _ = sd_single
+    assert detect_layout(set(single)).family == family
+    back = convert_ldm_unet_checkpoint(dict(single), dict(unet.config))
+    state = unet.state_dict()
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def _lora_tensors(targets: dict[str, tuple[int, ...]], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in targets.items():
+        down = torch.randn(R, *shape[1:], generator=g) * 0.1
+        up = torch.randn(shape[0], R, *([1] * (len(shape) - 2)), generator=g) * 0.1
+        out[name] = (down, up)
+    return out
+
+
+def _unet_targets(state: dict) -> dict[str, tuple[int, ...]]:
+    wanted = ("attn1.to_q", "attn2.to_v", "proj_in", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj",
+              "downsamplers.0.conv", "upsamplers.0.conv", "conv_in", "time_embedding.linear_1")  # fmt: skip
+    return {k[: -len(".weight")]: tuple(v.shape) for k, v in state.items() if k.endswith(".weight") and any(k.endswith(f"{w}.weight") for w in wanted)}  # fmt: skip
+
+
+def _write_kohya(path, loras: dict, prefix: str, rename=lambda n: n):
+    tensors = {}
+    for name, (down, up) in loras.items():
+        key = f"{prefix}_{rename(name).replace('.', '_')}"
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+    save_file(tensors, path)
+    return path
+
+
+def _sd_adapters(tmp_path, loras: dict, te_loras: dict, oracle: dict, te_prefix: str) -> dict:
+    """The same LoRA in three namings: kohya from diffusers paths, kohya from single-file paths, diffusers."""
+    tensors = {}
+    for component, group in (("unet", loras), ("text_encoder", te_loras)):
+        for name, (down, up) in group.items():
+            tensors.update({f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up,
+                            f"{component}.{name}.alpha": torch.tensor(2.0)})  # fmt: skip
+    save_file(tensors, tmp_path / "diffusers.safetensors")
+    paths = {"diffusers": tmp_path / "diffusers.safetensors"}
+    original = lambda n: oracle[f"{n}.weight"].removeprefix("model.diffusion_model.")[: -len(".weight")]  # noqa: E731
+    for naming, rename in (("kohya-diffusers", lambda n: n), ("kohya-original", original)):
+        unet = load_state(_write_kohya(tmp_path / "unet.safetensors", loras, "lora_unet", rename))
+        te = load_state(_write_kohya(tmp_path / "te.safetensors", te_loras, te_prefix))
+        paths[naming] = tmp_path / f"{naming}.safetensors"
+        save_file({**unet, **te}, paths[naming])
+    return paths
+
+
+def test_sd_lora_into_single_file_equals_folder_merge(sd_single, tmp_path):
+    """kohya (either naming) and diffusers LoRAs into the single file = the folder merge, mapped, bit for bit."""
+    family, root, unet, text, single, prefix = sd_single
+    state = unet.state_dict()
+    loras = _lora_tensors(_unet_targets(state), seed=3)
+    te_loras = _lora_tensors({"text_model.encoder.layers.0.self_attn.q_proj": (32, 32), "text_model.encoder.layers.1.mlp.fc2": (32, 64)}, 4)  # fmt: skip
+    oracle = _unet_oracle_names(unet, single)
+    adapters = _sd_adapters(tmp_path, loras, te_loras, oracle, "lora_te" if family == "SD 1.x" else "lora_te1")
+    # the folder takes the single-file-named kohya LoRA too
+    lora_tools.merge(root / "folder", [adapters["kohya-original"]], tmp_path / "folder-out", device="cpu")
+    folder_unet = load_state(tmp_path / "folder-out" / "unet")
+    folder_text = load_state(tmp_path / "folder-out" / "text_encoder")
+    expected = {oracle[k]: v for k, v in folder_unet.items()}
+    expected |= {f"{prefix}{_text_model(k)}": v for k, v in folder_text.items()}
+    for naming, adapter in adapters.items():
+        output = tmp_path / f"{naming}-out.safetensors"
+        report = lora_tools.merge(root / "model.safetensors", [adapter], output, device="cpu")
+        assert report.tensors_changed == len(loras) + len(te_loras), naming
+        ours = load_state(output)
+        assert set(ours) == set(single)
+        for key, value in ours.items():
+            assert torch.equal(value, expected[key]), (naming, key)
+
+
+# --- Flux: BFL single files and fused projections ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    model = flux_transformer()
+    state = model.state_dict()
+    links = detect_layout(set(state)).links
+    single = diffusers_to_original(state, links)
+    save_file(single, root / "flux1-tiny.safetensors")
+    model.save_pretrained(root / "transformer")
+    return root, model, state, single
+
+
+def test_flux_tables_agree_with_diffusers_conversion_on_a_key_probe(flux):
+    """diffusers' Flux converter hard-codes Flux-dev's 3072 hidden size, so it runs on id-tagged rows of those sizes."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    _, _, state, single = flux
+    layout = detect_layout(set(single))
+    assert layout.family == "Flux" and layout.side == "original"
+    hidden, rows = 3072, {"qkv": 3 * 3072, "linear1": 3 * 3072 + 4 * 3072, "adaLN_modulation": 2 * 3072}
+    probe, start = {}, 0
+    for key in single:
+        n = next((v for k, v in rows.items() if f".{k}." in f".{key}"), 1)
+        probe[key] = torch.arange(start, start + n, dtype=torch.float64).reshape(n, 1)
+        start += n
+    converted = convert_flux_transformer_checkpoint_to_diffusers({**probe})
+    assert set(converted) == set(state)
+    by_diffusers: dict[str, list] = {}
+    for link in layout.links:
+        by_diffusers.setdefault(link.diffusers, []).append(link)
+    for key, value in converted.items():
+        module, leaf = key.rsplit(".", 1)
+        parts = sorted(by_diffusers[module], key=lambda link: (block_rows(link.diffusers_block, 2 * hidden, hidden) or (0,))[0])  # fmt: skip
+        pieces = []
+        for link in parts:
+            source = probe[link.original_weight if leaf == "weight" else link.original_bias]
+            span = block_rows(link.block, source.shape[0], hidden) or (0, source.shape[0])
+            pieces.append(source[span[0] : span[1]])
+        assert torch.equal(torch.cat(pieces), value), key
+
+
+def _flux_diffusers_lora(state: dict) -> dict:
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+             "transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.attn.to_q",
+             "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp",
+             "single_transformer_blocks.1.proj_out", "norm_out.linear", "x_embedder"]  # fmt: skip
+    return _lora_tensors({n: tuple(state[f"{n}.weight"].shape) for n in names}, seed=9)
+
+
+def test_flux_diffusers_lora_into_bfl_single_file(flux, tmp_path):
+    """to_q / to_k / to_v land in their thirds of qkv, proj_mlp in linear1's last rows, norm_out in swapped halves."""
+    root, _, state, single = flux
+    loras = _flux_diffusers_lora(state)
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+    adapter = tmp_path / "lora.safetensors"
+    save_file(tensors, adapter)
+    lora_tools.merge(root / "flux1-tiny.safetensors", [adapter], tmp_path / "out.safetensors", device="cpu")
+    lora_tools.merge(root / "transformer", [adapter], tmp_path / "folder", device="cpu")
+    ours = load_state(tmp_path / "out.safetensors")
+    expected = diffusers_to_original(load_state(tmp_path / "folder"), detect_layout(set(state)).links)
+    assert set(ours) == set(single)
+    for key in ours:
+        assert torch.equal(ours[key], expected[key]), key
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    qkv = ours["double_blocks.0.img_attn.qkv.weight"]
+    for third, proj in enumerate(("to_q", "to_k", "to_v")):  # the formula, row block by row block
+        down, up = loras[f"transformer_blocks.0.attn.{proj}"]
+        w = state[f"transformer_blocks.0.attn.{proj}.weight"]
+        assert torch.equal(qkv[third * d : (third + 1) * d], w + up @ down)
+    untouched = [k for k in ours if torch.equal(ours[k], single[k])]
+    assert "double_blocks.0.txt_attn.qkv.weight" not in untouched and "single_blocks.1.linear1.weight" in untouched
+
+
+def test_flux_bfl_named_kohya_qkv_lora_into_diffusers_folder(flux, tmp_path):
+    """A fused-qkv LoRA (kohya BFL names) into split weights: B's rows split, A shared — exact per row."""
+    root, _, state, single = flux
+    shapes = {"double_blocks.0.img_attn.qkv": single["double_blocks.0.img_attn.qkv.weight"].shape,
+              "single_blocks.0.linear1": single["single_blocks.0.linear1.weight"].shape,
+              "final_layer.adaLN_modulation.1": single["final_layer.adaLN_modulation.1.weight"].shape}  # fmt: skip
+    loras = _lora_tensors(shapes, seed=12)
+    adapter = _write_kohya(tmp_path / "kohya.safetensors", loras, "lora_unet")
+    lora_tools.merge(root / "transformer", [adapter], tmp_path / "folder", device="cpu")
+    lora_tools.merge(root / "flux1-tiny.safetensors", [adapter], tmp_path / "out.safetensors", device="cpu")
+    merged = load_state(tmp_path / "folder")
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    down, up = loras["double_blocks.0.img_attn.qkv"]
+    for third, proj in enumerate(("to_q", "to_k", "to_v")):
+        w = state[f"transformer_blocks.0.attn.{proj}.weight"]
+        assert torch.equal(merged[f"transformer_blocks.0.attn.{proj}.weight"], w + (up[third * d : (third + 1) * d] @ down) * 0.5)
+    down, up = loras["single_blocks.0.linear1"]
+    mlp = state["single_transformer_blocks.0.proj_mlp.weight"]
+    assert torch.equal(merged["single_transformer_blocks.0.proj_mlp.weight"], mlp + (up[3 * d :] @ down) * 0.5)
+    down, up = loras["final_layer.adaLN_modulation.1"]  # stored (shift, scale); diffusers keeps (scale, shift)
+    half = up.shape[0] // 2
+    swapped = torch.cat([up[half:], up[:half]])
+    assert torch.equal(merged["norm_out.linear.weight"], state["norm_out.linear.weight"] + (swapped @ down) * 0.5)
+    mapped = diffusers_to_original(merged, detect_layout(set(state)).links)
+    ours = load_state(tmp_path / "out.safetensors")
+    for key in ours:
+        torch.testing.assert_close(ours[key], mapped[key], rtol=0, atol=0, msg=key)
+
+
+def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
+    """LyCORIS full / ComfyUI `.diff` (ΔW) and `.diff_b` (bias Δ), in either naming, fused rows included."""
+    root, _, state, single = flux
+    g = torch.Generator().manual_seed(5)
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    diffs = {
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff": torch.randn(d, d, generator=g),
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff_b": torch.randn(d, generator=g),
+        "lora_unet_single_blocks_0_norm_query_norm.diff": torch.randn(state["single_transformer_blocks.0.attn.norm_q.weight"].shape, generator=g),  # fmt: skip
+        "lora_unet_final_layer_linear.diff_b": torch.randn(state["proj_out.bias"].shape, generator=g),
+    }
+    adapter = tmp_path / "full.safetensors"
+    save_file(diffs, adapter)
+    report = lora_tools.merge(root / "flux1-tiny.safetensors", [adapter], tmp_path / "out.safetensors", device="cpu")
+    ours = load_state(tmp_path / "out.safetensors")
+    expected = dict(single)
+    expected["double_blocks.0.img_attn.qkv.weight"] = single["double_blocks.0.img_attn.qkv.weight"].clone()
+    expected["double_blocks.0.img_attn.qkv.weight"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff"]
+    expected["double_blocks.0.img_attn.qkv.bias"] = single["double_blocks.0.img_attn.qkv.bias"].clone()
+    expected["double_blocks.0.img_attn.qkv.bias"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff_b"]
+    expected["single_blocks.0.norm.query_norm.scale"] = single["single_blocks.0.norm.query_norm.scale"] + diffs["lora_unet_single_blocks_0_norm_query_norm.diff"]  # fmt: skip
+    expected["final_layer.linear.bias"] = single["final_layer.linear.bias"] + diffs["lora_unet_final_layer_linear.diff_b"]
+    for key in ours:
+        assert torch.equal(ours[key], expected[key]), key
+    assert report.tensors_changed == 4
