@@ -21,6 +21,7 @@ __all__ = [
     "unmerge",
     "extract",
     "resize",
+    "combine",
     "convert",
     "push",
     "open_checkpoint",
@@ -33,6 +34,7 @@ _LAZY = {
     "unmerge": ".merging",
     "extract": ".extraction",
     "resize": ".extraction",
+    "combine": ".combine",
     "convert": ".convert",
     "push": ".hub",
     "open_checkpoint": ".checkpoint",
@@ -42,6 +44,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .adapter import read_adapter
     from .checkpoint import open_checkpoint
+    from .combine import combine
     from .convert import convert
     from .extraction import extract, resize
     from .hub import push
