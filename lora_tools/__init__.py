@@ -7,6 +7,7 @@ CLI's `--help`) never pays for importing torch.
 from __future__ import annotations
 
 from importlib import import_module
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .errors import LoraToolError
@@ -50,6 +51,17 @@ if TYPE_CHECKING:
     from .hub import push
     from .inspection import inspect
     from .merging import merge, unmerge
+
+
+class CallableModule(ModuleType):
+    """A submodule named like the function it exports (`convert`, `combine`).
+
+    Importing `lora_tools.convert` makes Python set the package attribute `convert` to the
+    submodule, hiding the lazily exported function; calling the module calls the function.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 def __getattr__(name: str):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import CallableModule
 from .adapter import Adapter, LoraModule, read_adapter
 from .card import display_name, write_card
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
@@ -760,3 +762,6 @@ def _report(output, to, device, loaded, shown, weights, options, modules, size, 
         inputs=inputs, modules=modules, partial=partial, parameters=parameters, bytes=size,
         seconds=time.perf_counter() - started, notes=notes, checksums=digests,
     )  # fmt: skip
+
+
+sys.modules[__name__].__class__ = CallableModule  # `lora_tools.combine(...)` even once this module is imported
