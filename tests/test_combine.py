@@ -392,3 +392,31 @@ def test_dora_input_is_refused(adapters, trio, tmp_path):
     result = run_cli(["combine", trio[1][0], dora, "-o", tmp_path / "out", "-q"])
     _refused(result, "DoRA")
     assert not (tmp_path / "out").exists()
+
+
+def test_combine_reads_from_and_pushes_to_the_hub(tmp_path):
+    """A Hub input and a local one, combined and published as one commit with a card naming both."""
+    from hub_server import FakeHub
+    from test_hub import FIXTURE_ADAPTER, TOKEN, _folder_files, loratool
+
+    with FakeHub(TOKEN) as hub:
+        hub.add_files("org/tiny-lora", _folder_files(FIXTURE_ADAPTER), private=True)
+        result = loratool(
+            ["combine", "org/tiny-lora", FIXTURE_ADAPTER, "-w", "0.25", "-w", "0.75", "--method", "svd", "-o",
+             tmp_path / "out", "-q", "--push-to-hub", "me/combined", "--json"],
+            hub.url, tmp_path / "hf", token_env=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        files = hub.files("me/combined")
+    assert json.loads(result.stdout)["push"]["repo_id"] == "me/combined"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files)
+    card = files["README.md"].decode()
+    assert "| org/tiny-lora | 0.25 |" in card and "| tiny-llama-lora | 0.75 |" in card
+    assert "loratool combine org/tiny-lora tiny-llama-lora --output OUTPUT --method svd" in card
+    combined = load_state(tmp_path / "out")
+    source = lora_tools.read_adapter(FIXTURE_ADAPTER)
+    for module in source.modules:
+        # 0.25·ΔW + 0.75·ΔW = ΔW at the input's rank, which the svd route reproduces (output scale 1)
+        expected = module.scale * source.read(module.b_key).double() @ source.read(module.a_key).double()
+        found = combined[module.b_key].double() @ combined[module.a_key].double()
+        torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-7, msg=module.name)
