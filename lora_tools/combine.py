@@ -81,18 +81,24 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class CombineOptions:
-    """How to combine: the method, its rank rule (None: the largest input rank), density, sign rule, seed."""
+    """How to combine: the method, its rank rule, density, sign rule, seed.
+
+    Without a rule each module gets its largest input rank (as PEFT does), capped by `max_rank`.
+    """
 
     method: str = "cat"
     rule: RankRule | None = None
     density: float | None = None
     majority_sign: str = "total"
     seed: int = 0
+    max_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidInputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "cat" and self.rule is not None:
+        if self.max_rank is not None and self.max_rank <= 0:
+            raise InvalidInputError(f"--max-rank must be a positive integer, got {self.max_rank}")
+        if self.method == "cat" and (self.rule is not None or self.max_rank is not None):
             raise InvalidInputError(
                 "--method cat keeps every rank (Σ rᵢ); --rank / --energy / --sv-ratio / --max-rank "
                 "need --method svd, ties, dare-linear, dare-ties or magnitude-prune"
@@ -106,6 +112,9 @@ class CombineOptions:
             raise InvalidInputError(f"--density applies to {', '.join(_PRUNING)}, not to --method {self.method}")
         if self.majority_sign not in SIGN_METHODS:
             raise InvalidInputError(f"--majority-sign must be total or frequency, got {self.majority_sign!r}")
+
+    def rule_for(self, default_rank: int) -> RankRule:
+        return self.rule or RankRule(rank=default_rank, max_rank=self.max_rank)
 
 
 @dataclass(frozen=True)
@@ -389,9 +398,7 @@ def _relative_residual(ups, downs, up: torch.Tensor, down: torch.Tensor) -> floa
     return _low_rank_norm(left, right) / norm if norm else 0.0
 
 
-def _svd_stacked(
-    group: ModuleGroup, weights: Sequence[float], reader: _Reader, rule: RankRule, default_rank: int
-) -> _Result:
+def _svd_stacked(group: ModuleGroup, weights: Sequence[float], reader: _Reader, rule: RankRule) -> _Result:
     """Best rank-k of Σ wᵢ·sᵢ·BᵢAᵢ via QR of the stacked factors and the SVD of the small core."""
     import torch
 
@@ -404,17 +411,12 @@ def _svd_stacked(
     q_up, r_up = torch.linalg.qr(torch.cat(ups, dim=1))
     q_down, r_down = torch.linalg.qr(torch.cat(downs, dim=0).T)
     core_u, values, core_vh = torch.linalg.svd(r_up @ r_down.T)
-    rank = _chosen_rank(values, rule, default_rank, min(rows, cols))
+    rank = max(1, choose_rank(values.tolist(), float(values.pow(2).sum()), rule, min(rows, cols)))
     root = values[:rank].sqrt()
     up = ((q_up @ core_u[:, :rank]) * root).to(reader.compute)
     down = (root[:, None] * (core_vh[:rank] @ q_down.T)).to(reader.compute)
     error = _relative_residual(ups, downs, up, down)
     return _Result(up, down, error, error, "qr-svd")
-
-
-def _chosen_rank(values: torch.Tensor, rule: RankRule | None, default_rank: int, full_rank: int) -> int:
-    rule = rule or RankRule(rank=default_rank)
-    return max(1, choose_rank(values.tolist(), float(values.double().pow(2).sum()), rule, full_rank))
 
 
 def _dense(
@@ -432,8 +434,7 @@ def _dense(
     )  # fmt: skip
     exact = sum(delta.double() * weight for delta, weight in zip(deltas, member_weights, strict=True))
     del deltas
-    rule = options.rule or RankRule(rank=default_rank)
-    up, down, method = factorize(combined, rule, "auto", seed=zlib.crc32(group.name.encode()))
+    up, down, method = factorize(combined, options.rule_for(default_rank), "auto", seed=zlib.crc32(group.name.encode()))
     if up.shape[1] == 0:  # ΔW is exactly zero: one zero component keeps the module loadable
         up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
     up, down = up.to(reader.compute), down.to(reader.compute)
@@ -452,7 +453,7 @@ def _combine_group(group: ModuleGroup, weights: Sequence[float], reader: _Reader
     if options.method == "cat":
         return _cat(group, weights, reader)
     if options.method == "svd" and low_rank and rank_in * 2 <= min(rows, cols):
-        return _svd_stacked(group, weights, reader, options.rule, default_rank)
+        return _svd_stacked(group, weights, reader, options.rule_for(default_rank))
     return _dense(group, weights, reader, options, default_rank)
 
 
@@ -597,6 +598,7 @@ def _command_words(shown, weights, options: CombineOptions, to: str) -> list[str
     for weight in weights:
         words += ["--weight", f"{weight:g}"]
     words += _rule_words(options.rule) if options.rule is not None else []
+    words += ["--max-rank", str(options.max_rank)] if options.rule is None and options.max_rank is not None else []
     if options.density is not None:
         words += ["--density", f"{options.density:g}", "--majority-sign", options.majority_sign]
     if options.method.startswith("dare"):
@@ -606,8 +608,6 @@ def _command_words(shown, weights, options: CombineOptions, to: str) -> list[str
 
 def _rule(rank, energy, sv_ratio, max_rank) -> RankRule | None:
     if rank is None and energy is None and sv_ratio is None:
-        if max_rank is not None:
-            return RankRule(rank=max_rank)
         return None
     return RankRule(rank, energy, sv_ratio, max_rank)
 
@@ -666,7 +666,8 @@ def combine(
     from .device import resolve_device
 
     started = time.perf_counter()
-    options = CombineOptions(method, _rule(rank, energy, sv_ratio, max_rank), density, majority_sign, seed)
+    rule = _rule(rank, energy, sv_ratio, max_rank)
+    options = CombineOptions(method, rule, density, majority_sign, seed, max_rank)
     if to not in TARGET_FORMATS:
         raise InvalidInputError(f"--to must be one of {', '.join(TARGET_FORMATS)}, got {to!r}")
     if not adapters:

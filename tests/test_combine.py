@@ -62,7 +62,11 @@ def _lora_layers(model):
 
 
 def _deltas(model, adapter: str) -> dict[str, torch.Tensor]:
-    return {n: layer.get_delta_weight(adapter).double() for n, layer in _lora_layers(model).items() if adapter in layer.lora_A}
+    return {
+        n: layer.get_delta_weight(adapter).double()
+        for n, layer in _lora_layers(model).items()
+        if adapter in layer.lora_A
+    }
 
 
 def _peft_combined(model, combination_type: str, **kwargs) -> dict[str, torch.Tensor]:
@@ -161,6 +165,17 @@ def test_svd_is_the_best_rank_k_and_no_worse_than_peft(trio, peft_trio, exact, t
         assert m.rank_out == 3
 
 
+def test_default_rank_is_the_largest_input_rank_capped_by_max_rank(trio, tmp_path):
+    _, paths = trio
+    defaults = lora_tools.combine(paths, tmp_path / "default", method="svd", device="cpu")
+    capped = lora_tools.combine(paths, tmp_path / "capped", method="magnitude-prune", density=0.5, max_rank=3)
+    expected = {"q_proj": 6, "v_proj": 6, "down_proj": 6, "o_proj": 4, "k_proj": 4, "gate_proj": 4, "up_proj": 4}
+    for report, cap in ((defaults, 99), (capped, 3)):
+        for module in report.modules:
+            assert module.rank_out == min(expected[module.name.rsplit(".", 1)[1]], cap), module.name
+    assert "--max-rank 3" in (tmp_path / "capped" / "README.md").read_text()
+
+
 @pytest.mark.parametrize(("method", "peft_type"), [("ties", "ties_svd"), ("magnitude-prune", "magnitude_prune_svd")])
 @pytest.mark.parametrize("sign", ["total", "frequency"])
 def test_pruning_methods_equal_peft_at_full_rank(trio, peft_trio, tmp_path, method, peft_type, sign):
@@ -186,7 +201,12 @@ def _random_deltas(count: int = 3, shape=(16, 24), seed: int = 0) -> list[torch.
 
 @pytest.mark.parametrize(
     ("method", "peft_name"),
-    [("ties", "ties"), ("dare-linear", "dare_linear"), ("dare-ties", "dare_ties"), ("magnitude-prune", "magnitude_prune")],
+    [
+        ("ties", "ties"),
+        ("dare-linear", "dare_linear"),
+        ("dare-ties", "dare_ties"),
+        ("magnitude-prune", "magnitude_prune"),
+    ],
 )
 def test_methods_match_peft_merge_utils(method, peft_name):
     from peft.utils import merge_utils
@@ -362,6 +382,8 @@ def _refused(result, needle: str, code: int = 3):
         (["--method", "svd", "--rank", "0"], "--rank must be a positive integer", 3),
         (["--method", "svd", "--rank", "-2"], "--rank must be a positive integer", 3),
         (["--rank", "4"], "--method cat keeps every rank", 3),
+        (["--max-rank", "4"], "--method cat keeps every rank", 3),
+        (["--method", "svd", "--max-rank", "0"], "--max-rank must be a positive integer", 3),
         (["-w", "1", "-w", "2"], "got 2 --weight value(s) for 3 adapters", 3),
         (["--method", "svd", "--density", "0.5"], "--density applies to", 3),
         (["--method", "bogus"], "Invalid value for '--method'", 2),
