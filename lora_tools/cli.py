@@ -539,7 +539,7 @@ def _render_combination(report, as_json: bool, pushed: dict | None) -> None:
     for column in ("module", "adapters", "rank in", "rank out", "rel. error", "route"):
         table.add_column(column)
     for m in report.modules:
-        adapters = ",".join(str(i + 1) for i in m.adapters)
+        adapters = ",".join(map(str, m.adapters))
         table.add_row(m.name, adapters, str(m.rank_in), str(m.rank_out), f"{m.relative_error:.3g}", m.route)
     console.print(table)
     for note in report.notes:

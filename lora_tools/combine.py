@@ -128,7 +128,7 @@ class ModuleCombination:
 
     name: str
     shape: tuple[int, ...]
-    adapters: list[int]
+    adapters: list[int]  # 1-based positions on the command line
     rank_in: int
     rank_out: int
     relative_error: float
@@ -705,7 +705,7 @@ def combine(
                 ranks[group.name] = _write_module(spool, group, result, to)
                 modules.append(
                     ModuleCombination(
-                        group.name, group.shape, [m.adapter for m in group.members],
+                        group.name, group.shape, [m.adapter + 1 for m in group.members],
                         sum(m.module.rank for m in group.members), ranks[group.name],
                         result.relative_error, result.truncation_error, result.route,
                     )
@@ -744,7 +744,7 @@ def _finish(spool, target: Path, to, loaded, shown, weights, options, modules, r
 
 def _report(output, to, device, loaded, shown, weights, options, modules, size, started, digests) -> CombineReport:
     count = len(loaded)
-    partial = [{"module": m.name, "adapters": [i + 1 for i in m.adapters]} for m in modules if len(m.adapters) < count]
+    partial = [{"module": m.name, "adapters": m.adapters} for m in modules if len(m.adapters) < count]
     notes = []
     if partial:
         notes.append(

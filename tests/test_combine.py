@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import LLAMA_TARGETS, build_model, load_state, lora_config, run_cli, save_adapter
 from safetensors.torch import load_file, save_file
+from test_formats import _unet  # the tiny Stable-Diffusion UNet of the format tests
 from transformers import LlamaForCausalLM
 from ulp import max_ulp, ulp_at
 
@@ -265,17 +266,6 @@ def test_energy_rule_and_json_report(trio, exact, tmp_path):
 # --- kohya / diffusers ---------------------------------------------------------------------------
 
 
-def _unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).eval()  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def unet_case(tmp_path_factory):
     """A UNet folder and two kohya LoRAs (ranks 2 and 3, different alphas) on its attention linears."""
@@ -356,7 +346,7 @@ def test_loha_input_is_formed_into_delta(unet_case, tmp_path):
             **({"rank": 64} if method == "svd" else {}),
         )  # fmt: skip
         module = next(m for m in report.modules if m.name == name.removeprefix("lora_unet_"))
-        assert module.adapters == [0, 1] and module.relative_error < 1e-6
+        assert module.adapters == [1, 2] and module.relative_error < 1e-6
         state = load_file(out)
         up, down = state[f"{name}.lora_up.weight"].double(), state[f"{name}.lora_down.weight"].double()
         first = load_file(files[0])
