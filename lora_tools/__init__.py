@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from importlib import import_module
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .errors import LoraToolError
@@ -25,6 +26,7 @@ __all__ = [
     "unmerge",
     "extract",
     "resize",
+    "combine",
     "convert",
     "push",
     "open_checkpoint",
@@ -37,6 +39,7 @@ _LAZY = {
     "unmerge": ".merging",
     "extract": ".extraction",
     "resize": ".extraction",
+    "combine": ".combine",
     "convert": ".convert",
     "push": ".hub",
     "open_checkpoint": ".checkpoint",
@@ -46,11 +49,23 @@ _LAZY = {
 if TYPE_CHECKING:
     from .adapter import read_adapter
     from .checkpoint import open_checkpoint
+    from .combine import combine
     from .convert import convert
     from .extraction import extract, resize
     from .hub import push
     from .inspection import inspect
     from .merging import merge, unmerge
+
+
+class CallableModule(ModuleType):
+    """A submodule named like the function it exports (`convert`, `combine`).
+
+    Importing `lora_tools.convert` makes Python set the package attribute `convert` to the
+    submodule, hiding the lazily exported function; calling the module calls the function.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 def __getattr__(name: str):

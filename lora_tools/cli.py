@@ -618,6 +618,71 @@ def resize(adapter: str, **options) -> None:
 
 
 @cli.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--weight", "-w", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1)."
+)
+@click.option(
+    "--method", type=click.Choice(["cat", "svd", "ties", "dare-linear", "dare-ties", "magnitude-prune"]),
+    default="cat", show_default=True, help="cat: exact (rank Σ rᵢ); svd: best rank-k; the rest prune ΔWᵢ first.",
+)  # fmt: skip
+@rank_options
+@click.option("--density", type=float, help="Fraction of each ΔWᵢ kept by ties / dare-* / magnitude-prune, (0, 1].")
+@click.option(
+    "--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
+    help="TIES sign election: by the sum of values or by the count of signs.",
+)  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
+@click.option("--to", "to", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--base", type=click.Path(), help="Base model, to match kohya names to dotted module paths.")
+@click.option("--component", help="Take only this pipeline component (unet, text_encoder, …).")
+@click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@device_option
+@output_options
+@json_option
+@hub_input_options
+@push_options
+def combine(adapters: tuple[str, ...], **options) -> None:
+    """Combine ADAPTERS into one adapter: ΔW = Σ wᵢ·ΔWᵢ per module (cat), or its best rank-k (svd).
+
+    ties, dare-linear, dare-ties and magnitude-prune apply PEFT's definitions to
+    each full ΔWᵢ, then re-factorise like svd (default rank: the largest input rank).
+    """
+    from .combine import combine as run_combine
+
+    as_json, quiet = options.pop("as_json"), options.pop("quiet")
+    _silence_hub_progress(quiet)
+    push_settings = _pop_push_settings(options)
+    output = options.pop("output")
+    with _module_progress(quiet, "combine") as progress:
+        report = run_combine(list(adapters), output, progress=progress, **options)
+    _render_combination(report, as_json, _publish(output, push_settings, options["token"], as_json))
+
+
+def _render_combination(report, as_json: bool, pushed: dict | None) -> None:
+    if as_json:
+        _print_json({**report.to_dict(), "push": pushed} if pushed else report.to_dict())
+        return
+    from rich.table import Table
+
+    console = _stderr_console()
+    table = Table(show_edge=False)
+    for column in ("module", "adapters", "rank in", "rank out", "rel. error", "route"):
+        table.add_column(column)
+    for m in report.modules:
+        adapters = ",".join(map(str, m.adapters))
+        table.add_row(m.name, adapters, str(m.rank_in), str(m.rank_out), f"{m.relative_error:.3g}", m.route)
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    console.print(
+        f"combine ({report.method}): {len(report.inputs)} adapters, {len(report.modules)} modules into "
+        f"{report.output}, {report.parameters:,} parameters, {format_bytes(report.bytes)}, relative error mean "
+        f"{report.mean_relative_error:.3g} max {report.max_relative_error:.3g}, {report.seconds:.1f}s on {report.device}"
+    )
+
+
+@cli.command()
 @click.argument("adapter", type=click.Path())
 @click.option("--to", "to", type=click.Choice(["peft", "kohya", "gguf", "mlx"]), required=True, help="Target format.")
 @click.option(

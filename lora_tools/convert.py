@@ -10,10 +10,12 @@ which is an approximation, and the report says how close.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import CallableModule
 from .adapter import Adapter, LoraModule, read_adapter
 from .checkpoint import open_checkpoint
 from .errors import InvalidInputError, UnsupportedError
@@ -297,3 +299,6 @@ def _kohya_metadata(source: Adapter, modules: list[ModuleExtraction]) -> dict[st
     if source.base_model:
         metadata.setdefault("ss_sd_model_name", source.base_model)
     return metadata
+
+
+sys.modules[__name__].__class__ = CallableModule  # `lora_tools.convert(...)` even once this module is imported
