@@ -14,12 +14,23 @@ __all__ = ["OPTION_GROUPS", "EXAMPLES", "GroupedCommand", "group_of"]
 #: Headings in the order help shows them, each with the option names (Click's parameter names) under it.
 OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Output", ("output", "force", "to", "dtype", "max_shard_size", "bake_alpha", "plot")),
-    ("Input", ("base", "component", "alpha", "rename", "for_engine", "max_lora_rank")),
+    ("Input", ("base", "component", "alpha", "renames", "engine", "max_lora_rank")),
     ("Rank", ("rank", "energy", "sv_ratio", "max_rank")),
     ("Arithmetic", ("weights", "method", "density", "majority_sign", "seed", "embeddings", "save_1d")),
     ("Selection", ("include", "exclude", "skip_mismatched", "show_all", "stats", "no_spectrum")),
     ("Compute", ("device", "workers")),
-    ("Checks", ("dry_run", "allow_unmatched", "allow_nonfinite", "checksum", "expect_identical", "max_ulp")),
+    (
+        "Checks",
+        (
+            "dry_run",
+            "allow_unmatched",
+            "allow_nonfinite",
+            "drop_unsupported",
+            "checksum",
+            "expect_identical",
+            "max_ulp",
+        ),
+    ),
     ("Reporting", ("as_json", "quiet")),
     ("Hub", ("revision", "token", "push_to_hub", "private", "push_branch", "create_pr", "commit_message")),
 )
@@ -39,6 +50,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "loratool merge fixtures/tiny-llama fixtures/tiny-llama-lora -o merged",
         "loratool merge meta-llama/Llama-3.2-1B my-org/lora-a my-org/lora-b -w 1 -w 0.5 -o merged --dtype bf16",
         "loratool merge base adapter -o merged --json --checksum --push-to-hub my-org/merged",
+        "loratool merge base my-lora -o merged --rename '^backbone\\.=model.'",
     ),
     "unmerge": (
         "loratool unmerge merged fixtures/tiny-llama-lora -o restored",
@@ -55,6 +67,17 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "convert": (
         "loratool convert lora.safetensors --to peft --base stable-diffusion-folder -o peft-lora",
         "loratool convert peft-lora --to kohya -o lora.safetensors",
+        "loratool convert fixtures/tiny-llama-lora --to gguf --base fixtures/tiny-llama -o tiny-lora.gguf",
+    ),
+    "check": (
+        "loratool check fixtures/tiny-llama-lora --for vllm --base fixtures/tiny-llama",
+        "loratool check my-lora --for llama.cpp --json",
+        "loratool check my-lora --for vllm --max-lora-rank 64",
+    ),
+    "combine": (
+        "loratool combine style character -w 1 -w -0.5 -o mix",
+        "loratool combine style character -w 0.6 -w 0.4 --method svd --rank 4 -o mix-r4",
+        "loratool combine a b c --method ties --density 0.2 --rank 8 -o mix-ties",
     ),
     "push": (
         "loratool push merged my-org/merged --private",

@@ -76,11 +76,11 @@ def _bytes_line(done: int, total: int | None) -> str:
 
     if not total:
         return format_bytes(done)
-    return f"{format_bytes(done)} of {format_bytes(total)} ({done / total:.0%})"
+    return f"{format_bytes(done)} of {format_bytes(total)} ({100 * done // total}%)"
 
 
 def _count_line(done: int, total: int | None) -> str:
-    return f"{done} of {total} ({done / total:.0%})" if total else str(done)
+    return f"{done} of {total} ({100 * done // total}%)" if total else str(done)
 
 
 @contextmanager
