@@ -68,10 +68,15 @@ def named_as_output(temporary: Path, output: Path) -> Iterator[None]:
 
 
 def _as_output(name, temporary: Path, output: Path):
+    """`temporary/x` becomes `output/x`; a scratch sibling named after `temporary` becomes `output`."""
     if name is None:
         return None
     text = os.fsdecode(name)
-    return str(output) + text[len(str(temporary)) :] if text.startswith(str(temporary)) else name
+    if text.startswith(str(temporary)):
+        return str(output) + text[len(str(temporary)) :]
+    if Path(text).parent == temporary.parent and temporary.name in Path(text).name:
+        return str(output)
+    return name
 
 
 @functools.cache
