@@ -101,9 +101,10 @@ def _allocate(fd: int, size: int) -> None:
     if fallocate is not None:
         import ctypes
 
-        if fallocate(fd, 0, 0, size) != 0:
+        while fallocate(fd, 0, 0, size) != 0:
             code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+            if code != errno.EINTR:  # a signal: its Python handler runs here, then the call is retried
+                raise OSError(code, os.strerror(code))
     elif hasattr(os, "posix_fallocate"):
         os.posix_fallocate(fd, 0, size)
     else:
