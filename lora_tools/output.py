@@ -32,7 +32,7 @@ def check_output_path(output: Path, inputs: Sequence[Path], *, force: bool) -> N
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
+    elif os.path.lexists(path):  # unlinking a missing name on a read-only filesystem fails with EROFS
         path.unlink(missing_ok=True)
 
 

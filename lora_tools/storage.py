@@ -68,10 +68,15 @@ def named_as_output(temporary: Path, output: Path) -> Iterator[None]:
 
 
 def _as_output(name, temporary: Path, output: Path):
+    """`temporary/x` becomes `output/x`; a scratch sibling named after `temporary` becomes `output`."""
     if name is None:
         return None
     text = os.fsdecode(name)
-    return str(output) + text[len(str(temporary)) :] if text.startswith(str(temporary)) else name
+    if text.startswith(str(temporary)):
+        return str(output) + text[len(str(temporary)) :]
+    if Path(text).parent == temporary.parent and temporary.name in Path(text).name:
+        return str(output)
+    return name
 
 
 @functools.cache
@@ -96,9 +101,10 @@ def _allocate(fd: int, size: int) -> None:
     if fallocate is not None:
         import ctypes
 
-        if fallocate(fd, 0, 0, size) != 0:
+        while fallocate(fd, 0, 0, size) != 0:
             code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+            if code != errno.EINTR:  # a signal: its Python handler runs here, then the call is retried
+                raise OSError(code, os.strerror(code))
     elif hasattr(os, "posix_fallocate"):
         os.posix_fallocate(fd, 0, size)
     else:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import PROJECTIONS, _sizes
+from synthetic import llama_shapes
 
 from lora_tools.safetensors_io import SafetensorsWriter
 from lora_tools.tensors import tensor_bytes
@@ -24,14 +24,9 @@ def write_big_llama(folder: Path, *, layers: int, hidden: int, intermediate: int
     test of the writer needs; `synthetic.write_llama_checkpoint` draws every
     value and is ten times slower at hundreds of MB.
     """
-    sizes = _sizes(hidden, intermediate, heads, None)
-    names = [("model.embed_tokens.weight", (vocab, hidden))]
-    for layer in range(layers):
-        prefix = f"model.layers.{layer}"
-        names.append((f"{prefix}.input_layernorm.weight", (hidden,)))
-        names += [(f"{prefix}.{p}.weight", (sizes[o], sizes[i])) for p, (o, i) in PROJECTIONS.items()]
-        names.append((f"{prefix}.post_attention_layernorm.weight", (hidden,)))
-    names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    names = llama_shapes(
+        hidden=hidden, intermediate=intermediate, layers=layers, vocab=vocab, heads=heads, kv_heads=None
+    )
     folder.mkdir(parents=True)
     block = tensor_bytes((torch.randn(1 << 19, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16())
     writer = SafetensorsWriter(folder / "model.safetensors", [(n, "BF16", s) for n, s in names], {"format": "pt"})

@@ -28,6 +28,20 @@ def _sizes(hidden: int, intermediate: int, heads: int, kv_heads: int | None) -> 
     return {"hidden": hidden, "intermediate": intermediate, "kv": hidden // heads * (kv_heads or heads)}
 
 
+def llama_shapes(
+    *, hidden: int, intermediate: int, layers: int, vocab: int, heads: int, kv_heads: int | None
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a LlamaForCausalLM checkpoint, by name and shape, in save_pretrained's order."""
+    sizes = _sizes(hidden, intermediate, heads, kv_heads)
+    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}"
+        names.append((f"{prefix}.input_layernorm.weight", (hidden,)))
+        names += [(f"{prefix}.{p}.weight", (sizes[o], sizes[i])) for p, (o, i) in PROJECTIONS.items()]
+        names.append((f"{prefix}.post_attention_layernorm.weight", (hidden,)))
+    return names + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
 def write_llama_checkpoint(
     folder: Path,
     *,
@@ -42,19 +56,14 @@ def write_llama_checkpoint(
     seed: int = 0,
 ) -> Path:
     """A transformers-loadable LlamaForCausalLM checkpoint with random weights, sharded like save_pretrained."""
-    sizes = _sizes(hidden, intermediate, heads, kv_heads)
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return (torch.randn(*shape, generator=generator) * 0.02).to(dtype)
 
-    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for layer in range(layers):
-        prefix = f"model.layers.{layer}"
-        names.append((f"{prefix}.input_layernorm.weight", (hidden,)))
-        names += [(f"{prefix}.{p}.weight", (sizes[o], sizes[i])) for p, (o, i) in PROJECTIONS.items()]
-        names.append((f"{prefix}.post_attention_layernorm.weight", (hidden,)))
-    names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    names = llama_shapes(
+        hidden=hidden, intermediate=intermediate, layers=layers, vocab=vocab, heads=heads, kv_heads=kv_heads
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
