@@ -137,7 +137,7 @@ def test_examples_name_real_options():
         known = {opt for param in command.params for opt in param.opts}
         for line in lines:
             for word in line.split():
-                if word.startswith("-"):
+                if re.fullmatch(r"--?[A-Za-z][\w-]*", word):  # not a negative number such as -0.5
                     assert word in known, f"example {line!r} uses unknown option {word}"
 
 
