@@ -633,7 +633,10 @@ def resize(adapter: str, **options) -> None:
     help="TIES sign election: by the sum of values or by the count of signs.",
 )  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
-@click.option("--to", "to", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option(
+    "--to", "to", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
+    help="Write a PEFT folder or a kohya .safetensors file.",
+)  # fmt: skip
 @click.option("--base", type=click.Path(), help="Base model, to match kohya names to dotted module paths.")
 @click.option("--component", help="Take only this pipeline component (unet, text_encoder, …).")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
