@@ -25,6 +25,7 @@ __all__ = [
     "push",
     "open_checkpoint",
     "read_adapter",
+    "check",
 ]
 
 _LAZY = {
@@ -37,6 +38,7 @@ _LAZY = {
     "push": ".hub",
     "open_checkpoint": ".checkpoint",
     "read_adapter": ".adapter",
+    "check": ".serving.check",
 }
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from .hub import push
     from .inspection import inspect
     from .merging import merge, unmerge
+    from .serving.check import check
 
 
 def __getattr__(name: str):
