@@ -31,6 +31,7 @@ __all__ = [
     "push",
     "open_checkpoint",
     "read_adapter",
+    "check",
 ]
 
 _LAZY = {
@@ -44,6 +45,7 @@ _LAZY = {
     "push": ".hub",
     "open_checkpoint": ".checkpoint",
     "read_adapter": ".adapter",
+    "check": ".serving.check",
 }
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from .hub import push
     from .inspection import inspect
     from .merging import merge, unmerge
+    from .serving.check import check
 
 
 class CallableModule(ModuleType):

@@ -448,3 +448,27 @@ def test_serving_readers_refuse_bad_files(tmp_path, mlx_adapters, tiny):
         result = run_cli(["convert", path, "--to", "peft", "-o", tmp_path / "out"])
         assert result.exit_code == 3 and message in result.stderr, (path, result.output)
         assert not (tmp_path / "out").exists()
+
+
+def test_gguf_embedding_lora_in_llama_cpp_orientation(check_adapters, tiny, tmp_path):
+    """llama.cpp gathers token rows of token_embd.lora_a ([vocab, r]); lora_b is [hidden, r]."""
+    base, adapter = tiny["llama"][0], check_adapters["embedding"]
+    args = ["convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "e.gguf", "--json"]
+    assert "saved base layer" in run_cli(args).stderr  # PEFT saved the whole embedding beside its LoRA
+    result = run_cli([*args, "--drop-unsupported"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["skipped"] == [
+        {"name": "model.embed_tokens.weight", "reason": "saved base layer (whole-tensor replacement)"}
+    ]
+    _, tensors = _gguf_tensors(tmp_path / "e.gguf")
+    a, b = tensors["token_embd.weight.lora_a"].double(), tensors["token_embd.weight.lora_b"].double()
+    assert a.shape == (96, 4) and b.shape == (32, 4)
+    state = load_file(adapter / "adapter_model.safetensors")
+    emb_a = state["base_model.model.model.embed_tokens.lora_embedding_A"].double()  # [r, vocab]
+    emb_b = state["base_model.model.model.embed_tokens.lora_embedding_B"].double()  # [hidden, r]
+    assert torch.allclose(a @ b.T, (emb_b @ emb_a).T, rtol=1e-12, atol=0)  # ΔE [vocab, hidden], as PEFT
+    result = run_cli(["convert", tmp_path / "e.gguf", "--to", "peft", "-o", tmp_path / "back"])
+    assert result.exit_code == 0, result.output
+    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert torch.equal(back["base_model.model.model.embed_tokens.lora_embedding_A"].double(), emb_a)
+    assert torch.equal(back["base_model.model.model.embed_tokens.lora_embedding_B"].double(), emb_b)

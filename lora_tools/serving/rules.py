@@ -42,18 +42,22 @@ class Engine:
     targets: frozenset[str] | None = None
 
 
+_SGLANG_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+)
 ENGINES: dict[str, Engine] = {
-    "vllm": Engine("vLLM", "vLLM 0.11", 16),
-    "sglang": Engine(
-        "SGLang",
-        "SGLang 0.5",
-        None,
-        frozenset(
-            {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj"}
-        ),
-    ),  # fmt: skip
-    "llama.cpp": Engine("llama.cpp", "llama.cpp master 2026-11 (gguf-py 0.19)", None, "gguf"),
-    "mlx": Engine("mlx-lm", "mlx-lm 0.32", None, "mlx"),
+    "vllm": Engine("vLLM", "vLLM 0.11", default_max_rank=16, loads="peft"),
+    "sglang": Engine("SGLang", "SGLang 0.5", default_max_rank=None, loads="peft", targets=frozenset(_SGLANG_TARGETS)),
+    "llama.cpp": Engine("llama.cpp", "llama.cpp master 2026-11 (gguf-py 0.19)", default_max_rank=None, loads="gguf"),
+    "mlx": Engine("mlx-lm", "mlx-lm 0.32", default_max_rank=None, loads="mlx"),
 }
 
 
