@@ -220,6 +220,12 @@ def test_readme_documents_every_json_field(adapters, tmp_path):
         result = run_cli(args)
         assert result.exit_code == 0, (args, result.stderr)
         _assert_documented(json.loads(result.stdout), label)
+    combined = run_cli(["combine", adapter, adapter, "-o", tmp_path / "combined", "--json", "-q"])
+    _assert_documented(json.loads(combined.stdout), "`combine`")
+    checked = json.loads(run_cli(["check", adapter, "--for", "vllm", "--max-lora-rank", "2", "--json"]).stdout)
+    _assert_documented(checked, "`check` (and `inspect --for`, under `check`)")
+    row = _readme_json_row("`check` (and `inspect --for`, under `check`)")
+    assert checked["findings"] and not [k for k in checked["findings"][0] if f"`{k}`" not in row]
     stats = run_cli(["inspect", adapter, "--stats", "--json"])
     _assert_documented(json.loads(stats.stdout)["stats"], "`inspect --stats`")
     diffed = json.loads(run_cli(["diff", base, merged, "--json", "-q"]).stdout)
