@@ -19,7 +19,7 @@ from .adapter import Adapter, LoraModule, Replacement, pattern_key
 from .errors import IncompatibleError
 from .experts import ExpertReading, expert_rows_of_a, read_expert_shapes, split_pieces
 from .layouts.transformers import FusedExperts, Rename, layout_for, to_disk_path
-from .plan import Targets, with_tied_head
+from .plan import HEAD_NAME, TIED, Targets, tied_embedding, with_tied_head
 from .safetensors_io import TensorInfo
 
 __all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights"]
@@ -247,7 +247,7 @@ def to_disk_names(
     if rewriter.problems:
         raise IncompatibleError(f"{adapter.path}: {len(rewriter.problems)} expert module(s) do not fit the base",
                                 rewriter.problems)  # fmt: skip
-    replacements = [rewriter.replacement(item) for item in adapter.replacements]
+    replacements = _keep_tie(adapter, [rewriter.replacement(item) for item in adapter.replacements], base, config)
     weights = SlicedWeights(adapter.weights, rewriter.views) if rewriter.views else adapter.weights
     return DiskNames(replace(adapter, modules=modules, replacements=replacements, weights=weights), rewriter.rules)
 
@@ -259,3 +259,21 @@ def adapters_on_disk(adapters: Sequence[Adapter], base, renames: Sequence[str] =
 
     rules = [parse_rename(text) for text in renames]
     return [to_disk_names(adapter, base.tensors, base.config, rules).adapter for adapter in adapters]
+
+
+def _keep_tie(adapter: Adapter, items: list[Replacement], base: Mapping[str, TensorInfo], config) -> list[Replacement]:
+    """A tied base whose embedding and lm_head the adapter replaces with equal copies stays tied: the head copy goes.
+
+    (Unequal copies untie the base, with the planner's warning.)
+    """
+    import torch
+
+    tied = tied_embedding(base, config)
+    whole = {item.target: item for item in items if item.rows is None}
+    if tied is None or tied not in whole or HEAD_NAME not in whole:
+        return items
+    embedding, head = whole[tied], whole[HEAD_NAME]
+    if not torch.equal(adapter.read(embedding.key), adapter.read(head.key)):
+        return items
+    kept = replace(embedding, origin=f"{embedding.origin} {TIED}")
+    return [kept if item is embedding else item for item in items if item is not head]

@@ -176,3 +176,67 @@ def test_rename_moves_a_vlm_adapter_onto_its_text_model(zoo_case, tmp_path):
         torch.testing.assert_close(ours[name] - llama_before[name], llava[on_llava] - llava_before[on_llava])
     bad = run_cli(["merge", llama_base, llava_adapter, "--output", tmp_path / "bad", "--rename", "("])
     assert bad.exit_code == 3 and "--rename '('" in bad.output and not (tmp_path / "bad").exists()
+
+
+_RESIZED = {  # case → (tie_word_embeddings, LoraConfig extras)
+    "modules_to_save-untied": (False, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    "modules_to_save-tied": (True, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    "auto-saved-tied": (True, dict(target_modules=["q_proj", "v_proj"])),
+    "auto-saved-untied": (False, dict(target_modules=["q_proj", "v_proj"])),
+    "lora-on-resized-embedding": (False, dict(target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"])),
+}  # fmt: skip
+
+
+def _resized_case(folder, tie: bool, extras: dict):
+    """A Llama base with 100 tokens, and an adapter trained after resizing it to 110 (new chat tokens)."""
+    from peft import LoraConfig, get_peft_model
+    from zoo_models import randomize_lora
+
+    arch = Arch("llama", "llama", dict(_BY_NAME["llama"].config, tie_word_embeddings=tie))
+    base, adapter = folder / "base", folder / "adapter"
+    arch.build().save_pretrained(base)
+    model = arch.model_class.from_pretrained(base)
+    model.resize_token_embeddings(110, mean_resizing=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=6, **extras))
+    randomize_lora(peft_model, seed=2)
+    peft_model.save_pretrained(adapter)
+    (adapter / "chat_template.jinja").write_text("{% for m in messages %}<|new|>{{ m.content }}{% endfor %}")
+    return arch, base, adapter
+
+
+@pytest.mark.parametrize("case", list(_RESIZED))
+def test_resized_vocabulary_merges_like_the_peft_model(case, tmp_path):
+    from conftest import read_json
+    from peft import PeftModel
+
+    tie, extras = _RESIZED[case]
+    arch, base, adapter = _resized_case(tmp_path, tie, extras)
+    report = lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu")
+    config = read_json(tmp_path / "out" / "config.json")
+    assert config["vocab_size"] == 110
+    state = load_state(tmp_path / "out")
+    assert state["model.embed_tokens.weight"].shape == (110, 32)
+    stays_tied = tie and case == "auto-saved-tied"
+    assert config.get("tie_word_embeddings", True) == stays_tied
+    assert ("lm_head.weight" in state) == (not stays_tied)
+    assert any("ties lm_head" in w for w in report.warnings) == (tie and not stays_tied)
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == (adapter / "chat_template.jinja").read_text()
+
+    resized = arch.model_class.from_pretrained(base)
+    resized.resize_token_embeddings(110, mean_resizing=False)
+    peft_model = PeftModel.from_pretrained(resized, adapter).eval()
+    merged = arch.model_class.from_pretrained(tmp_path / "out").eval()
+    inputs = {"input_ids": torch.tensor([[3, 105, 17, 109, 42, 100]])}  # new tokens included
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, peft_model(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_resized_embedding_without_its_head_exits_3(tmp_path):
+    """PEFT does not save a resized lm_head when only the embedding is targeted: its new rows are lost, so refuse."""
+    from conftest import run_cli
+
+    _, base, adapter = _resized_case(tmp_path / "case", False, dict(target_modules=["q_proj", "embed_tokens"]))
+    result = run_cli(["merge", base, adapter, "--output", tmp_path / "out"])
+    assert result.exit_code == 3, result.output
+    assert "resizes the vocabulary only in part" in result.output and "lm_head.weight" in result.output
+    assert not (tmp_path / "out").exists()
