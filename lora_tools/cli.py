@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -211,8 +212,12 @@ def cli() -> None:
 @click.option("--base", type=click.Path(), help="Validate the adapter against this base checkpoint.")
 @click.option("--all", "show_all", is_flag=True, help="List every module, not a grouped summary.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@click.option(
+    "--rename", "renames", multiple=True, metavar="REGEX=REPLACEMENT",
+    help="Rename adapter module paths before matching them to the base (repeatable).",
+)  # fmt: skip
 @json_option
-def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as_json: bool) -> None:
+def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, renames: tuple, as_json: bool) -> None:
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
     With --base, also validate the adapter against that checkpoint and exit 3
@@ -222,7 +227,7 @@ def inspect(path: str, base: str | None, show_all: bool, alpha: float | None, as
     from .inspection import AdapterReport
     from .inspection import inspect as run_inspect
 
-    report = run_inspect(path, base=base, alpha=alpha)
+    report = run_inspect(path, base=base, alpha=alpha, renames=renames)
     if as_json:
         _print_json(report.to_dict())
     elif isinstance(report, AdapterReport):
@@ -250,10 +255,11 @@ def _render_adapter(report, show_all: bool) -> None:
     )
     table = Table(show_edge=False)
     if show_all:
-        for column in ("module", "type", "rank", "alpha", "scale", "DoRA"):
+        for column in ("module", "type", "rank", "alpha", "scale", "DoRA", "mapped by"):
             table.add_column(column)
         for m in report.modules:
-            table.add_row(m.name, m.type, str(m.rank), f"{m.alpha:g}", f"{m.scale:g}", "yes" if m.dora else "")
+            row = (m.name, m.type, str(m.rank), f"{m.alpha:g}", f"{m.scale:g}", "yes" if m.dora else "", m.rule)
+            table.add_row(*row)
     else:
         for column in ("target", "type", "count", "rank", "alpha", "scale", "DoRA"):
             table.add_column(column)
@@ -264,6 +270,9 @@ def _render_adapter(report, show_all: bool) -> None:
         for (target, kind, rank, alpha, scale, dora), count in groups.items():
             table.add_row(target, kind, str(count), str(rank), f"{alpha:g}", f"{scale:g}", "yes" if dora else "")
     console.print(table)
+    rules = Counter(m.rule for m in report.modules if m.rule)
+    for rule, count in rules.items():
+        console.print(f"name map: {count} module(s) by {rule}")
     for item in report.replacements:
         rows = f" rows {item['rows']}" if item["rows"] else ""
         console.print(f"replaces {item['target']}{rows} ({item['origin']})")

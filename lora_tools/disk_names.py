@@ -67,10 +67,11 @@ class SlicedWeights:
 
 @dataclass(frozen=True)
 class DiskNames:
-    """The adapter in on-disk names, and which rule mapped each of its modules (for `inspect`)."""
+    """The adapter in on-disk names; per original module, the rule that mapped it and where it went (`inspect`)."""
 
     adapter: Adapter
     rules: dict[str, str] = field(default_factory=dict)
+    mapped: dict[str, str] = field(default_factory=dict)
 
 
 def _strip_nesting(name: str) -> str:
@@ -122,6 +123,7 @@ class _Rewriter:
         self.targets = Targets(with_tied_head(base, config))
         self.views: dict[str, _View] = {}
         self.rules: dict[str, str] = {}
+        self.mapped: dict[str, str] = {}
         self.problems: list[str] = []
 
     def rename(self, name: str, module: LoraModule | None = None) -> tuple[str, list[str]]:
@@ -144,6 +146,7 @@ class _Rewriter:
         name, notes = self.rename(module.name, module)
         if notes:
             self.rules[module.name] = "; ".join(notes)
+        self.mapped[module.name] = name
         return [replace(module, name=name)]
 
     def experts(self, module: LoraModule, memory: str) -> list[LoraModule]:
@@ -179,6 +182,8 @@ class _Rewriter:
         )
         self.rules[module.name] = rule + (" (swapped-orientation PEFT release)" if reading.old_peft else "")
         common = dict(kind="linear", rank=reading.rank, alpha=alpha, scale=scale)
+        parts = "{" + ",".join(spec.parts) + "}" if len(spec.parts) > 1 else "".join(spec.parts)
+        self.mapped[module.name] = f"{prefix}.{spec.param}" if not spec.parts else f"{prefix}.{{0..{shape[0] - 1}}}.{parts}"
         if not spec.parts:
             return [
                 replace(
@@ -249,7 +254,8 @@ def to_disk_names(
                                 rewriter.problems)  # fmt: skip
     replacements = _keep_tie(adapter, [rewriter.replacement(item) for item in adapter.replacements], base, config)
     weights = SlicedWeights(adapter.weights, rewriter.views) if rewriter.views else adapter.weights
-    return DiskNames(replace(adapter, modules=modules, replacements=replacements, weights=weights), rewriter.rules)
+    rewritten = replace(adapter, modules=modules, replacements=replacements, weights=weights)
+    return DiskNames(rewritten, rewriter.rules, rewriter.mapped)
 
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class ModuleReport:
     scale: float
     dora: bool
     bias: bool
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,11 @@ class CheckpointReport:
         return asdict(self)
 
 
-def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | None) -> AdapterReport:
+def _adapter_report(
+    adapter: Adapter, base_path: str | None, components: dict | None, renames: Sequence[str] = ()
+) -> AdapterReport:
     aliases = component_aliases(components) if components else {}
+    disk, disk_problems = _on_disk(adapter, components, renames)
 
     def part(module_component: str | None):
         return components.get(None) or components.get(aliases.get(module_component, module_component))
@@ -91,7 +96,9 @@ def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | 
     for module in adapter.modules:
         name = module.name
         checkpoint = part(module.component) if components else None
-        if checkpoint is not None:
+        if module.name in disk.mapped:
+            name = disk.mapped[module.name]
+        elif checkpoint is not None:
             name = Targets(with_tied_head(checkpoint.tensors, checkpoint.config)).find(module) or module.name
         modules.append(
             ModuleReport(
@@ -105,13 +112,14 @@ def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | 
                 scale=module.scale,
                 dora=module.dora,
                 bias=module.bias_key is not None,
+                rule=disk.rules.get(module.name, ""),
             )
         )
     validation = None
     if components is not None:
         if None in components:
             checkpoint = components[None]
-            problems = compatibility_problems(adapter, checkpoint.tensors, checkpoint.config)
+            problems = disk_problems or compatibility_problems(disk.adapter, checkpoint.tensors, checkpoint.config)
         else:
             problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
             for component in sorted(adapter.components, key=str):
@@ -175,8 +183,28 @@ def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
     )
 
 
+def _on_disk(adapter: Adapter, components: dict | None, renames: Sequence[str]):
+    """The adapter in the base's on-disk names (a lone checkpoint only), and the problems found doing so."""
+    from .disk_names import DiskNames, to_disk_names
+    from .errors import IncompatibleError
+    from .layouts.transformers import parse_rename
+
+    if not components or None not in components:
+        return DiskNames(adapter), []
+    checkpoint = components[None]
+    try:
+        rules = [parse_rename(text) for text in renames]
+        return to_disk_names(adapter, checkpoint.tensors, checkpoint.config, rules), []
+    except IncompatibleError as exc:
+        return DiskNames(adapter), exc.problems
+
+
 def inspect(
-    path: str | os.PathLike, *, base: str | os.PathLike | None = None, alpha: float | None = None
+    path: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    alpha: float | None = None,
+    renames: Sequence[str] = (),
 ) -> AdapterReport | CheckpointReport:
     """Describe an adapter or a checkpoint (detected), reading headers only.
 
@@ -184,6 +212,7 @@ def inspect(
         path: an adapter (any registered format) or a checkpoint.
         base: with an adapter, a base checkpoint to validate it against.
         alpha: lora_alpha for adapter files that do not record it.
+        renames: `REGEX=REPLACEMENT` rules for adapter module paths, as `merge` takes them.
 
     Returns:
         An `AdapterReport` (with `validation` when `base` is given) or a `CheckpointReport`.
@@ -191,5 +220,5 @@ def inspect(
     path = Path(path)
     if is_adapter(path):
         components = open_components(base) if base is not None else None
-        return _adapter_report(read_adapter(path, alpha=alpha), base, components)
+        return _adapter_report(read_adapter(path, alpha=alpha), base, components, renames)
     return _checkpoint_report(open_checkpoint(path))

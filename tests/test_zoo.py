@@ -240,3 +240,30 @@ def test_resized_embedding_without_its_head_exits_3(tmp_path):
     assert result.exit_code == 3, result.output
     assert "resizes the vocabulary only in part" in result.output and "lm_head.weight" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "target", "rule"),
+    [
+        ("llava", "model.language_model.layers.0.self_attn.q_proj",
+         "language_model.model.layers.0.self_attn.q_proj", r"llava: ^model\.language_model\. → language_model.model."),
+        ("mixtral", "model.layers.0.mlp.experts.base_layer", "model.layers.0.block_sparse_moe.experts.{0..3}.{w1,w3}",
+         "mixtral: experts.gate_up_proj [4, 48, 32] → w1/w3 per expert"),
+        ("gpt_oss", "model.layers.0.mlp.experts", "model.layers.0.mlp.experts.down_proj",
+         "gpt_oss: experts.down_proj [4, 24, 32] (fused on disk)"),
+    ],
+)  # fmt: skip
+def test_inspect_shows_which_rule_mapped_each_module(name, module, target, rule, zoo_case):
+    import json
+
+    from conftest import run_cli
+
+    base, adapter = zoo_case(_BY_NAME[name])
+    result = run_cli(["inspect", adapter, "--base", base, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["validation"]["compatible"]
+    found = {m["name"]: m["rule"] for m in report["modules"]}
+    assert found[target] == rule
+    shown = run_cli(["inspect", adapter, "--base", base])
+    assert f"module(s) by {rule}" in " ".join(shown.output.split())  # rich wraps long lines
