@@ -22,7 +22,7 @@ from .layouts.transformers import FusedExperts, Rename, layout_for, to_disk_path
 from .plan import HEAD_NAME, TIED, Targets, tied_embedding, with_tied_head
 from .safetensors_io import TensorInfo
 
-__all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights"]
+__all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights", "plan_in_memory_names"]
 
 _GENERIC_EXPERTS = (FusedExperts("gate_up_proj", ("gate_proj", "up_proj")), FusedExperts("down_proj", ("down_proj",)))
 
@@ -283,3 +283,24 @@ def _keep_tie(adapter: Adapter, items: list[Replacement], base: Mapping[str, Ten
         return items
     kept = replace(embedding, origin=f"{embedding.origin} {TIED}")
     return [kept if item is embedding else item for item in items if item is not head]
+
+
+def plan_in_memory_names(plan, config: dict | None):
+    """An extraction plan whose LoRA modules carry the in-memory names PEFT loads (`extract`, the reverse way).
+
+    Expert weights, which transformers fuses in memory, are skipped with a reason: PEFT would need them as one
+    `target_parameters` adapter per fused parameter, which `extract` does not build yet.
+    """
+    from .layouts.transformers import is_expert_tensor, to_memory_path
+
+    model_type, layout = layout_for(config)
+    if not layout.renames and not layout.experts:
+        return plan
+    tasks, skipped = [], list(plan.skipped)
+    for task in plan.tasks:
+        if is_expert_tensor(task.tensor, layout):
+            reason = f"{model_type} experts are fused in memory; extracting target_parameters adapters is not supported"
+            skipped.append({"name": task.tensor, "reason": reason})
+        else:
+            tasks.append(replace(task, module=to_memory_path(task.module, layout)))
+    return replace(plan, tasks=tasks, skipped=skipped)

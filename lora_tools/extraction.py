@@ -432,6 +432,9 @@ def extract(
         embeddings=embeddings,
         skip_mismatched=skip_mismatched,
     )
+    from .disk_names import plan_in_memory_names
+
+    plan = plan_in_memory_names(plan, base_checkpoint.config)  # PEFT loads adapters by in-memory module names
     output = Path(output)
     workspace = Workspace(torch_device)
     modules: list[ModuleExtraction] = []

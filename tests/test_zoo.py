@@ -267,3 +267,29 @@ def test_inspect_shows_which_rule_mapped_each_module(name, module, target, rule,
     assert found[target] == rule
     shown = run_cli(["inspect", adapter, "--base", base])
     assert f"module(s) by {rule}" in " ".join(shown.output.split())  # rich wraps long lines
+
+
+def test_extract_from_a_vlm_loads_in_peft_with_the_tuned_logits(zoo_case, tmp_path):
+    """extract names modules as the model does in memory, so PEFT loads an adapter extracted from a Llava."""
+    from peft import PeftModel
+
+    arch = _BY_NAME["llava"]
+    base, adapter = zoo_case(arch)
+    lora_tools.merge(base, [adapter], tmp_path / "tuned", device="cpu")
+    report = lora_tools.extract(base, tmp_path / "tuned", tmp_path / "extracted", rank=4, device="cpu")
+    assert report.modules and all(m.relative_error < 1e-5 for m in report.modules)
+    peft_model = PeftModel.from_pretrained(arch.model_class.from_pretrained(base), tmp_path / "extracted").eval()
+    loaded = {n for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert len(loaded) == len(report.modules)
+    tuned = arch.model_class.from_pretrained(tmp_path / "tuned").eval()
+    torch.testing.assert_close(_logits(peft_model, arch), _logits(tuned, arch), atol=1e-4, rtol=1e-4)
+
+
+def test_extract_from_moe_says_experts_are_left_out(zoo_case, tmp_path):
+    arch = _BY_NAME["qwen3_moe"]
+    base, adapter = zoo_case(arch)
+    lora_tools.merge(base, [adapter], tmp_path / "tuned", device="cpu")
+    report = lora_tools.extract(base, tmp_path / "tuned", tmp_path / "extracted", rank=4, device="cpu")
+    experts = [s for s in report.skipped if ".experts." in s["name"]]
+    assert len(experts) == 4 * 3 and all("fused in memory" in s["reason"] for s in experts)
+    assert all(".experts." not in m.name for m in report.modules) and report.modules
