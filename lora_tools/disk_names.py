@@ -167,11 +167,11 @@ class _Rewriter:
                 continue
             found.append((spec, shape, reading))
         if len(found) != 1:
-            what = "fits several expert parameters" if found else "; ".join(errors) or (
-                f"targets fused experts (PEFT target_parameters) but the base has no experts at {prefix} "
-                f"(model type {self.model_type or 'unknown'}); --allow-unmatched cannot leave out a delta lora_tools "
-                "recognises"
+            no_experts = (
+                f"targets fused experts (PEFT target_parameters) but the base has no experts at {prefix} (model type "
+                f"{self.model_type or 'unknown'}); --allow-unmatched cannot leave out a delta lora_tools recognises"
             )
+            what = "fits several expert parameters" if found else "; ".join(errors) or no_experts
             self.problems.append(f"{module.name}: {what}")
             return []
         spec, shape, reading = found[0]
@@ -183,7 +183,9 @@ class _Rewriter:
         self.rules[module.name] = rule + (" (swapped-orientation PEFT release)" if reading.old_peft else "")
         common = dict(kind="linear", rank=reading.rank, alpha=alpha, scale=scale)
         parts = "{" + ",".join(spec.parts) + "}" if len(spec.parts) > 1 else "".join(spec.parts)
-        self.mapped[module.name] = f"{prefix}.{spec.param}" if not spec.parts else f"{prefix}.{{0..{shape[0] - 1}}}.{parts}"
+        self.mapped[module.name] = (
+            f"{prefix}.{spec.param}" if not spec.parts else f"{prefix}.{{0..{shape[0] - 1}}}.{parts}"
+        )
         if not spec.parts:
             return [
                 replace(
@@ -191,9 +193,7 @@ class _Rewriter:
                     factors=(("A", module.a_key), ("B", module.b_key)), **common,
                 )
             ]  # fmt: skip
-        return [
-            self._piece(module, piece, reading, common) for piece in split_pieces(prefix, *shape[:2], spec.parts)
-        ]
+        return [self._piece(module, piece, reading, common) for piece in split_pieces(prefix, *shape[:2], spec.parts)]
 
     def _alpha(self, name: str) -> float:
         config = self.adapter.config
@@ -256,7 +256,6 @@ def to_disk_names(
     weights = SlicedWeights(adapter.weights, rewriter.views) if rewriter.views else adapter.weights
     rewritten = replace(adapter, modules=modules, replacements=replacements, weights=weights)
     return DiskNames(rewritten, rewriter.rules, rewriter.mapped)
-
 
 
 def adapters_on_disk(adapters: Sequence[Adapter], base, renames: Sequence[str] = ()) -> list[Adapter]:
