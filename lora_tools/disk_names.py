@@ -72,6 +72,7 @@ class DiskNames:
     adapter: Adapter
     rules: dict[str, str] = field(default_factory=dict)
     mapped: dict[str, str] = field(default_factory=dict)
+    per_expert: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # module → rank, alpha, scale
 
 
 def _strip_nesting(name: str) -> str:
@@ -124,6 +125,7 @@ class _Rewriter:
         self.views: dict[str, _View] = {}
         self.rules: dict[str, str] = {}
         self.mapped: dict[str, str] = {}
+        self.per_expert: dict[str, tuple[int, float, float]] = {}
         self.problems: list[str] = []
 
     def rename(self, name: str, module: LoraModule | None = None) -> tuple[str, list[str]]:
@@ -182,6 +184,7 @@ class _Rewriter:
         )
         self.rules[module.name] = rule + (" (swapped-orientation PEFT release)" if reading.old_peft else "")
         common = dict(kind="linear", rank=reading.rank, alpha=alpha, scale=scale)
+        self.per_expert[module.name] = (reading.rank, alpha, scale)
         parts = "{" + ",".join(spec.parts) + "}" if len(spec.parts) > 1 else "".join(spec.parts)
         self.mapped[module.name] = (
             f"{prefix}.{spec.param}" if not spec.parts else f"{prefix}.{{0..{shape[0] - 1}}}.{parts}"
@@ -255,7 +258,7 @@ def to_disk_names(
     replacements = _keep_tie(adapter, [rewriter.replacement(item) for item in adapter.replacements], base, config)
     weights = SlicedWeights(adapter.weights, rewriter.views) if rewriter.views else adapter.weights
     rewritten = replace(adapter, modules=modules, replacements=replacements, weights=weights)
-    return DiskNames(rewritten, rewriter.rules, rewriter.mapped)
+    return DiskNames(rewritten, rewriter.rules, rewriter.mapped, rewriter.per_expert)
 
 
 def adapters_on_disk(adapters: Sequence[Adapter], base, renames: Sequence[str] = ()) -> list[Adapter]:

@@ -107,9 +107,13 @@ def _adapter_report(
                 type=module.kind,
                 variant=module.variant,
                 component=module.component,
-                rank=module.rank,
-                alpha=module.alpha,
-                scale=module.scale,
+                **dict(
+                    zip(
+                        ("rank", "alpha", "scale"),
+                        disk.per_expert.get(module.name, (module.rank, module.alpha, module.scale)),
+                        strict=True,
+                    )
+                ),
                 dora=module.dora,
                 bias=module.bias_key is not None,
                 rule=disk.rules.get(module.name, ""),
