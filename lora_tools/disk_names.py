@@ -48,6 +48,7 @@ class SlicedWeights:
     def __init__(self, weights, views: Mapping[str, _View]) -> None:
         self._weights = weights
         self._views = dict(views)
+        self._cache: dict = {}
         stored = weights.tensors
         self.tensors: dict[str, TensorInfo] = dict(stored)
         for key, view in self._views.items():
@@ -58,8 +59,16 @@ class SlicedWeights:
         view = self._views.get(key)
         if view is None:
             return self._weights.read(key)
-        tensor = self._weights.read(view.source)[slice(*view.rows), slice(*view.cols)]
+        tensor = self._source(view.source)[slice(*view.rows), slice(*view.cols)]
         return (tensor.T if view.transpose else tensor).contiguous()
+
+    def _source(self, key: str):
+        """A stored factor, kept while its experts are read (a few at a time: A and B of gate_up and down)."""
+        if key not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._weights.read(key)
+        return self._cache[key]
 
     def __getattr__(self, name: str):
         return getattr(self._weights, name)

@@ -293,3 +293,31 @@ def test_extract_from_moe_says_experts_are_left_out(zoo_case, tmp_path):
     experts = [s for s in report.skipped if ".experts." in s["name"]]
     assert len(experts) == 4 * 3 and all("fused in memory" in s["reason"] for s in experts)
     assert all(".experts." not in m.name for m in report.modules) and report.modules
+
+
+def test_expert_pieces_are_row_blocks_of_each_expert():
+    from lora_tools.experts import ExpertPiece, expert_columns_of_b, expert_rows_of_a, split_pieces
+
+    pieces = split_pieces("m.experts", 2, 48, ("gate_proj", "up_proj"))
+    assert pieces == [
+        ExpertPiece("m.experts.0.gate_proj", 0, 0, 24), ExpertPiece("m.experts.0.up_proj", 0, 24, 48),
+        ExpertPiece("m.experts.1.gate_proj", 1, 0, 24), ExpertPiece("m.experts.1.up_proj", 1, 24, 48),
+    ]  # fmt: skip
+    assert expert_rows_of_a(3, 4) == (12, 16) and expert_columns_of_b(3, 8) == (3, 8)
+    from lora_tools.errors import IncompatibleError
+
+    with pytest.raises(IncompatibleError, match="47 rows do not divide into 2 parts"):
+        split_pieces("m.experts", 2, 47, ("gate_proj", "up_proj"))
+
+
+@pytest.mark.parametrize("arch", [a for a in ZOO if a.model_type in ("llava", "gemma3", "qwen2_vl", "mixtral")],
+                         ids=lambda a: a.name)  # fmt: skip
+def test_every_table_rename_inverts(arch: Arch):
+    """extract's disk → memory names undo merge's memory → disk names for every module of the model."""
+    from lora_tools.layouts.transformers import layout_for, to_disk_path, to_memory_path
+
+    model = arch.build()
+    _, layout = layout_for(model.config.to_dict())
+    for name, module in model.named_modules():
+        if list(module.parameters(recurse=False)):  # modules that own tensors (containers have no disk name)
+            assert to_memory_path(to_disk_path(name, layout.renames)[0], layout) == name

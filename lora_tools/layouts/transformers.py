@@ -102,12 +102,13 @@ def layout_for(config: dict | None) -> tuple[str | None, Layout]:
 def to_disk_path(path: str, renames: tuple[Rename, ...]) -> tuple[str, list[Rename]]:
     """Apply every matching rename in order; returns the new path and the rules that fired."""
     fired = []
+    path += "."  # so `^model\.visual\.` also renames the module `model.visual` itself
     for rule in renames:
         renamed = rule.apply(path)
         if renamed is not None:
             path = renamed
             fired.append(rule)
-    return path, fired
+    return path[:-1], fired
 
 
 def parse_rename(text: str) -> Rename:
@@ -159,8 +160,10 @@ def inverse(rule: Rename) -> Rename:
 
 def to_memory_path(path: str, layout: Layout) -> str:
     """An on-disk module path as the model names it in memory (what PEFT adapters must say)."""
-    for rule in reversed(layout.renames):
-        path = inverse(rule).apply(path) or path
+    for rule in reversed(layout.renames):  # the forward rules touch disjoint prefixes: one inverse applies
+        renamed = inverse(rule).apply(path + ".")
+        if renamed is not None:
+            return renamed[:-1]
     return path
 
 
