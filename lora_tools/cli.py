@@ -255,11 +255,12 @@ def _render_adapter(report, show_all: bool) -> None:
     )
     table = Table(show_edge=False)
     if show_all:
-        for column in ("module", "type", "rank", "alpha", "scale", "DoRA", "mapped by"):
+        mapped = any(m.rule for m in report.modules)  # a name-map column only when some module was renamed
+        for column in ("module", "type", "rank", "alpha", "scale", "DoRA", *(("mapped by",) if mapped else ())):
             table.add_column(column)
         for m in report.modules:
-            row = (m.name, m.type, str(m.rank), f"{m.alpha:g}", f"{m.scale:g}", "yes" if m.dora else "", m.rule)
-            table.add_row(*row)
+            row = (m.name, m.type, str(m.rank), f"{m.alpha:g}", f"{m.scale:g}", "yes" if m.dora else "")
+            table.add_row(*row, *((m.rule,) if mapped else ()))
     else:
         for column in ("target", "type", "count", "rank", "alpha", "scale", "DoRA"):
             table.add_column(column)
