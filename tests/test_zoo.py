@@ -321,3 +321,14 @@ def test_every_table_rename_inverts(arch: Arch):
     for name, module in model.named_modules():
         if list(module.parameters(recurse=False)):  # modules that own tensors (containers have no disk name)
             assert to_memory_path(to_disk_path(name, layout.renames)[0], layout) == name
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss", "llava"])
+def test_unmerge_takes_the_same_names_back_out(name, zoo_case, tmp_path):
+    base, adapter = zoo_case(_BY_NAME[name])
+    lora_tools.merge(base, [adapter], tmp_path / "merged", device="cpu", dtype="fp32")
+    report = lora_tools.unmerge(tmp_path / "merged", [adapter], tmp_path / "restored", device="cpu")
+    restored, original = load_state(tmp_path / "restored"), load_state(base)
+    assert set(restored) == set(original) and report.tensors_changed > 0
+    for key, tensor in original.items():
+        torch.testing.assert_close(restored[key], tensor.float(), atol=1e-6, rtol=0, msg=key)
