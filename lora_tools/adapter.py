@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_json
 from .errors import CorruptFileError, InvalidInputError, UnknownFormatError
 from .safetensors_io import TensorInfo, read_header
+from .vocab import is_saved_embedding, is_wrapper_copy
 
 if TYPE_CHECKING:
     import torch
@@ -260,6 +261,10 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
         module = stripped.rsplit(".", 1)[0]
         if _module_matches(to_save, module):
             replacements.append(Replacement(stripped, key))
+        elif is_wrapper_copy(module, to_save):
+            continue  # copies of a modules_to_save module saved beside it (resized vocabulary)
+        elif is_saved_embedding(stripped):
+            replacements.append(Replacement(stripped, key, origin="saved embedding"))
         else:
             unknown.append(key)
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable
 
 import click
@@ -287,14 +288,18 @@ def _adapter_statistics(
 @click.option("--base", type=click.Path(), help="Validate the adapter against this base checkpoint.")
 @click.option("--all", "show_all", is_flag=True, help="List every module, not a grouped summary.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@click.option(
+    "--rename", "renames", multiple=True, metavar="REGEX=REPLACEMENT",
+    help="Rename adapter module paths before matching them to the base (repeatable).",
+)  # fmt: skip
 @click.option("--stats", is_flag=True, help="Per-module ‖ΔW‖, σ₁, stable rank, ranks for 90/99 % energy, flags.")
 @plot_option
 @engine_options
 @json_option
 @hub_input_options
 def inspect(
-    path: str, base: str | None, show_all: bool, alpha: float | None, stats: bool, plot: str | None, as_json: bool,
-    engine: str | None, max_lora_rank: int | None, **hub,
+    path: str, base: str | None, show_all: bool, alpha: float | None, renames: tuple, stats: bool, plot: str | None,
+    as_json: bool, engine: str | None, max_lora_rank: int | None, **hub,
 ) -> None:  # fmt: skip
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
@@ -307,7 +312,7 @@ def inspect(
     from .inspection import AdapterReport
     from .inspection import inspect as run_inspect
 
-    report = run_inspect(path, base=base, alpha=alpha, **hub)
+    report = run_inspect(path, base=base, alpha=alpha, renames=renames, **hub)
     statistics = _adapter_statistics(report, path, base, alpha, stats, plot, hub)
     inspected = {**report.to_dict(), "stats": statistics.to_dict()} if statistics else report.to_dict()
     serving = {"engine": engine, "max_lora_rank": max_lora_rank}
@@ -376,10 +381,12 @@ def _render_adapter(report, show_all: bool) -> None:
     )
     table = Table(show_edge=False)
     if show_all:
-        for column in ("module", "type", "rank", "alpha", "scale", "DoRA"):
+        mapped = any(m.rule for m in report.modules)  # a name-map column only when some module was renamed
+        for column in ("module", "type", "rank", "alpha", "scale", "DoRA", *(("mapped by",) if mapped else ())):
             table.add_column(column)
         for m in report.modules:
-            table.add_row(m.name, m.type, str(m.rank), f"{m.alpha:g}", f"{m.scale:g}", "yes" if m.dora else "")
+            row = (m.name, m.type, str(m.rank), f"{m.alpha:g}", f"{m.scale:g}", "yes" if m.dora else "")
+            table.add_row(*row, *((m.rule,) if mapped else ()))
     else:
         for column in ("target", "type", "count", "rank", "alpha", "scale", "DoRA"):
             table.add_column(column)
@@ -390,6 +397,9 @@ def _render_adapter(report, show_all: bool) -> None:
         for (target, kind, rank, alpha, scale, dora), count in groups.items():
             table.add_row(target, kind, str(count), str(rank), f"{alpha:g}", f"{scale:g}", "yes" if dora else "")
     console.print(table)
+    rules = Counter(m.rule for m in report.modules if m.rule)
+    for rule, count in rules.items():
+        console.print(f"name map: {count} module(s) by {rule}")
     for item in report.replacements:
         rows = f" rows {item['rows']}" if item["rows"] else ""
         console.print(f"replaces {item['target']}{rows} ({item['origin']})")

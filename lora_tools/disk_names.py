@@ -19,10 +19,10 @@ from .adapter import Adapter, LoraModule, Replacement, pattern_key
 from .errors import IncompatibleError
 from .experts import ExpertReading, expert_rows_of_a, read_expert_shapes, split_pieces
 from .layouts.transformers import FusedExperts, Rename, layout_for, to_disk_path
-from .plan import Targets, with_tied_head
+from .plan import HEAD_NAME, TIED, Targets, tied_embedding, with_tied_head
 from .safetensors_io import TensorInfo
 
-__all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights"]
+__all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights", "plan_in_memory_names"]
 
 _GENERIC_EXPERTS = (FusedExperts("gate_up_proj", ("gate_proj", "up_proj")), FusedExperts("down_proj", ("down_proj",)))
 
@@ -48,6 +48,7 @@ class SlicedWeights:
     def __init__(self, weights, views: Mapping[str, _View]) -> None:
         self._weights = weights
         self._views = dict(views)
+        self._cache: dict = {}
         stored = weights.tensors
         self.tensors: dict[str, TensorInfo] = dict(stored)
         for key, view in self._views.items():
@@ -58,8 +59,16 @@ class SlicedWeights:
         view = self._views.get(key)
         if view is None:
             return self._weights.read(key)
-        tensor = self._weights.read(view.source)[slice(*view.rows), slice(*view.cols)]
+        tensor = self._source(view.source)[slice(*view.rows), slice(*view.cols)]
         return (tensor.T if view.transpose else tensor).contiguous()
+
+    def _source(self, key: str):
+        """A stored factor, kept while its experts are read (a few at a time: A and B of gate_up and down)."""
+        if key not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._weights.read(key)
+        return self._cache[key]
 
     def __getattr__(self, name: str):
         return getattr(self._weights, name)
@@ -67,10 +76,12 @@ class SlicedWeights:
 
 @dataclass(frozen=True)
 class DiskNames:
-    """The adapter in on-disk names, and which rule mapped each of its modules (for `inspect`)."""
+    """The adapter in on-disk names; per original module, the rule that mapped it and where it went (`inspect`)."""
 
     adapter: Adapter
     rules: dict[str, str] = field(default_factory=dict)
+    mapped: dict[str, str] = field(default_factory=dict)
+    per_expert: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # module → rank, alpha, scale
 
 
 def _strip_nesting(name: str) -> str:
@@ -122,6 +133,8 @@ class _Rewriter:
         self.targets = Targets(with_tied_head(base, config))
         self.views: dict[str, _View] = {}
         self.rules: dict[str, str] = {}
+        self.mapped: dict[str, str] = {}
+        self.per_expert: dict[str, tuple[int, float, float]] = {}
         self.problems: list[str] = []
 
     def rename(self, name: str, module: LoraModule | None = None) -> tuple[str, list[str]]:
@@ -144,6 +157,7 @@ class _Rewriter:
         name, notes = self.rename(module.name, module)
         if notes:
             self.rules[module.name] = "; ".join(notes)
+        self.mapped[module.name] = name
         return [replace(module, name=name)]
 
     def experts(self, module: LoraModule, memory: str) -> list[LoraModule]:
@@ -164,16 +178,11 @@ class _Rewriter:
                 continue
             found.append((spec, shape, reading))
         if len(found) != 1:
-            what = (
-                "fits several expert parameters"
-                if found
-                else "; ".join(errors)
-                or (
-                    f"targets fused experts (PEFT target_parameters) but the base has no experts at {prefix} "
-                    f"(model type {self.model_type or 'unknown'}); --allow-unmatched cannot leave out a delta lora_tools "
-                    "recognises"
-                )
+            no_experts = (
+                f"targets fused experts (PEFT target_parameters) but the base has no experts at {prefix} (model type "
+                f"{self.model_type or 'unknown'}); --allow-unmatched cannot leave out a delta lora_tools recognises"
             )
+            what = "fits several expert parameters" if found else "; ".join(errors) or no_experts
             self.problems.append(f"{module.name}: {what}")
             return []
         spec, shape, reading = found[0]
@@ -184,6 +193,11 @@ class _Rewriter:
         )
         self.rules[module.name] = rule + (" (swapped-orientation PEFT release)" if reading.old_peft else "")
         common = dict(kind="linear", rank=reading.rank, alpha=alpha, scale=scale)
+        self.per_expert[module.name] = (reading.rank, alpha, scale)
+        parts = "{" + ",".join(spec.parts) + "}" if len(spec.parts) > 1 else "".join(spec.parts)
+        self.mapped[module.name] = (
+            f"{prefix}.{spec.param}" if not spec.parts else f"{prefix}.{{0..{shape[0] - 1}}}.{parts}"
+        )
         if not spec.parts:
             return [
                 replace(
@@ -250,9 +264,10 @@ def to_disk_names(
     if rewriter.problems:
         raise IncompatibleError(f"{adapter.path}: {len(rewriter.problems)} expert module(s) do not fit the base",
                                 rewriter.problems)  # fmt: skip
-    replacements = [rewriter.replacement(item) for item in adapter.replacements]
+    replacements = _keep_tie(adapter, [rewriter.replacement(item) for item in adapter.replacements], base, config)
     weights = SlicedWeights(adapter.weights, rewriter.views) if rewriter.views else adapter.weights
-    return DiskNames(replace(adapter, modules=modules, replacements=replacements, weights=weights), rewriter.rules)
+    rewritten = replace(adapter, modules=modules, replacements=replacements, weights=weights)
+    return DiskNames(rewritten, rewriter.rules, rewriter.mapped, rewriter.per_expert)
 
 
 def adapters_on_disk(adapters: Sequence[Adapter], base, renames: Sequence[str] = ()) -> list[Adapter]:
@@ -261,3 +276,42 @@ def adapters_on_disk(adapters: Sequence[Adapter], base, renames: Sequence[str] =
 
     rules = [parse_rename(text) for text in renames]
     return [to_disk_names(adapter, base.tensors, base.config, rules).adapter for adapter in adapters]
+
+
+def _keep_tie(adapter: Adapter, items: list[Replacement], base: Mapping[str, TensorInfo], config) -> list[Replacement]:
+    """A tied base whose embedding and lm_head the adapter replaces with equal copies stays tied: the head copy goes.
+
+    (Unequal copies untie the base, with the planner's warning.)
+    """
+    import torch
+
+    tied = tied_embedding(base, config)
+    whole = {item.target: item for item in items if item.rows is None}
+    if tied is None or tied not in whole or HEAD_NAME not in whole:
+        return items
+    embedding, head = whole[tied], whole[HEAD_NAME]
+    if not torch.equal(adapter.read(embedding.key), adapter.read(head.key)):
+        return items
+    kept = replace(embedding, origin=f"{embedding.origin} {TIED}")
+    return [kept if item is embedding else item for item in items if item is not head]
+
+
+def plan_in_memory_names(plan, config: dict | None):
+    """An extraction plan whose LoRA modules carry the in-memory names PEFT loads (`extract`, the reverse way).
+
+    Expert weights, which transformers fuses in memory, are skipped with a reason: PEFT would need them as one
+    `target_parameters` adapter per fused parameter, which `extract` does not build yet.
+    """
+    from .layouts.transformers import is_expert_tensor, to_memory_path
+
+    model_type, layout = layout_for(config)
+    if not layout.renames and not layout.experts:
+        return plan
+    tasks, skipped = [], list(plan.skipped)
+    for task in plan.tasks:
+        if is_expert_tensor(task.tensor, layout):
+            reason = f"{model_type} experts are fused in memory; extracting target_parameters adapters is not supported"
+            skipped.append({"name": task.tensor, "reason": reason})
+        else:
+            tasks.append(replace(task, module=to_memory_path(task.module, layout)))
+    return replace(plan, tasks=tasks, skipped=skipped)

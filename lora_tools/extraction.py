@@ -456,6 +456,9 @@ def extract(
         embeddings=embeddings,
         skip_mismatched=skip_mismatched,
     )
+    from .disk_names import plan_in_memory_names
+
+    plan = plan_in_memory_names(plan, base_checkpoint.config)  # PEFT loads adapters by in-memory module names
     output = Path(output)
     modules: list[ModuleExtraction] = []
     unchanged: list[str] = []

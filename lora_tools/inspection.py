@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from .adapter import Adapter, is_adapter, read_adapter
@@ -25,6 +26,7 @@ class ModuleReport:
     scale: float
     dora: bool
     bias: bool
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,11 @@ class CheckpointReport:
         return asdict(self)
 
 
-def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | None) -> AdapterReport:
+def _adapter_report(
+    adapter: Adapter, base_path: str | None, components: dict | None, renames: Sequence[str] = ()
+) -> AdapterReport:
     aliases = component_aliases(components) if components else {}
+    disk, disk_problems = _on_disk(adapter, components, renames)
 
     def part(module_component: str | None):
         return components.get(None) or components.get(aliases.get(module_component, module_component))
@@ -92,7 +97,9 @@ def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | 
     for module in adapter.modules:
         name = module.name
         checkpoint = part(module.component) if components else None
-        if checkpoint is not None:
+        if module.name in disk.mapped:
+            name = disk.mapped[module.name]
+        elif checkpoint is not None:
             name = Targets(with_tied_head(checkpoint.tensors, checkpoint.config)).find(module) or module.name
         modules.append(
             ModuleReport(
@@ -101,11 +108,16 @@ def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | 
                 type=module.kind,
                 variant=module.variant,
                 component=module.component,
-                rank=module.rank,
-                alpha=module.alpha,
-                scale=module.scale,
+                **dict(
+                    zip(
+                        ("rank", "alpha", "scale"),
+                        disk.per_expert.get(module.name, (module.rank, module.alpha, module.scale)),
+                        strict=True,
+                    )
+                ),
                 dora=module.dora,
                 bias=module.bias_key is not None,
+                rule=disk.rules.get(module.name, ""),
             )
         )
     validation = None
@@ -113,7 +125,7 @@ def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | 
         if None in components:
             checkpoint = components[None]
             tensors, problems = _quantized_view(checkpoint)
-            problems += compatibility_problems(adapter, tensors, checkpoint.config)
+            problems += disk_problems or compatibility_problems(disk.adapter, tensors, checkpoint.config)
         else:
             problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
             for component in sorted(adapter.components, key=str):
@@ -200,6 +212,22 @@ def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
     )
 
 
+def _on_disk(adapter: Adapter, components: dict | None, renames: Sequence[str]):
+    """The adapter in the base's on-disk names (a lone checkpoint only), and the problems found doing so."""
+    from .disk_names import DiskNames, to_disk_names
+    from .errors import IncompatibleError
+    from .layouts.transformers import parse_rename
+
+    if not components or None not in components:
+        return DiskNames(adapter), []
+    checkpoint = components[None]
+    try:
+        rules = [parse_rename(text) for text in renames]
+        return to_disk_names(adapter, checkpoint.tensors, checkpoint.config, rules), []
+    except IncompatibleError as exc:
+        return DiskNames(adapter), exc.problems
+
+
 def inspect(
     path: str | os.PathLike,
     *,
@@ -207,6 +235,7 @@ def inspect(
     alpha: float | None = None,
     revision: str | None = None,
     token: str | None = None,
+    renames: Sequence[str] = (),
 ) -> AdapterReport | CheckpointReport:
     """Describe an adapter or a checkpoint (detected), reading headers only.
 
@@ -215,6 +244,7 @@ def inspect(
         base: with an adapter, a base checkpoint to validate it against.
         alpha: lora_alpha for adapter files that do not record it.
         revision, token: for `path` or `base` given as Hub repo ids (`org/name`, or `org/name@revision`).
+        renames: `REGEX=REPLACEMENT` rules for adapter module paths, as `merge` takes them.
 
     Returns:
         An `AdapterReport` (with `validation` when `base` is given) or a `CheckpointReport`.
@@ -225,5 +255,5 @@ def inspect(
     base = resolve_input(base, revision=revision, token=token)[0] if base is not None else None
     if is_adapter(path):
         components = open_components(base) if base is not None else None
-        return _adapter_report(read_adapter(path, alpha=alpha), base, components)
+        return _adapter_report(read_adapter(path, alpha=alpha), base, components, renames)
     return _checkpoint_report(open_checkpoint(path))

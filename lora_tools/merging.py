@@ -117,6 +117,10 @@ def _updated_config(config: dict, plan: MergePlan, dtype: str | None) -> dict:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+    if plan.vocab_size is not None:  # the adapter brought new tokens
+        config["vocab_size"] = plan.vocab_size
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = {**config["text_config"], "vocab_size": plan.vocab_size}
     if dtype is not None:
         config.pop("quantization_config", None)  # quantized weights were written dequantized
         name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
@@ -258,9 +262,12 @@ def _run(
         for name, checkpoint in components.items():
             files += [output.name] if single_file else [_qualified(name, f) for f in written[name]]
             if not single_file:
-                _write_folder_extras(
-                    target / name if name else target, checkpoint, plans[name], written[name], out_dtype
-                )
+                folder = target / name if name else target
+                _write_folder_extras(folder, checkpoint, plans[name], written[name], out_dtype)
+                if plans[name].vocab_size is not None:  # the tokenizer that knows the new tokens
+                    from .vocab import carry_tokenizer
+
+                    carry_tokenizer([a.path for a in adapters], folder)
         if pipeline:
             _copy_pipeline_files(base_local, target, components)
         if not single_file:

@@ -270,7 +270,11 @@ def compute_task(
     if plain and task.terms and device.type == "cpu":
         return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite, pool)
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
-    weight = workspace.get("weight", base.shape, compute).copy_(base, non_blocking=True)
+    weight = workspace.get("weight", task.shape, compute)
+    if tuple(base.shape) == tuple(task.shape):
+        weight.copy_(base, non_blocking=True)
+    else:  # a resized vocabulary: the adapter's replacement fills every row below
+        weight[: base.shape[0]].copy_(base, non_blocking=True)
 
     def get(index: int, key: str) -> torch.Tensor:
         return fetch(index, key).to(device=device, dtype=compute, non_blocking=True)

@@ -15,6 +15,7 @@ from .adapter import Adapter, LoraModule, Replacement
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .relayout import Located, LayoutTargets, Piece, located_problems
 from .safetensors_io import DTYPE_SIZES, TensorInfo
+from .vocab import resized_base
 
 __all__ = [
     "OUTPUT_DTYPES",
@@ -38,6 +39,8 @@ OUTPUT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "
 _EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
                     "gpt_neox.embed_in.weight", "embed_tokens.weight", "wte.weight")  # fmt: skip
 HEAD_NAME = "lm_head.weight"
+#: Ends the origin of an embedding replacement whose lm_head copy is identical, so the tie holds.
+TIED = "(tied)"
 
 
 def resolve_module(module: str, base_names: Mapping[str, object] | set[str]) -> str | None:
@@ -350,6 +353,7 @@ class MergePlan:
     shards: list[list[int]]
     untie_embeddings: bool = False
     warnings: list[str] = field(default_factory=list)
+    vocab_size: int | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -393,6 +397,7 @@ def plan_merge(
         raise InvalidInputError(
             f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
         )
+    base, vocab_size = resized_base(base, adapters, _resolve_tensor)  # embeddings an adapter grows (new tokens)
     problems = []
     for adapter in adapters:
         found = compatibility_problems(adapter, base, config, allow_unmatched=allow_unmatched)
@@ -464,14 +469,14 @@ def plan_merge(
                 "both are written and tie_word_embeddings is set to false in config.json"
             )
     shards = plan_shards([task.nbytes for task in tasks], max_shard_size)
-    return MergePlan(tasks, shards, untie, warnings)
+    return MergePlan(tasks, shards, untie, warnings, vocab_size)
 
 
 def _changes_embedding(tied: str, terms: dict, replaced: dict) -> bool:
     """True when the tied embedding changes in a way lm_head must not follow (trainable tokens it follows)."""
     if tied in terms:
         return True
-    return any(item.rows is None for _, item, _ in replaced.get(tied, ()))
+    return any(item.rows is None and not item.origin.endswith(TIED) for _, item, _ in replaced.get(tied, ()))
 
 
 def _check_combinations(adapters: Sequence[Adapter], terms: dict, replaced: dict, unmerge: bool) -> None:

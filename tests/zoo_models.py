@@ -58,6 +58,7 @@ _VISION_QWEN = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_rati
                     spatial_merge_size=1, temporal_patch_size=1, in_channels=3)  # fmt: skip
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=24)
 
+# fmt: off
 ZOO: list[Arch] = [
     Arch("llama", "llama", dict(_TEXT, tie_word_embeddings=False)),
     Arch("qwen2", "qwen2", dict(_TEXT)),
@@ -69,27 +70,29 @@ ZOO: list[Arch] = [
     Arch("mixtral", "mixtral", dict(_TEXT, num_local_experts=4, num_experts_per_tok=2), target_parameters=_EXPERTS),
     Arch("qwen3_moe", "qwen3_moe", dict(_TEXT, num_experts=4, **_MOE), target_parameters=_EXPERTS),
     Arch("gpt_oss", "gpt_oss", dict(_TEXT, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"]),
-         dtype=torch.bfloat16, target_parameters=_EXPERTS),  # fmt: skip
-    Arch("deepseek_v3", "deepseek_v3", dict({**_TEXT, "head_dim": 4, "num_key_value_heads": 4}, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
-         kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_group=1,
-         topk_group=1, **_MOE), dtype=torch.bfloat16, target_parameters=_EXPERTS),  # fmt: skip
+         dtype=torch.bfloat16, target_parameters=_EXPERTS),
+    Arch("deepseek_v3", "deepseek_v3", dict({**_TEXT, "head_dim": 4, "num_key_value_heads": 4}, n_routed_experts=4,
+         n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
+         qk_nope_head_dim=8, v_head_dim=8, n_group=1,
+         topk_group=1, **_MOE), dtype=torch.bfloat16, target_parameters=_EXPERTS),
     Arch("llava", "llava", dict(text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION_CLIP,
-         image_token_index=99), auto="AutoModelForImageTextToText"),  # fmt: skip
+         image_token_index=99), auto="AutoModelForImageTextToText"),
     Arch("gemma3", "gemma3", dict(text_config=dict(_TEXT), vision_config=_VISION_SIGLIP, mm_tokens_per_image=4,
-         image_token_index=99, boi_token_index=97, eoi_token_index=98), auto="AutoModelForImageTextToText"),  # fmt: skip
-    Arch("qwen2_vl", "qwen2_vl", dict(text_config=dict(_TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-         vision_config=_VISION_QWEN, image_token_id=99, video_token_id=98, vision_start_token_id=97),
-         auto="AutoModelForImageTextToText"),  # fmt: skip
+         image_token_index=99, boi_token_index=97, eoi_token_index=98), auto="AutoModelForImageTextToText"),
+    Arch("qwen2_vl", "qwen2_vl", dict(text_config=dict(_TEXT, rope_scaling={"type": "mrope",
+         "mrope_section": [1, 1, 2]}), vision_config=_VISION_QWEN, image_token_id=99, video_token_id=98, vision_start_token_id=97),
+         auto="AutoModelForImageTextToText"),
     Arch("t5", "t5", dict(d_model=32, d_ff=24, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=4,
          vocab_size=100, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
-         auto="AutoModelForSeq2SeqLM", seq2seq=True),  # fmt: skip
+         auto="AutoModelForSeq2SeqLM", seq2seq=True),
     Arch("bart", "bart", dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
          decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24, vocab_size=100,
          max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
-         auto="AutoModelForSeq2SeqLM", seq2seq=True),  # fmt: skip
+         auto="AutoModelForSeq2SeqLM", seq2seq=True),
     Arch("gpt2", "gpt2", dict(n_embd=32, n_layer=1, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
-         eos_token_id=0)),  # fmt: skip
+         eos_token_id=0)),
 ]
+# fmt: on
 
 
 def randomize_lora(model: torch.nn.Module, seed: int) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Rename", "FusedExperts", "Layout", "LAYOUTS", "layout_for", "parse_rename", "to_disk_path", "disk_tensor_names",
+    "inverse", "to_memory_path", "is_expert_tensor",
 ]  # fmt: skip
 
 
@@ -101,12 +102,13 @@ def layout_for(config: dict | None) -> tuple[str | None, Layout]:
 def to_disk_path(path: str, renames: tuple[Rename, ...]) -> tuple[str, list[Rename]]:
     """Apply every matching rename in order; returns the new path and the rules that fired."""
     fired = []
+    path += "."  # so `^model\.visual\.` also renames the module `model.visual` itself
     for rule in renames:
         renamed = rule.apply(path)
         if renamed is not None:
             path = renamed
             fired.append(rule)
-    return path, fired
+    return path[:-1], fired
 
 
 def parse_rename(text: str) -> Rename:
@@ -141,3 +143,35 @@ def disk_tensor_names(memory_name: str, layout: Layout, experts: int) -> list[st
     if not spec.parts:
         return [f"{disk_module}.{leaf}"]
     return [f"{disk_module}.{e}.{part}.weight" for e in range(experts) for part in spec.parts]
+
+
+def _literal(pattern: str) -> tuple[str, bool, bool]:
+    """A rename's regex as (literal text, anchored at the start, ends at a word boundary)."""
+    anchored, bounded = pattern.startswith("^"), pattern.endswith(r"\b")
+    core = pattern[int(anchored) : len(pattern) - 2 * bounded]
+    return re.sub(r"\\(.)", r"\1", core), anchored, bounded
+
+
+def inverse(rule: Rename) -> Rename:
+    """The on-disk → in-memory rule of a table rename (the table's regexes are literals, maybe anchored)."""
+    memory, anchored, bounded = _literal(rule.memory)
+    return Rename(("^" if anchored else "") + re.escape(rule.disk) + (r"\b" if bounded else ""), memory)
+
+
+def to_memory_path(path: str, layout: Layout) -> str:
+    """An on-disk module path as the model names it in memory (what PEFT adapters must say)."""
+    for rule in reversed(layout.renames):  # the forward rules touch disjoint prefixes: one inverse applies
+        renamed = inverse(rule).apply(path + ".")
+        if renamed is not None:
+            return renamed[:-1]
+    return path
+
+
+def is_expert_tensor(disk_name: str, layout: Layout) -> bool:
+    """A per-expert (or fused) expert weight on disk, which transformers fuses in memory."""
+    for spec in layout.experts:
+        if spec.parts and re.search(rf"\.experts\.\d+\.({'|'.join(map(re.escape, spec.parts))})\.weight$", disk_name):
+            return True
+        if not spec.parts and disk_name.endswith(f".experts.{spec.param}"):
+            return True
+    return False
