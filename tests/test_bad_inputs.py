@@ -125,12 +125,13 @@ def test_index_names_are_judged_by_name(plain, tmp_path, bad):
 def test_index_shard_symlinked_elsewhere_is_read(plain, tmp_path):
     base, adapter = plain
     _shard(base, tmp_path)
-    shutil.move(base / "model-00001-of-00002.safetensors", tmp_path / "elsewhere.safetensors")
-    (base / "model-00001-of-00002.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    (tmp_path / "store").mkdir()
+    shutil.move(base / "model-00001-of-00002.safetensors", tmp_path / "store" / "elsewhere.safetensors")
+    (base / "model-00001-of-00002.safetensors").symlink_to(tmp_path / "store" / "elsewhere.safetensors")
     result = merge(base, adapter, tmp_path)
     assert result.exit_code == 0, result.stderr
     assert len(load_file(tmp_path / "out" / "model.safetensors")) == len(
-        load_file(tmp_path / "elsewhere.safetensors")
+        load_file(tmp_path / "store" / "elsewhere.safetensors")
     ) + len(load_file(base / "model-00002-of-00002.safetensors"))
 
 

@@ -285,7 +285,7 @@ def test_peft_kohya_peft_round_trip_is_exact(tmp_path):
         lora_tools.merge(FIXTURE_BASE, [adapter], tmp_path / f"merged-{adapter.name}", device="cpu")
     reference = (tmp_path / "merged-tiny-llama-lora" / "model.safetensors").read_bytes()
     assert (tmp_path / "merged-peft" / "model.safetensors").read_bytes() == reference
-    assert (tmp_path / "merged-kohya.safetensors" / "model.safetensors").read_bytes() == reference
+    assert (tmp_path / "merged-kohya.safetensors").read_bytes() == reference  # a .safetensors OUT is one file
 
 
 def test_bake_alpha_keeps_delta(tmp_path):

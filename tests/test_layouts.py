@@ -273,3 +273,14 @@ def test_force_replaces_an_existing_out_once_the_new_one_is_complete(tmp_path):
     lora_tools.merge(FIXTURE_BASE, [FIXTURE_ADAPTER], tmp_path / "half", weights=[0.5], device="cpu")
     assert weight_bytes(out) == weight_bytes(tmp_path / "half") != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "out"]
+
+
+def test_a_pipeline_cannot_become_one_file(tmp_path):
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "text_encoder").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (pipeline / "text_encoder" / "model.safetensors").write_bytes((FIXTURE_BASE / "model.safetensors").read_bytes())
+    result = run_cli(["merge", pipeline, FIXTURE_ADAPTER, "-o", tmp_path / "out.safetensors", "-q"])
+    assert result.exit_code == 2, result.stderr
+    assert "a pipeline has several components (text_encoder); give a folder as --output" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
