@@ -442,7 +442,8 @@ class _Writing:
             for task in tasks:
                 if _needs_compute(task, base):
                     info = base.tensors[task.source]
-                    in_place = task.out_dtype == task.in_dtype and info.offset is not None
+                    same_bytes = task.out_dtype == task.in_dtype and tuple(info.shape) == tuple(task.shape)
+                    in_place = same_bytes and info.offset is not None  # base bytes copied, then updated in place
                     copied = self.copier.submit(writer.copy_from, task.name, info, final=False) if in_place else None
                     job.computed.append((task, copied))
             for task in tasks:
