@@ -71,11 +71,18 @@ class LayoutTargets:
 
             def add(component: str | None, name: str, link: Link) -> None:
                 for spelling in _spellings(name):
-                    index.setdefault(spelling, {}).setdefault(_DENOISER.get(component, component), []).append(link)
+                    links = index.setdefault(spelling, {}).setdefault(_DENOISER.get(component, component), [])
+                    if link not in links:
+                        links.append(link)
 
+            originals = {}
             for link in self.layout.links if self.layout else ():
                 for name in [link.diffusers] if self.original_side else self._original_names(link):
                     add(link.component, name, link)
+                originals[link.original] = link
+            for original, link in originals.items() if self.original_side else ():  # the file's own names
+                for name in self._original_names(link):
+                    add(link.component, name, Link(link.component, original, name))
             for component, prefix in self.layout.prefixes if self.original_side else ():
                 for key in self.base:  # names the file keeps as they are, under a prefix
                     if key.startswith(prefix) and key.endswith(".weight"):
@@ -92,7 +99,10 @@ class LayoutTargets:
     def _original_names(self, link: Link) -> list[str]:
         """An original module's name with and without the single file's prefix (adapters use either)."""
         names = [link.original]
-        if link.original.startswith(UNET_PREFIX):
+        for _, prefix in self.layout.prefixes:
+            if prefix and link.original.startswith(prefix):
+                names.append(link.original[len(prefix) :])
+        if len(names) == 1 and link.original.startswith(UNET_PREFIX):
             names.append(link.original[len(UNET_PREFIX) :])
         return names
 
