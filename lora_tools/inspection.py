@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .adapter import Adapter, is_adapter, read_adapter
 from .checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
+from .layouts.diffusion import describe_layout
 from .plan import HEAD_NAME, Targets, compatibility_problems, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
@@ -76,6 +77,7 @@ class CheckpointReport:
     lm_head: str
     metadata: dict[str, str]
     kind: str = field(default="checkpoint")
+    layout: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +94,9 @@ def _adapter_report(adapter: Adapter, base_path: str | None, components: dict | 
         name = module.name
         checkpoint = part(module.component) if components else None
         if checkpoint is not None:
-            name = Targets(with_tied_head(checkpoint.tensors, checkpoint.config)).find(module) or module.name
+            targets = Targets(with_tied_head(checkpoint.tensors, checkpoint.config))
+            located = targets.located(module)
+            name = located.describe() if located is not None else targets.find(module) or module.name
         modules.append(
             ModuleReport(
                 name=name,
@@ -172,6 +176,7 @@ def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
         architecture=architectures[0] if isinstance(architectures, list) else str(architectures),
         lm_head=head,
         metadata=dict(checkpoint.metadata),
+        layout=describe_layout(checkpoint.tensors),
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-__all__ = ["Link", "Layout", "detect_layout", "block_rows", "RULES"]
+__all__ = ["Link", "Layout", "detect_layout", "describe_layout", "block_rows", "RULES"]
 
 #: how a fused module's rows divide into blocks, from its (rows, columns).
 RULES: dict[str, Callable[[int, int], list[int]]] = {
@@ -335,3 +335,11 @@ def detect_layout(names: Collection[str]) -> Layout | None:
         layers = _count(names, "text_model.encoder.layers.{}.")
         return Layout("CLIP text encoder (diffusers)", "diffusers", tuple(open_clip_links("", layers, "text_encoder")))
     return None
+
+
+def describe_layout(names: Collection[str]) -> str | None:
+    """What `inspect` says a diffusion checkpoint is: "SDXL single file", "Flux (diffusers)", …"""
+    layout = detect_layout(names)
+    if layout is None:
+        return None
+    return f"{layout.family} single file" if layout.side == "original" else layout.family
