@@ -86,3 +86,14 @@ def diffusers_to_original(state: dict, links) -> dict:
     missing = sorted(set(state) - used)
     assert not missing, f"no link for {missing[:5]}"
     return out
+
+
+def sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(4)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()  # fmt: skip

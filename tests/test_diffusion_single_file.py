@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from conftest import load_state
-from diffusion_models import clip_l, diffusers_to_original, flux_transformer, sd1_unet, sdxl_unet
+from diffusion_models import clip_l, diffusers_to_original, flux_transformer, sd1_unet, sd3_transformer, sdxl_unet
 from safetensors.torch import save_file
 
 import lora_tools
@@ -370,3 +370,56 @@ def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
     for key in ours:
         assert torch.equal(ours[key], expected[key]), key
     assert report.tensors_changed == 4
+
+
+# --- SD3 -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3")
+    model = sd3_transformer()
+    state = model.state_dict()
+    weights = {k: v for k, v in state.items() if k != "pos_embed.pos_embed"}  # a buffer, not a module weight
+    single = diffusers_to_original(weights, detect_layout(set(state)).links) | {"pos_embed": state["pos_embed.pos_embed"]}
+    save_file(single, root / "sd3-tiny.safetensors")
+    model.save_pretrained(root / "transformer")
+    return root, model, state, single
+
+
+def test_sd3_tables_invert_diffusers_conversion(sd3):
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    _, _, state, single = sd3
+    assert detect_layout(set(single)).family == "SD3"
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(single))
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_sd3_loras_both_ways(sd3, tmp_path):
+    """diffusers-named LoRA into the single file, original-named (fused qkv) kohya LoRA into the folder: each
+    equals the other layout's merge, mapped, bit for bit."""
+    root, _, state, single = sd3
+    links = detect_layout(set(state)).links
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn2.to_k", "transformer_blocks.1.norm1_context.linear", "norm_out.linear",
+             "transformer_blocks.1.ff.net.2"]  # fmt: skip
+    loras = _lora_tensors({n: tuple(state[f"{n}.weight"].shape) for n in names}, seed=21)
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+    save_file(tensors, tmp_path / "diffusers.safetensors")
+    originals = ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.1.context_block.attn.qkv",
+                 "joint_blocks.0.x_block.attn2.qkv", "joint_blocks.1.context_block.adaLN_modulation.1"]  # fmt: skip
+    kohya = _write_kohya(tmp_path / "kohya.safetensors", _lora_tensors({n: tuple(single[f"{n}.weight"].shape) for n in originals}, 22), "lora_unet")  # fmt: skip
+    for adapter in (tmp_path / "diffusers.safetensors", kohya):
+        lora_tools.merge(root / "sd3-tiny.safetensors", [adapter], tmp_path / f"{adapter.stem}-out.safetensors", device="cpu")
+        lora_tools.merge(root / "transformer", [adapter], tmp_path / f"{adapter.stem}-folder", device="cpu")
+        folder = load_state(tmp_path / f"{adapter.stem}-folder")
+        expected = diffusers_to_original({k: v for k, v in folder.items() if k != "pos_embed.pos_embed"}, links)
+        ours = load_state(tmp_path / f"{adapter.stem}-out.safetensors")
+        changed = [k for k in ours if not torch.equal(ours[k], single[k])]
+        assert len(changed) >= 4, adapter
+        for key, value in expected.items():
+            assert torch.equal(ours[key], value), (adapter.stem, key)
