@@ -44,6 +44,7 @@ class TensorChange:
     tensor: str
     terms: list[dict]
     max_abs_delta: float | None = None
+    rounding_error: float | None = None  # float8 outputs: max |stored − exact| the cast back added
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,9 @@ class _Writing:
                         )
                     if task.changed:
                         self.changes.append(
-                            TensorChange(qualified, _describe(task, self.adapters), result.max_abs_delta)
+                            TensorChange(
+                                qualified, _describe(task, self.adapters), result.max_abs_delta, result.rounding_error
+                            )
                         )
                     if result.dora_norm is not None and not self.unmerge:
                         self.norms[qualified] = result.dora_norm

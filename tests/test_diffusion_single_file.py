@@ -423,3 +423,57 @@ def test_sd3_loras_both_ways(sd3, tmp_path):
         assert len(changed) >= 4, adapter
         for key, value in expected.items():
             assert torch.equal(ours[key], value), (adapter.stem, key)
+
+
+# --- FP8 single files -------------------------------------------------------------------------------
+
+
+def test_fp8_single_file_merges_in_fp32_and_casts_back(flux, tmp_path):
+    """merged = cast(fp32 W + ΔW) in the file's float8 format, untouched tensors byte-identical, rounding reported."""
+    from safetensors import safe_open
+
+    root, _, state, single = flux
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in single.items()}
+    save_file(fp8, tmp_path / "flux-fp8.safetensors")
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    loras = _lora_tensors({"transformer_blocks.0.attn.to_v": (d, d), "x_embedder": tuple(state["x_embedder.weight"].shape)}, 31)  # fmt: skip
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+    save_file(tensors, tmp_path / "lora.safetensors")
+    report = lora_tools.merge(tmp_path / "flux-fp8.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors", device="cpu")  # fmt: skip
+    ours = load_state(tmp_path / "out.safetensors")
+    qkv = fp8["double_blocks.0.img_attn.qkv.weight"].float()
+    qkv[2 * d :] += loras["transformer_blocks.0.attn.to_v"][1] @ loras["transformer_blocks.0.attn.to_v"][0]
+    down, up = loras["x_embedder"]
+    exact = {"double_blocks.0.img_attn.qkv.weight": qkv, "img_in.weight": fp8["img_in.weight"].float() + up @ down}
+    for key, value in exact.items():
+        assert ours[key].dtype == torch.float8_e4m3fn
+        assert torch.equal(ours[key].view(torch.uint8), value.to(torch.float8_e4m3fn).view(torch.uint8)), key
+    errors = {change.tensor: change.rounding_error for change in report.changes}
+    for key, value in exact.items():
+        assert errors[key] == pytest.approx(float((ours[key].float() - value).abs().max()), rel=0, abs=0), key
+    with safe_open(tmp_path / "out.safetensors", "pt") as out, safe_open(tmp_path / "flux-fp8.safetensors", "pt") as base:
+        for key in set(fp8) - set(exact):
+            assert out.get_slice(key).get_dtype() == base.get_slice(key).get_dtype()
+            assert torch.equal(out.get_tensor(key).view(torch.uint8), base.get_tensor(key).view(torch.uint8)), key
+    lora_tools.merge(tmp_path / "flux-fp8.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "bf16.safetensors", device="cpu", dtype="bf16")  # fmt: skip
+    plain = load_state(tmp_path / "bf16.safetensors")
+    assert {v.dtype for v in plain.values()} == {torch.bfloat16}
+    assert torch.equal(plain["img_in.weight"], exact["img_in.weight"].to(torch.bfloat16))
+
+
+def test_scaled_fp8_weight_is_refused_and_nothing_written(flux, tmp_path):
+    from conftest import run_cli
+
+    root, _, state, single = flux
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in single.items()}
+    fp8["img_in.scale_weight"] = torch.tensor(0.5)
+    save_file(fp8, tmp_path / "scaled.safetensors")
+    down, up = _lora_tensors({"x_embedder": tuple(state["x_embedder.weight"].shape)}, 2)["x_embedder"]
+    save_file({"transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up}, tmp_path / "l.safetensors")  # fmt: skip
+    result = run_cli(["merge", str(tmp_path / "scaled.safetensors"), str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "out.safetensors")])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "img_in.scale_weight" in result.stderr and "scaled float8" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "scaled.safetensors"]
