@@ -235,8 +235,10 @@ def compute_task(
     """
     device = workspace.device
     plain = not task.replacements and base.dim() >= 2
-    plain = plain and not is_fp8(destination) and all(
-        not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms
+    plain = (
+        plain
+        and not is_fp8(destination)
+        and all(not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms)
     )
     if plain and task.terms and device.type == "cpu":
         return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from .adapter import Adapter, LoraModule, Replacement
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .fp8 import fp8_problems, mergeable_dtype
-from .relayout import Located, LayoutTargets, Piece, located_problems
+from .relayout import LayoutTargets, Located, Piece, located_problems
 from .safetensors_io import DTYPE_SIZES, TensorInfo
 
 __all__ = [

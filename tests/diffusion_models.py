@@ -65,7 +65,7 @@ def diffusers_to_original(state: dict, links) -> dict:
     for link in links:
         by_original.setdefault(link.original, []).append(link)
     out, used = {}, set()
-    for original, group in by_original.items():
+    for group in by_original.values():
         for leaf, name in (("weight", group[0].original_weight), ("bias", group[0].original_bias)):
             parts = [(link, state.get(f"{link.diffusers}.{leaf}")) for link in group]
             if any(value is None for _, value in parts):

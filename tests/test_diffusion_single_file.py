@@ -191,7 +191,9 @@ def _write_kohya(path, loras: dict, prefix: str, rename=lambda n: n):
     tensors = {}
     for name, (down, up) in loras.items():
         key = f"{prefix}_{rename(name).replace('.', '_')}"
-        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+        tensors.update(
+            {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)}
+        )
     save_file(tensors, path)
     return path
 
@@ -331,7 +333,9 @@ def test_flux_bfl_named_kohya_qkv_lora_into_diffusers_folder(flux, tmp_path):
     down, up = loras["double_blocks.0.img_attn.qkv"]
     for third, proj in enumerate(("to_q", "to_k", "to_v")):
         w = state[f"transformer_blocks.0.attn.{proj}.weight"]
-        assert torch.equal(merged[f"transformer_blocks.0.attn.{proj}.weight"], w + (up[third * d : (third + 1) * d] @ down) * 0.5)
+        assert torch.equal(
+            merged[f"transformer_blocks.0.attn.{proj}.weight"], w + (up[third * d : (third + 1) * d] @ down) * 0.5
+        )
     down, up = loras["single_blocks.0.linear1"]
     mlp = state["single_transformer_blocks.0.proj_mlp.weight"]
     assert torch.equal(merged["single_transformer_blocks.0.proj_mlp.weight"], mlp + (up[3 * d :] @ down) * 0.5)
@@ -353,7 +357,9 @@ def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
     diffs = {
         "lora_transformer_transformer_blocks_0_attn_to_k.diff": torch.randn(d, d, generator=g),
         "lora_transformer_transformer_blocks_0_attn_to_k.diff_b": torch.randn(d, generator=g),
-        "lora_unet_single_blocks_0_norm_query_norm.diff": torch.randn(state["single_transformer_blocks.0.attn.norm_q.weight"].shape, generator=g),  # fmt: skip
+        "lora_unet_single_blocks_0_norm_query_norm.diff": torch.randn(
+            state["single_transformer_blocks.0.attn.norm_q.weight"].shape, generator=g
+        ),  # fmt: skip
         "lora_unet_final_layer_linear.diff_b": torch.randn(state["proj_out.bias"].shape, generator=g),
     }
     adapter = tmp_path / "full.safetensors"
@@ -362,11 +368,17 @@ def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
     ours = load_state(tmp_path / "out.safetensors")
     expected = dict(single)
     expected["double_blocks.0.img_attn.qkv.weight"] = single["double_blocks.0.img_attn.qkv.weight"].clone()
-    expected["double_blocks.0.img_attn.qkv.weight"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff"]
+    expected["double_blocks.0.img_attn.qkv.weight"][d : 2 * d] += diffs[
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff"
+    ]
     expected["double_blocks.0.img_attn.qkv.bias"] = single["double_blocks.0.img_attn.qkv.bias"].clone()
-    expected["double_blocks.0.img_attn.qkv.bias"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff_b"]
+    expected["double_blocks.0.img_attn.qkv.bias"][d : 2 * d] += diffs[
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff_b"
+    ]
     expected["single_blocks.0.norm.query_norm.scale"] = single["single_blocks.0.norm.query_norm.scale"] + diffs["lora_unet_single_blocks_0_norm_query_norm.diff"]  # fmt: skip
-    expected["final_layer.linear.bias"] = single["final_layer.linear.bias"] + diffs["lora_unet_final_layer_linear.diff_b"]
+    expected["final_layer.linear.bias"] = (
+        single["final_layer.linear.bias"] + diffs["lora_unet_final_layer_linear.diff_b"]
+    )
     for key in ours:
         assert torch.equal(ours[key], expected[key]), key
     assert report.tensors_changed == 4
@@ -381,7 +393,9 @@ def sd3(tmp_path_factory):
     model = sd3_transformer()
     state = model.state_dict()
     weights = {k: v for k, v in state.items() if k != "pos_embed.pos_embed"}  # a buffer, not a module weight
-    single = diffusers_to_original(weights, detect_layout(set(state)).links) | {"pos_embed": state["pos_embed.pos_embed"]}
+    single = diffusers_to_original(weights, detect_layout(set(state)).links) | {
+        "pos_embed": state["pos_embed.pos_embed"]
+    }
     save_file(single, root / "sd3-tiny.safetensors")
     model.save_pretrained(root / "transformer")
     return root, model, state, single
@@ -414,7 +428,9 @@ def test_sd3_loras_both_ways(sd3, tmp_path):
                  "joint_blocks.0.x_block.attn2.qkv", "joint_blocks.1.context_block.adaLN_modulation.1"]  # fmt: skip
     kohya = _write_kohya(tmp_path / "kohya.safetensors", _lora_tensors({n: tuple(single[f"{n}.weight"].shape) for n in originals}, 22), "lora_unet")  # fmt: skip
     for adapter in (tmp_path / "diffusers.safetensors", kohya):
-        lora_tools.merge(root / "sd3-tiny.safetensors", [adapter], tmp_path / f"{adapter.stem}-out.safetensors", device="cpu")
+        lora_tools.merge(
+            root / "sd3-tiny.safetensors", [adapter], tmp_path / f"{adapter.stem}-out.safetensors", device="cpu"
+        )
         lora_tools.merge(root / "transformer", [adapter], tmp_path / f"{adapter.stem}-folder", device="cpu")
         folder = load_state(tmp_path / f"{adapter.stem}-folder")
         expected = diffusers_to_original({k: v for k, v in folder.items() if k != "pos_embed.pos_embed"}, links)
@@ -453,7 +469,10 @@ def test_fp8_single_file_merges_in_fp32_and_casts_back(flux, tmp_path):
     errors = {change.tensor: change.rounding_error for change in report.changes}
     for key, value in exact.items():
         assert errors[key] == pytest.approx(float((ours[key].float() - value).abs().max()), rel=0, abs=0), key
-    with safe_open(tmp_path / "out.safetensors", "pt") as out, safe_open(tmp_path / "flux-fp8.safetensors", "pt") as base:
+    with (
+        safe_open(tmp_path / "out.safetensors", "pt") as out,
+        safe_open(tmp_path / "flux-fp8.safetensors", "pt") as base,
+    ):
         for key in set(fp8) - set(exact):
             assert out.get_slice(key).get_dtype() == base.get_slice(key).get_dtype()
             assert torch.equal(out.get_tensor(key).view(torch.uint8), base.get_tensor(key).view(torch.uint8)), key

@@ -176,7 +176,9 @@ def _unet_pairs(shape: UnetShape) -> list[tuple[str, str, str]]:
                 pairs.append((f"output_blocks.{per * i + j}.1", f"up_blocks.{i}.attentions.{j}", "attention"))
         if i < blocks - 1:
             slot = 2 if shape.up_attention[i] else 1
-            pairs.append((f"output_blocks.{per * i + per - 1}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv", "module"))
+            pairs.append(
+                (f"output_blocks.{per * i + per - 1}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv", "module")
+            )
     pairs += [("middle_block.0", "mid_block.resnets.0", "resnet"), ("middle_block.2", "mid_block.resnets.1", "resnet")]
     pairs.append(("middle_block.1", "mid_block.attentions.0", "attention"))
     return pairs
@@ -275,7 +277,9 @@ def flux_links(double: int, single: int, prefix: str = "", component: str = "tra
     for i in range(single):
         original, diffusers = f"{prefix}single_blocks.{i}.", f"single_transformer_blocks.{i}."
         links += [Link(component, original + a, diffusers + b) for a, b in _FLUX_SINGLE]
-        links += [Link(component, f"{original}linear1", diffusers + p, (k, "qkv_mlp")) for k, p in enumerate(_FLUX_LINEAR1)]
+        links += [
+            Link(component, f"{original}linear1", diffusers + p, (k, "qkv_mlp")) for k, p in enumerate(_FLUX_LINEAR1)
+        ]
     return links
 
 
