@@ -47,11 +47,12 @@ class Located:
         return self.parts[0][0][: -len(".weight")]
 
     def describe(self) -> str:
-        """The base tensors (and rows) the module lands in, e.g. `img_attn.qkv.weight[0:3072]`."""
+        """The base modules (and rows) the module lands in, e.g. `double_blocks.0.img_attn.qkv[0:3072]`."""
         if self.whole is not None:
             return self.whole
         return " + ".join(
-            weight + (f"[{piece.target_rows[0]}:{piece.target_rows[1]}]" if piece and piece.target_rows else "")
+            weight.removesuffix(".weight")
+            + (f"[{piece.target_rows[0]}:{piece.target_rows[1]}]" if piece and piece.target_rows else "")
             for weight, _, piece in self.parts
         )
 
