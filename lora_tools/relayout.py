@@ -89,6 +89,8 @@ class LayoutTargets:
             for link in self.layout.links if self.layout else ():
                 for name in [link.diffusers] if self.original_side else self._original_names(link):
                     add(link.component, name, link)
+                    if self.original_side and name.startswith("text_model."):  # transformers 5 drops it in memory
+                        add(link.component, name[len("text_model.") :], link)
                 originals[link.original] = link
             for original, link in originals.items() if self.original_side else ():  # the file's own names
                 for name in self._original_names(link):

@@ -43,6 +43,16 @@ def clip_l():
     return CLIPTextModel(config).eval()
 
 
+def open_clip_g():
+    """The CLIPTextModelWithProjection diffusers uses for SDXL's OpenCLIP bigG encoder, tiny."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(5)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=100, max_position_embeddings=32, projection_dim=32)  # fmt: skip
+    return CLIPTextModelWithProjection(config).eval()
+
+
 def flux_transformer():
     from diffusers import FluxTransformer2DModel
 

@@ -13,13 +13,22 @@ import json
 import pytest
 import torch
 from conftest import load_state
-from diffusion_models import clip_l, diffusers_to_original, flux_transformer, sd1_unet, sd3_transformer, sdxl_unet
+from diffusion_models import (
+    clip_l,
+    diffusers_to_original,
+    flux_transformer,
+    open_clip_g,
+    sd1_unet,
+    sd3_transformer,
+    sdxl_unet,
+)
 from safetensors.torch import save_file
 
 import lora_tools
-from lora_tools.layouts.diffusion import block_rows, detect_layout
+from lora_tools.layouts.diffusion import block_rows, detect_layout, open_clip_links
 
 R = 4
+OPEN_CLIP = "conditioner.embedders.1.model."
 
 
 # --- LyCORIS-built adapters on convs (LoHa / LoKr DoRA crash) -------------------------------------------
@@ -140,6 +149,15 @@ def _sd_single(root, build, *, with_text_encoder: bool, prefix: str):
         text.save_pretrained(root / "folder" / "text_encoder")
         encoder = load_state(root / "folder" / "text_encoder")
         single.update({f"{prefix}{_text_model(k)}": v for k, v in encoder.items()})
+    if build is sdxl_unet:  # OpenCLIP bigG as conditioner.embedders.1: fused in_proj, transposed projection
+        open_clip_g().save_pretrained(root / "folder" / "text_encoder_2")
+        encoder = load_state(root / "folder" / "text_encoder_2")
+        extras = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_projection.weight": "text_projection"}  # fmt: skip
+        layers = {k: v for k, v in encoder.items() if k not in extras}
+        single.update(diffusers_to_original(layers, open_clip_links(OPEN_CLIP, 2, "text_encoder_2")))
+        single[OPEN_CLIP + "positional_embedding"] = encoder["text_model.embeddings.position_embedding.weight"]
+        single[OPEN_CLIP + "text_projection"] = encoder["text_projection.weight"].T.contiguous()
     (root / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     save_file(single, root / "model.safetensors")
     return unet, text, single
@@ -171,6 +189,20 @@ def test_sd_single_file_tables_invert_diffusers_conversion(sd_single):
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
+def test_open_clip_tables_invert_diffusers_conversion(sd_single):
+    """SDXL's OpenCLIP encoder: diffusers' convert_open_clip_checkpoint gives back the transformers weights."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    family, root, _, _, single, _ = sd_single
+    if family != "SDXL":
+        pytest.skip("OpenCLIP is SDXL's second encoder (SD 2.x's only one)")
+    model = open_clip_g()
+    back = convert_open_clip_checkpoint(model, single, prefix=OPEN_CLIP)
+    state = load_state(root / "folder" / "text_encoder_2")
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
 def _lora_tensors(targets: dict[str, tuple[int, ...]], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -198,10 +230,13 @@ def _write_kohya(path, loras: dict, prefix: str, rename=lambda n: n):
     return path
 
 
-def _sd_adapters(tmp_path, loras: dict, te_loras: dict, oracle: dict, te_prefix: str) -> dict:
-    """The same LoRA in three namings: kohya from diffusers paths, kohya from single-file paths, diffusers."""
+def _sd_adapters(tmp_path, loras: dict, encoders: dict, oracle: dict) -> dict:
+    """The same LoRA in three namings: kohya from diffusers paths, kohya from single-file paths, diffusers.
+
+    `encoders` maps (component, kohya prefix) → that text encoder's LoRAs.
+    """
     tensors = {}
-    for component, group in (("unet", loras), ("text_encoder", te_loras)):
+    for component, group in (("unet", loras), *((c, g) for (c, _), g in encoders.items())):
         for name, (down, up) in group.items():
             tensors.update({f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up,
                             f"{component}.{name}.alpha": torch.tensor(2.0)})  # fmt: skip
@@ -209,31 +244,45 @@ def _sd_adapters(tmp_path, loras: dict, te_loras: dict, oracle: dict, te_prefix:
     paths = {"diffusers": tmp_path / "diffusers.safetensors"}
     original = lambda n: oracle[f"{n}.weight"].removeprefix("model.diffusion_model.")[: -len(".weight")]  # noqa: E731
     for naming, rename in (("kohya-diffusers", lambda n: n), ("kohya-original", original)):
-        unet = load_state(_write_kohya(tmp_path / "unet.safetensors", loras, "lora_unet", rename))
-        te = load_state(_write_kohya(tmp_path / "te.safetensors", te_loras, te_prefix))
+        merged = load_state(_write_kohya(tmp_path / "unet.safetensors", loras, "lora_unet", rename))
+        for (_, kohya), group in encoders.items():
+            merged |= load_state(_write_kohya(tmp_path / "te.safetensors", group, kohya))
         paths[naming] = tmp_path / f"{naming}.safetensors"
-        save_file({**unet, **te}, paths[naming])
+        save_file(merged, paths[naming])
     return paths
 
 
 def test_sd_lora_into_single_file_equals_folder_merge(sd_single, tmp_path):
-    """kohya (either naming) and diffusers LoRAs into the single file = the folder merge, mapped, bit for bit."""
+    """kohya (either naming) and diffusers LoRAs into the single file = the folder merge, mapped, bit for bit
+    (UNet, the embedded CLIP, and for SDXL the OpenCLIP encoder whose q/k/v share one in_proj_weight)."""
     family, root, unet, text, single, prefix = sd_single
     state = unet.state_dict()
     loras = _lora_tensors(_unet_targets(state), seed=3)
-    te_loras = _lora_tensors({"text_model.encoder.layers.0.self_attn.q_proj": (32, 32), "text_model.encoder.layers.1.mlp.fc2": (32, 64)}, 4)  # fmt: skip
+    layer = "text_model.encoder.layers"
+    encoders = {("text_encoder", "lora_te" if family == "SD 1.x" else "lora_te1"): _lora_tensors({f"{layer}.0.self_attn.q_proj": (32, 32), f"{layer}.1.mlp.fc2": (32, 64)}, 4)}  # fmt: skip
+    if family == "SDXL":
+        names = ("0.self_attn.q_proj", "0.self_attn.v_proj", "1.self_attn.out_proj", "1.mlp.fc1")
+        shapes = {f"{layer}.{n}": (64, 32) if n.endswith("fc1") else (32, 32) for n in names}
+        encoders[("text_encoder_2", "lora_te2")] = _lora_tensors(shapes, 6)
     oracle = _unet_oracle_names(unet, single)
-    adapters = _sd_adapters(tmp_path, loras, te_loras, oracle, "lora_te" if family == "SD 1.x" else "lora_te1")
+    adapters = _sd_adapters(tmp_path, loras, encoders, oracle)
     # the folder takes the single-file-named kohya LoRA too
     lora_tools.merge(root / "folder", [adapters["kohya-original"]], tmp_path / "folder-out", device="cpu")
     folder_unet = load_state(tmp_path / "folder-out" / "unet")
     folder_text = load_state(tmp_path / "folder-out" / "text_encoder")
     expected = {oracle[k]: v for k, v in folder_unet.items()}
     expected |= {f"{prefix}{_text_model(k)}": v for k, v in folder_text.items()}
+    changed = len(loras) + 2
+    if family == "SDXL":
+        folder_open_clip = load_state(tmp_path / "folder-out" / "text_encoder_2")
+        layers = {k: v for k, v in folder_open_clip.items() if "position_embedding" not in k and "projection" not in k}
+        expected |= diffusers_to_original(layers, open_clip_links(OPEN_CLIP, 2, "text_encoder_2"))
+        expected |= {k: single[k] for k in (OPEN_CLIP + "positional_embedding", OPEN_CLIP + "text_projection")}
+        changed += 3  # q and v land in one in_proj_weight
     for naming, adapter in adapters.items():
         output = tmp_path / f"{naming}-out.safetensors"
         report = lora_tools.merge(root / "model.safetensors", [adapter], output, device="cpu")
-        assert report.tensors_changed == len(loras) + len(te_loras), naming
+        assert report.tensors_changed == changed, naming
         ours = load_state(output)
         assert set(ours) == set(single)
         for key, value in ours.items():

@@ -220,7 +220,8 @@ def open_clip_links(prefix: str, layers: int, component: str) -> list[Link]:
             links.append(Link(component, f"{original}attn.in_proj", f"{diffusers}self_attn.{proj}", (index, "thirds")))
         links += [Link(component, f"{original}{a}", f"{diffusers}{b}") for a, b in _OPEN_CLIP_LAYER]
     links.append(Link(component, f"{prefix}ln_final", "text_model.final_layer_norm"))
-    return links
+    links.append(Link(component, f"{prefix}token_embedding", "text_model.embeddings.token_embedding"))
+    return links  # positional_embedding and the transposed text_projection are no LoRA targets
 
 
 def _swapped(component: str, original: str, diffusers: str) -> list[Link]:
