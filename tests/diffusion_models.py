@@ -37,7 +37,7 @@ def sdxl_unet():
 def clip_l():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(2)
+    torch.manual_seed(1)
     config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             vocab_size=100, max_position_embeddings=32, projection_dim=32)  # fmt: skip
     return CLIPTextModel(config).eval()
