@@ -289,6 +289,33 @@ def test_sd_lora_into_single_file_equals_folder_merge(sd_single, tmp_path):
             assert torch.equal(value, expected[key]), (naming, key)
 
 
+def test_diffusers_from_single_file_on_our_output_equals_its_own_lora_fuse(sd_single, tmp_path):
+    """diffusers loads our merged single file; its output equals diffusers' own load_lora_adapter + fuse_lora."""
+    from diffusers import UNet2DConditionModel
+
+    family, root, unet, _, _, _ = sd_single
+    loras = _lora_tensors(_unet_targets(unet.state_dict()), seed=8)
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors.update({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up})
+    save_file(tensors, tmp_path / "lora.safetensors")
+    lora_tools.merge(root / "model.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors", device="cpu")  # fmt: skip
+    ours = UNet2DConditionModel.from_single_file(str(tmp_path / "out.safetensors"), config=str(root / "folder"), subfolder="unet")  # fmt: skip
+    theirs = UNet2DConditionModel.from_pretrained(root / "folder" / "unet")
+    theirs.load_lora_adapter({k.removeprefix("unet."): v for k, v in tensors.items()}, adapter_name="lora", prefix=None)
+    theirs.fuse_lora(lora_scale=1.0)
+    torch.manual_seed(0)
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    extra = {}
+    if family == "SDXL":
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}}
+    with torch.no_grad():
+        expected = theirs(sample, 3, context, **extra).sample
+        found = ours(sample, 3, context, **extra).sample
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+    assert (found - UNet2DConditionModel.from_pretrained(root / "folder" / "unet")(sample, 3, context, **extra).sample).abs().max() > 1e-3  # fmt: skip
+
+
 # --- Flux: BFL single files and fused projections ---------------------------------------------------------
 
 
