@@ -572,3 +572,19 @@ def test_scaled_fp8_weight_is_refused_and_nothing_written(flux, tmp_path):
     assert "img_in.scale_weight" in result.stderr and "scaled float8" in result.stderr
     assert not (tmp_path / "out.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "scaled.safetensors"]
+
+
+def test_dora_across_a_fused_projection_is_refused_and_nothing_written(flux, tmp_path):
+    from conftest import run_cli
+
+    root, _, state, _ = flux
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    down, up = _lora_tensors({"q": (d, d)}, 3)["q"]
+    name = "lora_transformer_transformer_blocks_0_attn_to_q"
+    tensors = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.dora_scale": torch.ones(d, 1)}
+    save_file(tensors, tmp_path / "dora.safetensors")
+    output = tmp_path / "out.safetensors"
+    result = run_cli(["merge", str(root / "flux1-tiny.safetensors"), str(tmp_path / "dora.safetensors"), "-o", str(output)])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "DoRA across a fused projection (double_blocks.0.img_attn.qkv.weight)" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora.safetensors"]
