@@ -294,6 +294,8 @@ def test_diffusers_from_single_file_on_our_output_equals_its_own_lora_fuse(sd_si
     from diffusers import UNet2DConditionModel
 
     family, root, unet, _, _, _ = sd_single
+    if family != "SDXL":
+        pytest.skip("one family is enough for this slower oracle (SD 1.x is bit-equal to the folder merge above)")
     loras = _lora_tensors(_unet_targets(unet.state_dict()), seed=8)
     tensors = {}
     for name, (down, up) in loras.items():
@@ -306,9 +308,7 @@ def test_diffusers_from_single_file_on_our_output_equals_its_own_lora_fuse(sd_si
     theirs.fuse_lora(lora_scale=1.0)
     torch.manual_seed(0)
     sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
-    extra = {}
-    if family == "SDXL":
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}}
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}}
     with torch.no_grad():
         expected = theirs(sample, 3, context, **extra).sample
         found = ours(sample, 3, context, **extra).sample
