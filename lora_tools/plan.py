@@ -405,7 +405,8 @@ def plan_merge(
             located = targets.located(module)
             if located is not None and located.whole is None:  # row blocks of other weights (fused projections)
                 for weight_name, bias_name, piece in located.parts:
-                    terms.setdefault(weight_name, []).append(Term(index, module, sign * weight, piece=piece))
+                    if module.variant != "full" or module.factor("diff") is not None:
+                        terms.setdefault(weight_name, []).append(Term(index, module, sign * weight, piece=piece))
                     if module.bias_key is not None:
                         terms.setdefault(bias_name, []).append(Term(index, module, sign * weight, True, piece))
                 continue

@@ -433,6 +433,7 @@ def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
     diffs = {
         "lora_transformer_transformer_blocks_0_attn_to_k.diff": torch.randn(d, d, generator=g),
         "lora_transformer_transformer_blocks_0_attn_to_k.diff_b": torch.randn(d, generator=g),
+        "lora_transformer_transformer_blocks_0_attn_add_v_proj.diff_b": torch.randn(d, generator=g),  # bias only
         "lora_unet_single_blocks_0_norm_query_norm.diff": torch.randn(
             state["single_transformer_blocks.0.attn.norm_q.weight"].shape, generator=g
         ),  # fmt: skip
@@ -451,13 +452,17 @@ def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
     expected["double_blocks.0.img_attn.qkv.bias"][d : 2 * d] += diffs[
         "lora_transformer_transformer_blocks_0_attn_to_k.diff_b"
     ]
+    expected["double_blocks.0.txt_attn.qkv.bias"] = single["double_blocks.0.txt_attn.qkv.bias"].clone()
+    expected["double_blocks.0.txt_attn.qkv.bias"][2 * d :] += diffs[
+        "lora_transformer_transformer_blocks_0_attn_add_v_proj.diff_b"
+    ]
     expected["single_blocks.0.norm.query_norm.scale"] = single["single_blocks.0.norm.query_norm.scale"] + diffs["lora_unet_single_blocks_0_norm_query_norm.diff"]  # fmt: skip
     expected["final_layer.linear.bias"] = (
         single["final_layer.linear.bias"] + diffs["lora_unet_final_layer_linear.diff_b"]
     )
     for key in ours:
         assert torch.equal(ours[key], expected[key]), key
-    assert report.tensors_changed == 4
+    assert report.tensors_changed == 5
 
 
 # --- SD3 -------------------------------------------------------------------------------------------
