@@ -420,7 +420,8 @@ def _render_adapter(report, show_all: bool) -> None:
 def _render_checkpoint(report) -> None:
     console = _stderr_console()
     console.print(
-        f"[bold]{report.path}[/bold]: checkpoint" + (f" ({report.architecture})" if report.architecture else "")
+        f"[bold]{report.path}[/bold]: checkpoint"
+        + (f" ({report.architecture or report.layout})" if report.architecture or report.layout else "")
     )
     console.print(
         f"{report.num_tensors} tensors, {report.num_parameters:,} parameters, {format_bytes(report.total_bytes)}, "

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from .adapter import Adapter, is_adapter, read_adapter
 from .checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
+from .layouts.diffusion import describe_layout
 from .plan import HEAD_NAME, Targets, compatibility_problems, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
@@ -79,6 +80,7 @@ class CheckpointReport:
     kind: str = field(default="checkpoint")
     #: method, formats (with tensor counts) and names of quantized weights; or `unsupported` with the reason
     quantization: dict | None = None
+    layout: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +102,9 @@ def _adapter_report(
         if module.name in disk.mapped:
             name = disk.mapped[module.name]
         elif checkpoint is not None:
-            name = Targets(with_tied_head(checkpoint.tensors, checkpoint.config)).find(module) or module.name
+            targets = Targets(with_tied_head(checkpoint.tensors, checkpoint.config))
+            located = targets.located(module)
+            name = located.describe() if located is not None else targets.find(module) or module.name
         modules.append(
             ModuleReport(
                 name=name,
@@ -209,6 +213,7 @@ def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
         lm_head=head,
         metadata=dict(checkpoint.metadata),
         quantization=_quantization(checkpoint),
+        layout=describe_layout(checkpoint.tensors),
     )
 
 

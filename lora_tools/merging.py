@@ -46,6 +46,7 @@ class TensorChange:
     tensor: str
     terms: list[dict]
     max_abs_delta: float | None = None
+    rounding_error: float | None = None  # float8 outputs: max |stored − exact| the cast back added
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,10 @@ class _Writing:
         for (job, task, _), result in zip(work, results, strict=True):
             qualified = _qualified(job.component, task.name)
             if task.changed:
-                self.changes.append(TensorChange(qualified, _describe(task, self.adapters), result.max_abs_delta))
+                change = TensorChange(
+                    qualified, _describe(task, self.adapters), result.max_abs_delta, result.rounding_error
+                )
+                self.changes.append(change)
             if result.dora_norm is not None and not self.unmerge:
                 self.norms[qualified] = result.dora_norm
         for job in self.shards:

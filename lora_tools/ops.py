@@ -15,6 +15,7 @@ import torch
 from .adapter import LoraModule
 from .compute.pool import BlockPool
 from .errors import NonFiniteError
+from .fp8 import is_fp8, rounding_error
 from .plan import TensorTask
 
 __all__ = ["dora_norm", "variant_delta", "Workspace", "TaskResult", "compute_task"]
@@ -114,6 +115,7 @@ class Workspace:
 class TaskResult:
     max_abs_delta: float
     dora_norm: torch.Tensor | None = None
+    rounding_error: float | None = None  # float8 outputs: what rounding back added
 
 
 def _low_rank_pair(module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +266,10 @@ def compute_task(
     """
     device = workspace.device
     plain = not task.replacements and base.dim() >= 2
-    plain = plain and all(
-        not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms
+    plain = (
+        plain
+        and not is_fp8(destination)
+        and all(not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms)
     )
     if plain and task.terms and device.type == "cpu":
         return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite, pool)
@@ -328,6 +332,7 @@ def compute_task(
             max_abs = max(max_abs, abs(factor) * _largest_magnitude(delta))
 
     destination.copy_(weight)
-    if not allow_nonfinite:
-        _check_finite(task, destination)
-    return TaskResult(max_abs, None if norm_used is None else norm_used.float().cpu())
+    rounding = rounding_error(destination, weight) if is_fp8(destination) else None
+    if not allow_nonfinite:  # float8 casts saturate: check what was cast
+        _check_finite(task, weight if rounding is not None else destination)
+    return TaskResult(max_abs, None if norm_used is None else norm_used.float().cpu(), rounding)

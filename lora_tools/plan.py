@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, LoraModule, Replacement
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
-from .relayout import Located, LayoutTargets, Piece, located_problems
+from .fp8 import fp8_problems, mergeable_dtype
+from .relayout import LayoutTargets, Located, Piece, located_problems
 from .safetensors_io import DTYPE_SIZES, TensorInfo
 from .vocab import resized_base
 
@@ -189,7 +190,11 @@ def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
 
 def _module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, TensorInfo], target: str) -> list[str]:
     weight = base[weight_tensor(module, target)]
-    if not weight.is_float:
+    if mergeable_dtype(weight.dtype):  # a plain float8 cast: merged in fp32, rounded back once
+        problems = fp8_problems(module.name, target, base)
+        if problems:
+            return problems
+    elif not weight.is_float:
         return [f"{module.name}: base weight is {weight.dtype}, not a float tensor"]
     if module.variant == "full":
         return _full_problems(adapter, module, base, target)
@@ -417,7 +422,8 @@ def plan_merge(
             located = targets.located(module)
             if located is not None and located.whole is None:  # row blocks of other weights (fused projections)
                 for weight_name, bias_name, piece in located.parts:
-                    terms.setdefault(weight_name, []).append(Term(index, module, sign * weight, piece=piece))
+                    if module.variant != "full" or module.factor("diff") is not None:
+                        terms.setdefault(weight_name, []).append(Term(index, module, sign * weight, piece=piece))
                     if module.bias_key is not None:
                         terms.setdefault(bias_name, []).append(Term(index, module, sign * weight, True, piece))
                 continue
@@ -447,7 +453,8 @@ def plan_merge(
 
     def add(name: str, source: str) -> None:
         info = base[source]
-        out_dtype = output_dtype if output_dtype is not None and info.is_float else info.dtype
+        castable = info.is_float or mergeable_dtype(info.dtype)
+        out_dtype = output_dtype if output_dtype is not None and castable else info.dtype
         tasks.append(
             TensorTask(
                 name,

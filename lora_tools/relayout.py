@@ -46,6 +46,16 @@ class Located:
             return None
         return self.parts[0][0][: -len(".weight")]
 
+    def describe(self) -> str:
+        """The base modules (and rows) the module lands in, e.g. `double_blocks.0.img_attn.qkv[0:3072]`."""
+        if self.whole is not None:
+            return self.whole
+        return " + ".join(
+            weight.removesuffix(".weight")
+            + (f"[{piece.target_rows[0]}:{piece.target_rows[1]}]" if piece and piece.target_rows else "")
+            for weight, _, piece in self.parts
+        )
+
 
 def _spellings(name: str) -> set[str]:
     """The dotted name and kohya's underscored one."""
@@ -71,11 +81,20 @@ class LayoutTargets:
 
             def add(component: str | None, name: str, link: Link) -> None:
                 for spelling in _spellings(name):
-                    index.setdefault(spelling, {}).setdefault(_DENOISER.get(component, component), []).append(link)
+                    links = index.setdefault(spelling, {}).setdefault(_DENOISER.get(component, component), [])
+                    if link not in links:
+                        links.append(link)
 
+            originals = {}
             for link in self.layout.links if self.layout else ():
                 for name in [link.diffusers] if self.original_side else self._original_names(link):
                     add(link.component, name, link)
+                    if self.original_side and name.startswith("text_model."):  # transformers 5 drops it in memory
+                        add(link.component, name[len("text_model.") :], link)
+                originals[link.original] = link
+            for original, link in originals.items() if self.original_side else ():  # the file's own names
+                for name in self._original_names(link):
+                    add(link.component, name, Link(link.component, original, name))
             for component, prefix in self.layout.prefixes if self.original_side else ():
                 for key in self.base:  # names the file keeps as they are, under a prefix
                     if key.startswith(prefix) and key.endswith(".weight"):
@@ -92,7 +111,10 @@ class LayoutTargets:
     def _original_names(self, link: Link) -> list[str]:
         """An original module's name with and without the single file's prefix (adapters use either)."""
         names = [link.original]
-        if link.original.startswith(UNET_PREFIX):
+        for _, prefix in self.layout.prefixes:
+            if prefix and link.original.startswith(prefix):
+                names.append(link.original[len(prefix) :])
+        if len(names) == 1 and link.original.startswith(UNET_PREFIX):
             names.append(link.original[len(UNET_PREFIX) :])
         return names
 

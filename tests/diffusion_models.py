@@ -37,10 +37,20 @@ def sdxl_unet():
 def clip_l():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(2)
+    torch.manual_seed(1)
     config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             vocab_size=100, max_position_embeddings=32, projection_dim=32)  # fmt: skip
     return CLIPTextModel(config).eval()
+
+
+def open_clip_g():
+    """The CLIPTextModelWithProjection diffusers uses for SDXL's OpenCLIP bigG encoder, tiny."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(5)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=100, max_position_embeddings=32, projection_dim=32)  # fmt: skip
+    return CLIPTextModelWithProjection(config).eval()
 
 
 def flux_transformer():
@@ -65,7 +75,7 @@ def diffusers_to_original(state: dict, links) -> dict:
     for link in links:
         by_original.setdefault(link.original, []).append(link)
     out, used = {}, set()
-    for original, group in by_original.items():
+    for group in by_original.values():
         for leaf, name in (("weight", group[0].original_weight), ("bias", group[0].original_bias)):
             parts = [(link, state.get(f"{link.diffusers}.{leaf}")) for link in group]
             if any(value is None for _, value in parts):
@@ -86,3 +96,14 @@ def diffusers_to_original(state: dict, links) -> dict:
     missing = sorted(set(state) - used)
     assert not missing, f"no link for {missing[:5]}"
     return out
+
+
+def sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(4)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()  # fmt: skip

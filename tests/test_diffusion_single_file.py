@@ -13,13 +13,22 @@ import json
 import pytest
 import torch
 from conftest import load_state
-from diffusion_models import clip_l, diffusers_to_original, flux_transformer, sd1_unet, sdxl_unet
+from diffusion_models import (
+    clip_l,
+    diffusers_to_original,
+    flux_transformer,
+    open_clip_g,
+    sd1_unet,
+    sd3_transformer,
+    sdxl_unet,
+)
 from safetensors.torch import save_file
 
 import lora_tools
-from lora_tools.layouts.diffusion import block_rows, detect_layout
+from lora_tools.layouts.diffusion import block_rows, detect_layout, open_clip_links
 
 R = 4
+OPEN_CLIP = "conditioner.embedders.1.model."
 
 
 # --- LyCORIS-built adapters on convs (LoHa / LoKr DoRA crash) -------------------------------------------
@@ -140,6 +149,15 @@ def _sd_single(root, build, *, with_text_encoder: bool, prefix: str):
         text.save_pretrained(root / "folder" / "text_encoder")
         encoder = load_state(root / "folder" / "text_encoder")
         single.update({f"{prefix}{_text_model(k)}": v for k, v in encoder.items()})
+    if build is sdxl_unet:  # OpenCLIP bigG as conditioner.embedders.1: fused in_proj, transposed projection
+        open_clip_g().save_pretrained(root / "folder" / "text_encoder_2")
+        encoder = load_state(root / "folder" / "text_encoder_2")
+        extras = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_projection.weight": "text_projection"}  # fmt: skip
+        layers = {k: v for k, v in encoder.items() if k not in extras}
+        single.update(diffusers_to_original(layers, open_clip_links(OPEN_CLIP, 2, "text_encoder_2")))
+        single[OPEN_CLIP + "positional_embedding"] = encoder["text_model.embeddings.position_embedding.weight"]
+        single[OPEN_CLIP + "text_projection"] = encoder["text_projection.weight"].T.contiguous()
     (root / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     save_file(single, root / "model.safetensors")
     return unet, text, single
@@ -171,6 +189,20 @@ def test_sd_single_file_tables_invert_diffusers_conversion(sd_single):
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
+def test_open_clip_tables_invert_diffusers_conversion(sd_single):
+    """SDXL's OpenCLIP encoder: diffusers' convert_open_clip_checkpoint gives back the transformers weights."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    family, root, _, _, single, _ = sd_single
+    if family != "SDXL":
+        pytest.skip("OpenCLIP is SDXL's second encoder (SD 2.x's only one)")
+    model = open_clip_g()
+    back = convert_open_clip_checkpoint(model, single, prefix=OPEN_CLIP)
+    state = load_state(root / "folder" / "text_encoder_2")
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
 def _lora_tensors(targets: dict[str, tuple[int, ...]], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -191,15 +223,20 @@ def _write_kohya(path, loras: dict, prefix: str, rename=lambda n: n):
     tensors = {}
     for name, (down, up) in loras.items():
         key = f"{prefix}_{rename(name).replace('.', '_')}"
-        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+        tensors.update(
+            {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)}
+        )
     save_file(tensors, path)
     return path
 
 
-def _sd_adapters(tmp_path, loras: dict, te_loras: dict, oracle: dict, te_prefix: str) -> dict:
-    """The same LoRA in three namings: kohya from diffusers paths, kohya from single-file paths, diffusers."""
+def _sd_adapters(tmp_path, loras: dict, encoders: dict, oracle: dict) -> dict:
+    """The same LoRA in three namings: kohya from diffusers paths, kohya from single-file paths, diffusers.
+
+    `encoders` maps (component, kohya prefix) → that text encoder's LoRAs.
+    """
     tensors = {}
-    for component, group in (("unet", loras), ("text_encoder", te_loras)):
+    for component, group in (("unet", loras), *((c, g) for (c, _), g in encoders.items())):
         for name, (down, up) in group.items():
             tensors.update({f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up,
                             f"{component}.{name}.alpha": torch.tensor(2.0)})  # fmt: skip
@@ -207,35 +244,76 @@ def _sd_adapters(tmp_path, loras: dict, te_loras: dict, oracle: dict, te_prefix:
     paths = {"diffusers": tmp_path / "diffusers.safetensors"}
     original = lambda n: oracle[f"{n}.weight"].removeprefix("model.diffusion_model.")[: -len(".weight")]  # noqa: E731
     for naming, rename in (("kohya-diffusers", lambda n: n), ("kohya-original", original)):
-        unet = load_state(_write_kohya(tmp_path / "unet.safetensors", loras, "lora_unet", rename))
-        te = load_state(_write_kohya(tmp_path / "te.safetensors", te_loras, te_prefix))
+        merged = load_state(_write_kohya(tmp_path / "unet.safetensors", loras, "lora_unet", rename))
+        for (_, kohya), group in encoders.items():
+            merged |= load_state(_write_kohya(tmp_path / "te.safetensors", group, kohya))
         paths[naming] = tmp_path / f"{naming}.safetensors"
-        save_file({**unet, **te}, paths[naming])
+        save_file(merged, paths[naming])
     return paths
 
 
 def test_sd_lora_into_single_file_equals_folder_merge(sd_single, tmp_path):
-    """kohya (either naming) and diffusers LoRAs into the single file = the folder merge, mapped, bit for bit."""
+    """kohya (either naming) and diffusers LoRAs into the single file = the folder merge, mapped, bit for bit
+    (UNet, the embedded CLIP, and for SDXL the OpenCLIP encoder whose q/k/v share one in_proj_weight)."""
     family, root, unet, text, single, prefix = sd_single
     state = unet.state_dict()
     loras = _lora_tensors(_unet_targets(state), seed=3)
-    te_loras = _lora_tensors({"text_model.encoder.layers.0.self_attn.q_proj": (32, 32), "text_model.encoder.layers.1.mlp.fc2": (32, 64)}, 4)  # fmt: skip
+    layer = "text_model.encoder.layers"
+    encoders = {("text_encoder", "lora_te" if family == "SD 1.x" else "lora_te1"): _lora_tensors({f"{layer}.0.self_attn.q_proj": (32, 32), f"{layer}.1.mlp.fc2": (32, 64)}, 4)}  # fmt: skip
+    if family == "SDXL":
+        names = ("0.self_attn.q_proj", "0.self_attn.v_proj", "1.self_attn.out_proj", "1.mlp.fc1")
+        shapes = {f"{layer}.{n}": (64, 32) if n.endswith("fc1") else (32, 32) for n in names}
+        encoders[("text_encoder_2", "lora_te2")] = _lora_tensors(shapes, 6)
     oracle = _unet_oracle_names(unet, single)
-    adapters = _sd_adapters(tmp_path, loras, te_loras, oracle, "lora_te" if family == "SD 1.x" else "lora_te1")
+    adapters = _sd_adapters(tmp_path, loras, encoders, oracle)
     # the folder takes the single-file-named kohya LoRA too
     lora_tools.merge(root / "folder", [adapters["kohya-original"]], tmp_path / "folder-out", device="cpu")
     folder_unet = load_state(tmp_path / "folder-out" / "unet")
     folder_text = load_state(tmp_path / "folder-out" / "text_encoder")
     expected = {oracle[k]: v for k, v in folder_unet.items()}
     expected |= {f"{prefix}{_text_model(k)}": v for k, v in folder_text.items()}
+    changed = len(loras) + 2
+    if family == "SDXL":
+        folder_open_clip = load_state(tmp_path / "folder-out" / "text_encoder_2")
+        layers = {k: v for k, v in folder_open_clip.items() if "position_embedding" not in k and "projection" not in k}
+        expected |= diffusers_to_original(layers, open_clip_links(OPEN_CLIP, 2, "text_encoder_2"))
+        expected |= {k: single[k] for k in (OPEN_CLIP + "positional_embedding", OPEN_CLIP + "text_projection")}
+        changed += 3  # q and v land in one in_proj_weight
     for naming, adapter in adapters.items():
         output = tmp_path / f"{naming}-out.safetensors"
         report = lora_tools.merge(root / "model.safetensors", [adapter], output, device="cpu")
-        assert report.tensors_changed == len(loras) + len(te_loras), naming
+        assert report.tensors_changed == changed, naming
         ours = load_state(output)
         assert set(ours) == set(single)
         for key, value in ours.items():
             assert torch.equal(value, expected[key]), (naming, key)
+
+
+def test_diffusers_from_single_file_on_our_output_equals_its_own_lora_fuse(sd_single, tmp_path):
+    """diffusers loads our merged single file; its output equals diffusers' own load_lora_adapter + fuse_lora."""
+    from diffusers import UNet2DConditionModel
+
+    family, root, unet, _, _, _ = sd_single
+    if family != "SDXL":
+        pytest.skip("one family is enough for this slower oracle (SD 1.x is bit-equal to the folder merge above)")
+    loras = _lora_tensors(_unet_targets(unet.state_dict()), seed=8)
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors.update({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up})
+    save_file(tensors, tmp_path / "lora.safetensors")
+    lora_tools.merge(root / "model.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors", device="cpu")  # fmt: skip
+    ours = UNet2DConditionModel.from_single_file(str(tmp_path / "out.safetensors"), config=str(root / "folder"), subfolder="unet")  # fmt: skip
+    theirs = UNet2DConditionModel.from_pretrained(root / "folder" / "unet")
+    theirs.load_lora_adapter({k.removeprefix("unet."): v for k, v in tensors.items()}, adapter_name="lora", prefix=None)
+    theirs.fuse_lora(lora_scale=1.0)
+    torch.manual_seed(0)
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}}
+    with torch.no_grad():
+        expected = theirs(sample, 3, context, **extra).sample
+        found = ours(sample, 3, context, **extra).sample
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+    assert (found - UNet2DConditionModel.from_pretrained(root / "folder" / "unet")(sample, 3, context, **extra).sample).abs().max() > 1e-3  # fmt: skip
 
 
 # --- Flux: BFL single files and fused projections ---------------------------------------------------------
@@ -331,7 +409,9 @@ def test_flux_bfl_named_kohya_qkv_lora_into_diffusers_folder(flux, tmp_path):
     down, up = loras["double_blocks.0.img_attn.qkv"]
     for third, proj in enumerate(("to_q", "to_k", "to_v")):
         w = state[f"transformer_blocks.0.attn.{proj}.weight"]
-        assert torch.equal(merged[f"transformer_blocks.0.attn.{proj}.weight"], w + (up[third * d : (third + 1) * d] @ down) * 0.5)
+        assert torch.equal(
+            merged[f"transformer_blocks.0.attn.{proj}.weight"], w + (up[third * d : (third + 1) * d] @ down) * 0.5
+        )
     down, up = loras["single_blocks.0.linear1"]
     mlp = state["single_transformer_blocks.0.proj_mlp.weight"]
     assert torch.equal(merged["single_transformer_blocks.0.proj_mlp.weight"], mlp + (up[3 * d :] @ down) * 0.5)
@@ -353,7 +433,10 @@ def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
     diffs = {
         "lora_transformer_transformer_blocks_0_attn_to_k.diff": torch.randn(d, d, generator=g),
         "lora_transformer_transformer_blocks_0_attn_to_k.diff_b": torch.randn(d, generator=g),
-        "lora_unet_single_blocks_0_norm_query_norm.diff": torch.randn(state["single_transformer_blocks.0.attn.norm_q.weight"].shape, generator=g),  # fmt: skip
+        "lora_transformer_transformer_blocks_0_attn_add_v_proj.diff_b": torch.randn(d, generator=g),  # bias only
+        "lora_unet_single_blocks_0_norm_query_norm.diff": torch.randn(
+            state["single_transformer_blocks.0.attn.norm_q.weight"].shape, generator=g
+        ),  # fmt: skip
         "lora_unet_final_layer_linear.diff_b": torch.randn(state["proj_out.bias"].shape, generator=g),
     }
     adapter = tmp_path / "full.safetensors"
@@ -362,11 +445,151 @@ def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):
     ours = load_state(tmp_path / "out.safetensors")
     expected = dict(single)
     expected["double_blocks.0.img_attn.qkv.weight"] = single["double_blocks.0.img_attn.qkv.weight"].clone()
-    expected["double_blocks.0.img_attn.qkv.weight"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff"]
+    expected["double_blocks.0.img_attn.qkv.weight"][d : 2 * d] += diffs[
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff"
+    ]
     expected["double_blocks.0.img_attn.qkv.bias"] = single["double_blocks.0.img_attn.qkv.bias"].clone()
-    expected["double_blocks.0.img_attn.qkv.bias"][d : 2 * d] += diffs["lora_transformer_transformer_blocks_0_attn_to_k.diff_b"]
+    expected["double_blocks.0.img_attn.qkv.bias"][d : 2 * d] += diffs[
+        "lora_transformer_transformer_blocks_0_attn_to_k.diff_b"
+    ]
+    expected["double_blocks.0.txt_attn.qkv.bias"] = single["double_blocks.0.txt_attn.qkv.bias"].clone()
+    expected["double_blocks.0.txt_attn.qkv.bias"][2 * d :] += diffs[
+        "lora_transformer_transformer_blocks_0_attn_add_v_proj.diff_b"
+    ]
     expected["single_blocks.0.norm.query_norm.scale"] = single["single_blocks.0.norm.query_norm.scale"] + diffs["lora_unet_single_blocks_0_norm_query_norm.diff"]  # fmt: skip
-    expected["final_layer.linear.bias"] = single["final_layer.linear.bias"] + diffs["lora_unet_final_layer_linear.diff_b"]
+    expected["final_layer.linear.bias"] = (
+        single["final_layer.linear.bias"] + diffs["lora_unet_final_layer_linear.diff_b"]
+    )
     for key in ours:
         assert torch.equal(ours[key], expected[key]), key
-    assert report.tensors_changed == 4
+    assert report.tensors_changed == 5
+
+
+# --- SD3 -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3")
+    model = sd3_transformer()
+    state = model.state_dict()
+    weights = {k: v for k, v in state.items() if k != "pos_embed.pos_embed"}  # a buffer, not a module weight
+    single = diffusers_to_original(weights, detect_layout(set(state)).links) | {
+        "pos_embed": state["pos_embed.pos_embed"]
+    }
+    save_file(single, root / "sd3-tiny.safetensors")
+    model.save_pretrained(root / "transformer")
+    return root, model, state, single
+
+
+def test_sd3_tables_invert_diffusers_conversion(sd3):
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    _, _, state, single = sd3
+    assert detect_layout(set(single)).family == "SD3"
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(single))
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_sd3_loras_both_ways(sd3, tmp_path):
+    """diffusers-named LoRA into the single file, original-named (fused qkv) kohya LoRA into the folder: each
+    equals the other layout's merge, mapped, bit for bit."""
+    root, _, state, single = sd3
+    links = detect_layout(set(state)).links
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn2.to_k", "transformer_blocks.1.norm1_context.linear", "norm_out.linear",
+             "transformer_blocks.1.ff.net.2"]  # fmt: skip
+    loras = _lora_tensors({n: tuple(state[f"{n}.weight"].shape) for n in names}, seed=21)
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+    save_file(tensors, tmp_path / "diffusers.safetensors")
+    originals = ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.1.context_block.attn.qkv",
+                 "joint_blocks.0.x_block.attn2.qkv", "joint_blocks.1.context_block.adaLN_modulation.1"]  # fmt: skip
+    kohya = _write_kohya(tmp_path / "kohya.safetensors", _lora_tensors({n: tuple(single[f"{n}.weight"].shape) for n in originals}, 22), "lora_unet")  # fmt: skip
+    for adapter in (tmp_path / "diffusers.safetensors", kohya):
+        lora_tools.merge(
+            root / "sd3-tiny.safetensors", [adapter], tmp_path / f"{adapter.stem}-out.safetensors", device="cpu"
+        )
+        lora_tools.merge(root / "transformer", [adapter], tmp_path / f"{adapter.stem}-folder", device="cpu")
+        folder = load_state(tmp_path / f"{adapter.stem}-folder")
+        expected = diffusers_to_original({k: v for k, v in folder.items() if k != "pos_embed.pos_embed"}, links)
+        ours = load_state(tmp_path / f"{adapter.stem}-out.safetensors")
+        changed = [k for k in ours if not torch.equal(ours[k], single[k])]
+        assert len(changed) >= 4, adapter
+        for key, value in expected.items():
+            assert torch.equal(ours[key], value), (adapter.stem, key)
+
+
+# --- FP8 single files -------------------------------------------------------------------------------
+
+
+def test_fp8_single_file_merges_in_fp32_and_casts_back(flux, tmp_path):
+    """merged = cast(fp32 W + ΔW) in the file's float8 format, untouched tensors byte-identical, rounding reported."""
+    from safetensors import safe_open
+
+    root, _, state, single = flux
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in single.items()}
+    save_file(fp8, tmp_path / "flux-fp8.safetensors")
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    loras = _lora_tensors({"transformer_blocks.0.attn.to_v": (d, d), "x_embedder": tuple(state["x_embedder.weight"].shape)}, 31)  # fmt: skip
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+    save_file(tensors, tmp_path / "lora.safetensors")
+    report = lora_tools.merge(tmp_path / "flux-fp8.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors", device="cpu")  # fmt: skip
+    ours = load_state(tmp_path / "out.safetensors")
+    qkv = fp8["double_blocks.0.img_attn.qkv.weight"].float()
+    qkv[2 * d :] += loras["transformer_blocks.0.attn.to_v"][1] @ loras["transformer_blocks.0.attn.to_v"][0]
+    down, up = loras["x_embedder"]
+    exact = {"double_blocks.0.img_attn.qkv.weight": qkv, "img_in.weight": fp8["img_in.weight"].float() + up @ down}
+    for key, value in exact.items():
+        assert ours[key].dtype == torch.float8_e4m3fn
+        assert torch.equal(ours[key].view(torch.uint8), value.to(torch.float8_e4m3fn).view(torch.uint8)), key
+    errors = {change.tensor: change.rounding_error for change in report.changes}
+    for key, value in exact.items():
+        assert errors[key] == pytest.approx(float((ours[key].float() - value).abs().max()), rel=0, abs=0), key
+    with (
+        safe_open(tmp_path / "out.safetensors", "pt") as out,
+        safe_open(tmp_path / "flux-fp8.safetensors", "pt") as base,
+    ):
+        for key in set(fp8) - set(exact):
+            assert out.get_slice(key).get_dtype() == base.get_slice(key).get_dtype()
+            assert torch.equal(out.get_tensor(key).view(torch.uint8), base.get_tensor(key).view(torch.uint8)), key
+    lora_tools.merge(tmp_path / "flux-fp8.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "bf16.safetensors", device="cpu", dtype="bf16")  # fmt: skip
+    plain = load_state(tmp_path / "bf16.safetensors")
+    assert {v.dtype for v in plain.values()} == {torch.bfloat16}
+    assert torch.equal(plain["img_in.weight"], exact["img_in.weight"].to(torch.bfloat16))
+
+
+def test_scaled_fp8_weight_is_refused_and_nothing_written(flux, tmp_path):
+    from conftest import run_cli
+
+    root, _, state, single = flux
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in single.items()}
+    fp8["img_in.scale_weight"] = torch.tensor(0.5)
+    save_file(fp8, tmp_path / "scaled.safetensors")
+    down, up = _lora_tensors({"x_embedder": tuple(state["x_embedder.weight"].shape)}, 2)["x_embedder"]
+    save_file({"transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up}, tmp_path / "l.safetensors")  # fmt: skip
+    result = run_cli(["merge", str(tmp_path / "scaled.safetensors"), str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "out.safetensors")])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "img_in.scale_weight" in result.stderr and "scaled float8" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "scaled.safetensors"]
+
+
+def test_dora_across_a_fused_projection_is_refused_and_nothing_written(flux, tmp_path):
+    from conftest import run_cli
+
+    root, _, state, _ = flux
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    down, up = _lora_tensors({"q": (d, d)}, 3)["q"]
+    name = "lora_transformer_transformer_blocks_0_attn_to_q"
+    tensors = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.dora_scale": torch.ones(d, 1)}
+    save_file(tensors, tmp_path / "dora.safetensors")
+    output = tmp_path / "out.safetensors"
+    result = run_cli(["merge", str(root / "flux1-tiny.safetensors"), str(tmp_path / "dora.safetensors"), "-o", str(output)])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "DoRA across a fused projection (double_blocks.0.img_attn.qkv.weight)" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora.safetensors"]

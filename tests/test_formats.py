@@ -12,32 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_state, run_cli
+from diffusion_models import clip_l as _text_encoder
+from diffusion_models import sd1_unet as _unet
 from safetensors.torch import save_file
 from ulp import max_ulp
 
 import lora_tools
 
 R = 4
-
-
-def _unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).eval()  # fmt: skip
-
-
-def _text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(1)
-    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            vocab_size=100, max_position_embeddings=32, projection_dim=32)  # fmt: skip
-    return CLIPTextModel(config).eval()
 
 
 @pytest.fixture(scope="module")

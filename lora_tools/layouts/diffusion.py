@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-__all__ = ["Link", "Layout", "detect_layout", "block_rows", "RULES"]
+__all__ = ["Link", "Layout", "detect_layout", "describe_layout", "block_rows", "RULES"]
 
 #: how a fused module's rows divide into blocks, from its (rows, columns).
 RULES: dict[str, Callable[[int, int], list[int]]] = {
@@ -176,7 +176,9 @@ def _unet_pairs(shape: UnetShape) -> list[tuple[str, str, str]]:
                 pairs.append((f"output_blocks.{per * i + j}.1", f"up_blocks.{i}.attentions.{j}", "attention"))
         if i < blocks - 1:
             slot = 2 if shape.up_attention[i] else 1
-            pairs.append((f"output_blocks.{per * i + per - 1}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv", "module"))
+            pairs.append(
+                (f"output_blocks.{per * i + per - 1}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv", "module")
+            )
     pairs += [("middle_block.0", "mid_block.resnets.0", "resnet"), ("middle_block.2", "mid_block.resnets.1", "resnet")]
     pairs.append(("middle_block.1", "mid_block.attentions.0", "attention"))
     return pairs
@@ -218,7 +220,20 @@ def open_clip_links(prefix: str, layers: int, component: str) -> list[Link]:
             links.append(Link(component, f"{original}attn.in_proj", f"{diffusers}self_attn.{proj}", (index, "thirds")))
         links += [Link(component, f"{original}{a}", f"{diffusers}{b}") for a, b in _OPEN_CLIP_LAYER]
     links.append(Link(component, f"{prefix}ln_final", "text_model.final_layer_norm"))
-    return links
+    links.append(Link(component, f"{prefix}token_embedding", "text_model.embeddings.token_embedding"))
+    return links  # positional_embedding and the transposed text_projection are no LoRA targets
+
+
+def _swapped(component: str, original: str, diffusers: str) -> list[Link]:
+    """(shift, scale) on disk, (scale, shift) in diffusers: two links with swapped halves."""
+    return [
+        Link(component, original, diffusers, (1, "halves"), (0, "halves")),
+        Link(component, original, diffusers, (0, "halves"), (1, "halves")),
+    ]
+
+
+def _qkv(component: str, original: str, diffusers: tuple[str, ...]) -> list[Link]:
+    return [Link(component, original, part, (k, "thirds")) for k, part in enumerate(diffusers)]
 
 
 # --- Flux ------------------------------------------------------------------------------------
@@ -254,20 +269,59 @@ _FLUX_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 def flux_links(double: int, single: int, prefix: str = "", component: str = "transformer") -> list[Link]:
     """Black Forest Labs' Flux layout ↔ diffusers' FluxTransformer2DModel."""
     links = [Link(component, f"{prefix}{a}", b) for a, b in _FLUX_TOP]
-    final = f"{prefix}final_layer.adaLN_modulation.1"  # (shift, scale) on disk, (scale, shift) in diffusers
-    links += [
-        Link(component, final, "norm_out.linear", (1, "halves"), (0, "halves")),
-        Link(component, final, "norm_out.linear", (0, "halves"), (1, "halves")),
-    ]
+    links += _swapped(component, f"{prefix}final_layer.adaLN_modulation.1", "norm_out.linear")
     for i in range(double):
         original, diffusers = f"{prefix}double_blocks.{i}.", f"transformer_blocks.{i}."
         links += [Link(component, original + a, diffusers + b) for a, b in _FLUX_DOUBLE]
         for fused, parts in _FLUX_FUSED_DOUBLE:
-            links += [Link(component, original + fused, diffusers + p, (k, "thirds")) for k, p in enumerate(parts)]
+            links += _qkv(component, original + fused, tuple(diffusers + p for p in parts))
     for i in range(single):
         original, diffusers = f"{prefix}single_blocks.{i}.", f"single_transformer_blocks.{i}."
         links += [Link(component, original + a, diffusers + b) for a, b in _FLUX_SINGLE]
-        links += [Link(component, f"{original}linear1", diffusers + p, (k, "qkv_mlp")) for k, p in enumerate(_FLUX_LINEAR1)]
+        links += [
+            Link(component, f"{original}linear1", diffusers + p, (k, "qkv_mlp")) for k, p in enumerate(_FLUX_LINEAR1)
+        ]
+    return links
+
+
+# --- SD3 / SD3.5 ---------------------------------------------------------------------------------
+
+_SD3_TOP = (
+    ("x_embedder.proj", "pos_embed.proj"), ("context_embedder", "context_embedder"),
+    ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+    ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+    ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+    ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"), ("final_layer.linear", "proj_out"),
+)  # fmt: skip
+_SD3_X = (
+    ("attn.ln_q", "attn.norm_q"), ("attn.ln_k", "attn.norm_k"), ("attn.proj", "attn.to_out.0"),
+    ("adaLN_modulation.1", "norm1.linear"), ("mlp.fc1", "ff.net.0.proj"), ("mlp.fc2", "ff.net.2"),
+)  # fmt: skip
+_SD3_CONTEXT = (("attn.ln_q", "attn.norm_added_q"), ("attn.ln_k", "attn.norm_added_k"))
+_SD3_CONTEXT_NOT_LAST = (
+    ("attn.proj", "attn.to_add_out"), ("adaLN_modulation.1", "norm1_context.linear"),
+    ("mlp.fc1", "ff_context.net.0.proj"), ("mlp.fc2", "ff_context.net.2"),
+)  # fmt: skip
+_SD3_DUAL = (("attn2.ln_q", "attn2.norm_q"), ("attn2.ln_k", "attn2.norm_k"), ("attn2.proj", "attn2.to_out.0"))
+
+
+def sd3_links(layers: int, dual: Collection[int], prefix: str = "", component: str = "transformer") -> list[Link]:
+    """Stability's SD3 / SD3.5 MMDiT layout (`joint_blocks.N.x_block…`) ↔ diffusers' SD3Transformer2DModel."""
+    links = [Link(component, f"{prefix}{a}", b) for a, b in _SD3_TOP]
+    links += _swapped(component, f"{prefix}final_layer.adaLN_modulation.1", "norm_out.linear")
+    for i in range(layers):
+        x, context, block = f"{prefix}joint_blocks.{i}.x_block.", f"{prefix}joint_blocks.{i}.context_block.", f"transformer_blocks.{i}."  # fmt: skip
+        links += _qkv(component, f"{x}attn.qkv", tuple(f"{block}attn.to_{p}" for p in "qkv"))
+        links += _qkv(component, f"{context}attn.qkv", tuple(f"{block}attn.add_{p}_proj" for p in "qkv"))
+        links += [Link(component, x + a, block + b) for a, b in _SD3_X]
+        links += [Link(component, context + a, block + b) for a, b in _SD3_CONTEXT]
+        if i < layers - 1:
+            links += [Link(component, context + a, block + b) for a, b in _SD3_CONTEXT_NOT_LAST]
+        else:  # the last context block only modulates, with (shift, scale) halves swapped
+            links += _swapped(component, f"{context}adaLN_modulation.1", f"{block}norm1_context.linear")
+        if i in dual:
+            links += _qkv(component, f"{x}attn2.qkv", tuple(f"{block}attn2.to_{p}" for p in "qkv"))
+            links += [Link(component, x + a, block + b) for a, b in _SD3_DUAL]
     return links
 
 
@@ -326,6 +380,16 @@ def detect_layout(names: Collection[str]) -> Layout | None:
         blocks = _stripped(names, prefix)
         links = flux_links(_count(blocks, "double_blocks.{}."), _count(blocks, "single_blocks.{}."), prefix)
         return Layout("Flux", "original", tuple(links), (("transformer", prefix),))
+    for prefix in ("", UNET_PREFIX):
+        if f"{prefix}joint_blocks.0.x_block.attn.qkv.weight" in names:
+            blocks = _stripped(names, prefix)
+            dual = {i for i in range(_count(blocks, "joint_blocks.{}.")) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in blocks}  # fmt: skip
+            links = sd3_links(_count(blocks, "joint_blocks.{}."), dual, prefix)
+            return Layout("SD3", "original", tuple(links), (("transformer", prefix),))
+    if "transformer_blocks.0.attn.add_q_proj.weight" in names and "pos_embed.proj.weight" in names:
+        layers = _count(names, "transformer_blocks.{}.")
+        dual = {i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in names}
+        return Layout("SD3 (diffusers)", "diffusers", tuple(sd3_links(layers, dual)))
     if "single_transformer_blocks.0.proj_mlp.weight" in names:
         links = flux_links(_count(names, "transformer_blocks.{}."), _count(names, "single_transformer_blocks.{}."))
         return Layout("Flux (diffusers)", "diffusers", tuple(links))
@@ -335,3 +399,11 @@ def detect_layout(names: Collection[str]) -> Layout | None:
         layers = _count(names, "text_model.encoder.layers.{}.")
         return Layout("CLIP text encoder (diffusers)", "diffusers", tuple(open_clip_links("", layers, "text_encoder")))
     return None
+
+
+def describe_layout(names: Collection[str]) -> str | None:
+    """What `inspect` says a diffusion checkpoint is: "SDXL single file", "Flux (diffusers)", …"""
+    layout = detect_layout(names)
+    if layout is None:
+        return None
+    return f"{layout.family} single file" if layout.side == "original" else layout.family
