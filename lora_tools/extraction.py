@@ -480,7 +480,9 @@ def extract(
             torch.linalg.vector_norm(matrix.addmm_(b_out.to(matrix.dtype), a_out.to(matrix.dtype), alpha=-1))
         )
         b_out, a_out = _factor_shapes(task, b_out.cpu(), a_out.cpu())
-        return _ModuleResult(task, delta.numel(), factors=(b_out, a_out), error=residual / norm if norm else 0.0, method=used)
+        return _ModuleResult(
+            task, delta.numel(), factors=(b_out, a_out), error=residual / norm if norm else 0.0, method=used
+        )
 
     with (
         atomic_output(output, is_dir=True, force=force, inputs=[base_checkpoint.path, tuned_checkpoint.path]) as target,
@@ -505,7 +507,9 @@ def extract(
                 full_delta += result.numel
                 error = result.error
                 modules.append(
-                    ModuleExtraction(task.module, a_out.shape[0], max(0.0, 1 - error * error), error, result.method, task.shape)
+                    ModuleExtraction(
+                        task.module, a_out.shape[0], max(0.0, 1 - error * error), error, result.method, task.shape
+                    )
                 )
             if progress is not None:
                 progress(done, total)
@@ -678,6 +682,7 @@ def resize(
     alphas: dict[str, float] = {}
     parameters = full = 0
     handled: set[str] = set()
+
     def resize_module(module, workspace):
         """The exact re-factorisation of one module (runs on a worker thread)."""
         a = source.read(module.a_key).to(workspace.device, torch.float64)

@@ -226,14 +226,18 @@ def _run(
             folder = target / name if name else target
             if name:
                 folder.mkdir()
-            written[name] = writing.prepare(checkpoint, plans[name], target if single_file else folder, single_file, name)
+            written[name] = writing.prepare(
+                checkpoint, plans[name], target if single_file else folder, single_file, name
+            )
         devices = writing.start(device)
         writing.run()
         files: list[str] = []
         for name, checkpoint in components.items():
             files += [output.name] if single_file else [_qualified(name, f) for f in written[name]]
             if not single_file:
-                _write_folder_extras(target / name if name else target, checkpoint, plans[name], written[name], out_dtype)
+                _write_folder_extras(
+                    target / name if name else target, checkpoint, plans[name], written[name], out_dtype
+                )
         if pipeline:
             _copy_pipeline_files(base_local, target, components)
         if not single_file:
@@ -377,7 +381,9 @@ class _Writing:
                     job.computed.append((task, copied))
             for task in tasks:
                 if not _needs_compute(task, base):
-                    job.copies.append((task, self.copier.submit(writer.copy_from, task.name, base.tensors[task.source])))
+                    job.copies.append(
+                        (task, self.copier.submit(writer.copy_from, task.name, base.tensors[task.source]))
+                    )
         return names
 
     def start(self, device: str):
@@ -404,7 +410,9 @@ class _Writing:
         with single_threaded_torch():
             if len(self.lanes) == 1:
                 ahead = [*work[1:], None]
-                results = [self._compute(self.lanes[0], *item, upcoming) for item, upcoming in zip(work, ahead)]
+                results = [
+                    self._compute(self.lanes[0], *item, upcoming) for item, upcoming in zip(work, ahead, strict=True)
+                ]
             else:
                 results = _deal(self.lanes, work, self._compute)
         for (job, task, _), result in zip(work, results, strict=True):
@@ -493,6 +501,10 @@ def _deal(lanes: list, work: list, compute) -> list:
     results: list = [None] * len(work)
 
     def run_lane(number: int) -> None:
+        if lanes[number].device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(lanes[number].device)  # this thread's current stream is on its device
         mine = sorted(assigned[number])
         for position, index in enumerate(mine):
             upcoming = work[mine[position + 1]] if position + 1 < len(mine) else None

@@ -159,7 +159,9 @@ def test_staging_error_fails_the_merge_and_leaves_nothing(model, tmp_path, stage
     real = Checkpoint.mapped
 
     def mapped(self, name):
-        if name.endswith("layers.1.mlp.up_proj.weight") and threading.current_thread().name.startswith("loratool-stage"):
+        if name.endswith("layers.1.mlp.up_proj.weight") and threading.current_thread().name.startswith(
+            "loratool-stage"
+        ):
             raise OSError(f"read error in {name}")
         return real(self, name)
 
