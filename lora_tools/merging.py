@@ -7,6 +7,7 @@ are copied file-to-file without being decoded. The output appears atomically.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -348,11 +349,13 @@ class _Writing:
         self.shards: list[_Shard] = []
         self.copier = ThreadPoolExecutor(1, thread_name_prefix="loratool-copy")
         self.lanes: list = []
+        self._threads = ExitStack()
 
     def close(self) -> None:
         self.copier.shutdown(wait=True, cancel_futures=True)
         for lane in self.lanes:
             lane.close()
+        self._threads.close()
 
     def advance(self, nbytes: int) -> None:
         with self._progress_lock:  # several device lanes may report at once
@@ -388,26 +391,25 @@ class _Writing:
 
     def start(self, device: str):
         """Import torch, resolve the device(s) and check what must be checked before computing; return the devices."""
-        from .compute.pool import usable_cores
+        from .compute.pool import single_threaded_torch, usable_cores
         from .device import resolve_devices
         from .tensors import return_freed_memory_to_os
 
         return_freed_memory_to_os()
         devices = resolve_devices(device)
+        self._threads.enter_context(single_threaded_torch())  # from here on, our own pools use the cores
         _check_adapters_finite(self.adapters)
         if not self.allow_nonfinite:  # copied tensors are checked from their source while the compute runs
             for job in self.shards:
                 for task, _ in job.copies:
-                    self.checks.append(self.copier.submit(_refuse_nonfinite, job.base.tensors[task.source]))
+                    self.checks.append(self.copier.submit(_checked_alone, job.base.tensors[task.source]))
         self.lanes = [_Lane(d, usable_cores() if len(devices) == 1 else 1) for d in devices]
         return devices
 
     def run(self) -> None:
         """Compute every changed tensor, on one device or dealt to several, then finish the files."""
-        from .compute.pool import single_threaded_torch
-
         work = [(job, task, copied) for job in self.shards for task, copied in job.computed]
-        with single_threaded_torch():
+        with _no_cyclic_gc():
             if len(self.lanes) == 1:
                 ahead = [*work[1:], None]
                 results = [
@@ -510,11 +512,32 @@ def _deal(lanes: list, work: list, compute) -> list:
             upcoming = work[mine[position + 1]] if position + 1 < len(mine) else None
             results[index] = compute(lanes[number], *work[index], upcoming)
 
-    from .compute.pool import wait_all
+    from .compute.pool import one_torch_thread, wait_all
 
-    with ThreadPoolExecutor(len(lanes), thread_name_prefix="loratool-device") as executor:
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="loratool-device", initializer=one_torch_thread) as executor:
         wait_all([executor.submit(run_lane, number) for number in range(len(lanes))])
     return results
+
+
+@contextmanager
+def _no_cyclic_gc():
+    """No cyclic garbage collection while streaming: tensors are freed by reference counting, and each
+    collection would walk the millions of objects importing torch created (a tenth of the CPU time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _checked_alone(info) -> None:
+    """`_refuse_nonfinite` on a helper thread, with one torch thread (the compute has the cores)."""
+    from .compute.pool import one_torch_thread
+
+    one_torch_thread()
+    _refuse_nonfinite(info)
 
 
 def _refuse_nonfinite(info) -> None:

@@ -15,13 +15,22 @@ kernel's summation order, hence every output bit, independent of N.
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["usable_cores", "single_threaded_torch", "BlockPool", "run_ordered", "block_ranges", "wait_all"]
+__all__ = [
+    "usable_cores",
+    "single_threaded_torch",
+    "BlockPool",
+    "run_ordered",
+    "block_ranges",
+    "wait_all",
+    "one_torch_thread",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,6 +55,16 @@ def single_threaded_torch() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def one_torch_thread() -> None:
+    """Give the calling thread one torch intra-op thread (a new thread starts with the process default).
+
+    The thread count is per thread under OpenMP: helper threads must set it themselves,
+    or each would fork a team of its own on cores already busy, and sum in another order.
+    """
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def block_ranges(count: int, parts: int) -> list[tuple[int, int]]:
@@ -84,7 +103,11 @@ class BlockPool:
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
-        self._helpers = ThreadPoolExecutor(self.workers - 1, "loratool-rows") if self.workers > 1 else None
+        self._helpers = (
+            ThreadPoolExecutor(self.workers - 1, "loratool-rows", initializer=one_torch_thread)
+            if self.workers > 1
+            else None
+        )
 
     def split(self, count: int, fn: Callable[[int, int, int], R]) -> list[R]:
         ranges = block_ranges(count, self.workers)
@@ -126,7 +149,7 @@ def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Itera
             yield fn(task)
         return
     pending: deque[Future] = deque()
-    with ThreadPoolExecutor(workers, "loratool-worker") as executor:
+    with ThreadPoolExecutor(workers, "loratool-worker", initializer=one_torch_thread) as executor:
         try:
             for task in tasks:
                 pending.append(executor.submit(fn, task))
