@@ -506,6 +506,7 @@ def resize(adapter: str, **options) -> None:
 @click.option("--bake-alpha", is_flag=True, help="Fold the scale into B and set alpha = rank.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")
+@workers_option
 @output_options
 @json_option
 @hub_input_options
