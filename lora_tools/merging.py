@@ -478,12 +478,12 @@ class _Lane:
 
     def take(self, base: Checkpoint, name: str):
         """The tensor `name`, staged on this device (the first call stages it; later ones were staged ahead)."""
-        staged = self._staged.pop(name, None) or self.stager.stage(lambda: base.mapped(name))
+        staged = self._staged.pop((id(base), name), None) or self.stager.stage(lambda: base.mapped(name))
         return self.stager.take(staged)
 
     def stage_ahead(self, base: Checkpoint, name: str) -> None:
-        if self.stager is not None and name not in self._staged:
-            self._staged[name] = self.stager.stage(lambda: base.mapped(name))
+        if self.stager is not None and (id(base), name) not in self._staged:  # names repeat across components
+            self._staged[id(base), name] = self.stager.stage(lambda: base.mapped(name))
 
     def close(self) -> None:
         if self.stager is not None:
