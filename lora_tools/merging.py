@@ -392,12 +392,13 @@ class _Writing:
     def start(self, device: str):
         """Import torch, resolve the device(s) and check what must be checked before computing; return the devices."""
         from .compute.pool import single_threaded_torch, usable_cores
+
+        self._threads.enter_context(single_threaded_torch())  # from here on, our own pools use the cores
         from .device import resolve_devices
         from .tensors import return_freed_memory_to_os
 
         return_freed_memory_to_os()
         devices = resolve_devices(device)
-        self._threads.enter_context(single_threaded_torch())  # from here on, our own pools use the cores
         _check_adapters_finite(self.adapters)
         if not self.allow_nonfinite:  # copied tensors are checked from their source while the compute runs
             for job in self.shards:

@@ -44,12 +44,36 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _import_torch_single_threaded() -> bool:
+    """Import torch (if not yet imported) with OpenMP's default team size at one; True if this call imported it.
+
+    OpenMP keeps the team size per thread, and every new thread starts from the process
+    default: any thread that has not lowered it (torch's, MKL's, a helper's) would fork a
+    team whose members spin-wait on cores others need, which on a loaded machine burns many
+    times the real work. OMP_NUM_THREADS is read once, when torch loads OpenMP.
+    """
+    if "torch" in sys.modules:
+        return False
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch  # noqa: F401
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    return True
+
+
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
-    """Torch's intra-op thread count set to 1 for the duration, then restored."""
+    """Torch's intra-op thread count set to 1 for the duration, then restored (to the usable cores
+    when torch was first imported here, as torch itself would have chosen)."""
+    imported_here = _import_torch_single_threaded()
     import torch
 
-    previous = torch.get_num_threads()
+    previous = usable_cores() if imported_here else torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
