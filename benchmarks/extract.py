@@ -109,7 +109,11 @@ def main() -> None:
             text=True,
         ).stdout  # fmt: skip
     )
-    print(f"1.1 GB bf16 Llama-shaped pair {SHAPE}, rank {RANK}, {os.cpu_count()} CPUs" if args.device == "cpu" else args.device)
+    print(
+        f"1.1 GB bf16 Llama-shaped pair {SHAPE}, rank {RANK}, {os.cpu_count()} CPUs"
+        if args.device == "cpu"
+        else args.device
+    )
     print(f"{'tool':24} {'wall s':>8} {'peak RSS MB':>12} {'modules':>8} {'mean rel. error':>16} {'optimal':>9}")
     for r in results:
         e = evaluated[r["label"]]
@@ -124,7 +128,9 @@ def main() -> None:
         print(f"{label} is {speedup:.2f}× faster than {first}; adapters {same}")
     if "mergekit-extract-lora" in by_label:
         fastest = min((r for r in results if r["label"].startswith("loratool")), key=lambda r: r["seconds"])
-        print(f"loratool is {by_label['mergekit-extract-lora']['seconds'] / fastest['seconds']:.1f}× faster than mergekit")
+        print(
+            f"loratool is {by_label['mergekit-extract-lora']['seconds'] / fastest['seconds']:.1f}× faster than mergekit"
+        )
     print(json.dumps({"runs": results, "errors": evaluated, "sha256": digests}))
 
 

@@ -6,7 +6,7 @@ each contender in its own process, side by side, reporting wall time and peak
 RSS. This parent process never imports torch, so the children's peak RSS is
 their own (Linux reports a forked child's RSS high-water mark across exec).
 
-    .venv/bin/python benchmarks/merge.py [--workdir DIR] [--repeat N] [--device cpu|cuda]
+    .venv/bin/python benchmarks/merge.py [--workdir DIR] [--repeat N] [--device cpu|cuda] [--layers 8|16]
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=32)
 
 BUILD = f"""
-import sys
+import json, sys
 sys.path.insert(0, {str(REPO / "tests")!r})
 from pathlib import Path
 from synthetic import write_llama_checkpoint, write_lora_adapter
-work = Path(sys.argv[1])
-write_llama_checkpoint(work / "base", vocab=32000, max_shard_bytes=5_000_000_000, **{SHAPE!r})
-write_lora_adapter(work / "lora", rank=16, **{SHAPE!r})
+work, shape = Path(sys.argv[1]), json.loads(sys.argv[2])
+write_llama_checkpoint(work / "base", vocab=32000, max_shard_bytes=5_000_000_000, **shape)
+write_lora_adapter(work / "lora", rank=16, **shape)
 """
 
 PEFT = """
@@ -50,11 +50,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--layers", type=int, default=SHAPE["layers"], help="8: 1.1 GB, 16: 2.1 GB")
     args = parser.parse_args()
+    SHAPE["layers"] = args.layers
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-bench-"))
     python = sys.executable
     if not (work / "base").exists():
-        subprocess.run([python, "-c", BUILD, work], check=True)
+        subprocess.run([python, "-c", BUILD, work, json.dumps(SHAPE)], check=True)
     size = sum(f.stat().st_size for f in (work / "base").iterdir())
     subprocess.run(["sync"], check=True)
 

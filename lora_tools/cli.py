@@ -708,6 +708,7 @@ def _render_combination(report, as_json: bool, pushed: dict | None) -> None:
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")
 @click.option("--drop-unsupported", is_flag=True, help="gguf/mlx: leave out (and report) what the format cannot carry.")
+@workers_option
 @output_options
 @json_option
 @hub_input_options

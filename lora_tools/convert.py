@@ -87,11 +87,12 @@ def _to_kohya(adapter: Adapter, component: str | None, spool: Spool, bake_alpha:
 
 def _to_peft(
     adapter: Adapter, base_path: Path | None, component: str | None, spool: Spool, rank: int | None,
-    bake_alpha: bool, modules_out: list, ranks: dict, alphas: dict,
+    bake_alpha: bool, modules_out: list, ranks: dict, alphas: dict, workers: int | None = None,
 ) -> tuple[bool, bool]:  # fmt: skip
     """Write PEFT keys for every module; return (fan_in_fan_out, use_dora)."""
     import torch
 
+    from .compute.workers import ModuleWorkers
     from .ops import variant_delta
 
     needs_names = any(m.kohya_name for m in adapter.modules)
@@ -111,56 +112,57 @@ def _to_peft(
             raise IncompatibleError(f"{adapter.path} does not fit {folder}", problems)
         targets = Targets(base.tensors)
     use_dora = False
-    for module in adapter.modules:
+
+    def factors(module: LoraModule, workspace) -> tuple:
+        """(path, A, B, alpha, rank, error, method) of one module (re-factorising runs on a worker)."""
         path = targets.find(module) if targets is not None else module.name
-        key_a, key_b = f"base_model.model.{path}.lora_A.weight", f"base_model.model.{path}.lora_B.weight"
-        if module.kind == "embedding":
-            key_a, key_b = f"base_model.model.{path}.lora_embedding_A", f"base_model.model.{path}.lora_embedding_B"
         if module.variant == "lora":
-            down, up, alpha, module_rank, error = (
-                adapter.read(module.a_key),
-                adapter.read(module.b_key),
-                module.alpha,
-                module.rank,
-                0.0,
-            )
+            down, up, alpha = adapter.read(module.a_key), adapter.read(module.b_key), module.alpha
             if adapter.use_rslora:
                 alpha = module.scale * module.rank
             if bake_alpha:
                 up, alpha = (up.double() * module.scale).to(up.dtype), float(module.rank)
-            method = "copied"
-        else:
-            if rank is None:
-                raise InvalidInputError(f"{module.name} is {module.variant}: pass --rank to re-factorise it as LoRA")
-            # a LoHa on a conv weight builds ΔW flattened; the base says the real layout
-            weight_shape = (
-                tuple(base.tensors[f"{path}.weight"].shape) if base is not None else _delta_shape(adapter, module)
-            )
-            delta = (
-                variant_delta(module, lambda key: adapter.read(key).double(), torch.Size(weight_shape)) * module.scale
-            )
-            matrix = delta.reshape(delta.shape[0], -1)
-            b, a, method = factorize(matrix, RankRule(rank=rank), "auto")
-            error = float((matrix - b @ a).norm() / matrix.norm()) if matrix.norm() > 0 else 0.0
-            module_rank = a.shape[0]
-            down = a.reshape(module_rank, *weight_shape[1:]).float()
-            up = b.reshape(weight_shape[0], module_rank, *([1] * (len(weight_shape) - 2))).float()
-            alpha = float(module_rank)
-            method = f"re-factorised ({method})"
-        spool.add(key_a, down)
-        spool.add(key_b, up)
-        if module.magnitude_key is not None:
-            if module.dora_axis != "out":
-                raise UnsupportedError(f"{module.name}: per-input dora_scale has no PEFT equivalent")
-            spool.add(f"base_model.model.{path}.lora_magnitude_vector", adapter.read(module.magnitude_key).reshape(-1))
-            use_dora = True
-        ranks[path], alphas[path] = module_rank, float(alpha)
-        modules_out.append(
-            ModuleExtraction(
-                path, module_rank, 1 - error * error, error, method, tuple(up.shape[:1]) + tuple(down.shape[1:])
-            )
+            return path, down, up, alpha, module.rank, 0.0, "copied"
+        if rank is None:
+            raise InvalidInputError(f"{module.name} is {module.variant}: pass --rank to re-factorise it as LoRA")
+        # a LoHa on a conv weight builds ΔW flattened; the base says the real layout
+        weight_shape = (
+            tuple(base.tensors[f"{path}.weight"].shape) if base is not None else _delta_shape(adapter, module)
         )
+        delta = variant_delta(module, lambda key: adapter.read(key).double(), torch.Size(weight_shape)) * module.scale
+        matrix = delta.reshape(delta.shape[0], -1)
+        b, a, method = factorize(matrix, RankRule(rank=rank), "auto")
+        error = float((matrix - b @ a).norm() / matrix.norm()) if matrix.norm() > 0 else 0.0
+        module_rank = a.shape[0]
+        down = a.reshape(module_rank, *weight_shape[1:]).float()
+        up = b.reshape(weight_shape[0], module_rank, *([1] * (len(weight_shape) - 2))).float()
+        return path, down, up, float(module_rank), module_rank, error, f"re-factorised ({method})"
+
+    with ModuleWorkers([torch.device("cpu")], workers) as pool:
+        for module, (path, down, up, alpha, module_rank, error, method) in zip(
+            adapter.modules, pool.map(factors, adapter.modules), strict=True
+        ):
+            _spool_peft_module(adapter, module, path, spool, down, up)
+            use_dora = use_dora or module.magnitude_key is not None
+            ranks[path], alphas[path] = module_rank, float(alpha)
+            modules_out.append(
+                ModuleExtraction(
+                    path, module_rank, 1 - error * error, error, method, tuple(up.shape[:1]) + tuple(down.shape[1:])
+                )
+            )
     return any(m.fan_in_fan_out for m in adapter.modules), use_dora
+
+
+def _spool_peft_module(adapter: Adapter, module: LoraModule, path: str, spool: Spool, down, up) -> None:
+    key_a, key_b = f"base_model.model.{path}.lora_A.weight", f"base_model.model.{path}.lora_B.weight"
+    if module.kind == "embedding":
+        key_a, key_b = f"base_model.model.{path}.lora_embedding_A", f"base_model.model.{path}.lora_embedding_B"
+    spool.add(key_a, down)
+    spool.add(key_b, up)
+    if module.magnitude_key is not None:
+        if module.dora_axis != "out":
+            raise UnsupportedError(f"{module.name}: per-input dora_scale has no PEFT equivalent")
+        spool.add(f"base_model.model.{path}.lora_magnitude_vector", adapter.read(module.magnitude_key).reshape(-1))
 
 
 def _delta_shape(adapter: Adapter, module: LoraModule) -> tuple[int, ...]:
@@ -191,6 +193,7 @@ def convert(
     token: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     drop_unsupported: bool = False,
+    workers: int | None = None,
 ) -> ExtractReport:
     """Convert an adapter between PEFT and kohya spellings.
 
@@ -202,6 +205,8 @@ def convert(
         rank: LoHa / LoKr / Tucker modules are re-factorised to this rank (an approximation).
         bake_alpha: fold the scale into B and set alpha = rank, instead of carrying alpha.
         drop_unsupported: for `to="gguf"|"mlx"`, leave out (and report) what the target cannot carry.
+        workers: modules re-factorised at once, one core each (default: the usable cores);
+            the output is byte-identical for any number.
 
     Returns:
         An `ExtractReport` listing each module, how it was carried, and any approximation error.
@@ -245,7 +250,7 @@ def convert(
                 ranks: dict[str, int] = {}
                 alphas: dict[str, float] = {}
                 fan_in_fan_out, use_dora = _to_peft(
-                    source, base_local, chosen, spool, rank, bake_alpha, modules, ranks, alphas
+                    source, base_local, chosen, spool, rank, bake_alpha, modules, ranks, alphas, workers
                 )
                 size = spool.finish(target / "adapter_model.safetensors")
                 config = peft_adapter_config(

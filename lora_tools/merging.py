@@ -7,6 +7,7 @@ are copied file-to-file without being decoded. The output appears atomically.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -411,11 +412,13 @@ class _Writing:
         self.shards: list[_Shard] = []
         self.copier = ThreadPoolExecutor(1, thread_name_prefix="loratool-copy")
         self.lanes: list = []
+        self._threads = ExitStack()
 
     def close(self) -> None:
         self.copier.shutdown(wait=True, cancel_futures=True)
         for lane in self.lanes:
             lane.close()
+        self._threads.close()
 
     def advance(self, nbytes: int) -> None:
         with self._progress_lock:  # several device lanes may report at once
@@ -456,7 +459,9 @@ class _Writing:
 
     def start(self, device: str):
         """Import torch, resolve the device(s) and check what must be checked before computing; return the devices."""
-        from .compute.pool import usable_cores
+        from .compute.pool import single_threaded_torch, usable_cores
+
+        self._threads.enter_context(single_threaded_torch())  # from here on, our own pools use the cores
         from .device import resolve_devices
         from .tensors import return_freed_memory_to_os
 
@@ -466,19 +471,19 @@ class _Writing:
         if not self.allow_nonfinite:  # copied tensors are checked from their source while the compute runs
             for job in self.shards:
                 for task, _ in job.copies:
-                    self.checks.append(self.copier.submit(_refuse_nonfinite, job.base.tensors[task.source]))
+                    self.checks.append(self.copier.submit(_checked_alone, job.base.tensors[task.source]))
         self.lanes = [_Lane(d, usable_cores() if len(devices) == 1 else 1) for d in devices]
         return devices
 
     def run(self) -> None:
         """Compute every changed tensor, on one device or dealt to several, then finish the files."""
-        from .compute.pool import single_threaded_torch
-
         work = [(job, task, copied) for job in self.shards for task, copied in job.computed]
-        with single_threaded_torch():
+        with _no_cyclic_gc():
             if len(self.lanes) == 1:
                 ahead = [*work[1:], None]
-                results = [self._compute(self.lanes[0], *item, upcoming) for item, upcoming in zip(work, ahead)]
+                results = [
+                    self._compute(self.lanes[0], *item, upcoming) for item, upcoming in zip(work, ahead, strict=True)
+                ]
             else:
                 results = _deal(self.lanes, work, self._compute)
         for (job, task, _), result in zip(work, results, strict=True):
@@ -570,12 +575,12 @@ class _Lane:
 
     def take(self, base: Checkpoint, name: str):
         """The tensor `name`, staged on this device (the first call stages it; later ones were staged ahead)."""
-        staged = self._staged.pop(name, None) or self.stager.stage(lambda: base.mapped(name))
+        staged = self._staged.pop((id(base), name), None) or self.stager.stage(lambda: base.mapped(name))
         return self.stager.take(staged)
 
     def stage_ahead(self, base: Checkpoint, name: str) -> None:
-        if self.stager is not None and name not in self._staged:
-            self._staged[name] = self.stager.stage(lambda: base.mapped(name))
+        if self.stager is not None and (id(base), name) not in self._staged:  # names repeat across components
+            self._staged[id(base), name] = self.stager.stage(lambda: base.mapped(name))
 
     def close(self) -> None:
         if self.stager is not None:
@@ -595,16 +600,41 @@ def _deal(lanes: list, work: list, compute) -> list:
     results: list = [None] * len(work)
 
     def run_lane(number: int) -> None:
+        if lanes[number].device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(lanes[number].device)  # this thread's current stream is on its device
         mine = sorted(assigned[number])
         for position, index in enumerate(mine):
             upcoming = work[mine[position + 1]] if position + 1 < len(mine) else None
             results[index] = compute(lanes[number], *work[index], upcoming)
 
-    from .compute.pool import wait_all
+    from .compute.pool import one_torch_thread, wait_all
 
-    with ThreadPoolExecutor(len(lanes), thread_name_prefix="loratool-device") as executor:
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="loratool-device", initializer=one_torch_thread) as executor:
         wait_all([executor.submit(run_lane, number) for number in range(len(lanes))])
     return results
+
+
+@contextmanager
+def _no_cyclic_gc():
+    """No cyclic garbage collection while streaming: tensors are freed by reference counting, and each
+    collection would walk the millions of objects importing torch created (a tenth of the CPU time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _checked_alone(info) -> None:
+    """`_refuse_nonfinite` on a helper thread, with one torch thread (the compute has the cores)."""
+    from .compute.pool import one_torch_thread
+
+    one_torch_thread()
+    _refuse_nonfinite(info)
 
 
 def _refuse_nonfinite(info) -> None:

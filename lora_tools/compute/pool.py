@@ -15,13 +15,22 @@ kernel's summation order, hence every output bit, independent of N.
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["usable_cores", "single_threaded_torch", "BlockPool", "run_ordered", "block_ranges", "wait_all"]
+__all__ = [
+    "usable_cores",
+    "single_threaded_torch",
+    "BlockPool",
+    "run_ordered",
+    "block_ranges",
+    "wait_all",
+    "one_torch_thread",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,17 +44,51 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _import_torch_single_threaded() -> bool:
+    """Import torch (if not yet imported) with OpenMP's default team size at one; True if this call imported it.
+
+    OpenMP keeps the team size per thread, and every new thread starts from the process
+    default: any thread that has not lowered it (torch's, MKL's, a helper's) would fork a
+    team whose members spin-wait on cores others need, which on a loaded machine burns many
+    times the real work. OMP_NUM_THREADS is read once, when torch loads OpenMP.
+    """
+    if "torch" in sys.modules:
+        return False
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch  # noqa: F401
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    return True
+
+
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
-    """Torch's intra-op thread count set to 1 for the duration, then restored."""
+    """Torch's intra-op thread count set to 1 for the duration, then restored (to the usable cores
+    when torch was first imported here, as torch itself would have chosen)."""
+    imported_here = _import_torch_single_threaded()
     import torch
 
-    previous = torch.get_num_threads()
+    previous = usable_cores() if imported_here else torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def one_torch_thread() -> None:
+    """Give the calling thread one torch intra-op thread (a new thread starts with the process default).
+
+    The thread count is per thread under OpenMP: helper threads must set it themselves,
+    or each would fork a team of its own on cores already busy, and sum in another order.
+    """
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def block_ranges(count: int, parts: int) -> list[tuple[int, int]]:
@@ -84,7 +127,11 @@ class BlockPool:
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
-        self._helpers = ThreadPoolExecutor(self.workers - 1, "loratool-rows") if self.workers > 1 else None
+        self._helpers = (
+            ThreadPoolExecutor(self.workers - 1, "loratool-rows", initializer=one_torch_thread)
+            if self.workers > 1
+            else None
+        )
 
     def split(self, count: int, fn: Callable[[int, int, int], R]) -> list[R]:
         ranges = block_ranges(count, self.workers)
@@ -126,7 +173,7 @@ def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Itera
             yield fn(task)
         return
     pending: deque[Future] = deque()
-    with ThreadPoolExecutor(workers, "loratool-worker") as executor:
+    with ThreadPoolExecutor(workers, "loratool-worker", initializer=one_torch_thread) as executor:
         try:
             for task in tasks:
                 pending.append(executor.submit(fn, task))

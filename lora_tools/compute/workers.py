@@ -42,7 +42,7 @@ class ModuleWorkers:
         self._stack = ExitStack()
 
     def __enter__(self) -> ModuleWorkers:
-        if self.devices[0].type == "cpu":
+        if self.devices[0].type == "cpu":  # also with one worker, so the bits do not depend on the count
             self._stack.enter_context(single_threaded_torch())
         return self
 
