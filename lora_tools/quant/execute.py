@@ -25,9 +25,10 @@ from .layout import QuantizedWeight
 
 __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantize", "requantization_summary"]
 
-#: Warn when ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ of a merged tensor exceeds this: the noise requantization adds is then
-#: larger than the adapter's own change to the weight (write a plain model with --dtype bf16 to keep all of it).
-REQUANTIZATION_WARN_RATIO = 1.0
+#: Warn when ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ of a merged tensor exceeds this: the rounding requantization adds is then
+#: more than half the adapter's own change to the weight (1 is what an adapter lost entirely to rounding gives,
+#: since then Q(W+ΔW) = W). Writing a plain model with --dtype bf16 keeps the whole change.
+REQUANTIZATION_WARN_RATIO = 0.5
 
 _CHUNK_ELEMENTS = 1 << 20
 Compute = Callable[[TensorTask, torch.Tensor], object]
@@ -102,9 +103,9 @@ def _error_norms(weight: QuantizedWeight, stored, fresh, merged: torch.Tensor) -
         stop = min(weight.shape[0], start + step)
         buffer = torch.empty((stop - start, *weight.shape[1:]), dtype=torch.float32)
         _dequantize_rows(weight, *fresh, start, stop, buffer)
-        error += float(torch.sum((buffer.double() - merged[start:stop].double()) ** 2))
+        error += float(torch.dist(buffer, merged[start:stop])) ** 2
         _dequantize_rows(weight, *stored, start, stop, buffer)
-        change += float(torch.sum((merged[start:stop].double() - buffer.double()) ** 2))
+        change += float(torch.dist(buffer, merged[start:stop])) ** 2
     return math.sqrt(error), math.sqrt(change)
 
 
@@ -175,7 +176,8 @@ def requantization_summary(writers) -> tuple[dict[str, dict], list[str]]:
     }
     warnings = [
         f"{name}: requantizing the merged weights adds error up to {row['max']:.3g}× the adapter's own change "
-        f"(‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ > {REQUANTIZATION_WARN_RATIO:g}); --dtype bf16 keeps the merge exact"
+        f"(‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ > {REQUANTIZATION_WARN_RATIO:g}, and 1 means the adapter is lost to rounding); "
+        "--dtype bf16 writes a plain model that keeps all of it"
         for name, row in summary.items()
         if row["max"] > REQUANTIZATION_WARN_RATIO
     ]
