@@ -446,9 +446,9 @@ class _Writing:
         if quantized is None:
             return tasks
 
-        def compute(logical: TensorTask, values):
+        def compute(logical: TensorTask, values, destination):
             recorded = self.recorded.get(_qualified(component, logical.name))
-            return compute_task(logical, values, self.fetch, self.workspace, values, unmerge=self.unmerge,
+            return compute_task(logical, values, self.fetch, self.workspace, destination, unmerge=self.unmerge,
                                 recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
 
         for task in (t for t in tasks if quantized.handles(t.name)):

@@ -31,16 +31,40 @@ def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int])
     return full[:rows, :cols]
 
 
+def _tiled(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:
+    """A [row blocks, b0, column blocks, b1] view of x when the blocks tile it exactly, else None."""
+    rows, cols = x.shape
+    if rows % block[0] or cols % block[1] or not x.is_contiguous():
+        return None
+    return x.view(rows // block[0], block[0], cols // block[1], block[1])
+
+
+def _scale_blocks(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool) -> torch.Tensor:
+    """x × (or ÷) each block's scale, in place."""
+    tiles = _tiled(x, block)
+    factor = scale.float() if tiles is None else scale.float()[:, None, :, None]
+    if tiles is None:
+        factor = _expand(factor, tuple(x.shape), block)
+    target = x if tiles is None else tiles
+    if divide:
+        target.div_(factor)
+    else:
+        target.mul_(factor)
+    return x
+
+
 def dequantize_blocks(
     weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """fp32 weight = e4m3 value × its block's scale (`weight_scale_inv`, fp32 or bf16)."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
-    out.copy_(weight)
-    return out.mul_(_expand(scale_inv.float(), tuple(weight.shape), block))
+    return _scale_blocks(out.copy_(weight), scale_inv, block, divide=False)
 
 
 def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    tiles = _tiled(x, block)
+    if tiles is not None:
+        return torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_())
     rows, cols = x.shape
     grid = block_grid((rows, cols), block)
     padded = x.abs()
@@ -68,7 +92,7 @@ def quantize_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, block scales) for an fp32 [rows, cols] weight; `out` receives the e4m3 values."""
     scale = _scale_from_amax(_block_amax(x, block), scale_dtype)
-    scaled = x / _expand(scale.float(), tuple(x.shape), block)
+    scaled = _scale_blocks(x.clone(memory_format=torch.contiguous_format), scale, block, divide=True)
     return _to_e4m3(scaled, out), scale
 
 
