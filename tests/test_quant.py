@@ -53,20 +53,20 @@ def plain_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fp8_models(tmp_path_factory, plain_llama) -> dict[str, tuple[Path, Path, Path]]:
-    """name → (quantized base, dequantized twin, PEFT adapter trained on the twin)."""
+    """name → (quantized base, dequantized twin, PEFT adapter); one adapter fits every twin (same architecture)."""
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("fp8")
+    peft_model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(plain_llama), lora_config(r=4, lora_alpha=8, target_modules=TARGETS)
+    )
+    randomize_adapter(peft_model, seed=3)
+    peft_model.save_pretrained(root / "lora")
     models = {}
     for name, (scheme, scale_dtype) in SCHEMES.items():
         base, twin = quantize_llama(plain_llama, root / name, scheme, scale_dtype, BLOCK)
-        peft_model = get_peft_model(
-            LlamaForCausalLM.from_pretrained(twin), lora_config(r=4, lora_alpha=8, target_modules=TARGETS)
-        )
-        randomize_adapter(peft_model, seed=3)
-        peft_model.save_pretrained(root / f"{name}-lora")
-        models[name] = (base, twin, root / f"{name}-lora")
+        models[name] = (base, twin, root / "lora")
     return models
 
 

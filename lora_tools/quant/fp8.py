@@ -39,18 +39,17 @@ def _tiled(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:
     return x.view(rows // block[0], block[0], cols // block[1], block[1])
 
 
-def _scale_blocks(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool) -> torch.Tensor:
-    """x × (or ÷) each block's scale, in place."""
-    tiles = _tiled(x, block)
-    factor = scale.float() if tiles is None else scale.float()[:, None, :, None]
-    if tiles is None:
-        factor = _expand(factor, tuple(x.shape), block)
-    target = x if tiles is None else tiles
-    if divide:
-        target.div_(factor)
+def _scale_blocks(
+    x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """x × (or ÷) each block's scale, into `out` (which may be x)."""
+    tiles, target = _tiled(x, block), _tiled(out, block)
+    if tiles is None or target is None:
+        tiles, target, factor = x, out, _expand(scale.float(), tuple(x.shape), block)
     else:
-        target.mul_(factor)
-    return x
+        factor = scale.float()[:, None, :, None]
+    (torch.div if divide else torch.mul)(tiles, factor, out=target)
+    return out
 
 
 def dequantize_blocks(
@@ -58,7 +57,7 @@ def dequantize_blocks(
 ) -> torch.Tensor:
     """fp32 weight = e4m3 value × its block's scale (`weight_scale_inv`, fp32 or bf16)."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
-    return _scale_blocks(out.copy_(weight), scale_inv, block, divide=False)
+    return _scale_blocks(out.copy_(weight), scale_inv, block, divide=False, out=out)
 
 
 def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -92,7 +91,7 @@ def quantize_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, block scales) for an fp32 [rows, cols] weight; `out` receives the e4m3 values."""
     scale = _scale_from_amax(_block_amax(x, block), scale_dtype)
-    scaled = _scale_blocks(x.clone(memory_format=torch.contiguous_format), scale, block, divide=True)
+    scaled = _scale_blocks(x, scale, block, divide=True, out=torch.empty(x.shape, dtype=torch.float32))
     return _to_e4m3(scaled, out), scale
 
 
