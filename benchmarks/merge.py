@@ -3,7 +3,9 @@
 Builds a Llama-shaped 1.1 GB bf16 checkpoint (hidden 2048, intermediate 5632,
 vocab 32000, 8 layers) and a rank-16 LoRA on all seven projections, then times
 each contender in its own process, side by side, reporting wall time and peak
-RSS. This parent process never imports torch, so the children's peak RSS is
+RSS. The FP8 case merges the same adapter into the same model with its
+projections stored as DeepSeek-V3-style FP8 blocks (128×128, fp32 scales):
+dequantize, merge, requantize. This parent process never imports torch, so the children's peak RSS is
 their own (Linux reports a forked child's RSS high-water mark across exec).
 
     .venv/bin/python benchmarks/merge.py [--workdir DIR] [--repeat N] [--device cpu|cuda] [--layers 8|16]
@@ -33,6 +35,28 @@ write_llama_checkpoint(work / "base", vocab=32000, max_shard_bytes=5_000_000_000
 write_lora_adapter(work / "lora", rank=16, **shape)
 """
 
+FP8 = f"""
+import json, sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+from lora_tools.quant.fp8 import quantize_blocks
+import torch
+work = Path(sys.argv[1])
+state = {{}}
+for shard in sorted((work / "base").glob("*.safetensors")):
+    for name, tensor in load_file(shard).items():
+        if name.endswith("_proj.weight"):
+            state[name], state[name + "_scale_inv"] = quantize_blocks(tensor.float(), (128, 128), torch.float32)
+        else:
+            state[name] = tensor
+(work / "base-fp8").mkdir()
+save_file(state, work / "base-fp8" / "model.safetensors", metadata={{"format": "pt"}})
+config = json.loads((work / "base" / "config.json").read_text())
+config["quantization_config"] = {{"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+(work / "base-fp8" / "config.json").write_text(json.dumps(config, indent=2))
+"""
+
 PEFT = """
 import sys, torch
 from peft import PeftModel
@@ -57,12 +81,15 @@ def main() -> None:
     python = sys.executable
     if not (work / "base").exists():
         subprocess.run([python, "-c", BUILD, work, json.dumps(SHAPE)], check=True)
+    if not (work / "base-fp8").exists():
+        subprocess.run([python, "-c", FP8, work], check=True)
     size = sum(f.stat().st_size for f in (work / "base").iterdir())
     subprocess.run(["sync"], check=True)
 
     contenders = [
         ("floor: cp -r + import torch", ["bash", "-c", f'cp -r "{work}/base" "{work}/cp" && "{python}" -c "import torch"'], work / "cp"),
         ("loratool merge", [python, "-m", "lora_tools", "merge", work / "base", work / "lora", "-o", work / "ours", "-q", "--device", args.device], work / "ours"),
+        ("loratool merge, FP8 block base", [python, "-m", "lora_tools", "merge", work / "base-fp8", work / "lora", "-o", work / "ours-fp8", "-q", "--device", args.device], work / "ours-fp8"),
     ]  # fmt: skip
     if not args.skip_peft:
         contenders.append(
@@ -80,6 +107,11 @@ def main() -> None:
         print(
             f"{label:32} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {size / 1e9 / r['seconds']:6.2f} {r['peak_rss_mb']:12.0f}"
         )
+    fp8, bf16 = best["loratool merge, FP8 block base"], best["loratool merge"]
+    print(
+        f"FP8 block merge vs bf16 merge: {fp8['seconds'] / bf16['seconds']:.2f}× the time, "
+        f"{fp8['peak_rss_mb'] / bf16['peak_rss_mb']:.2f}× the peak RSS"
+    )
     if "transformers + PEFT" in best:
         ratio = best["transformers + PEFT"]["seconds"] / best["loratool merge"]["seconds"]
         print(f"loratool is {ratio:.1f}× faster than transformers + PEFT")

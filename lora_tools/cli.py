@@ -501,6 +501,11 @@ def _run_merge(operation: str, base: str, adapters: tuple[str, ...], options: di
         f"{report.tensors_copied} copied, {format_bytes(report.bytes_written)} in {report.seconds:.1f}s on "
         f"{report.device}; max |ΔW| {report.max_abs_delta:.3g}"
     )
+    for name, row in report.quantization.items():
+        console.print(
+            f"requantized {row['tensors']} tensor(s) as {name}: ‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ "
+            f"max {row['max']:.3g}, mean {row['mean']:.3g}"
+        )
 
 
 @cli.command()

@@ -542,9 +542,9 @@ class _Writing:
             return
         quantized, workspace = self.quant[job.component], self.lanes[0].workspace
 
-        def compute(logical: TensorTask, values):
+        def compute(logical: TensorTask, values, destination):
             recorded = self.recorded.get(_qualified(job.component, logical.name))
-            return compute_task(logical, values, self.fetch, workspace, values, unmerge=self.unmerge,
+            return compute_task(logical, values, self.fetch, workspace, destination, unmerge=self.unmerge,
                                 recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
 
         for task in job.quantized:

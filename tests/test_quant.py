@@ -53,20 +53,20 @@ def plain_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fp8_models(tmp_path_factory, plain_llama) -> dict[str, tuple[Path, Path, Path]]:
-    """name → (quantized base, dequantized twin, PEFT adapter trained on the twin)."""
+    """name → (quantized base, dequantized twin, PEFT adapter); one adapter fits every twin (same architecture)."""
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("fp8")
+    peft_model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(plain_llama), lora_config(r=4, lora_alpha=8, target_modules=TARGETS)
+    )
+    randomize_adapter(peft_model, seed=3)
+    peft_model.save_pretrained(root / "lora")
     models = {}
     for name, (scheme, scale_dtype) in SCHEMES.items():
         base, twin = quantize_llama(plain_llama, root / name, scheme, scale_dtype, BLOCK)
-        peft_model = get_peft_model(
-            LlamaForCausalLM.from_pretrained(twin), lora_config(r=4, lora_alpha=8, target_modules=TARGETS)
-        )
-        randomize_adapter(peft_model, seed=3)
-        peft_model.save_pretrained(root / f"{name}-lora")
-        models[name] = (base, twin, root / f"{name}-lora")
+        models[name] = (base, twin, root / "lora")
     return models
 
 
@@ -81,7 +81,7 @@ def _adapter_delta(adapter: Path, weight: str) -> torch.Tensor:
 def _raw(folder: Path) -> dict[str, bytes]:
     out = {}
     with safe_open(folder / "model.safetensors", "pt") as f:
-        for key in f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             out[key] = f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     return out
 
@@ -252,26 +252,40 @@ def test_mxfp4_dequantization_equals_transformers(gpt_oss):
         assert torch.equal(ours, dequantize_mxfp4_fp64(blocks, scales).float())
 
 
-def test_mxfp4_merge_of_per_expert_delta_matches_reference(gpt_oss):
-    """The executor's dequantize → +ΔW → requantize for an expert tensor, with a per-expert delta built here."""
-    from lora_tools.quant.execute import dequantize, requantize
+def test_mxfp4_merge_of_per_expert_delta_matches_reference(tmp_path, gpt_oss):
+    """The executor hook on an expert tensor: dequantize → +ΔW (a per-expert delta built here, standing in for
+    the expert LoRA terms) → requantize, written through a real writer in stored order (blocks, then scales)."""
+    from lora_tools.checkpoint import open_checkpoint
+    from lora_tools.plan import TensorTask, Term
+    from lora_tools.quant.execute import QuantizedTensors
+    from lora_tools.safetensors_io import SafetensorsWriter
 
-    layout = detect(gpt_oss[0], _infos(gpt_oss[0]), json.loads((gpt_oss[0] / "config.json").read_text()))
+    checkpoint = open_checkpoint(gpt_oss[0])
+    layout = detect(checkpoint.path, checkpoint.tensors, checkpoint.config)
     weight = layout.weights["model.layers.1.mlp.experts.gate_up_proj"]
     assert weight.scheme == "mxfp4" and weight.shape == (4, 64, 64)
-    state = load_file(gpt_oss[0] / "model.safetensors")
-    blocks, scales = state[weight.data.name], state[weight.scale.name]
     generator = torch.Generator().manual_seed(7)
     delta = torch.stack([torch.randn(64, 2, generator=generator) @ torch.randn(2, 64, generator=generator) * 0.01
                          for _ in range(4)])  # fmt: skip
-    values = dequantize(weight, blocks, scales, torch.empty(weight.shape))
-    new_blocks, new_scales = requantize(weight, values + delta)
+    logical = TensorTask(weight.name, weight.name, weight.shape, "F32", "F32", terms=(Term(0, None, 1.0),))
+    hook = QuantizedTensors({name: (weight, logical) for name in weight.stored})
+    infos = [checkpoint.tensors[name] for name in weight.stored]
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", [(i.name, i.dtype, i.shape) for i in infos], None)
+    for info in infos:
+        hook.write(TensorTask(info.name, info.name, info.shape, info.dtype, info.dtype), checkpoint, writer,
+                   lambda task, values, out: torch.add(values, delta, out=out))  # fmt: skip
+    writer.close()
+    out, state = load_file(tmp_path / "out.safetensors"), load_file(gpt_oss[0] / "model.safetensors")
+    blocks, scales = state[weight.data.name], state[weight.scale.name]
     ref_blocks, ref_scales = mxfp4_fp64(dequantize_mxfp4_fp64(blocks, scales) + delta.double())
-    assert torch.equal(new_scales, ref_scales) or int((new_scales.int() - ref_scales.int()).abs().max()) <= 1
+    new_blocks, new_scales = out[weight.data.name], out[weight.scale.name]
+    assert int((new_scales.int() - ref_scales.int()).abs().max()) <= 1
     ours, reference = dequantize_mxfp4_fp64(new_blocks, new_scales), dequantize_mxfp4_fp64(ref_blocks, ref_scales)
     step = 0.5 * torch.pow(2.0, ref_scales.double() - 127).repeat_interleave(32, -1).transpose(-1, -2)
     assert bool(((ours - reference).abs() <= step * 2 + 1e-12).all())  # one E2M1 step (≤ 2 units of 0.5·2^e)
     assert float((ours == reference).double().mean()) >= 0.98
+    (ratio,) = hook.ratios["mxfp4"]
+    assert 0 < ratio < 10
 
 
 def test_mxfp4_base_merge_keeps_experts_and_dtype_output_loads(tmp_path, gpt_oss):
@@ -378,3 +392,15 @@ def test_extract_dequantizes_quantized_base_and_tuned(tmp_path, fp8_models):
     merge(base, [adapter], tmp_path / "tuned-fp8", device="cpu")
     report = extract(twin, tmp_path / "tuned-fp8", tmp_path / "lora-fp8", rank=4, device="cpu")
     assert len(report.modules) == 6 and all(m.relative_error < 0.5 for m in report.modules)
+
+
+def test_cli_reports_requantization_error_and_warns_when_it_swamps_the_adapter(tmp_path, fp8_models):
+    base, _, adapter = fp8_models["channel"]
+    result = run_cli(["merge", base, adapter, "-o", tmp_path / "big", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "requantized 6 tensor(s) as fp8 per-channel, F32 scales" in result.output and "warning" not in result.output
+    result = run_cli(["merge", base, adapter, "-o", tmp_path / "small", "-w", "0.001", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "warning: fp8 per-channel, F32 scales: requantizing the merged weights adds error up to" in output
+    assert "--dtype bf16 writes a plain model that keeps all of it" in output

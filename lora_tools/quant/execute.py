@@ -2,11 +2,11 @@
 
 The merge loop hands every output tensor that `adapt_plan` marked as produced
 here to `QuantizedTensors.write`. The first of a weight's stored tensors to come
-triggers the work: the weight is dequantized into one fp32 buffer, the ordinary
-merge computation runs on it in place, and the result is requantized (fresh
+triggers the work: the weight is dequantized into an fp32 buffer, the ordinary
+merge computation writes W + ΔW into a second one, and that is requantized (fresh
 scales) or cast; the weight's other stored tensor waits in memory for its turn.
-Row chunks keep every temporary small, so peak memory is one fp32 copy of the
-largest quantized weight.
+Row chunks keep the other temporaries small, so peak memory is two fp32 copies
+of the largest quantized weight (the dequantized base and the merged result).
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from .layout import QuantizedWeight
 
 __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantize", "requantization_summary"]
 
-#: Warn when ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ of a merged tensor exceeds this: the noise requantization adds is then
-#: larger than the adapter's own change to the weight (write a plain model with --dtype bf16 to keep all of it).
-REQUANTIZATION_WARN_RATIO = 1.0
+#: Warn when ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ of a merged tensor exceeds this: the rounding requantization adds is then
+#: more than half the adapter's own change to the weight (1 is what an adapter lost entirely to rounding gives,
+#: since then Q(W+ΔW) = W). Writing a plain model with --dtype bf16 keeps the whole change.
+REQUANTIZATION_WARN_RATIO = 0.5
 
 _CHUNK_ELEMENTS = 1 << 20
-Compute = Callable[[TensorTask, torch.Tensor], object]
+#: (logical task, dequantized base, destination) → the merge's TaskResult, written into destination
+Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor], object]
 
 
 def _row_step(weight: QuantizedWeight) -> int:
@@ -94,18 +96,16 @@ def requantize(weight: QuantizedWeight, values: torch.Tensor) -> tuple[torch.Ten
     return data, scale
 
 
-def _error_norms(weight: QuantizedWeight, stored, fresh, merged: torch.Tensor) -> tuple[float, float]:
-    """(‖Q(W+ΔW) − (W+ΔW)‖, ‖ΔW‖), with W from the stored and Q(·) from the fresh tensors, by chunks."""
-    error = change = 0.0
+def _requantization_error(weight: QuantizedWeight, fresh, merged: torch.Tensor) -> float:
+    """‖Q(W+ΔW) − (W+ΔW)‖, dequantizing the fresh tensors a chunk of rows at a time."""
+    error = 0.0
     step = _row_step(weight)
+    buffer = torch.empty((min(step, weight.shape[0]), *weight.shape[1:]), dtype=torch.float32)
     for start in range(0, weight.shape[0], step):
         stop = min(weight.shape[0], start + step)
-        buffer = torch.empty((stop - start, *weight.shape[1:]), dtype=torch.float32)
-        _dequantize_rows(weight, *fresh, start, stop, buffer)
-        error += float(torch.sum((buffer.double() - merged[start:stop].double()) ** 2))
-        _dequantize_rows(weight, *stored, start, stop, buffer)
-        change += float(torch.sum((merged[start:stop].double() - buffer.double()) ** 2))
-    return math.sqrt(error), math.sqrt(change)
+        _dequantize_rows(weight, *fresh, start, stop, buffer[: stop - start])
+        error += float(torch.dist(buffer[: stop - start], merged[start:stop])) ** 2
+    return math.sqrt(error)
 
 
 @dataclass
@@ -118,7 +118,7 @@ class QuantizedTensors:
     def __post_init__(self) -> None:
         self.pending: dict[str, torch.Tensor] = {}
         self.ratios: dict[str, list[float]] = {}
-        self._flat = torch.empty(0, dtype=torch.float32)
+        self._flat: dict[str, torch.Tensor] = {}
 
     def handles(self, name: str) -> bool:
         return name in self.produced
@@ -131,26 +131,28 @@ class QuantizedTensors:
         writer.write(task.name, tensor_bytes(self.pending.pop(task.name)))
         return result
 
-    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def _buffer(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused fp32 CPU buffer (fresh tensor-sized allocations cost a page fault per 4 KiB)."""
-        if self._flat.numel() < math.prod(shape):
-            self._flat = torch.empty(math.prod(shape), dtype=torch.float32)
-        return self._flat[: math.prod(shape)].view(shape)
+        flat = self._flat.get(role)
+        if flat is None or flat.numel() < math.prod(shape):
+            flat = self._flat[role] = torch.empty(math.prod(shape), dtype=torch.float32)
+        return flat[: math.prod(shape)].view(shape)
 
     def _produce(self, weight: QuantizedWeight, logical: TensorTask, base, compute: Compute):
         result = None
         with base.mapped(weight.data.name) as data, base.mapped(weight.scale.name) as scale:
-            stored = (data, scale)
-            values = dequantize(weight, data, scale, self._buffer(weight.shape))
-            if logical.changed:
-                result = compute(logical, values)  # in place: the merge reads each row before writing it
-            if logical.in_dtype != "F32":  # --dtype: the logical task reads the stored dtype (see adapt_plan)
-                self.pending[logical.name] = self._cast(logical, values)
-                return result
-            fresh = requantize(weight, values)
-            error, change = _error_norms(weight, stored, fresh, values)
+            values = dequantize(weight, data, scale, self._buffer("base", weight.shape))
+        merged = values
+        if logical.changed:
+            merged = self._buffer("merged", weight.shape)
+            result = compute(logical, values, merged)
+        if logical.in_dtype != "F32":  # --dtype: the logical task reads the stored dtype (see adapt_plan)
+            self.pending[logical.name] = self._cast(logical, merged)
+            return result
+        fresh = requantize(weight, merged)
+        change = float(torch.dist(merged, values)) if logical.changed else 0.0
         if change > 0:
-            self.ratios.setdefault(weight.format, []).append(error / change)
+            self.ratios.setdefault(weight.format, []).append(_requantization_error(weight, fresh, merged) / change)
         self.pending.update(zip(weight.stored, fresh, strict=True))
         return result
 
@@ -175,7 +177,8 @@ def requantization_summary(writers) -> tuple[dict[str, dict], list[str]]:
     }
     warnings = [
         f"{name}: requantizing the merged weights adds error up to {row['max']:.3g}× the adapter's own change "
-        f"(‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ > {REQUANTIZATION_WARN_RATIO:g}); --dtype bf16 keeps the merge exact"
+        f"(‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ > {REQUANTIZATION_WARN_RATIO:g}, and 1 means the adapter is lost to rounding); "
+        "--dtype bf16 writes a plain model that keeps all of it"
         for name, row in summary.items()
         if row["max"] > REQUANTIZATION_WARN_RATIO
     ]

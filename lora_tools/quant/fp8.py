@@ -31,16 +31,39 @@ def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int])
     return full[:rows, :cols]
 
 
+def _tiled(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:
+    """A [row blocks, b0, column blocks, b1] view of x when the blocks tile it exactly, else None."""
+    rows, cols = x.shape
+    if rows % block[0] or cols % block[1] or not x.is_contiguous():
+        return None
+    return x.view(rows // block[0], block[0], cols // block[1], block[1])
+
+
+def _scale_blocks(
+    x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """x × (or ÷) each block's scale, into `out` (which may be x)."""
+    tiles, target = _tiled(x, block), _tiled(out, block)
+    if tiles is None or target is None:
+        tiles, target, factor = x, out, _expand(scale.float(), tuple(x.shape), block)
+    else:
+        factor = scale.float()[:, None, :, None]
+    (torch.div if divide else torch.mul)(tiles, factor, out=target)
+    return out
+
+
 def dequantize_blocks(
     weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """fp32 weight = e4m3 value × its block's scale (`weight_scale_inv`, fp32 or bf16)."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
-    out.copy_(weight)
-    return out.mul_(_expand(scale_inv.float(), tuple(weight.shape), block))
+    return _scale_blocks(out.copy_(weight), scale_inv, block, divide=False, out=out)
 
 
 def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    tiles = _tiled(x, block)
+    if tiles is not None:
+        return torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_())
     rows, cols = x.shape
     grid = block_grid((rows, cols), block)
     padded = x.abs()
@@ -68,7 +91,7 @@ def quantize_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, block scales) for an fp32 [rows, cols] weight; `out` receives the e4m3 values."""
     scale = _scale_from_amax(_block_amax(x, block), scale_dtype)
-    scaled = x / _expand(scale.float(), tuple(x.shape), block)
+    scaled = _scale_blocks(x, scale, block, divide=True, out=torch.empty(x.shape, dtype=torch.float32))
     return _to_e4m3(scaled, out), scale
 
 
