@@ -283,12 +283,12 @@ def _keep_tie(adapter: Adapter, items: list[Replacement], base: Mapping[str, Ten
 
     (Unequal copies untie the base, with the planner's warning.)
     """
-    import torch
-
     tied = tied_embedding(base, config)
     whole = {item.target: item for item in items if item.rows is None}
     if tied is None or tied not in whole or HEAD_NAME not in whole:
         return items
+    import torch  # only here: a plain merge plans without torch (its import overlaps the copies)
+
     embedding, head = whole[tied], whole[HEAD_NAME]
     if not torch.equal(adapter.read(embedding.key), adapter.read(head.key)):
         return items

@@ -480,7 +480,7 @@ class _Writing:
         work = [(job, task, copied) for job in self.shards for task, copied in job.computed]
         with _no_cyclic_gc():
             if len(self.lanes) == 1:
-                ahead = [*work[1:], None]
+                ahead = [*work[1:], None][: len(work)]  # nothing to compute: nothing ahead
                 results = [
                     self._compute(self.lanes[0], *item, upcoming) for item, upcoming in zip(work, ahead, strict=True)
                 ]

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputExistsError
+from .storage import named_as_output
 
 __all__ = ["output_lock", "rename_no_replace", "refuse_touching_inputs", "files_read", "LOCK_SUFFIX"]
 
@@ -111,7 +112,8 @@ def output_lock(output: Path) -> Iterator[None]:
         return
     path = output.parent / f".{output.name}{LOCK_SUFFIX}"
     while True:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        with named_as_output(path, output):  # a read-only or full folder is reported as OUT's problem
+            handle = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

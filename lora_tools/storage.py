@@ -61,7 +61,7 @@ def named_as_output(temporary: Path, output: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if not isinstance(exc, LoraToolError):
+        if not isinstance(exc, LoraToolError) and exc.errno is not None:  # an OS error, not a message of ours
             exc.filename = _as_output(exc.filename, temporary, output) if exc.filename is not None else str(output)
             exc.filename2 = _as_output(exc.filename2, temporary, output)
         raise
