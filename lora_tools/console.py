@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 
 __all__ = ["set_color", "stderr_console", "is_interactive", "byte_progress", "count_progress", "plain_progress"]
@@ -84,39 +84,32 @@ def _count_line(done: int, total: int | None) -> str:
 
 
 @contextmanager
-def byte_progress(quiet: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """Yield a (done_bytes, total_bytes) callback: a rich bar on a terminal, plain lines elsewhere."""
+def _progress(quiet: bool, description: str, render, columns: tuple):
+    """A (done, total) callback: None when quiet, plain lines off a terminal, else a rich bar with `columns`."""
     if quiet:
         yield None
         return
     if not is_interactive():
-        yield plain_progress(description, _bytes_line)
+        yield plain_progress(description, render)
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import Progress
 
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
     with Progress(*columns, console=stderr_console(), transient=True) as bar:
         task = bar.add_task(description, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-@contextmanager
-def count_progress(quiet: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """Yield a (done, total) callback over modules: a rich bar on a terminal, plain lines elsewhere."""
-    if quiet:
-        yield None
-        return
-    if not is_interactive():
-        yield plain_progress(description, _count_line)
-        return
-    from rich.progress import Progress
+def byte_progress(quiet: bool, description: str):
+    """A context yielding a (done_bytes, total_bytes) callback: a rich bar on a terminal, plain lines elsewhere."""
+    columns: tuple = ()
+    if not quiet and is_interactive():
+        from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress(console=stderr_console(), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+        columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn())  # fmt: skip
+    return _progress(quiet, description, _bytes_line, columns)
+
+
+def count_progress(quiet: bool, description: str):
+    """A context yielding a (done, total) callback over modules: a rich bar on a terminal, plain lines elsewhere."""
+    return _progress(quiet, description, _count_line, ())

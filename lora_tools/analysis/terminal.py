@@ -43,6 +43,13 @@ def _rank(value: int | None) -> str:
     return "?" if value is None else str(value)
 
 
+def _ranks(t) -> tuple[str, str]:
+    """r90 / r99 of a changed tensor: "-" where no spectrum was taken (--no-spectrum, not 2-D, too large)."""
+    if not t.singular_values:
+        return "-", "-"
+    return _rank(t.rank_90), _rank(t.rank_99)
+
+
 def render_stats(console, report) -> None:
     """Per-module table, the heat map, flags and the resize estimate."""
     from rich.table import Table
@@ -89,7 +96,7 @@ def render_diff(console, report) -> None:
                 continue
             table.add_row(
                 t.name, t.status, f"{t.max_abs:.3g}", f"{t.relative_frobenius:.3g}", str(t.max_ulp),
-                f"{t.changed_elements:,}", _rank(t.rank_90), _rank(t.rank_99),
+                f"{t.changed_elements:,}", *_ranks(t),
             )  # fmt: skip
         console.print(table)
     for side, names in ((report.a, report.only_in_a), (report.b, report.only_in_b)):
