@@ -44,7 +44,7 @@ from . import CallableModule
 from .adapter import Adapter, LoraModule, read_adapter
 from .card import display_name, write_card
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
-from .extraction import Spool, factorize, peft_adapter_config, write_adapter_config
+from .extraction import Spool, factorize, mean_relative_error, peft_adapter_config, write_adapter_config
 from .hub import resolve_input
 from .output import atomic_output, checksums
 from .rank import RankRule, choose_rank
@@ -154,7 +154,7 @@ class CombineReport:
 
     @property
     def mean_relative_error(self) -> float:
-        return sum(m.relative_error for m in self.modules) / len(self.modules) if self.modules else 0.0
+        return mean_relative_error(self.modules)
 
     @property
     def max_relative_error(self) -> float:

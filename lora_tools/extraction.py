@@ -201,10 +201,15 @@ class ExtractReport:
 
     @property
     def mean_relative_error(self) -> float:
-        return sum(m.relative_error for m in self.modules) / len(self.modules) if self.modules else 0.0
+        return mean_relative_error(self.modules)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean_relative_error": self.mean_relative_error}
+
+
+def mean_relative_error(modules: Sequence) -> float:
+    """Mean of the modules' `relative_error` (0 for none), as extract, resize and combine report it."""
+    return sum(m.relative_error for m in modules) / len(modules) if modules else 0.0
 
 
 # --- factorisation --------------------------------------------------------------
