@@ -703,7 +703,14 @@ def _render_combination(report, as_json: bool, pushed: dict | None) -> None:
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "gguf", "mlx"]), required=True, help="Target format.")
+@click.option(
+    "--to", "to", type=click.Choice(["peft", "kohya", "gguf", "mlx", "diffusers"]), required=True, help="Target format."
+)
+@click.option(
+    "--naming",
+    type=click.Choice(["diffusers", "original"]),
+    help="Diffusion models: module names of diffusers or of the original single file (LDM/BFL/SD3); needs --base.",
+)
 @click.option(
     "--base", type=click.Path(), help="Base model: matches kohya names to module paths; its config lays out GGUF."
 )

@@ -13,7 +13,7 @@ __all__ = ["OPTION_GROUPS", "EXAMPLES", "GroupedCommand", "group_of"]
 
 #: Headings in the order help shows them, each with the option names (Click's parameter names) under it.
 OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Output", ("output", "force", "to", "dtype", "max_shard_size", "bake_alpha", "plot")),
+    ("Output", ("output", "force", "to", "naming", "dtype", "max_shard_size", "bake_alpha", "plot")),
     ("Input", ("base", "component", "alpha", "renames", "engine", "max_lora_rank")),
     ("Rank", ("rank", "energy", "sv_ratio", "max_rank")),
     ("Arithmetic", ("weights", "method", "density", "majority_sign", "seed", "embeddings", "save_1d")),
@@ -67,6 +67,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "convert": (
         "loratool convert lora.safetensors --to peft --base stable-diffusion-folder -o peft-lora",
         "loratool convert peft-lora --to kohya -o lora.safetensors",
+        "loratool convert flux-lora.safetensors --to kohya --naming original --base flux1-dev.safetensors -o bfl.safetensors",
         "loratool convert fixtures/tiny-llama-lora --to gguf --base fixtures/tiny-llama -o tiny-lora.gguf",
     ),
     "check": (

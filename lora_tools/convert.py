@@ -28,7 +28,7 @@ from .serving import fit_to_base
 
 __all__ = ["convert", "TARGET_FORMATS"]
 
-TARGET_FORMATS = ("peft", "kohya", "gguf", "mlx")
+TARGET_FORMATS = ("peft", "kohya", "gguf", "mlx", "diffusers")
 _KOHYA_PREFIX_FOR = {"unet": "lora_unet", "transformer": "lora_unet", "text_encoder": "lora_te",
                      "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}  # fmt: skip
 
@@ -194,6 +194,7 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     drop_unsupported: bool = False,
     workers: int | None = None,
+    naming: str | None = None,
 ) -> ExtractReport:
     """Convert an adapter between PEFT and kohya spellings.
 
@@ -207,6 +208,9 @@ def convert(
         drop_unsupported: for `to="gguf"|"mlx"`, leave out (and report) what the target cannot carry.
         workers: modules re-factorised at once, one core each (default: the usable cores);
             the output is byte-identical for any number.
+        naming: for diffusion models, "diffusers" or "original" (LDM / BFL / SD3) module names; fused and
+            split projections are converted exactly (see `renaming`). `to="diffusers"` writes a diffusers
+            LoRA file (`transformer.….lora_A.weight`, scale folded into B) and defaults to "diffusers".
 
     Returns:
         An `ExtractReport` listing each module, how it was carried, and any approximation error.
@@ -216,6 +220,11 @@ def convert(
         raise InvalidInputError(f"--to must be one of {', '.join(TARGET_FORMATS)}, got {to!r}")
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"--rank must be a positive integer, got {rank}")
+    if naming is not None or to == "diffusers":
+        from .renaming_io import convert_naming
+
+        return convert_naming(adapter, output, to=to, naming=naming or "diffusers", base=base, alpha=alpha,
+                              force=force, checksum=checksum, revision=revision, token=token)  # fmt: skip
     if to in ("gguf", "mlx"):
         from .serving.export import ExportOptions, export
 

@@ -198,6 +198,7 @@ class ExtractReport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     checksums: dict[str, str] | None = None
+    block_diagonal: list[str] = field(default_factory=list)  # convert --naming: modules fused at summed rank
 
     @property
     def mean_relative_error(self) -> float:
