@@ -34,6 +34,7 @@ COMPONENT_PREFIXES = {
     "text_encoder.": "text_encoder",
     "text_encoder_2.": "text_encoder_2",
     "text_encoder_3.": "text_encoder_3",
+    "vae.": "vae",
 }
 _KOHYA_ROLES = {
     "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .layouts.diffusion import UNET_PREFIX, Layout, Link, block_rows, detect_layout
+from .layouts.diffusion import UNET_PREFIX, VAE_PREFIX, Layout, Link, block_rows, detect_layout
 
 __all__ = ["Piece", "Located", "LayoutTargets", "piece_delta"]
 
@@ -114,8 +114,9 @@ class LayoutTargets:
         for _, prefix in self.layout.prefixes:
             if prefix and link.original.startswith(prefix):
                 names.append(link.original[len(prefix) :])
-        if len(names) == 1 and link.original.startswith(UNET_PREFIX):
-            names.append(link.original[len(UNET_PREFIX) :])
+        for prefix in (UNET_PREFIX, VAE_PREFIX) if len(names) == 1 else ():
+            if link.original.startswith(prefix):
+                names.append(link.original[len(prefix) :])
         return names
 
     def _links(self, module) -> list[Link] | None:
@@ -154,9 +155,9 @@ class LayoutTargets:
         parts = []
         for link, rows, shape in zip(links, blocks, shapes, strict=True):
             source = block_rows(link.diffusers_block, total, _cols(shape))
-            piece = None if rows is None and source is None else Piece(rows, source, total)
+            piece = None if rows is None and source is None and not link.reshaped else Piece(rows, source, total)
             parts.append((link.original_weight, link.original_bias, piece))
-        return Located((total, *shapes[0][1:]), tuple(parts))
+        return Located((total, *shapes[0][1 : 2 if links[0].reshaped else None]), tuple(parts))
 
     def _onto_diffusers(self, links: list[Link]) -> Located | None:
         """An original-named module (a fused qkv) into a diffusers folder: each split weight takes its rows."""
@@ -170,9 +171,10 @@ class LayoutTargets:
             rows = shapes[link.diffusers][0]
             source = block_rows(link.block, total, cols)
             target = block_rows(link.diffusers_block, rows, cols)
-            piece = None if source is None and target is None else Piece(target, source, total)
+            piece = None if source is None and target is None and not link.reshaped else Piece(target, source, total)
             parts.append((f"{link.diffusers}.weight", f"{link.diffusers}.bias", piece))
-        return Located((total, *next(iter(shapes.values()))[1:]), tuple(parts))
+        kernel = (1, 1) if links[0].reshaped else ()  # the original's 1×1 conv of this Linear
+        return Located((total, *next(iter(shapes.values()))[1:], *kernel), tuple(parts))
 
 
 def _cols(shape: tuple[int, ...]) -> int:

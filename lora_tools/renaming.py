@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import InvalidInputError, UnsupportedError
-from .layouts.diffusion import UNET_PREFIX, Layout, Link, block_rows
+from .layouts.diffusion import UNET_PREFIX, VAE_PREFIX, Layout, Link, block_rows
 
 __all__ = ["NAMINGS", "Span", "Part", "Target", "link_spans", "plan_renaming", "fuse"]
 
@@ -101,7 +101,7 @@ def _stripped(layout: Layout, original: str) -> str:
     for _, prefix in layout.prefixes:
         if prefix and original.startswith(prefix):
             return original[len(prefix) :]
-    return original.removeprefix(UNET_PREFIX)
+    return original.removeprefix(UNET_PREFIX).removeprefix(VAE_PREFIX)
 
 
 def _sides(layout: Layout, spans: Mapping[Link, Span]) -> tuple[dict, dict[str, tuple[str, str]]]:

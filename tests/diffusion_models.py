@@ -82,7 +82,8 @@ def diffusers_to_original(state: dict, links) -> dict:
                 continue
             used.update(f"{link.diffusers}.{leaf}" for link in group)
             if len(parts) == 1 and group[0].block is None:
-                out[name] = parts[0][1].clone()
+                kernel = (1, 1) if group[0].reshaped and leaf == "weight" else ()
+                out[name] = parts[0][1].clone().reshape(*parts[0][1].shape, *kernel)
                 continue
             totals = {link.diffusers: value.shape[0] for link, value in parts}
             rows = sum(totals.values())
@@ -96,6 +97,18 @@ def diffusers_to_original(state: dict, links) -> dict:
     missing = sorted(set(state) - used)
     assert not missing, f"no link for {missing[:5]}"
     return out
+
+
+def vae():
+    """An AutoencoderKL of SD's shape: two levels, a channel change (conv_shortcut), mid attention."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(6)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+        sample_size=16,
+    ).eval()  # fmt: skip
 
 
 def sd3_transformer():

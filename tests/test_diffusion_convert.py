@@ -165,3 +165,59 @@ def test_naming_needs_a_diffusion_base_and_nothing_is_written(flux, tmp_path):
                       str(root / "flux1-tiny.safetensors"), "-o", str(output)])  # fmt: skip
     assert result.exit_code == 3 and "do not name transformer_blocks.0.attn.to_zz" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "lora.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-convert")
+    unet = sdxl_unet()
+    state = unet.state_dict()
+    save_file(diffusers_to_original(state, detect_layout(set(state)).links), root / "sdxl-tiny.safetensors")
+    unet.save_pretrained(root / "unet")
+    return root, unet, state
+
+
+SDXL_MODULES = ("attn1.to_q", "attn2.to_k", "proj_in", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj",
+                "downsamplers.0.conv", "upsamplers.0.conv", "conv_in", "add_embedding.linear_1")  # fmt: skip
+
+
+def _conv_loras(state: dict, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and value.dim() in (2, 4) and name.endswith(SDXL_MODULES):
+            down = torch.randn(R, *value.shape[1:], generator=g) * 0.1
+            out[name] = (down, torch.randn(value.shape[0], R, *([1] * (value.dim() - 2)), generator=g) * 0.1, R)
+    return out
+
+
+def test_sdxl_diffusers_lora_to_ldm_kohya_loads_in_diffusers_like_the_original(sdxl, tmp_path):
+    """diffusers → kohya with LDM names (`lora_unet_input_blocks_4_1_…`, as sd-scripts writes SDXL): diffusers'
+    SDXL kohya reader fuses it to the original's weights; and back to diffusers names ΔW is unchanged."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    root, unet, state = sdxl
+    loras = _conv_loras(state, 11)
+    original = _diffusers_file(tmp_path / "lora.safetensors", loras, "unet", alphas=False)
+    kohya = tmp_path / "ldm.safetensors"
+    report = lora_tools.convert(original, kohya, to="kohya", naming="original", base=root / "sdxl-tiny.safetensors")
+    assert len(report.modules) == len(loras) and {m.method for m in report.modules} == {"renamed"}
+    assert any(m.name.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1") for m in report.modules)
+    fused = {}
+    for label, path in (("ours", kohya), ("theirs", original)):
+        model = UNet2DConditionModel.from_pretrained(root / "unet")
+        state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=model.config)
+        StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, model, adapter_name="x")
+        model.fuse_lora(lora_scale=1.0)
+        model.unload_lora()
+        fused[label] = model.state_dict()
+    changed = 0
+    for key, value in fused["theirs"].items():
+        torch.testing.assert_close(fused["ours"][key], value, rtol=1e-6, atol=1e-7, msg=key)
+        changed += not torch.equal(value, state[key])
+    assert changed == len(loras)
+    lora_tools.convert(kohya, tmp_path / "back.safetensors", to="diffusers", base=root / "unet")
+    back = load_state(tmp_path / "back.safetensors")
+    for name, (down, up, _) in loras.items():
+        assert torch.equal(back[f"unet.{name}.lora_A.weight"], down) and torch.equal(back[f"unet.{name}.lora_B.weight"], up)

@@ -593,3 +593,66 @@ def test_dora_across_a_fused_projection_is_refused_and_nothing_written(flux, tmp
     assert result.exit_code == 3, result.output
     assert "DoRA across a fused projection (double_blocks.0.img_attn.qkv.weight)" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dora.safetensors"]
+
+
+# --- VAE -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_with_vae(tmp_path_factory):
+    """An SD 1.x single file with its VAE under first_stage_model. (mid attention as 1×1 convs), and the folder."""
+    from diffusion_models import vae
+
+    root = tmp_path_factory.mktemp("sd-vae")
+    unet, autoencoder = sd1_unet(), vae()
+    state = autoencoder.state_dict()
+    single = diffusers_to_original(unet.state_dict(), detect_layout(set(unet.state_dict())).links)
+    single |= diffusers_to_original(state, detect_layout(set(state)).links)
+    save_file(single, root / "model.safetensors")
+    unet.save_pretrained(root / "folder" / "unet")
+    autoencoder.save_pretrained(root / "folder" / "vae")
+    (root / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root, autoencoder, state, single
+
+
+def test_vae_tables_invert_diffusers_conversion(sd_with_vae):
+    """diffusers' convert_ldm_vae_checkpoint on our single file gives back the diffusers VAE bit for bit."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    _, autoencoder, state, single = sd_with_vae
+    assert single["first_stage_model.decoder.mid.attn_1.q.weight"].dim() == 4
+    back = convert_ldm_vae_checkpoint(dict(single), dict(autoencoder.config))
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_vae_loras_merge_into_single_file_and_folder_alike(sd_with_vae, tmp_path):
+    """A diffusers-named VAE LoRA (Linear to_q on the mid attention, convs) into the single file, and an LDM-named one
+    (1×1-conv factors on attn_1.q) into the folder: each equals the other layout's merge, mapped, bit for bit."""
+    root, _, state, single = sd_with_vae
+    names = ["decoder.mid_block.attentions.0.to_q", "encoder.mid_block.attentions.0.to_out.0",
+             "decoder.up_blocks.0.resnets.0.conv1", "encoder.down_blocks.1.resnets.0.conv_shortcut", "post_quant_conv"]  # fmt: skip
+    loras = _lora_tensors({n: tuple(state[f"{n}.weight"].shape) for n in names}, seed=41)
+    tensors = {}
+    for name, (down, up) in loras.items():
+        tensors |= {f"vae.{name}.lora_A.weight": down, f"vae.{name}.lora_B.weight": up}
+    save_file(tensors, tmp_path / "diffusers.safetensors")
+    ldm = {"decoder.mid.attn_1.q": (32, 1), "encoder.mid.attn_1.v": (16, 2), "decoder.up.1.block.0.conv1": (16, 3)}
+    ldm_loras = _lora_tensors({n: tuple(single[f"first_stage_model.{n}.weight"].shape) for n in ldm}, seed=42)
+    tensors = {}
+    for name, (down, up) in ldm_loras.items():
+        tensors |= {f"vae.{name}.lora_A.weight": down, f"vae.{name}.lora_B.weight": up}
+    save_file(tensors, tmp_path / "ldm.safetensors")
+    vae_links = detect_layout(set(state)).links
+    for adapter in (tmp_path / "diffusers.safetensors", tmp_path / "ldm.safetensors"):
+        report = lora_tools.merge(root / "model.safetensors", [adapter], tmp_path / f"{adapter.stem}-out.safetensors", device="cpu")  # fmt: skip
+        assert report.tensors_changed == (5 if adapter.stem == "diffusers" else 3), adapter.stem
+        lora_tools.merge(root / "folder", [adapter], tmp_path / f"{adapter.stem}-folder", device="cpu")
+        folder = load_state(tmp_path / f"{adapter.stem}-folder" / "vae")
+        expected = {f"first_stage_model.{k.removeprefix('first_stage_model.')}": v for k, v in diffusers_to_original(folder, vae_links).items()}  # fmt: skip
+        ours = load_state(tmp_path / f"{adapter.stem}-out.safetensors")
+        for key, value in expected.items():
+            assert torch.equal(ours[key], value), (adapter.stem, key)
+    down, up = loras["decoder.mid_block.attentions.0.to_q"]
+    q = load_state(tmp_path / "diffusers-out.safetensors")["first_stage_model.decoder.mid.attn_1.q.weight"]
+    assert torch.equal(q, (state["decoder.mid_block.attentions.0.to_q.weight"] + up @ down).reshape(q.shape))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-__all__ = ["Link", "Layout", "detect_layout", "describe_layout", "block_rows", "RULES"]
+__all__ = ["Link", "Layout", "detect_layout", "describe_layout", "block_rows", "vae_links", "RULES"]
 
 #: how a fused module's rows divide into blocks, from its (rows, columns).
 RULES: dict[str, Callable[[int, int], list[int]]] = {
@@ -35,6 +35,7 @@ class Link:
 
     `block` is (index, rule) into RULES, None for the whole module; `diffusers_block` likewise for
     the diffusers side (only Flux's swapped halves need it). `original` includes the file's prefix.
+    `reshaped`: the original weight is the diffusers one with trailing 1×1 kernel axes.
     """
 
     component: str
@@ -42,6 +43,7 @@ class Link:
     diffusers: str
     block: tuple[int, str] | None = None
     diffusers_block: tuple[int, str] | None = None
+    reshaped: bool = False  # the original keeps this Linear as a 1×1 conv, [out, in, 1, 1] (LDM VAE attention)
 
     @property
     def original_weight(self) -> str:
@@ -203,6 +205,63 @@ def unet_links(shape: UnetShape, prefix: str = UNET_PREFIX, component: str = "un
     return links
 
 
+# --- VAE (AutoencoderKL) ------------------------------------------------------------------------
+
+VAE_PREFIX = "first_stage_model."
+_VAE_TOP = (
+    ("encoder.conv_in", "encoder.conv_in"), ("encoder.conv_out", "encoder.conv_out"),
+    ("encoder.norm_out", "encoder.conv_norm_out"), ("decoder.conv_in", "decoder.conv_in"),
+    ("decoder.conv_out", "decoder.conv_out"), ("decoder.norm_out", "decoder.conv_norm_out"),
+    ("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv"),
+)  # fmt: skip
+_VAE_RESNET = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"), ("nin_shortcut", "conv_shortcut"))  # fmt: skip
+_VAE_ATTENTION = (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
+
+
+@dataclass(frozen=True)
+class VaeShape:
+    """Resolution levels, and resnets per encoder / decoder level."""
+
+    blocks: int
+    encoder_layers: int
+    decoder_layers: int
+
+
+def _vae_shape(names: Collection[str], original: bool) -> VaeShape:
+    if original:
+        return VaeShape(_count(names, "encoder.down.{}."), _count(names, "encoder.down.0.block.{}."), _count(names, "decoder.up.0.block.{}."))  # fmt: skip
+    return VaeShape(_count(names, "encoder.down_blocks.{}."), _count(names, "encoder.down_blocks.0.resnets.{}."),
+                    _count(names, "decoder.up_blocks.0.resnets.{}."))  # fmt: skip
+
+
+def _vae_pairs(shape: VaeShape) -> list[tuple[str, str]]:
+    """(original, diffusers) resnet prefixes; the decoder's levels run the other way round."""
+    pairs = []
+    for i in range(shape.blocks):
+        pairs += [(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}") for j in range(shape.encoder_layers)]  # fmt: skip
+        up = shape.blocks - 1 - i
+        pairs += [(f"decoder.up.{up}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}") for j in range(shape.decoder_layers)]  # fmt: skip
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.mid.block_{k + 1}", f"{part}.mid_block.resnets.{k}") for k in range(2)]
+    return pairs
+
+
+def vae_links(shape: VaeShape, prefix: str = VAE_PREFIX, component: str = "vae") -> list[Link]:
+    """LDM's AutoencoderKL (`encoder.down.N.block.M`, 1×1-conv mid attention) ↔ diffusers' AutoencoderKL."""
+    links = [Link(component, prefix + a, b) for a, b in _VAE_TOP]
+    for original, diffusers in _vae_pairs(shape):
+        links += [Link(component, f"{prefix}{original}.{a}", f"{diffusers}.{b}") for a, b in _VAE_RESNET]
+    for i in range(shape.blocks):
+        links.append(Link(component, f"{prefix}encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))  # fmt: skip
+        up = shape.blocks - 1 - i
+        links.append(Link(component, f"{prefix}decoder.up.{up}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv"))  # fmt: skip
+    for part in ("encoder", "decoder"):
+        original, diffusers = f"{prefix}{part}.mid.attn_1.", f"{part}.mid_block.attentions.0."
+        links.append(Link(component, f"{original}norm", f"{diffusers}group_norm"))
+        links += [Link(component, original + a, diffusers + b, reshaped=True) for a, b in _VAE_ATTENTION]
+    return links
+
+
 # --- text encoders -------------------------------------------------------------------------
 
 _OPEN_CLIP_LAYER = (
@@ -360,6 +419,10 @@ def _sd_single_file(names: Collection[str]) -> Layout:
         else:
             layers = _count(names, prefix + "transformer.resblocks.{}.")
             links += open_clip_links(prefix, layers, component) if layers else []
+    vae = _stripped(names, VAE_PREFIX)
+    if vae:
+        links += vae_links(_vae_shape(vae, original=True))
+        prefixes.append(("vae", VAE_PREFIX))
     return Layout(family, "original", tuple(links), tuple(prefixes))
 
 
@@ -395,6 +458,10 @@ def detect_layout(names: Collection[str]) -> Layout | None:
         return Layout("Flux (diffusers)", "diffusers", tuple(links))
     if "down_blocks.0.resnets.0.conv1.weight" in names and "conv_in.weight" in names:
         return Layout("SD UNet (diffusers)", "diffusers", tuple(unet_links(_unet_shape_from_diffusers(names))))
+    if "encoder.down.0.block.0.conv1.weight" in names and "decoder.up.0.block.0.conv1.weight" in names:
+        return Layout("VAE", "original", tuple(vae_links(_vae_shape(names, original=True), prefix="")), (("vae", ""),))
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in names and "decoder.up_blocks.0.resnets.0.conv1.weight" in names:
+        return Layout("VAE (diffusers)", "diffusers", tuple(vae_links(_vae_shape(names, original=False))))
     if "text_model.encoder.layers.0.self_attn.q_proj.weight" in names:
         layers = _count(names, "text_model.encoder.layers.{}.")
         return Layout("CLIP text encoder (diffusers)", "diffusers", tuple(open_clip_links("", layers, "text_encoder")))
