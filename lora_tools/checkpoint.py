@@ -302,5 +302,9 @@ def open_components(path: Path) -> dict[str | None, Checkpoint]:
 
 
 def component_aliases(components: dict) -> dict[str, str]:
-    """kohya calls a Flux / SD3 transformer `lora_unet_`: map unet to transformer where only that exists."""
-    return {"unet": "transformer"} if "unet" not in components and "transformer" in components else {}
+    """kohya calls a Flux / SD3 transformer `lora_unet_`: map unet to transformer where only that exists; and
+    sd-scripts calls Flux's T5 `lora_te3_` where diffusers has it as text_encoder_2 (no text_encoder_3)."""
+    if "unet" in components or "transformer" not in components:
+        return {}
+    t5 = {"text_encoder_3": "text_encoder_2"} if "text_encoder_2" in components and "text_encoder_3" not in components else {}
+    return {"unet": "transformer", **t5}

@@ -120,3 +120,35 @@ def sd3_transformer():
         joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
         pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
     ).eval()  # fmt: skip
+
+
+def sd2_unet():
+    """SD 2.x's shape: linear proj_in / proj_out in the transformer blocks, attention heads per block."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(7)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(4, 8), norm_num_groups=8, use_linear_projection=True,
+    ).eval()  # fmt: skip
+
+
+def open_clip_h():
+    """The CLIPTextModel diffusers uses for SD 2.x's OpenCLIP ViT-H encoder, tiny."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(8)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=100, max_position_embeddings=32, hidden_act="gelu")  # fmt: skip
+    return CLIPTextModel(config).eval()
+
+
+def t5_encoder():
+    """Flux's / SD3's T5-XXL encoder (T5EncoderModel), tiny."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(9)
+    config = T5Config(d_model=16, d_kv=4, num_heads=2, d_ff=32, num_layers=1, vocab_size=50,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    return T5EncoderModel(config).eval()

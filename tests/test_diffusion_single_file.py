@@ -18,7 +18,9 @@ from diffusion_models import (
     diffusers_to_original,
     flux_transformer,
     open_clip_g,
+    open_clip_h,
     sd1_unet,
+    sd2_unet,
     sd3_transformer,
     sdxl_unet,
 )
@@ -316,6 +318,67 @@ def test_diffusers_from_single_file_on_our_output_equals_its_own_lora_fuse(sd_si
     assert (found - UNet2DConditionModel.from_pretrained(root / "folder" / "unet")(sample, 3, context, **extra).sample).abs().max() > 1e-3  # fmt: skip
 
 
+# --- SD 2.x: OpenCLIP ViT-H under cond_stage_model.model., linear proj_in / proj_out ----------------------------
+
+SD2_CLIP = "cond_stage_model.model."
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd2")
+    unet, text = sd2_unet(), open_clip_h()
+    unet.save_pretrained(root / "folder" / "unet")
+    text.save_pretrained(root / "folder" / "text_encoder")
+    (root / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    encoder = {_text_model(k): v for k, v in load_state(root / "folder" / "text_encoder").items()}
+    position = "text_model.embeddings.position_embedding.weight"
+    single = diffusers_to_original(unet.state_dict(), detect_layout(set(unet.state_dict())).links)
+    single |= diffusers_to_original({k: v for k, v in encoder.items() if k != position}, open_clip_links(SD2_CLIP, 2, "text_encoder"))  # fmt: skip
+    single[SD2_CLIP + "positional_embedding"] = encoder[position]
+    single[SD2_CLIP + "text_projection"] = torch.randn(32, 32)  # ViT-H files carry it; CLIPTextModel does not use it
+    save_file(single, root / "sd2.safetensors")
+    return root, unet, text, encoder, single
+
+
+def test_sd2_tables_invert_diffusers_conversion(sd2):
+    """diffusers' convert_ldm_unet_checkpoint and convert_open_clip_checkpoint give back both models bit for bit."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+
+    _, unet, text, encoder, single = sd2
+    assert detect_layout(set(single)).family == "SD 2.x"
+    assert single["model.diffusion_model.input_blocks.1.1.proj_in.weight"].dim() == 2  # linear projection
+    back = convert_ldm_unet_checkpoint(dict(single), dict(unet.config))
+    assert set(back) == set(unet.state_dict()) and all(torch.equal(back[k], v) for k, v in unet.state_dict().items())
+    back = convert_open_clip_checkpoint(text, dict(single), prefix=SD2_CLIP)
+    back = {_text_model(k): v for k, v in back.items() if k in encoder or _text_model(k) in encoder}
+    assert set(back) == set(encoder) and all(torch.equal(back[k], encoder[k]) for k in encoder)
+
+
+def test_sd2_kohya_lora_into_single_file_equals_folder_merge(sd2, tmp_path):
+    """lora_te_ q/v (one fused in_proj_weight), fc1 and lora_unet_ on linear proj_in / attn2: the single-file merge
+    equals the folder merge, mapped, bit for bit."""
+    root, unet, _, _, single = sd2
+    state = unet.state_dict()
+    layer = "text_model.encoder.layers.0"
+    text = _lora_tensors({f"{layer}.self_attn.q_proj": (32, 32), f"{layer}.self_attn.v_proj": (32, 32), f"{layer}.mlp.fc1": (64, 32)}, 51)  # fmt: skip
+    names = ["down_blocks.0.attentions.0.proj_in", "up_blocks.1.attentions.1.proj_out",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]  # fmt: skip
+    loras = _lora_tensors({n: tuple(state[f"{n}.weight"].shape) for n in names}, 52)
+    adapter = tmp_path / "kohya.safetensors"
+    save_file(load_state(_write_kohya(tmp_path / "te.safetensors", text, "lora_te")) | load_state(_write_kohya(tmp_path / "u.safetensors", loras, "lora_unet")), adapter)  # fmt: skip
+    report = lora_tools.merge(root / "sd2.safetensors", [adapter], tmp_path / "out.safetensors", device="cpu")
+    assert report.tensors_changed == 5  # q and v share in_proj_weight
+    lora_tools.merge(root / "folder", [adapter], tmp_path / "folder", device="cpu")
+    expected = diffusers_to_original(load_state(tmp_path / "folder" / "unet"), detect_layout(set(state)).links)
+    encoder = {_text_model(k): v for k, v in load_state(tmp_path / "folder" / "text_encoder").items()}
+    position = "text_model.embeddings.position_embedding.weight"
+    expected |= diffusers_to_original({k: v for k, v in encoder.items() if k != position}, open_clip_links(SD2_CLIP, 2, "text_encoder"))  # fmt: skip
+    ours = load_state(tmp_path / "out.safetensors")
+    assert set(ours) == set(single)
+    for key, value in expected.items():
+        assert torch.equal(ours[key], value), key
+
+
 # --- Flux: BFL single files and fused projections ---------------------------------------------------------
 
 
@@ -423,6 +486,46 @@ def test_flux_bfl_named_kohya_qkv_lora_into_diffusers_folder(flux, tmp_path):
     ours = load_state(tmp_path / "out.safetensors")
     for key in ours:
         torch.testing.assert_close(ours[key], mapped[key], rtol=0, atol=0, msg=key)
+
+
+def test_kohya_flux_text_encoder_spellings_onto_embedded_and_folder_encoders(flux, tmp_path):
+    """sd-scripts' Flux names — `lora_unet_` BFL, `lora_te1_` CLIP-L, `lora_te3_` T5 — into an all-in-one file
+    (`model.diffusion_model.`, `text_encoders.clip_l/t5xxl.transformer.`) and into a FluxPipeline folder, where T5
+    is text_encoder_2: the two merges agree, mapped, bit for bit."""
+    from diffusion_models import t5_encoder
+
+    root, model, state, single = flux
+    pipeline = tmp_path / "pipeline"
+    model.save_pretrained(pipeline / "transformer")
+    clip_l().save_pretrained(pipeline / "text_encoder")
+    t5_encoder().save_pretrained(pipeline / "text_encoder_2")
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    clip = {_text_model(k): v for k, v in load_state(pipeline / "text_encoder").items()}
+    t5 = load_state(pipeline / "text_encoder_2")
+    prefixes = {"clip": "text_encoders.clip_l.transformer.", "t5": "text_encoders.t5xxl.transformer."}
+    aio = {f"model.diffusion_model.{k}": v for k, v in single.items()}
+    aio |= {prefixes["clip"] + k: v for k, v in clip.items()} | {prefixes["t5"] + k: v for k, v in t5.items()}
+    save_file(aio, tmp_path / "flux-aio.safetensors")
+    shapes = {"lora_unet": {"double_blocks.0.img_attn.qkv": tuple(single["double_blocks.0.img_attn.qkv.weight"].shape)},
+              "lora_te1": {"text_model.encoder.layers.1.self_attn.q_proj": (32, 32)},
+              "lora_te3": {"encoder.block.0.layer.0.SelfAttention.q": tuple(t5["encoder.block.0.layer.0.SelfAttention.q.weight"].shape),
+                           "encoder.block.0.layer.1.DenseReluDense.wi_0": tuple(t5["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape)}}  # fmt: skip
+    tensors = {}
+    for seed, (prefix, group) in enumerate(shapes.items()):
+        tensors |= load_state(_write_kohya(tmp_path / f"{prefix}.safetensors", _lora_tensors(group, 60 + seed), prefix))
+    save_file(tensors, tmp_path / "kohya.safetensors")
+    report = lora_tools.merge(tmp_path / "flux-aio.safetensors", [tmp_path / "kohya.safetensors"], tmp_path / "out.safetensors", device="cpu")  # fmt: skip
+    assert report.tensors_changed == 4
+    lora_tools.merge(pipeline, [tmp_path / "kohya.safetensors"], tmp_path / "merged", device="cpu")
+    merged = diffusers_to_original(load_state(tmp_path / "merged" / "transformer"), detect_layout(set(state)).links)
+    expected = {f"model.diffusion_model.{k}": v for k, v in merged.items()}
+    expected |= {prefixes["clip"] + _text_model(k): v for k, v in load_state(tmp_path / "merged" / "text_encoder").items()}  # fmt: skip
+    expected |= {prefixes["t5"] + k: v for k, v in load_state(tmp_path / "merged" / "text_encoder_2").items()}
+    ours = load_state(tmp_path / "out.safetensors")
+    assert set(ours) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(ours[key], value), key
+    assert not torch.equal(ours[prefixes["t5"] + "encoder.block.0.layer.0.SelfAttention.q.weight"], t5["encoder.block.0.layer.0.SelfAttention.q.weight"])  # fmt: skip
 
 
 def test_full_difference_keys_diff_and_diff_b(flux, tmp_path):

@@ -426,6 +426,20 @@ def _sd_single_file(names: Collection[str]) -> Layout:
     return Layout(family, "original", tuple(links), tuple(prefixes))
 
 
+#: encoders ComfyUI-style all-in-one Flux / SD3 files embed (transformers' names under the prefix). sd-scripts
+#: names Flux's T5 `lora_te3_` though diffusers calls it text_encoder_2, so Flux lists it under both.
+_EMBEDDED_ENCODERS = {
+    "Flux": (("text_encoder", "text_encoders.clip_l.transformer."), ("text_encoder_2", "text_encoders.t5xxl.transformer."),
+             ("text_encoder_3", "text_encoders.t5xxl.transformer.")),
+    "SD3": (("text_encoder", "text_encoders.clip_l.transformer."), ("text_encoder_2", "text_encoders.clip_g.transformer."),
+            ("text_encoder_3", "text_encoders.t5xxl.transformer.")),
+}  # fmt: skip
+
+
+def _embedded(names: Collection[str], family: str) -> tuple[tuple[str, str], ...]:
+    return tuple((c, p) for c, p in _EMBEDDED_ENCODERS[family] if any(n.startswith(p) for n in names))
+
+
 def _flux_prefix(names: Collection[str]) -> str | None:
     for prefix in ("", UNET_PREFIX):
         if f"{prefix}double_blocks.0.img_attn.qkv.weight" in names:
@@ -442,13 +456,13 @@ def detect_layout(names: Collection[str]) -> Layout | None:
     if prefix is not None:
         blocks = _stripped(names, prefix)
         links = flux_links(_count(blocks, "double_blocks.{}."), _count(blocks, "single_blocks.{}."), prefix)
-        return Layout("Flux", "original", tuple(links), (("transformer", prefix),))
+        return Layout("Flux", "original", tuple(links), (("transformer", prefix), *_embedded(names, "Flux")))
     for prefix in ("", UNET_PREFIX):
         if f"{prefix}joint_blocks.0.x_block.attn.qkv.weight" in names:
             blocks = _stripped(names, prefix)
             dual = {i for i in range(_count(blocks, "joint_blocks.{}.")) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in blocks}  # fmt: skip
             links = sd3_links(_count(blocks, "joint_blocks.{}."), dual, prefix)
-            return Layout("SD3", "original", tuple(links), (("transformer", prefix),))
+            return Layout("SD3", "original", tuple(links), (("transformer", prefix), *_embedded(names, "SD3")))
     if "transformer_blocks.0.attn.add_q_proj.weight" in names and "pos_embed.proj.weight" in names:
         layers = _count(names, "transformer_blocks.{}.")
         dual = {i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in names}
