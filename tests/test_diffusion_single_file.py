@@ -666,20 +666,64 @@ def test_fp8_single_file_merges_in_fp32_and_casts_back(flux, tmp_path):
     assert torch.equal(plain["img_in.weight"], exact["img_in.weight"].to(torch.bfloat16))
 
 
-def test_scaled_fp8_weight_is_refused_and_nothing_written(flux, tmp_path):
-    from conftest import run_cli
+def _comfy_scaled_fp8(single: dict) -> dict:
+    """A file as ComfyUI's scaled-fp8 exporters write it: per linear an e4m3 weight and fp32 scale amax/448."""
+    out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, value in single.items():
+        if value.dim() == 2:
+            scale = value.abs().max().float() / 448
+            out[key] = (value / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            out[key.replace(".weight", ".scale_weight")] = scale.reshape(())
+        else:
+            out[key] = value.to(torch.bfloat16)
+    out["img_in.scale_input"] = torch.tensor(1.0)
+    return out
+
+
+def test_comfy_scaled_fp8_merges_with_a_fresh_scale(flux, tmp_path):
+    """W = weight·scale_weight; W + ΔW requantised with scale amax/448: within e4m3's rounding of an fp64 reference,
+    the report's error exact, untouched tensors byte-identical; --dtype bf16 drops scales and the marker."""
+    from safetensors import safe_open
 
     root, _, state, single = flux
-    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in single.items()}
-    fp8["img_in.scale_weight"] = torch.tensor(0.5)
-    save_file(fp8, tmp_path / "scaled.safetensors")
-    down, up = _lora_tensors({"x_embedder": tuple(state["x_embedder.weight"].shape)}, 2)["x_embedder"]
-    save_file({"transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up}, tmp_path / "l.safetensors")  # fmt: skip
-    result = run_cli(["merge", str(tmp_path / "scaled.safetensors"), str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "out.safetensors")])  # fmt: skip
-    assert result.exit_code == 3, result.output
-    assert "img_in.scale_weight" in result.stderr and "scaled float8" in result.stderr
-    assert not (tmp_path / "out.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "scaled.safetensors"]
+    scaled = _comfy_scaled_fp8(single)
+    save_file(scaled, tmp_path / "flux-scaled.safetensors")
+    d = state["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    loras = _lora_tensors({"transformer_blocks.0.attn.to_v": (d, d), "x_embedder": tuple(state["x_embedder.weight"].shape)}, 33)  # fmt: skip
+    tensors = {}
+    for name, (down, up) in loras.items():  # large enough to move amax: a kept scale would saturate
+        tensors.update({f"transformer.{name}.lora_A.weight": down * 8, f"transformer.{name}.lora_B.weight": up * 8})
+    save_file(tensors, tmp_path / "lora.safetensors")
+    report = lora_tools.merge(tmp_path / "flux-scaled.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors", device="cpu")  # fmt: skip
+    ours = load_state(tmp_path / "out.safetensors")
+    assert set(ours) == set(scaled)
+    deltas = {"double_blocks.0.img_attn.qkv": (slice(2 * d, 3 * d), loras["transformer_blocks.0.attn.to_v"]),
+              "img_in": (slice(None), loras["x_embedder"])}  # fmt: skip
+    ratios = []
+    for module, (rows, (down, up)) in deltas.items():
+        weight = scaled[f"{module}.weight"].double() * scaled[f"{module}.scale_weight"].double()
+        exact = weight.clone()
+        exact[rows] += (up.double() * 8) @ (down.double() * 8)
+        scale = ours[f"{module}.scale_weight"]
+        assert scale.dtype == torch.float32 and scale.shape == () and ours[f"{module}.weight"].dtype == torch.float8_e4m3fn
+        assert float(scale) == pytest.approx(float(exact.abs().max()) / 448, rel=1e-6)
+        assert float(scale) > float(scaled[f"{module}.scale_weight"])  # the fresh scale grew with amax
+        stored = ours[f"{module}.weight"].double() * float(scale)
+        assert bool(((stored - exact).abs() <= exact.abs() / 16 + float(scale) * 2**-9).all()), module  # e4m3's half ulp
+        ratios.append(float((stored - exact).norm() / (exact - weight).norm()))
+    assert report.quantization["fp8 per-tensor, F32 scales"]["max"] == pytest.approx(max(ratios), rel=1e-4)
+    with safe_open(tmp_path / "out.safetensors", "pt") as out, safe_open(tmp_path / "flux-scaled.safetensors", "pt") as base:
+        for key in set(scaled) - {f"{m}.{leaf}" for m in deltas for leaf in ("weight", "scale_weight")}:
+            assert out.get_slice(key).get_dtype() == base.get_slice(key).get_dtype(), key
+            assert out.get_tensor(key).reshape(-1).view(torch.uint8).equal(base.get_tensor(key).reshape(-1).view(torch.uint8)), key
+    lora_tools.merge(tmp_path / "flux-scaled.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "bf16.safetensors", device="cpu", dtype="bf16")  # fmt: skip
+    plain = load_state(tmp_path / "bf16.safetensors")
+    assert not any(k.endswith(("scale_weight", "scale_input")) or k == "scaled_fp8" for k in plain)
+    assert {v.dtype for v in plain.values()} == {torch.bfloat16}
+    untouched = scaled["txt_in.weight"].float() * scaled["txt_in.scale_weight"]
+    assert torch.equal(plain["txt_in.weight"], untouched.to(torch.bfloat16))
+    img_in = scaled["img_in.weight"].double() * scaled["img_in.scale_weight"].double() + (loras["x_embedder"][1].double() * 8) @ (loras["x_embedder"][0].double() * 8)  # fmt: skip
+    torch.testing.assert_close(plain["img_in.weight"].double(), img_in, rtol=2**-8, atol=1e-6)
 
 
 def test_dora_across_a_fused_projection_is_refused_and_nothing_written(flux, tmp_path):
@@ -759,3 +803,18 @@ def test_vae_loras_merge_into_single_file_and_folder_alike(sd_with_vae, tmp_path
     down, up = loras["decoder.mid_block.attentions.0.to_q"]
     q = load_state(tmp_path / "diffusers-out.safetensors")["first_stage_model.decoder.mid.attn_1.q.weight"]
     assert torch.equal(q, (state["decoder.mid_block.attentions.0.to_q.weight"] + up @ down).reshape(q.shape))
+
+
+def test_comfy_scale_weight_that_is_not_one_number_is_refused_and_nothing_written(flux, tmp_path):
+    from conftest import run_cli
+
+    _, _, state, single = flux
+    scaled = _comfy_scaled_fp8(single)
+    scaled["img_in.scale_weight"] = torch.ones(2)
+    save_file(scaled, tmp_path / "scaled.safetensors")
+    down, up = _lora_tensors({"x_embedder": tuple(state["x_embedder.weight"].shape)}, 2)["x_embedder"]
+    save_file({"transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up}, tmp_path / "l.safetensors")  # fmt: skip
+    result = run_cli(["merge", str(tmp_path / "scaled.safetensors"), str(tmp_path / "l.safetensors"), "-o", str(tmp_path / "out.safetensors")])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "img_in.scale_weight has shape [2]; ComfyUI scales are one number" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "scaled.safetensors"]

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import CorruptFileError
+from ..fp8 import comfy_scaled_fp8
 from ..plan import MergePlan, TensorTask, plan_shards
 from ..safetensors_io import TensorInfo
 from .refuse import refuse_unsupported
@@ -134,6 +135,8 @@ def detect(path, tensors: Mapping[str, TensorInfo], config: dict | None) -> Quan
             scale = tensors.get(f"{name}_scale_inv") or tensors.get(f"{name}_scale")
             if scale is not None:
                 weights[name] = _fp8_weight(name, info, scale, block, tensors)
+            elif f"{name[: -len('weight')]}scale_weight" in tensors:  # ComfyUI "scaled fp8" (see lora_tools.fp8)
+                weights[name] = comfy_scaled_fp8(name, info, tensors)
         elif info.dtype == "U8" and name.endswith("_blocks") and f"{name[: -len('_blocks')]}_scales" in tensors:
             stem = name[: -len("_blocks")]
             weights[stem] = _mxfp4_weight(stem, info, tensors[f"{stem}_scales"])
