@@ -62,7 +62,7 @@ def _dotted_names(base: Path, layout, component: str) -> dict[str, str]:
     else:
         return {}
     paths = {n[len(prefix) : -len(".weight")] for n in names if n.startswith(prefix) and n.endswith(".weight")}
-    paths |= {p.removeprefix("text_model.") for p in paths}
+    paths |= {p.removeprefix("text_model.") for p in paths} | {f"text_model.{p}" for p in paths if not p.startswith("text_model.")}
     return {p.replace(".", "_"): p for p in paths}
 
 

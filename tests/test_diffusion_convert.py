@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import load_state, run_cli
-from diffusion_models import diffusers_to_original, flux_transformer, sdxl_unet
+from diffusion_models import clip_l, diffusers_to_original, flux_transformer, sd3_transformer, sdxl_unet
 from safetensors.torch import save_file
 
 import lora_tools
@@ -98,6 +98,27 @@ def test_flux_diffusers_to_bfl_kohya_and_back_keeps_every_delta(flux, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+def test_sd3_diffusers_to_original_and_back_keeps_every_delta(tmp_path):
+    """SD3: q/k/v → joint_blocks' qkv (and attn2), the last context block's swapped adaLN halves, and back."""
+    model = sd3_transformer()
+    state = model.state_dict()
+    weights = {k: v for k, v in state.items() if k != "pos_embed.pos_embed"}
+    save_file(diffusers_to_original(weights, detect_layout(set(state)).links), tmp_path / "sd3.safetensors")
+    model.save_pretrained(tmp_path / "transformer")
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+             "transformer_blocks.0.attn2.to_v", "transformer_blocks.1.attn.add_k_proj",
+             "transformer_blocks.1.norm1_context.linear", "norm_out.linear", "context_embedder"]  # fmt: skip
+    loras = _loras({n: tuple(state[f"{n}.weight"].shape) for n in names}, 17)
+    original = _diffusers_file(tmp_path / "lora.safetensors", loras, "transformer")
+    report = lora_tools.convert(original, tmp_path / "sd3-kohya.safetensors", to="kohya", naming="original", base=tmp_path / "sd3.safetensors")  # fmt: skip
+    assert report.block_diagonal == ["lora_unet_joint_blocks_0_x_block_attn_qkv"]
+    lora_tools.convert(tmp_path / "sd3-kohya.safetensors", tmp_path / "back.safetensors", to="diffusers", base=tmp_path / "transformer")  # fmt: skip
+    ours = _deltas(tmp_path / "back.safetensors")
+    assert set(ours) == set(loras)
+    for name, (down, up, alpha) in loras.items():
+        assert _relative(ours[name], (up.double() @ down.double()) * alpha / R) <= 1e-6, name
+
+
 def test_fused_lora_splits_and_fuses_back_at_its_own_rank(flux, tmp_path):
     """A kohya BFL qkv / linear1 LoRA → diffusers shares A across parts; back to BFL it stays rank r, bit for bit."""
     root, state = flux
@@ -174,6 +195,9 @@ def sdxl(tmp_path_factory):
     state = unet.state_dict()
     save_file(diffusers_to_original(state, detect_layout(set(state)).links), root / "sdxl-tiny.safetensors")
     unet.save_pretrained(root / "unet")
+    unet.save_pretrained(root / "pipeline" / "unet")
+    clip_l().save_pretrained(root / "pipeline" / "text_encoder")
+    (root / "pipeline" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     return root, unet, state
 
 
@@ -199,10 +223,13 @@ def test_sdxl_diffusers_lora_to_ldm_kohya_loads_in_diffusers_like_the_original(s
 
     root, unet, state = sdxl
     loras = _conv_loras(state, 11)
+    text = _loras({"text_model.encoder.layers.0.self_attn.q_proj": (32, 32)}, 12)
     original = _diffusers_file(tmp_path / "lora.safetensors", loras, "unet", alphas=False)
+    save_file(load_state(original) | load_state(_diffusers_file(tmp_path / "te.safetensors", text, "text_encoder", alphas=False)), original)  # fmt: skip
     kohya = tmp_path / "ldm.safetensors"
     report = lora_tools.convert(original, kohya, to="kohya", naming="original", base=root / "sdxl-tiny.safetensors")
-    assert len(report.modules) == len(loras) and {m.method for m in report.modules} == {"renamed"}
+    assert len(report.modules) == len(loras) + 1 and {m.method for m in report.modules} == {"renamed"}
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in {m.name for m in report.modules}
     assert any(m.name.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1") for m in report.modules)
     fused = {}
     for label, path in (("ours", kohya), ("theirs", original)):
@@ -217,7 +244,9 @@ def test_sdxl_diffusers_lora_to_ldm_kohya_loads_in_diffusers_like_the_original(s
         torch.testing.assert_close(fused["ours"][key], value, rtol=1e-6, atol=1e-7, msg=key)
         changed += not torch.equal(value, state[key])
     assert changed == len(loras)
-    lora_tools.convert(kohya, tmp_path / "back.safetensors", to="diffusers", base=root / "unet")
+    lora_tools.convert(kohya, tmp_path / "back.safetensors", to="diffusers", base=root / "pipeline")
     back = load_state(tmp_path / "back.safetensors")
-    for name, (down, up, _) in loras.items():
-        assert torch.equal(back[f"unet.{name}.lora_A.weight"], down) and torch.equal(back[f"unet.{name}.lora_B.weight"], up)
+    expected = {f"unet.{n}": v for n, v in loras.items()} | {f"text_encoder.{n}": v for n, v in text.items()}
+    assert len(back) == 2 * len(expected)
+    for name, (down, up, _) in expected.items():
+        assert torch.equal(back[f"{name}.lora_A.weight"], down) and torch.equal(back[f"{name}.lora_B.weight"], up)
