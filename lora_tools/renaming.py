@@ -217,7 +217,12 @@ def fuse(target: Target, read: Callable[[str], object]) -> tuple[object, object,
         start, stop = part.target_rows
         up[start:stop, offsets[index] : offsets[index] + ranks[index]] += rows
     down = downs[0] if shared else torch.cat(downs)
-    alpha = float(rank) if fold else next(iter(scales)) * rank
+    method = f"fused, block-diagonal (rank {'+'.join(map(str, ranks))})"
     if shared or len(modules) == 1:
-        return down, up, alpha, "rows placed" if len(modules) == 1 else "fused (shared A)"
-    return down, up, alpha, f"fused, block-diagonal (rank {'+'.join(map(str, ranks))})"
+        method = "rows placed" if len(modules) == 1 else "fused (shared A)"
+    used = up.flatten(1).ne(0).any(dim=0)  # a part of a block-diagonal LoRA uses only its own columns of B
+    if len(modules) == 1 and 0 < int(used.sum()) < rank:
+        up, down, method = up[:, used], down[used], f"rows placed, rank {rank} → {int(used.sum())} (B's zero columns dropped)"
+        rank = up.shape[1]
+    alpha = float(rank) if fold else next(iter(scales)) * rank
+    return down, up, alpha, method

@@ -88,6 +88,7 @@ def test_flux_diffusers_to_bfl_kohya_and_back_keeps_every_delta(flux, tmp_path):
     theirs = {n: (up.double() @ down.double()) * alpha / R for n, (down, up, alpha) in loras.items()}
     ours = _deltas(back)
     assert set(ours) == set(theirs)
+    assert {m.rank for m in read_adapter(back).modules} == {R}  # each part keeps only its own columns of B
     for name, delta in theirs.items():
         assert _relative(ours[name], delta) <= 1e-6, name
     # the BFL file merged into the single file equals the diffusers LoRA merged there
