@@ -306,5 +306,9 @@ def component_aliases(components: dict) -> dict[str, str]:
     sd-scripts calls Flux's T5 `lora_te3_` where diffusers has it as text_encoder_2 (no text_encoder_3)."""
     if "unet" in components or "transformer" not in components:
         return {}
-    t5 = {"text_encoder_3": "text_encoder_2"} if "text_encoder_2" in components and "text_encoder_3" not in components else {}
+    t5 = (
+        {"text_encoder_3": "text_encoder_2"}
+        if "text_encoder_2" in components and "text_encoder_3" not in components
+        else {}
+    )
     return {"unet": "transformer", **t5}

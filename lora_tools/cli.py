@@ -725,10 +725,11 @@ def _render_combination(report, as_json: bool, pushed: dict | None) -> None:
 @json_option
 @hub_input_options
 def convert(adapter: str, **options) -> None:
-    """Convert ADAPTER between PEFT, kohya, GGUF (llama.cpp) and mlx-lm formats (--to peft|kohya|gguf|mlx).
+    """Convert ADAPTER between PEFT, kohya, GGUF (llama.cpp), mlx-lm and diffusers formats (--to).
 
     LoRA factors are copied exactly and alpha is carried unless --bake-alpha;
     LoHa / LoKr / Tucker modules become LoRA only by re-factorising ΔW to --rank.
+    Diffusion LoRAs change naming with --naming diffusers|original (fused qkv exact).
     """
     from .convert import convert as run_convert
 

@@ -21,7 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["FP8_DTYPES", "COMFY_MARKER", "mergeable_dtype", "fp8_problems", "is_fp8", "rounding_error", "comfy_scaled_fp8"]
+__all__ = [
+    "FP8_DTYPES",
+    "COMFY_MARKER",
+    "mergeable_dtype",
+    "fp8_problems",
+    "is_fp8",
+    "rounding_error",
+    "comfy_scaled_fp8",
+]
 
 #: the empty tensor ComfyUI writes into scaled-fp8 files; its dtype is the weights' float8 format.
 COMFY_MARKER = "scaled_fp8"

@@ -63,7 +63,9 @@ class Target:
         """One adapter module, whole, onto the whole target: a rename."""
         part = self.parts[0]
         return (
-            len(self.parts) == 1 and part.target_rows == (0, self.rows) and part.source_rows == (0, part.module.b_shape[0])
+            len(self.parts) == 1
+            and part.target_rows == (0, self.rows)
+            and part.source_rows == (0, part.module.b_shape[0])
         )
 
 
@@ -222,7 +224,11 @@ def fuse(target: Target, read: Callable[[str], object]) -> tuple[object, object,
         method = "rows placed" if len(modules) == 1 else "fused (shared A)"
     used = up.flatten(1).ne(0).any(dim=0)  # a part of a block-diagonal LoRA uses only its own columns of B
     if len(modules) == 1 and 0 < int(used.sum()) < rank:
-        up, down, method = up[:, used], down[used], f"rows placed, rank {rank} → {int(used.sum())} (B's zero columns dropped)"
+        up, down, method = (
+            up[:, used],
+            down[used],
+            f"rows placed, rank {rank} → {int(used.sum())} (B's zero columns dropped)",
+        )
         rank = up.shape[1]
     alpha = float(rank) if fold else next(iter(scales)) * rank
     return down, up, alpha, method

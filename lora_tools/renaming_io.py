@@ -62,7 +62,9 @@ def _dotted_names(base: Path, layout, component: str) -> dict[str, str]:
     else:
         return {}
     paths = {n[len(prefix) : -len(".weight")] for n in names if n.startswith(prefix) and n.endswith(".weight")}
-    paths |= {p.removeprefix("text_model.") for p in paths} | {f"text_model.{p}" for p in paths if not p.startswith("text_model.")}
+    paths |= {p.removeprefix("text_model.") for p in paths} | {
+        f"text_model.{p}" for p in paths if not p.startswith("text_model.")
+    }
     return {p.replace(".", "_"): p for p in paths}
 
 
@@ -177,4 +179,3 @@ def convert_naming(
         bytes=size, full_delta_parameters=source.num_parameters, seconds=time.perf_counter() - started,
         notes=notes, checksums=digests, block_diagonal=fused,
     )  # fmt: skip
-

@@ -705,17 +705,29 @@ def test_comfy_scaled_fp8_merges_with_a_fresh_scale(flux, tmp_path):
         exact = weight.clone()
         exact[rows] += (up.double() * 8) @ (down.double() * 8)
         scale = ours[f"{module}.scale_weight"]
-        assert scale.dtype == torch.float32 and scale.shape == () and ours[f"{module}.weight"].dtype == torch.float8_e4m3fn
+        assert (
+            scale.dtype == torch.float32 and scale.shape == () and ours[f"{module}.weight"].dtype == torch.float8_e4m3fn
+        )
         assert float(scale) == pytest.approx(float(exact.abs().max()) / 448, rel=1e-6)
         assert float(scale) > float(scaled[f"{module}.scale_weight"])  # the fresh scale grew with amax
         stored = ours[f"{module}.weight"].double() * float(scale)
-        assert bool(((stored - exact).abs() <= exact.abs() / 16 + float(scale) * 2**-9).all()), module  # e4m3's half ulp
+        assert bool(((stored - exact).abs() <= exact.abs() / 16 + float(scale) * 2**-9).all()), (
+            module
+        )  # e4m3's half ulp
         ratios.append(float((stored - exact).norm() / (exact - weight).norm()))
     assert report.quantization["fp8 per-tensor, F32 scales"]["max"] == pytest.approx(max(ratios), rel=1e-4)
-    with safe_open(tmp_path / "out.safetensors", "pt") as out, safe_open(tmp_path / "flux-scaled.safetensors", "pt") as base:
+    with (
+        safe_open(tmp_path / "out.safetensors", "pt") as out,
+        safe_open(tmp_path / "flux-scaled.safetensors", "pt") as base,
+    ):
         for key in set(scaled) - {f"{m}.{leaf}" for m in deltas for leaf in ("weight", "scale_weight")}:
             assert out.get_slice(key).get_dtype() == base.get_slice(key).get_dtype(), key
-            assert out.get_tensor(key).reshape(-1).view(torch.uint8).equal(base.get_tensor(key).reshape(-1).view(torch.uint8)), key
+            assert (
+                out.get_tensor(key)
+                .reshape(-1)
+                .view(torch.uint8)
+                .equal(base.get_tensor(key).reshape(-1).view(torch.uint8))
+            ), key
     lora_tools.merge(tmp_path / "flux-scaled.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "bf16.safetensors", device="cpu", dtype="bf16")  # fmt: skip
     plain = load_state(tmp_path / "bf16.safetensors")
     assert not any(k.endswith(("scale_weight", "scale_input")) or k == "scaled_fp8" for k in plain)

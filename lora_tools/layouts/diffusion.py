@@ -474,7 +474,10 @@ def detect_layout(names: Collection[str]) -> Layout | None:
         return Layout("SD UNet (diffusers)", "diffusers", tuple(unet_links(_unet_shape_from_diffusers(names))))
     if "encoder.down.0.block.0.conv1.weight" in names and "decoder.up.0.block.0.conv1.weight" in names:
         return Layout("VAE", "original", tuple(vae_links(_vae_shape(names, original=True), prefix="")), (("vae", ""),))
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in names and "decoder.up_blocks.0.resnets.0.conv1.weight" in names:
+    if (
+        "encoder.down_blocks.0.resnets.0.conv1.weight" in names
+        and "decoder.up_blocks.0.resnets.0.conv1.weight" in names
+    ):
         return Layout("VAE (diffusers)", "diffusers", tuple(vae_links(_vae_shape(names, original=False))))
     if "text_model.encoder.layers.0.self_attn.q_proj.weight" in names:
         layers = _count(names, "text_model.encoder.layers.{}.")
