@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 
 
-def sd1_unet():
+def sd1_unet(seed: int = 0, **extra):
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=32, norm_num_groups=8, **({"attention_head_dim": 8} | extra),
     ).eval()  # fmt: skip
 
 
@@ -124,14 +124,7 @@ def sd3_transformer():
 
 def sd2_unet():
     """SD 2.x's shape: linear proj_in / proj_out in the transformer blocks, attention heads per block."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(7)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(4, 8), norm_num_groups=8, use_linear_projection=True,
-    ).eval()  # fmt: skip
+    return sd1_unet(7, attention_head_dim=(4, 8), use_linear_projection=True)
 
 
 def open_clip_h():

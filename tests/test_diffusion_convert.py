@@ -20,14 +20,19 @@ from lora_tools.layouts.diffusion import detect_layout
 R = 4
 
 
+def _both_layouts(model, single_file, folder) -> dict:
+    """Save `model` as a diffusers folder and as the single file its tables describe; return its state."""
+    state = model.state_dict()
+    weights = {k: v for k, v in state.items() if k != "pos_embed.pos_embed"}  # SD3's buffer, no module weight
+    save_file(diffusers_to_original(weights, detect_layout(set(state)).links), single_file)
+    model.save_pretrained(folder)
+    return state
+
+
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux-convert")
-    model = flux_transformer()
-    state = model.state_dict()
-    save_file(diffusers_to_original(state, detect_layout(set(state)).links), root / "flux1-tiny.safetensors")
-    model.save_pretrained(root / "transformer")
-    return root, state
+    return root, _both_layouts(flux_transformer(), root / "flux1-tiny.safetensors", root / "transformer")
 
 
 def _loras(shapes: dict, seed: int, alphas: dict | None = None) -> dict:
@@ -101,11 +106,7 @@ def test_flux_diffusers_to_bfl_kohya_and_back_keeps_every_delta(flux, tmp_path):
 
 def test_sd3_diffusers_to_original_and_back_keeps_every_delta(tmp_path):
     """SD3: q/k/v → joint_blocks' qkv (and attn2), the last context block's swapped adaLN halves, and back."""
-    model = sd3_transformer()
-    state = model.state_dict()
-    weights = {k: v for k, v in state.items() if k != "pos_embed.pos_embed"}
-    save_file(diffusers_to_original(weights, detect_layout(set(state)).links), tmp_path / "sd3.safetensors")
-    model.save_pretrained(tmp_path / "transformer")
+    state = _both_layouts(sd3_transformer(), tmp_path / "sd3.safetensors", tmp_path / "transformer")
     names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
              "transformer_blocks.0.attn2.to_v", "transformer_blocks.1.attn.add_k_proj",
              "transformer_blocks.1.norm1_context.linear", "norm_out.linear", "context_embedder"]  # fmt: skip
@@ -144,6 +145,19 @@ def test_fused_lora_splits_and_fuses_back_at_its_own_rank(flux, tmp_path):
         assert torch.equal(again[key], value), key
 
 
+def _fused_alike(load, ours, theirs, state: dict) -> int:
+    """diffusers fuses the LoRA `load(path)` put on a model: ours equals theirs; returns how many weights changed."""
+    fused = {}
+    for label, path in (("ours", ours), ("theirs", theirs)):
+        model = load(path)
+        model.fuse_lora(lora_scale=1.0)
+        model.unload_lora()
+        fused[label] = model.state_dict()
+    for key, value in fused["theirs"].items():
+        torch.testing.assert_close(fused["ours"][key], value, rtol=1e-6, atol=1e-7, msg=key)
+    return sum(not torch.equal(value, state[key]) for key, value in fused["theirs"].items())
+
+
 def test_diffusers_loads_our_bfl_file_like_the_original(flux, tmp_path):
     """diffusers' own kohya-Flux reader on our converted file fuses to the weights its PEFT reader gives for the
     original (double blocks: diffusers hard-codes Flux-dev's linear1 split sizes, so single blocks stay out)."""
@@ -155,21 +169,16 @@ def test_diffusers_loads_our_bfl_file_like_the_original(flux, tmp_path):
     original = _diffusers_file(tmp_path / "lora.safetensors", {n: (d, u * a / R, R) for n, (d, u, a) in loras.items()}, "transformer", alphas=False)  # fmt: skip
     kohya = tmp_path / "bfl.safetensors"
     lora_tools.convert(original, kohya, to="kohya", naming="original", base=root / "flux1-tiny.safetensors")
-    fused = {}
-    for label, path in (("ours", kohya), ("theirs", original)):
+
+    def load(path):
         model = FluxTransformer2DModel.from_pretrained(root / "transformer")
         loaded = FluxPipeline.lora_state_dict(str(path))
         # diffusers 0.42 leaves the embedders it converts (img_in → x_embedder, …) without `transformer.`
         loaded = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in loaded.items()}
         model.load_lora_adapter(loaded, prefix="transformer", adapter_name="x")
-        model.fuse_lora(lora_scale=1.0)
-        model.unload_lora()
-        fused[label] = model.state_dict()
-    changed = 0
-    for key, value in fused["theirs"].items():
-        torch.testing.assert_close(fused["ours"][key], value, rtol=1e-6, atol=1e-7, msg=key)
-        changed += not torch.equal(value, state[key])
-    assert changed >= len(names)
+        return model
+
+    assert _fused_alike(load, kohya, original, state) >= len(names)
 
 
 def test_naming_needs_a_diffusion_base_and_nothing_is_written(flux, tmp_path):
@@ -193,9 +202,7 @@ def test_naming_needs_a_diffusion_base_and_nothing_is_written(flux, tmp_path):
 def sdxl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl-convert")
     unet = sdxl_unet()
-    state = unet.state_dict()
-    save_file(diffusers_to_original(state, detect_layout(set(state)).links), root / "sdxl-tiny.safetensors")
-    unet.save_pretrained(root / "unet")
+    state = _both_layouts(unet, root / "sdxl-tiny.safetensors", root / "unet")
     unet.save_pretrained(root / "pipeline" / "unet")
     clip_l().save_pretrained(root / "pipeline" / "text_encoder")
     (root / "pipeline" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
@@ -232,19 +239,14 @@ def test_sdxl_diffusers_lora_to_ldm_kohya_loads_in_diffusers_like_the_original(s
     assert len(report.modules) == len(loras) + 1 and {m.method for m in report.modules} == {"renamed"}
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in {m.name for m in report.modules}
     assert any(m.name.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1") for m in report.modules)
-    fused = {}
-    for label, path in (("ours", kohya), ("theirs", original)):
+
+    def load(path):
         model = UNet2DConditionModel.from_pretrained(root / "unet")
         state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=model.config)
         StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, model, adapter_name="x")
-        model.fuse_lora(lora_scale=1.0)
-        model.unload_lora()
-        fused[label] = model.state_dict()
-    changed = 0
-    for key, value in fused["theirs"].items():
-        torch.testing.assert_close(fused["ours"][key], value, rtol=1e-6, atol=1e-7, msg=key)
-        changed += not torch.equal(value, state[key])
-    assert changed == len(loras)
+        return model
+
+    assert _fused_alike(load, kohya, original, state) == len(loras)
     lora_tools.convert(kohya, tmp_path / "back.safetensors", to="diffusers", base=root / "pipeline")
     back = load_state(tmp_path / "back.safetensors")
     expected = {f"unet.{n}": v for n, v in loras.items()} | {f"text_encoder.{n}": v for n, v in text.items()}
