@@ -195,7 +195,15 @@ def test_naming_needs_a_diffusion_base_and_nothing_is_written(flux, tmp_path):
     result = run_cli(["convert", str(bad), "--to", "kohya", "--naming", "original", "--base",
                       str(root / "flux1-tiny.safetensors"), "-o", str(output)])  # fmt: skip
     assert result.exit_code == 3 and "do not name transformer_blocks.0.attn.to_zz" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "lora.safetensors"]
+    down, up, alpha = loras["x_embedder"]
+    wrong = _diffusers_file(tmp_path / "wrong.safetensors", {"x_embedder": (down, torch.cat([up, up]), alpha)}, "transformer")  # fmt: skip
+    result = run_cli(
+        ["convert", str(wrong), "--to", "diffusers", "--base", str(root / "transformer"), "-o", str(output)]
+    )
+    assert result.exit_code == 3 and f"x_embedder has {2 * up.shape[0]} output rows, but the base's x_embedder has {up.shape[0]}" in result.stderr  # fmt: skip
+    result = run_cli(["convert", str(adapter), "--to", "diffusers", "--base", str(root / "transformer"), "-o", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 3 and "ending in .safetensors" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "lora.safetensors", "wrong.safetensors"]
 
 
 @pytest.fixture(scope="module")
