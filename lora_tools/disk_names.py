@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, LoraModule, Replacement, pattern_key
 from .errors import IncompatibleError
+from .expert_linears import ExpertLinears, Stacked
 from .experts import ExpertReading, expert_rows_of_a, read_expert_shapes, split_pieces
 from .layouts.transformers import FusedExperts, Rename, layout_for, to_disk_path
 from .plan import HEAD_NAME, TIED, Targets, tied_embedding, with_tied_head
@@ -52,6 +53,9 @@ class SlicedWeights:
         stored = weights.tensors
         self.tensors: dict[str, TensorInfo] = dict(stored)
         for key, view in self._views.items():
+            if isinstance(view, Stacked):
+                self.tensors[key] = replace(stored[view.blocks[0].source], name=key, shape=view.shape, offset=None)
+                continue
             source = stored[view.source]
             self.tensors[key] = replace(source, name=key, shape=view.shape(source.shape), offset=None)
 
@@ -59,6 +63,8 @@ class SlicedWeights:
         view = self._views.get(key)
         if view is None:
             return self._weights.read(key)
+        if isinstance(view, Stacked):
+            return view.build(self._weights.read)
         tensor = self._source(view.source)[slice(*view.rows), slice(*view.cols)]
         return (tensor.T if view.transpose else tensor).contiguous()
 
@@ -136,6 +142,7 @@ class _Rewriter:
         self.mapped: dict[str, str] = {}
         self.per_expert: dict[str, tuple[int, float, float]] = {}
         self.problems: list[str] = []
+        self.linears = ExpertLinears(base, self.layout, self.model_type)
 
     def rename(self, name: str, module: LoraModule | None = None) -> tuple[str, list[str]]:
         """User renames, then the layout's when the name does not already match the base."""
@@ -154,6 +161,8 @@ class _Rewriter:
         memory = _strip_nesting(renamed)
         if _is_expert_module(module, renamed != memory, memory, self.adapter.config):
             return self.experts(module, memory)
+        if self.targets.find(replace(module, name=renamed)) is None and self.linears.claim(module, renamed):
+            return []  # a per-expert Linear into fused-on-disk experts: stacked once all are seen
         name, notes = self.rename(module.name, module)
         if notes:
             self.rules[module.name] = "; ".join(notes)
@@ -261,6 +270,12 @@ def to_disk_names(
         return DiskNames(adapter)
     rewriter = _Rewriter(adapter, base, config, renames)
     modules = [new for module in adapter.modules for new in rewriter.module(module)]
+    linears = rewriter.linears
+    modules += linears.modules()
+    rewriter.views.update(linears.views)
+    rewriter.rules.update(linears.rules)
+    rewriter.mapped.update(linears.mapped)
+    rewriter.problems += linears.problems
     if rewriter.problems:
         raise IncompatibleError(f"{adapter.path}: {len(rewriter.problems)} expert module(s) do not fit the base",
                                 rewriter.problems)  # fmt: skip

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import load_state
 from ulp import ulp_at
-from zoo_models import ZOO, Arch, build_case, inputs_for
+from zoo_models import ZOO, Arch, cached_case, inputs_for
 
 import lora_tools
 
@@ -17,14 +17,7 @@ _BY_NAME = {arch.name: arch for arch in ZOO}
 @pytest.fixture(scope="session")
 def zoo_case(tmp_path_factory):
     """Builds each architecture's base and adapter once per session, on first use."""
-    built: dict[str, tuple] = {}
-
-    def get(arch: Arch):
-        if arch.name not in built:
-            built[arch.name] = build_case(arch, tmp_path_factory.mktemp(f"zoo_{arch.name}"))
-        return built[arch.name]
-
-    return get
+    return lambda arch: cached_case(arch, tmp_path_factory)
 
 
 def _peft(arch: Arch, base, adapter, dtype):

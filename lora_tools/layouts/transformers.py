@@ -46,11 +46,17 @@ class FusedExperts:
         parts: the per-expert on-disk modules its output rows split into, in order
             (`{experts}.{e}.{part}.weight`); empty when the checkpoint keeps the fused tensor.
         in_first: laid out [E, in, out] (transformers' `is_transposed`) instead of [E, out, in].
+        linear: the per-expert Linear modules (`{experts}.{e}.{name}`, as per-expert models name them) whose
+            output rows make up the parameter when the checkpoint keeps it fused (`expert_linears`).
+        interleaved: those modules' rows alternate along the out axis (gpt-oss: gate at even, up at odd
+            columns) instead of following one another.
     """
 
     param: str
     parts: tuple[str, ...] = ()
     in_first: bool = False
+    linear: tuple[str, ...] = ()
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,12 @@ _MIXTRAL = Layout(
     renames=(Rename(r"\.mlp\.", ".block_sparse_moe."),),
     experts=(FusedExperts("gate_up_proj", ("w1", "w3")), FusedExperts("down_proj", ("w2",))),
 )
-_GPT_OSS = Layout(experts=(FusedExperts("gate_up_proj", in_first=True), FusedExperts("down_proj", in_first=True)))
+_GPT_OSS = Layout(
+    experts=(  # GptOssExperts._apply_gate: gate = gate_up[..., ::2], up = gate_up[..., 1::2]
+        FusedExperts("gate_up_proj", in_first=True, linear=("gate_proj", "up_proj"), interleaved=True),
+        FusedExperts("down_proj", in_first=True, linear=("down_proj",)),
+    )
+)
 
 #: model_type → layout, for the types whose in-memory names differ from the checkpoint's.
 LAYOUTS: dict[str, Layout] = {

@@ -1,0 +1,243 @@
+"""Per-expert Linear adapters (`…experts.N.gate_proj`) merged into fused-on-disk experts (gpt-oss) and into
+per-expert checkpoints, proven against an fp64 reference and against transformers' own gpt-oss forward."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import load_state, run_cli
+from ulp import ulp_at
+from zoo_models import ZOO, cached_case, inputs_for, randomize_lora
+
+import lora_tools
+
+_BY_NAME = {arch.name: arch for arch in ZOO}
+_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="session")
+def zoo_case(tmp_path_factory):
+    return lambda arch: cached_case(arch, tmp_path_factory)
+
+
+class _PerExpert(torch.nn.ModuleList):
+    """gpt-oss experts as per-expert Linear modules, the naming of per-expert models and older trainers.
+
+    Built from the fused tensors with the test's own reading (gate = even columns of `gate_up_proj[e]`, up = odd);
+    `test_per_expert_model_reproduces_transformers` proves that reading against transformers' forward.
+    """
+
+    def __init__(self, fused) -> None:
+        super().__init__()
+        gate_up, gate_up_bias = fused.gate_up_proj.detach(), fused.gate_up_proj_bias.detach()
+        hidden, intermediate = gate_up.shape[1], gate_up.shape[2] // 2
+        for e in range(gate_up.shape[0]):
+            expert = torch.nn.Module()
+            for name, columns in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
+                linear = torch.nn.Linear(hidden, intermediate)
+                linear.weight.data, linear.bias.data = (
+                    gate_up[e][:, columns].T.clone(),
+                    gate_up_bias[e][columns].clone(),
+                )
+                setattr(expert, name, linear)
+            expert.down_proj = torch.nn.Linear(intermediate, hidden)
+            expert.down_proj.weight.data = fused.down_proj.detach()[e].T.clone()
+            expert.down_proj.bias.data = fused.down_proj_bias.detach()[e].clone()
+            self.append(expert)
+        self.alpha, self.limit = fused.alpha, fused.limit
+
+    def forward(self, hidden, router_indices, routing_weights):
+        out = torch.zeros_like(hidden)
+        for k in range(router_indices.shape[1]):
+            for e, expert in enumerate(self):
+                chosen = router_indices[:, k] == e
+                if chosen.any():
+                    x = hidden[chosen]
+                    gate = expert.gate_proj(x).clamp(max=self.limit)
+                    up = expert.up_proj(x).clamp(min=-self.limit, max=self.limit)
+                    y = expert.down_proj((up + 1) * gate * torch.sigmoid(gate * self.alpha))
+                    out[chosen] += y * routing_weights[chosen, k, None]
+        return out
+
+
+def _per_expert_model(base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        layer.mlp.experts = _PerExpert(layer.mlp.experts)
+    return model
+
+
+def _logits(model, arch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs_for(arch)).logits.float()
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_linear_case(zoo_case, tmp_path_factory):
+    """gpt-oss base (fused experts on disk) + a PEFT LoRA on its per-expert Linear form (ranks and alphas vary)."""
+    from peft import LoraConfig, get_peft_model
+
+    arch = _BY_NAME["gpt_oss"]
+    base, _ = zoo_case(arch)
+    config = LoraConfig(
+        r=4, lora_alpha=6, target_modules=list(_PARTS), lora_dropout=0.0,
+        rank_pattern={r"model.layers.0.mlp.experts.1.up_proj": 2},  # expert 1: gate r=4 + up r=2 (padded to R=8)
+        alpha_pattern={r"model.layers.0.mlp.experts.2.down_proj": 3},  # another scale: a second stacked module
+    )  # fmt: skip
+    peft_model = get_peft_model(_per_expert_model(base), config)
+    randomize_lora(peft_model, seed=5)
+    adapter = tmp_path_factory.mktemp("gpt_oss_linear") / "adapter"
+    peft_model.save_pretrained(adapter)
+    return arch, base, adapter, peft_model.eval()
+
+
+def test_per_expert_model_reproduces_transformers(zoo_case):
+    """The test's reading of gpt-oss' interleave (gate even, up odd) gives transformers' own logits."""
+    from transformers import AutoModelForCausalLM
+
+    arch = _BY_NAME["gpt_oss"]
+    base, _ = zoo_case(arch)
+    fused = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(_per_expert_model(base), arch), _logits(fused, arch), atol=1e-5, rtol=1e-5)
+
+
+def _fp64_reference(base, peft_model) -> dict[str, torch.Tensor]:
+    """The fused tensors with each expert's s·B·A added, in fp64, transposed into its (interleaved) slice."""
+    state = {k: v.double() for k, v in load_state(base).items()}
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        path = name.split("base_model.model.")[1]  # model.layers.L.mlp.experts.E.part
+        prefix, expert, part = path.rsplit(".", 2)
+        delta = module.scaling["default"] * (
+            module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+        )
+        expert = int(expert)
+        if part == "down_proj":
+            state[f"{prefix}.down_proj"][expert] += delta.T
+        else:
+            state[f"{prefix}.gate_up_proj"][expert][:, 0 if part == "gate_proj" else 1 :: 2] += delta.T
+    return state
+
+
+def test_per_expert_linears_into_fused_experts_round_once(gpt_oss_linear_case, tmp_path):
+    """Every fused expert tensor equals the fp64 reference rounded once to bf16, bit for bit; the rest untouched."""
+    _, base, adapter, peft_model = gpt_oss_linear_case
+    report = lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu")
+    ours, original = load_state(tmp_path / "out"), load_state(base)
+    reference = _fp64_reference(base, peft_model)
+    assert set(ours) == set(original)
+    changed = sorted(k for k in ours if not torch.equal(ours[k], original[k]))
+    assert changed == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    assert report.tensors_changed == 2
+    for name in changed:
+        assert ours[name].dtype == torch.bfloat16
+        assert torch.equal(ours[name], reference[name].to(torch.bfloat16)), name
+
+
+def test_per_expert_linears_merged_give_the_peft_logits(gpt_oss_linear_case, tmp_path):
+    """transformers' fused gpt-oss forward on the merged checkpoint = the per-expert PeftModel's forward."""
+    from transformers import AutoModelForCausalLM
+
+    arch, base, adapter, peft_model = gpt_oss_linear_case
+    lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu", dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged, arch), _logits(peft_model, arch), atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_names_the_interleaved_slice(gpt_oss_linear_case):
+    _, base, adapter, _ = gpt_oss_linear_case
+    result = run_cli(["inspect", adapter, "--base", base, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["validation"]["compatible"] and len(report["modules"]) == 4 * 3
+    rules = {m["name"]: m["rule"] for m in report["modules"]}
+    slot = "model.layers.0.mlp.experts.gate_up_proj[1] (up_proj interleaved with gate_proj)"
+    assert rules[slot] == "gpt_oss: experts.N.up_proj → model.layers.0.mlp.experts.gate_up_proj (fused on disk)"
+    assert rules["model.layers.0.mlp.experts.down_proj[3]"].startswith("gpt_oss: experts.N.down_proj → ")
+
+
+def test_ambiguous_per_expert_linear_exits_3(gpt_oss_linear_case, tmp_path):
+    """A per-expert fused `gate_up_proj` Linear: concatenated or interleaved rows cannot be told apart, so refuse."""
+    from safetensors.torch import load_file, save_file
+
+    _, base, adapter, _ = gpt_oss_linear_case
+    fused = tmp_path / "fused_adapter"
+    shutil.copytree(adapter, fused)
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file({k.replace(".0.gate_proj.", ".0.gate_up_proj."): v for k, v in state.items()},
+              fused / "adapter_model.safetensors")  # fmt: skip
+    result = run_cli(["merge", base, fused, "--output", tmp_path / "out"])
+    assert result.exit_code == 3, result.output
+    message = " ".join(result.output.split())
+    assert "model.layers.0.mlp.experts.0.gate_up_proj (A [4, 32], B [24, 4])" in message
+    assert "ambiguous" in message and "model.layers.0.mlp.experts.gate_up_proj [4, 32, 48]" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_misfit_per_expert_linear_exits_3(gpt_oss_linear_case, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, base, adapter, _ = gpt_oss_linear_case
+    bad = tmp_path / "bad_adapter"
+    shutil.copytree(adapter, bad)
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.experts.0.down_proj.lora_A.weight"
+    state[key] = torch.zeros(4, 25)
+    save_file(state, bad / "adapter_model.safetensors")
+    result = run_cli(["merge", base, bad, "--output", tmp_path / "out"])
+    assert result.exit_code == 3, result.output
+    message = " ".join(result.output.split())
+    assert "model.layers.0.mlp.experts.0.down_proj (A [4, 25], B [32, 4])" in message
+    assert "needs A [r, 24] and B [32, r]" in message and not (tmp_path / "out").exists()
+
+
+class _PerExpertSkeleton(torch.nn.Module):
+    """Just the per-expert Linear modules of a Qwen3-MoE layer, named as its checkpoint names them on disk."""
+
+    def __init__(self, experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        mlp = torch.nn.Module()
+        mlp.experts = torch.nn.ModuleList()
+        for _ in range(experts):
+            expert = torch.nn.Module()
+            expert.gate_proj, expert.up_proj = (torch.nn.Linear(hidden, intermediate, bias=False) for _ in range(2))
+            expert.down_proj = torch.nn.Linear(intermediate, hidden, bias=False)
+            mlp.experts.append(expert)
+        layer = torch.nn.Module()
+        layer.mlp = mlp
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([layer])
+
+
+def test_per_expert_linears_into_per_expert_checkpoint(zoo_case, tmp_path):
+    """Qwen3-MoE keeps experts per expert on disk: each Linear LoRA lands on its own tensor (fp32 math)."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = zoo_case(_BY_NAME["qwen3_moe"])
+    peft_model = get_peft_model(
+        _PerExpertSkeleton(4, 32, 24), LoraConfig(r=4, lora_alpha=6, target_modules=list(_PARTS))
+    )
+    randomize_lora(peft_model, seed=6)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    report = lora_tools.merge(base, [tmp_path / "adapter"], tmp_path / "out", device="cpu")
+    ours, original = load_state(tmp_path / "out"), load_state(base)
+    assert report.tensors_changed == 4 * 3
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            key = name.split("base_model.model.")[1] + ".weight"
+            delta = module.scaling["default"] * (
+                module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+            )
+            a, b = module.lora_A["default"].weight.double(), module.lora_B["default"].weight.double()
+            magnitude = original[key].abs() + (module.scaling["default"] * b.abs() @ a.abs()).float()
+            error = (
+                ours[key].double() - (original[key].double() + delta)
+            ).abs()  # fp32 math: within a few ulp of |W| + |s·B|·|A|
+            assert not torch.equal(ours[key], original[key]), key
+            assert (error <= 4 * ulp_at(magnitude)).all(), key
