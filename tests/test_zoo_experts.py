@@ -241,3 +241,18 @@ def test_per_expert_linears_into_per_expert_checkpoint(zoo_case, tmp_path):
             ).abs()  # fp32 math: within a few ulp of |W| + |s·B|·|A|
             assert not torch.equal(ours[key], original[key]), key
             assert (error <= 4 * ulp_at(magnitude)).all(), key
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [("model.layers", "expected REGEX=REPLACEMENT"), ("([=x", "'([' is not a valid regular expression")],
+)
+@pytest.mark.parametrize("command", ["merge", "unmerge", "inspect"])
+def test_bad_rename_is_a_usage_error(command, rule, message, zoo_case, tmp_path):
+    """A malformed --rename is the user's typo, not a bad input file: exit 2, the rule named, nothing written."""
+    base, adapter = zoo_case(_BY_NAME["llama"])
+    args = [adapter, "--base", base] if command == "inspect" else [base, adapter, "--output", tmp_path / "out"]
+    result = run_cli([command, *args, "--rename", rule])
+    assert result.exit_code == 2, result.output
+    assert f"--rename {rule!r}: {message}" in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []

@@ -126,17 +126,18 @@ def parse_rename(text: str) -> Rename:
     """`'REGEX=REPLACEMENT'` (the `--rename` option) → a `Rename`.
 
     Raises:
-        InvalidInputError: no `=`, or the regex does not compile.
+        OptionValueError: no `=`, or the regex does not compile (a usage error, exit 2).
     """
-    from ..errors import InvalidInputError
+    from ..errors import OptionValueError
 
     pattern, sep, replacement = text.partition("=")
     if not sep or not pattern:
-        raise InvalidInputError(f"--rename {text!r}: expected REGEX=REPLACEMENT")
+        example = r"'^model\.language_model\.=model.'"
+        raise OptionValueError(f"--rename {text!r}: expected REGEX=REPLACEMENT, e.g. {example}")
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise InvalidInputError(f"--rename {text!r}: {pattern!r} is not a valid regular expression ({exc})") from exc
+        raise OptionValueError(f"--rename {text!r}: {pattern!r} is not a valid regular expression ({exc})") from exc
     return Rename(pattern, replacement)
 
 
