@@ -20,7 +20,7 @@ from .errors import IncompatibleError
 from .expert_linears import ExpertLinears, Stacked
 from .experts import ExpertReading, expert_rows_of_a, read_expert_shapes, split_pieces
 from .layouts.transformers import FusedExperts, Rename, layout_for, to_disk_path
-from .plan import HEAD_NAME, TIED, Targets, tied_embedding, with_tied_head
+from .plan import TIED, Targets, head_name, tied_embedding, with_tied_head
 from .safetensors_io import TensorInfo
 
 __all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights", "plan_in_memory_names"]
@@ -246,7 +246,7 @@ class _Rewriter:
         if item.target in self.base or not module:
             return item
         name, notes = self.rename(module)
-        if f"{name}.{leaf}" in self.base:
+        if f"{name}.{leaf}" in self.targets.base:  # a tied lm_head the checkpoint omits counts
             self.rules[item.key] = "; ".join(notes)
             return replace(item, target=f"{name}.{leaf}")
         return item
@@ -298,17 +298,17 @@ def _keep_tie(adapter: Adapter, items: list[Replacement], base: Mapping[str, Ten
 
     (Unequal copies untie the base, with the planner's warning.)
     """
-    tied = tied_embedding(base, config)
+    tied, head = tied_embedding(base, config), head_name(config)
     whole = {item.target: item for item in items if item.rows is None}
-    if tied is None or tied not in whole or HEAD_NAME not in whole:
+    if tied is None or tied not in whole or head not in whole:
         return items
     import torch  # only here: a plain merge plans without torch (its import overlaps the copies)
 
-    embedding, head = whole[tied], whole[HEAD_NAME]
-    if not torch.equal(adapter.read(embedding.key), adapter.read(head.key)):
+    embedding, head_copy = whole[tied], whole[head]
+    if not torch.equal(adapter.read(embedding.key), adapter.read(head_copy.key)):
         return items
     kept = replace(embedding, origin=f"{embedding.origin} {TIED}")
-    return [kept if item is embedding else item for item in items if item is not head]
+    return [kept if item is embedding else item for item in items if item is not head_copy]
 
 
 def plan_in_memory_names(plan, config: dict | None):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Rename", "FusedExperts", "Layout", "LAYOUTS", "layout_for", "parse_rename", "to_disk_path", "disk_tensor_names",
-    "inverse", "to_memory_path", "is_expert_tensor",
+    "inverse", "to_memory_path", "is_expert_tensor", "MEMORY_EMBEDDINGS", "tied_names",
 ]  # fmt: skip
 
 
@@ -187,3 +187,21 @@ def is_expert_tensor(disk_name: str, layout: Layout) -> bool:
         if not spec.parts and disk_name.endswith(f".experts.{spec.param}"):
             return True
     return False
+
+
+#: In-memory names of the input embedding an lm_head may be tied to: decoder-only models, seq2seq decoders, and
+#: the language model of a v5 vision-language model.
+MEMORY_EMBEDDINGS = ("model.embed_tokens", "transformer.wte", "model.decoder.embed_tokens", "gpt_neox.embed_in",
+                     "embed_tokens", "wte", "model.language_model.embed_tokens")  # fmt: skip
+
+
+def tied_names(config: dict | None) -> tuple[tuple[str, ...], str]:
+    """The on-disk tensors a tied checkpoint shares: (input-embedding candidates, the lm_head it omits).
+
+    Derived from the layout, so a VLM stores `language_model.model.embed_tokens.weight` and
+    `language_model.lm_head.weight` (Llava, Gemma 3) where a text model keeps `model.embed_tokens.weight` and
+    `lm_head.weight`.
+    """
+    _, layout = layout_for(config)
+    embeddings = dict.fromkeys(to_disk_path(name, layout.renames)[0] + ".weight" for name in MEMORY_EMBEDDINGS)
+    return tuple(embeddings), to_disk_path("lm_head", layout.renames)[0] + ".weight"

@@ -1,5 +1,5 @@
-"""Per-expert Linear adapters (`…experts.N.gate_proj`) merged into fused-on-disk experts (gpt-oss) and into
-per-expert checkpoints, proven against an fp64 reference and against transformers' own gpt-oss forward."""
+"""Name maps beyond the basic zoo: per-expert Linear adapters into fused-on-disk experts (gpt-oss) and per-expert
+checkpoints, tied vision-language models with new tokens, and --rename rules a user gets wrong."""
 
 from __future__ import annotations
 
@@ -256,3 +256,52 @@ def test_bad_rename_is_a_usage_error(command, rule, message, zoo_case, tmp_path)
     assert result.exit_code == 2, result.output
     assert f"--rename {rule!r}: {message}" in " ".join(result.output.split())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "extras"),
+    [
+        ("saved-embeddings-tied", dict(target_modules=["q_proj", "v_proj"])),  # equal copies, as PEFT saves them
+        ("modules-to-save-untied", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    ],
+)
+def test_tied_vlm_with_new_tokens(case, extras, zoo_case, tmp_path):
+    """Gemma 3 (VLM) ties lm_head to `language_model.model.embed_tokens`: equal saved copies keep the tie, trained
+    ones untie it into the VLM's own `language_model.lm_head.weight`; logits equal the PeftModel's either way."""
+    from conftest import read_json
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    arch = _BY_NAME["gemma3"]
+    base, _ = zoo_case(arch)
+    model = arch.model_class.from_pretrained(base)
+    model.resize_token_embeddings(110, mean_resizing=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=6, **extras))
+    randomize_lora(peft_model, seed=7)
+    tied = case == "saved-embeddings-tied"
+    peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=tied)  # PEFT's "auto" misses VLMs
+    report = lora_tools.merge(base, [tmp_path / "adapter"], tmp_path / "out", device="cpu")
+    state, config = load_state(tmp_path / "out"), read_json(tmp_path / "out" / "config.json")
+    assert state["language_model.model.embed_tokens.weight"].shape == (110, 32)
+    assert ("language_model.lm_head.weight" in state) == (not tied) and "lm_head.weight" not in state
+    assert config["tie_word_embeddings"] == config["text_config"]["tie_word_embeddings"] == tied
+    assert config["text_config"]["vocab_size"] == 110
+    assert any("ties lm_head to language_model.model.embed_tokens.weight" in w for w in report.warnings) == (not tied)
+
+    resized = arch.model_class.from_pretrained(base)
+    resized.resize_token_embeddings(110, mean_resizing=False)
+    unmerged = PeftModel.from_pretrained(resized, tmp_path / "adapter").eval()
+    merged = arch.model_class.from_pretrained(tmp_path / "out").eval()
+    inputs = {"input_ids": torch.tensor([[3, 105, 17, 109, 42, 100]])}  # new tokens included
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, unmerged(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_names_follow_the_layout():
+    from lora_tools.layouts.transformers import tied_names
+
+    for model_type in ("gemma3", "llava", "mistral3"):
+        embeddings, head = tied_names({"model_type": model_type})
+        assert "language_model.model.embed_tokens.weight" in embeddings and head == "language_model.lm_head.weight"
+    embeddings, head = tied_names({"model_type": "qwen2_vl"})
+    assert "model.embed_tokens.weight" in embeddings and head == "lm_head.weight"
+    assert tied_names({"model_type": "llama"})[1] == "lm_head.weight"
