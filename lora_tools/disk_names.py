@@ -311,22 +311,18 @@ def _keep_tie(adapter: Adapter, items: list[Replacement], base: Mapping[str, Ten
     return [kept if item is embedding else item for item in items if item is not head_copy]
 
 
-def plan_in_memory_names(plan, config: dict | None):
+def plan_in_memory_names(plan, config: dict | None, base: Mapping[str, TensorInfo]):
     """An extraction plan whose LoRA modules carry the in-memory names PEFT loads (`extract`, the reverse way).
 
-    Expert weights, which transformers fuses in memory, are skipped with a reason: PEFT would need them as one
-    `target_parameters` adapter per fused parameter, which `extract` does not build yet.
+    Expert weights, which transformers fuses in memory, become one `target_parameters` task per fused parameter
+    (`expert_extraction`).
     """
-    from .layouts.transformers import is_expert_tensor, to_memory_path
+    from .expert_extraction import expert_tasks
+    from .layouts.transformers import to_memory_path
 
-    model_type, layout = layout_for(config)
+    _, layout = layout_for(config)
     if not layout.renames and not layout.experts:
         return plan
-    tasks, skipped = [], list(plan.skipped)
-    for task in plan.tasks:
-        if is_expert_tensor(task.tensor, layout):
-            reason = f"{model_type} experts are fused in memory; extracting target_parameters adapters is not supported"
-            skipped.append({"name": task.tensor, "reason": reason})
-        else:
-            tasks.append(replace(task, module=to_memory_path(task.module, layout)))
-    return replace(plan, tasks=tasks, skipped=skipped)
+    rest, experts, skipped = expert_tasks(plan, layout, base)
+    tasks = [replace(task, module=to_memory_path(task.module, layout)) for task in rest]
+    return replace(plan, tasks=tasks + experts, skipped=skipped)

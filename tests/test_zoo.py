@@ -168,7 +168,7 @@ def test_rename_moves_a_vlm_adapter_onto_its_text_model(zoo_case, tmp_path):
         on_llava = "language_model." + name
         torch.testing.assert_close(ours[name] - llama_before[name], llava[on_llava] - llava_before[on_llava])
     bad = run_cli(["merge", llama_base, llava_adapter, "--output", tmp_path / "bad", "--rename", "("])
-    assert bad.exit_code == 3 and "--rename '('" in bad.output and not (tmp_path / "bad").exists()
+    assert bad.exit_code == 2 and "--rename '('" in bad.output and not (tmp_path / "bad").exists()
 
 
 _RESIZED = {  # case → (tie_word_embeddings, LoraConfig extras)
@@ -276,16 +276,6 @@ def test_extract_from_a_vlm_loads_in_peft_with_the_tuned_logits(zoo_case, tmp_pa
     assert len(loaded) == len(report.modules)
     tuned = arch.model_class.from_pretrained(tmp_path / "tuned").eval()
     torch.testing.assert_close(_logits(peft_model, arch), _logits(tuned, arch), atol=1e-4, rtol=1e-4)
-
-
-def test_extract_from_moe_says_experts_are_left_out(zoo_case, tmp_path):
-    arch = _BY_NAME["qwen3_moe"]
-    base, adapter = zoo_case(arch)
-    lora_tools.merge(base, [adapter], tmp_path / "tuned", device="cpu")
-    report = lora_tools.extract(base, tmp_path / "tuned", tmp_path / "extracted", rank=4, device="cpu")
-    experts = [s for s in report.skipped if ".experts." in s["name"]]
-    assert len(experts) == 4 * 3 and all("fused in memory" in s["reason"] for s in experts)
-    assert all(".experts." not in m.name for m in report.modules) and report.modules
 
 
 def test_expert_pieces_are_row_blocks_of_each_expert():

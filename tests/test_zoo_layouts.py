@@ -305,3 +305,56 @@ def test_tied_names_follow_the_layout():
     embeddings, head = tied_names({"model_type": "qwen2_vl"})
     assert "model.embed_tokens.weight" in embeddings and head == "lm_head.weight"
     assert tied_names({"model_type": "llama"})[1] == "lm_head.weight"
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_extract_fused_experts_as_target_parameters(name, zoo_case, tmp_path):
+    """extract from a MoE pair writes PEFT target_parameters adapters: PEFT loads them onto the base with the tuned
+    logits, and merging them back gives the tuned tensors (TUNED = BASE + exact rank ≤ 8 per-expert deltas)."""
+    from peft import PeftModel
+
+    arch = _BY_NAME[name]
+    base, adapter = zoo_case(arch)
+    lora_tools.merge(base, [adapter], tmp_path / "tuned", device="cpu")
+    report = lora_tools.extract(base, tmp_path / "tuned", tmp_path / "extracted", rank=8, device="cpu")
+    config = json.loads((tmp_path / "extracted" / "adapter_config.json").read_text())
+    experts = "model.layers.0.mlp.experts"
+    assert {f"{experts}.gate_up_proj", f"{experts}.down_proj"} <= set(config["target_parameters"])
+    assert not [s for s in report.skipped if ".experts." in s["name"] and not s["name"].endswith("_bias")]
+    found = {m.name: m for m in report.modules}
+    assert found[f"{experts}.base_layer"].rank == found[experts].rank == 8  # gate_up_proj nests inside down_proj
+    exact = arch.dtype == torch.float32
+    assert all(m.relative_error < (1e-5 if exact else 5e-3) for m in report.modules)
+
+    peft_model = PeftModel.from_pretrained(arch.model_class.from_pretrained(base, dtype=torch.float32),
+                                           tmp_path / "extracted").eval()  # fmt: skip
+    tuned = arch.model_class.from_pretrained(tmp_path / "tuned", dtype=torch.float32).eval()
+    tolerance = 1e-5 if exact else 2e-3
+    torch.testing.assert_close(_logits(peft_model, arch), _logits(tuned, arch), atol=tolerance, rtol=tolerance)
+
+    lora_tools.merge(base, [tmp_path / "extracted"], tmp_path / "again", device="cpu")
+    again, expected = load_state(tmp_path / "again"), load_state(tmp_path / "tuned")
+    for key in (k for k in expected if ".experts." in k):
+        if exact:
+            torch.testing.assert_close(again[key], expected[key], atol=1e-6, rtol=0, msg=key)
+        else:  # bf16 TUNED is not exactly rank 8: within a bf16 ulp of its largest element
+            atol = float(expected[key].abs().max()) * 2**-8
+            torch.testing.assert_close(again[key].float(), expected[key].float(), atol=atol, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("arch", ZOO, ids=lambda a: a.name)
+def test_router_table_agrees_with_the_model(arch):
+    """The layout's routers are exactly the modules transformers keeps as a bare 2-D weight (PEFT: target_parameters)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_tools.layouts.transformers import layout_for
+
+    model = arch.build()
+    _, layout = layout_for(model.config.to_dict())
+    plain = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
+    bare = {
+        name for name, module in model.named_modules()
+        if not isinstance(module, plain) and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+        and module.weight.dim() == 2
+    }  # fmt: skip
+    assert bare == {name for name, _ in model.named_modules() if layout.is_router(name)}

@@ -61,10 +61,18 @@ class FusedExperts:
 
 @dataclass(frozen=True)
 class Layout:
-    """How one model type's in-memory names map to disk: renames (applied in order), then fused experts."""
+    """How one model type's in-memory names map to disk: renames (applied in order), then fused experts.
+
+    `routers` are in-memory module paths (dotted suffixes) that transformers keeps as a bare `weight` parameter,
+    not an nn.Linear (MoE routers): PEFT adapts them through `target_parameters` `<module>.weight`.
+    """
 
     renames: tuple[Rename, ...] = ()
     experts: tuple[FusedExperts, ...] = ()
+    routers: tuple[str, ...] = ()
+
+    def is_router(self, module: str) -> bool:
+        return any(module == r or module.endswith(f".{r}") for r in self.routers)
 
 
 _LLAVA = Layout(
@@ -77,16 +85,18 @@ _LLAVA = Layout(
 )
 _QWEN_VL = Layout(renames=(Rename(r"^model\.language_model\.", "model."), Rename(r"^model\.visual\.", "visual.")))
 _PER_EXPERT = (FusedExperts("gate_up_proj", ("gate_proj", "up_proj")), FusedExperts("down_proj", ("down_proj",)))
-_QWEN_MOE = Layout(experts=_PER_EXPERT)
+_QWEN_MOE = Layout(experts=_PER_EXPERT, routers=("mlp.gate",))
 _MIXTRAL = Layout(
     renames=(Rename(r"\.mlp\.", ".block_sparse_moe."),),
     experts=(FusedExperts("gate_up_proj", ("w1", "w3")), FusedExperts("down_proj", ("w2",))),
+    routers=("mlp.gate",),
 )
 _GPT_OSS = Layout(
     experts=(  # GptOssExperts._apply_gate: gate = gate_up[..., ::2], up = gate_up[..., 1::2]
         FusedExperts("gate_up_proj", in_first=True, linear=("gate_proj", "up_proj"), interleaved=True),
         FusedExperts("down_proj", in_first=True, linear=("down_proj",)),
-    )
+    ),
+    routers=("mlp.router",),
 )
 
 #: model_type → layout, for the types whose in-memory names differ from the checkpoint's.
