@@ -19,7 +19,7 @@ from .adapter import Adapter, LoraModule, Replacement, pattern_key
 from .errors import IncompatibleError
 from .expert_linears import ExpertLinears, Stacked
 from .experts import ExpertReading, expert_rows_of_a, read_expert_shapes, split_pieces
-from .layouts.transformers import FusedExperts, Rename, layout_for, to_disk_path
+from .layouts.transformers import LAYOUTS, FusedExperts, Rename, layout_for, to_disk_path
 from .plan import TIED, Targets, head_name, tied_embedding, with_tied_head
 from .safetensors_io import TensorInfo
 
@@ -137,12 +137,22 @@ class _Rewriter:
         self.adapter, self.base, self.user = adapter, base, tuple(user)
         self.model_type, self.layout = layout_for(config)
         self.targets = Targets(with_tied_head(base, config))
+        self.label = self.model_type
+        if self.model_type not in LAYOUTS and any(self._unmatched(module) for module in adapter.modules):
+            from .layouts.hf_rules import transformers_layout  # imports transformers: only when names disagree
+
+            found = transformers_layout(self.model_type)
+            if found is not None:
+                self.layout, self.label = found.layout, found.source
         self.views: dict[str, _View] = {}
         self.rules: dict[str, str] = {}
         self.mapped: dict[str, str] = {}
         self.per_expert: dict[str, tuple[int, float, float]] = {}
         self.problems: list[str] = []
         self.linears = ExpertLinears(base, self.layout, self.model_type)
+
+    def _unmatched(self, module: LoraModule) -> bool:
+        return self.targets.find(replace(module, name=to_disk_path(module.name, self.user)[0])) is None
 
     def rename(self, name: str, module: LoraModule | None = None) -> tuple[str, list[str]]:
         """User renames, then the layout's when the name does not already match the base."""
@@ -153,7 +163,7 @@ class _Rewriter:
             return name, notes
         renamed, fired = to_disk_path(name, self.layout.renames)
         if fired and (module is None or self.targets.find(replace(module, name=renamed)) is not None):
-            return renamed, notes + [f"{self.model_type}: {rule}" for rule in fired]
+            return renamed, notes + [f"{self.label}: {rule}" for rule in fired]
         return name, notes
 
     def module(self, module: LoraModule) -> list[LoraModule]:
@@ -197,7 +207,7 @@ class _Rewriter:
         spec, shape, reading = found[0]
         alpha = self._alpha(f"{memory}.{spec.param}")
         scale = alpha / math.sqrt(reading.rank) if self.adapter.use_rslora else alpha / reading.rank
-        rule = f"{self.model_type}: experts.{spec.param} {list(shape)}" + (
+        rule = f"{self.label}: experts.{spec.param} {list(shape)}" + (
             f" → {'/'.join(spec.parts)} per expert" if spec.parts else " (fused on disk)"
         )
         self.rules[module.name] = rule + (" (swapped-orientation PEFT release)" if reading.old_peft else "")

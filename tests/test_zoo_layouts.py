@@ -358,3 +358,61 @@ def test_router_table_agrees_with_the_model(arch):
         and module.weight.dim() == 2
     }  # fmt: skip
     assert bare == {name for name, _ in model.named_modules() if layout.is_router(name)}
+
+
+@pytest.mark.parametrize("arch", ZOO, ids=lambda a: a.name)
+def test_table_agrees_with_transformers_rules(arch):
+    """transformers' own loading rules (its conversion mapping, scoped by the model instance) turn every on-disk
+    name lora_tools' table gives back into the in-memory name; the part lora_tools reads at runtime agrees too."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    from lora_tools.layouts.hf_rules import transformers_layout
+    from lora_tools.layouts.transformers import disk_tensor_names, layout_for, to_disk_path
+
+    model = arch.build()
+    _, layout = layout_for(model.config.to_dict())
+    rules = get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    memory = model.state_dict()
+    for name in memory:
+        for disk in disk_tensor_names(name, layout, experts=4):
+            assert rename_source_key(disk, renamings, converters, model.base_model_prefix, memory)[0] == name, disk
+
+    runtime = transformers_layout(arch.model_type)
+    if runtime is None:
+        return
+    assert {(s.param, s.parts) for s in runtime.layout.experts} <= {(s.param, s.parts) for s in layout.experts}
+    if runtime.layout.renames:
+        for path, _ in model.named_modules():
+            assert to_disk_path(path, runtime.layout.renames)[0] == to_disk_path(path, layout.renames)[0], path
+    assert all("anchored" in why for why in runtime.left_out)  # VLM placements: scoped to sub-models
+
+
+def test_model_type_outside_the_table_uses_transformers_rules(tmp_path):
+    """MiniMax is not in lora_tools' table: transformers' rules (`.block_sparse_moe.` ↔ `.mlp.`, w1/w3/w2 fused into
+    experts) place its expert adapter; the merge gives the PeftModel's logits and inspect names the source."""
+    from peft import PeftModel
+    from transformers import __version__
+    from zoo_models import _EXPERTS, _TEXT, Arch, build_case
+
+    from lora_tools.layouts.transformers import LAYOUTS
+
+    arch = Arch("minimax", "minimax", dict(_TEXT, num_local_experts=4, num_experts_per_tok=2,
+                layer_types=["full_attention"]), target_parameters=_EXPERTS)  # fmt: skip
+    assert arch.model_type not in LAYOUTS
+    base, adapter = build_case(arch, tmp_path)
+    report = lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu")
+    assert report.tensors_changed > 4 * 3 and not report.warnings
+    unmerged = PeftModel.from_pretrained(arch.model_class.from_pretrained(base), adapter).eval()
+    merged = arch.model_class.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(merged, arch), _logits(unmerged, arch), atol=1e-4, rtol=1e-4)
+
+    result = run_cli(["inspect", adapter, "--base", base, "--json"])
+    rules = {m["name"]: m["rule"] for m in json.loads(result.stdout)["modules"]}
+    source = f"transformers {__version__} conversion_mapping['minimax']"
+    assert rules["model.layers.0.block_sparse_moe.experts.{0..3}.{w1,w3}"] == (
+        f"{source}: experts.gate_up_proj [4, 48, 32] → w1/w3 per expert"
+    )
+    assert rules["model.layers.0.block_sparse_moe.gate"] == rf"{source}: \.mlp\. → .block_sparse_moe."
