@@ -150,6 +150,15 @@ def test_per_expert_linears_merged_give_the_peft_logits(gpt_oss_linear_case, tmp
     torch.testing.assert_close(_logits(merged, arch), _logits(peft_model, arch), atol=1e-5, rtol=1e-5)
 
 
+def test_per_expert_linears_unmerge_from_fused_experts(gpt_oss_linear_case, tmp_path):
+    _, base, adapter, _ = gpt_oss_linear_case
+    lora_tools.merge(base, [adapter], tmp_path / "merged", device="cpu", dtype="fp32")
+    lora_tools.unmerge(tmp_path / "merged", [adapter], tmp_path / "restored", device="cpu")
+    restored, original = load_state(tmp_path / "restored"), load_state(base)
+    for key, tensor in original.items():
+        torch.testing.assert_close(restored[key], tensor.float(), atol=1e-6, rtol=0, msg=key)
+
+
 def test_inspect_names_the_interleaved_slice(gpt_oss_linear_case):
     _, base, adapter, _ = gpt_oss_linear_case
     result = run_cli(["inspect", adapter, "--base", base, "--json"])
