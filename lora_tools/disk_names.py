@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, replace
 
 from .adapter import Adapter, LoraModule, Replacement, pattern_key
 from .errors import IncompatibleError
+from .expert_linears import ExpertLinears, Stacked
 from .experts import ExpertReading, expert_rows_of_a, read_expert_shapes, split_pieces
-from .layouts.transformers import FusedExperts, Rename, layout_for, to_disk_path
-from .plan import HEAD_NAME, TIED, Targets, tied_embedding, with_tied_head
+from .layouts.transformers import LAYOUTS, FusedExperts, Rename, layout_for, to_disk_path
+from .plan import TIED, Targets, head_name, tied_embedding, with_tied_head
 from .safetensors_io import TensorInfo
 
 __all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights", "plan_in_memory_names"]
@@ -52,6 +53,9 @@ class SlicedWeights:
         stored = weights.tensors
         self.tensors: dict[str, TensorInfo] = dict(stored)
         for key, view in self._views.items():
+            if isinstance(view, Stacked):
+                self.tensors[key] = replace(stored[view.blocks[0].source], name=key, shape=view.shape, offset=None)
+                continue
             source = stored[view.source]
             self.tensors[key] = replace(source, name=key, shape=view.shape(source.shape), offset=None)
 
@@ -59,6 +63,8 @@ class SlicedWeights:
         view = self._views.get(key)
         if view is None:
             return self._weights.read(key)
+        if isinstance(view, Stacked):
+            return view.build(self._weights.read)
         tensor = self._source(view.source)[slice(*view.rows), slice(*view.cols)]
         return (tensor.T if view.transpose else tensor).contiguous()
 
@@ -131,11 +137,22 @@ class _Rewriter:
         self.adapter, self.base, self.user = adapter, base, tuple(user)
         self.model_type, self.layout = layout_for(config)
         self.targets = Targets(with_tied_head(base, config))
+        self.label = self.model_type
+        if self.model_type not in LAYOUTS and any(self._unmatched(module) for module in adapter.modules):
+            from .layouts.hf_rules import transformers_layout  # imports transformers: only when names disagree
+
+            found = transformers_layout(self.model_type)
+            if found is not None:
+                self.layout, self.label = found.layout, found.source
         self.views: dict[str, _View] = {}
         self.rules: dict[str, str] = {}
         self.mapped: dict[str, str] = {}
         self.per_expert: dict[str, tuple[int, float, float]] = {}
         self.problems: list[str] = []
+        self.linears = ExpertLinears(base, self.layout, self.model_type)
+
+    def _unmatched(self, module: LoraModule) -> bool:
+        return self.targets.find(replace(module, name=to_disk_path(module.name, self.user)[0])) is None
 
     def rename(self, name: str, module: LoraModule | None = None) -> tuple[str, list[str]]:
         """User renames, then the layout's when the name does not already match the base."""
@@ -146,7 +163,7 @@ class _Rewriter:
             return name, notes
         renamed, fired = to_disk_path(name, self.layout.renames)
         if fired and (module is None or self.targets.find(replace(module, name=renamed)) is not None):
-            return renamed, notes + [f"{self.model_type}: {rule}" for rule in fired]
+            return renamed, notes + [f"{self.label}: {rule}" for rule in fired]
         return name, notes
 
     def module(self, module: LoraModule) -> list[LoraModule]:
@@ -154,6 +171,8 @@ class _Rewriter:
         memory = _strip_nesting(renamed)
         if _is_expert_module(module, renamed != memory, memory, self.adapter.config):
             return self.experts(module, memory)
+        if self.targets.find(replace(module, name=renamed)) is None and self.linears.claim(module, renamed):
+            return []  # a per-expert Linear into fused-on-disk experts: stacked once all are seen
         name, notes = self.rename(module.name, module)
         if notes:
             self.rules[module.name] = "; ".join(notes)
@@ -188,7 +207,7 @@ class _Rewriter:
         spec, shape, reading = found[0]
         alpha = self._alpha(f"{memory}.{spec.param}")
         scale = alpha / math.sqrt(reading.rank) if self.adapter.use_rslora else alpha / reading.rank
-        rule = f"{self.model_type}: experts.{spec.param} {list(shape)}" + (
+        rule = f"{self.label}: experts.{spec.param} {list(shape)}" + (
             f" → {'/'.join(spec.parts)} per expert" if spec.parts else " (fused on disk)"
         )
         self.rules[module.name] = rule + (" (swapped-orientation PEFT release)" if reading.old_peft else "")
@@ -237,7 +256,7 @@ class _Rewriter:
         if item.target in self.base or not module:
             return item
         name, notes = self.rename(module)
-        if f"{name}.{leaf}" in self.base:
+        if f"{name}.{leaf}" in self.targets.base:  # a tied lm_head the checkpoint omits counts
             self.rules[item.key] = "; ".join(notes)
             return replace(item, target=f"{name}.{leaf}")
         return item
@@ -261,6 +280,12 @@ def to_disk_names(
         return DiskNames(adapter)
     rewriter = _Rewriter(adapter, base, config, renames)
     modules = [new for module in adapter.modules for new in rewriter.module(module)]
+    linears = rewriter.linears
+    modules += linears.modules()
+    rewriter.views.update(linears.views)
+    rewriter.rules.update(linears.rules)
+    rewriter.mapped.update(linears.mapped)
+    rewriter.problems += linears.problems
     if rewriter.problems:
         raise IncompatibleError(f"{adapter.path}: {len(rewriter.problems)} expert module(s) do not fit the base",
                                 rewriter.problems)  # fmt: skip
@@ -283,35 +308,31 @@ def _keep_tie(adapter: Adapter, items: list[Replacement], base: Mapping[str, Ten
 
     (Unequal copies untie the base, with the planner's warning.)
     """
-    tied = tied_embedding(base, config)
+    tied, head = tied_embedding(base, config), head_name(config)
     whole = {item.target: item for item in items if item.rows is None}
-    if tied is None or tied not in whole or HEAD_NAME not in whole:
+    if tied is None or tied not in whole or head not in whole:
         return items
     import torch  # only here: a plain merge plans without torch (its import overlaps the copies)
 
-    embedding, head = whole[tied], whole[HEAD_NAME]
-    if not torch.equal(adapter.read(embedding.key), adapter.read(head.key)):
+    embedding, head_copy = whole[tied], whole[head]
+    if not torch.equal(adapter.read(embedding.key), adapter.read(head_copy.key)):
         return items
     kept = replace(embedding, origin=f"{embedding.origin} {TIED}")
-    return [kept if item is embedding else item for item in items if item is not head]
+    return [kept if item is embedding else item for item in items if item is not head_copy]
 
 
-def plan_in_memory_names(plan, config: dict | None):
+def plan_in_memory_names(plan, config: dict | None, base: Mapping[str, TensorInfo]):
     """An extraction plan whose LoRA modules carry the in-memory names PEFT loads (`extract`, the reverse way).
 
-    Expert weights, which transformers fuses in memory, are skipped with a reason: PEFT would need them as one
-    `target_parameters` adapter per fused parameter, which `extract` does not build yet.
+    Expert weights, which transformers fuses in memory, become one `target_parameters` task per fused parameter
+    (`expert_extraction`).
     """
-    from .layouts.transformers import is_expert_tensor, to_memory_path
+    from .expert_extraction import expert_tasks
+    from .layouts.transformers import to_memory_path
 
-    model_type, layout = layout_for(config)
+    _, layout = layout_for(config)
     if not layout.renames and not layout.experts:
         return plan
-    tasks, skipped = [], list(plan.skipped)
-    for task in plan.tasks:
-        if is_expert_tensor(task.tensor, layout):
-            reason = f"{model_type} experts are fused in memory; extracting target_parameters adapters is not supported"
-            skipped.append({"name": task.tensor, "reason": reason})
-        else:
-            tasks.append(replace(task, module=to_memory_path(task.module, layout)))
-    return replace(plan, tasks=tasks, skipped=skipped)
+    rest, experts, skipped = expert_tasks(plan, layout, base)
+    tasks = [replace(task, module=to_memory_path(task.module, layout)) for task in rest]
+    return replace(plan, tasks=tasks + experts, skipped=skipped)

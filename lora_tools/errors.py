@@ -25,6 +25,7 @@ __all__ = [
     "IncompatibleError",
     "NonFiniteError",
     "OutputNameError",
+    "OptionValueError",
     "OutputExistsError",
     "UnsupportedError",
     "EnvironmentProblem",
@@ -95,6 +96,12 @@ class OutputExistsError(InvalidInputError, FileExistsError):
 
 class OutputNameError(LoraToolError, ValueError):
     """The output path's name says file where a folder is written (or the reverse): a usage error."""
+
+    exit_code = EXIT_USAGE
+
+
+class OptionValueError(LoraToolError, ValueError):
+    """An option's value is malformed (a `--rename` rule without `=`, a regex that does not compile): a usage error."""
 
     exit_code = EXIT_USAGE
 

@@ -464,7 +464,7 @@ def extract(
     )
     from .disk_names import plan_in_memory_names
 
-    plan = plan_in_memory_names(plan, base_checkpoint.config)  # PEFT loads adapters by in-memory module names
+    plan = plan_in_memory_names(plan, base_checkpoint.config, base_checkpoint.tensors)  # PEFT's in-memory names
     output = Path(output)
     modules: list[ModuleExtraction] = []
     unchanged: list[str] = []
@@ -478,6 +478,8 @@ def extract(
 
     def extract_module(task: ExtractTask, workspace) -> _ModuleResult:
         """Δ of one module and its factors (runs on a worker thread; reads only, writes nothing)."""
+        if task.kind == "experts":  # a fused in-memory parameter: a PEFT target_parameters LoRA
+            return _experts_result(task, base_checkpoint, tuned_checkpoint, rule, method, factor_dtype)
         info = base_checkpoint.tensors[task.tensor]
         compute = torch.float64 if info.dtype == "F64" else torch.float32
         delta = workspace.get("tuned", info.shape, compute).copy_(tuned_checkpoint.read(task.tensor))
@@ -519,13 +521,13 @@ def extract(
                 key_a, key_b = _lora_keys(task.module, task.kind)
                 spool.add(key_a, a_out)
                 spool.add(key_b, b_out)
-                ranks[task.module] = a_out.shape[0]
+                ranks[task.module] = a_out.shape[0] // (task.shape[0] if task.kind == "experts" else 1)
                 parameters += a_out.numel() + b_out.numel()
                 full_delta += result.numel
                 error = result.error
                 modules.append(
                     ModuleExtraction(
-                        task.module, a_out.shape[0], max(0.0, 1 - error * error), error, result.method, task.shape
+                        task.module, ranks[task.module], max(0.0, 1 - error * error), error, result.method, task.shape
                     )
                 )
             if progress is not None:
@@ -565,14 +567,20 @@ def extract(
         size = spool.finish(target / "adapter_model.safetensors")
         base_name = display_name(base, base_repo)
         base_model = base_repo or (base_checkpoint.config or {}).get("_name_or_path") or base_name
+        from .expert_extraction import peft_expert_fields
+        from .layouts.transformers import layout_for
+
+        _, layout = layout_for(base_checkpoint.config)  # fused experts and routers: target_parameters
+        config_ranks, targets = peft_expert_fields(plan.tasks, ranks, layout)
         write_adapter_config(
             target,
             peft_adapter_config(
-                ranks,
-                {m: float(r) for m, r in ranks.items()},
+                config_ranks,
+                {m: float(r) for m, r in config_ranks.items()},
                 base_model=base_model,
                 fan_in_fan_out=any(t.fan_in_fan_out for t in plan.tasks if t.module in ranks),
                 modules_to_save=sorted(set(modules_to_save)),
+                extra=targets,
             ),
         )
         rule_words = _rule_words(rule)
@@ -600,6 +608,22 @@ def extract(
         notes=notes,
         checksums=digests,
     )
+
+
+def _experts_result(task, base_checkpoint, tuned_checkpoint, rule: RankRule, method: str, factor_dtype):
+    """One fused expert parameter's stacked factors (`expert_extraction`), as a worker's result."""
+    from .expert_extraction import extract_expert_factors, relative_error
+
+    def factor(matrix, seed_name):
+        return factorize(matrix, rule, method, seed=_seed(seed_name))
+
+    numel = sum(base_checkpoint.tensors[name].numel for name in task.sources)
+    found = extract_expert_factors(task, base_checkpoint.read, tuned_checkpoint.read, factor)
+    if found is None:
+        return _ModuleResult(task, numel, unchanged=True)
+    b, a, deltas, used = found
+    b_out, a_out = b.to(factor_dtype).cpu(), a.to(factor_dtype).cpu()
+    return _ModuleResult(task, numel, factors=(b_out, a_out), error=relative_error(b_out, a_out, deltas), method=used)
 
 
 def _differ(first: TensorInfo, second: TensorInfo, chunk_bytes: int = 16 << 20) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from .adapter import Adapter, is_adapter, read_adapter
 from .checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
 from .layouts.diffusion import describe_layout
-from .plan import HEAD_NAME, Targets, compatibility_problems, tied_embedding, with_tied_head
+from .plan import Targets, compatibility_problems, head_name, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
 
@@ -195,7 +195,7 @@ def _quantized_view(checkpoint: Checkpoint) -> tuple[dict, list[str]]:
 
 
 def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
-    if HEAD_NAME in checkpoint.tensors:
+    if head_name(checkpoint.config) in checkpoint.tensors:
         head = "present"
     elif tied_embedding(checkpoint.tensors, checkpoint.config) is not None:
         head = "tied"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from .adapter import Adapter, LoraModule, Replacement
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .fp8 import fp8_problems, mergeable_dtype
+from .layouts.transformers import tied_names
 from .relayout import LayoutTargets, Located, Piece, located_problems
 from .safetensors_io import DTYPE_SIZES, TensorInfo
 from .vocab import resized_base
@@ -29,6 +30,7 @@ __all__ = [
     "variant_delta_shape",
     "weight_tensor",
     "with_tied_head",
+    "head_name",
     "plan_merge",
     "plan_shards",
     "shard_file_names",
@@ -37,9 +39,7 @@ __all__ = [
 #: `--dtype` spellings → safetensors dtype names.
 OUTPUT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
 
-_EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
-                    "gpt_neox.embed_in.weight", "embed_tokens.weight", "wte.weight")  # fmt: skip
-HEAD_NAME = "lm_head.weight"
+HEAD_NAME = "lm_head.weight"  # a text model's; `head_name(config)` is the checkpoint's own (a VLM's is nested)
 #: Ends the origin of an embedding replacement whose lm_head copy is identical, so the tie holds.
 TIED = "(tied)"
 
@@ -87,10 +87,10 @@ def _out_features(module: LoraModule, weight_shape: tuple[int, ...]) -> int:
 
 def with_tied_head(base: Mapping[str, TensorInfo], config: dict | None) -> Mapping[str, TensorInfo]:
     """`base` plus the lm_head a tied checkpoint omits, so adapters on lm_head find their target."""
-    tied = tied_embedding(base, config)
+    tied, head = tied_embedding(base, config), head_name(config)
     if tied is None:
         return base
-    return {**base, HEAD_NAME: replace(base[tied], name=HEAD_NAME)}
+    return {**base, head: replace(base[tied], name=head)}
 
 
 class Targets:
@@ -367,9 +367,15 @@ class MergePlan:
 
 def tied_embedding(base: Mapping[str, TensorInfo], config: dict | None) -> str | None:
     """The input-embedding tensor lm_head shares, when the base ties them and omits lm_head."""
-    if HEAD_NAME in base or not (config or {}).get("tie_word_embeddings", True):
+    embeddings, head = tied_names(config)
+    if head in base or not (config or {}).get("tie_word_embeddings", True):
         return None
-    return next((name for name in _EMBEDDING_NAMES if name in base), None)
+    return next((name for name in embeddings if name in base), None)
+
+
+def head_name(config: dict | None) -> str:
+    """The lm_head tensor as the checkpoint names it (`language_model.lm_head.weight` for a Llava or Gemma 3)."""
+    return tied_names(config)[1]
 
 
 def plan_merge(
@@ -445,10 +451,8 @@ def plan_merge(
 
     _check_combinations(adapters, terms, replaced, unmerge)
 
-    tied = tied_embedding(base, config)
-    untie = tied is not None and (
-        HEAD_NAME in terms or HEAD_NAME in replaced or _changes_embedding(tied, terms, replaced)
-    )
+    tied, head = tied_embedding(base, config), head_name(config)
+    untie = tied is not None and (head in terms or head in replaced or _changes_embedding(tied, terms, replaced))
     tasks: list[TensorTask] = []
 
     def add(name: str, source: str) -> None:
@@ -470,7 +474,7 @@ def plan_merge(
     for name in base:
         add(name, name)
         if untie and name == tied:
-            add(HEAD_NAME, tied)
+            add(head, tied)
             warnings.append(
                 f"the base ties lm_head to {tied} and an adapter changes one of them: "
                 "both are written and tie_word_embeddings is set to false in config.json"

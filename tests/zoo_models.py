@@ -132,3 +132,13 @@ def inputs_for(arch: Arch) -> dict[str, torch.Tensor]:
     if arch.seq2seq:
         return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
     return {"input_ids": ids}
+
+
+_BUILT: dict[str, tuple[Path, Path]] = {}
+
+
+def cached_case(arch: Arch, tmp_path_factory) -> tuple[Path, Path]:
+    """`build_case` once per test session, shared by every test module of the zoo."""
+    if arch.name not in _BUILT:
+        _BUILT[arch.name] = build_case(arch, tmp_path_factory.mktemp(f"zoo_{arch.name}"))
+    return _BUILT[arch.name]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Rename", "FusedExperts", "Layout", "LAYOUTS", "layout_for", "parse_rename", "to_disk_path", "disk_tensor_names",
-    "inverse", "to_memory_path", "is_expert_tensor",
+    "inverse", "to_memory_path", "is_expert_tensor", "MEMORY_EMBEDDINGS", "tied_names",
 ]  # fmt: skip
 
 
@@ -46,19 +46,33 @@ class FusedExperts:
         parts: the per-expert on-disk modules its output rows split into, in order
             (`{experts}.{e}.{part}.weight`); empty when the checkpoint keeps the fused tensor.
         in_first: laid out [E, in, out] (transformers' `is_transposed`) instead of [E, out, in].
+        linear: the per-expert Linear modules (`{experts}.{e}.{name}`, as per-expert models name them) whose
+            output rows make up the parameter when the checkpoint keeps it fused (`expert_linears`).
+        interleaved: those modules' rows alternate along the out axis (gpt-oss: gate at even, up at odd
+            columns) instead of following one another.
     """
 
     param: str
     parts: tuple[str, ...] = ()
     in_first: bool = False
+    linear: tuple[str, ...] = ()
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How one model type's in-memory names map to disk: renames (applied in order), then fused experts."""
+    """How one model type's in-memory names map to disk: renames (applied in order), then fused experts.
+
+    `routers` are in-memory module paths (dotted suffixes) that transformers keeps as a bare `weight` parameter,
+    not an nn.Linear (MoE routers): PEFT adapts them through `target_parameters` `<module>.weight`.
+    """
 
     renames: tuple[Rename, ...] = ()
     experts: tuple[FusedExperts, ...] = ()
+    routers: tuple[str, ...] = ()
+
+    def is_router(self, module: str) -> bool:
+        return any(module == r or module.endswith(f".{r}") for r in self.routers)
 
 
 _LLAVA = Layout(
@@ -71,12 +85,19 @@ _LLAVA = Layout(
 )
 _QWEN_VL = Layout(renames=(Rename(r"^model\.language_model\.", "model."), Rename(r"^model\.visual\.", "visual.")))
 _PER_EXPERT = (FusedExperts("gate_up_proj", ("gate_proj", "up_proj")), FusedExperts("down_proj", ("down_proj",)))
-_QWEN_MOE = Layout(experts=_PER_EXPERT)
+_QWEN_MOE = Layout(experts=_PER_EXPERT, routers=("mlp.gate",))
 _MIXTRAL = Layout(
     renames=(Rename(r"\.mlp\.", ".block_sparse_moe."),),
     experts=(FusedExperts("gate_up_proj", ("w1", "w3")), FusedExperts("down_proj", ("w2",))),
+    routers=("mlp.gate",),
 )
-_GPT_OSS = Layout(experts=(FusedExperts("gate_up_proj", in_first=True), FusedExperts("down_proj", in_first=True)))
+_GPT_OSS = Layout(
+    experts=(  # GptOssExperts._apply_gate: gate = gate_up[..., ::2], up = gate_up[..., 1::2]
+        FusedExperts("gate_up_proj", in_first=True, linear=("gate_proj", "up_proj"), interleaved=True),
+        FusedExperts("down_proj", in_first=True, linear=("down_proj",)),
+    ),
+    routers=("mlp.router",),
+)
 
 #: model_type → layout, for the types whose in-memory names differ from the checkpoint's.
 LAYOUTS: dict[str, Layout] = {
@@ -115,17 +136,18 @@ def parse_rename(text: str) -> Rename:
     """`'REGEX=REPLACEMENT'` (the `--rename` option) → a `Rename`.
 
     Raises:
-        InvalidInputError: no `=`, or the regex does not compile.
+        OptionValueError: no `=`, or the regex does not compile (a usage error, exit 2).
     """
-    from ..errors import InvalidInputError
+    from ..errors import OptionValueError
 
     pattern, sep, replacement = text.partition("=")
     if not sep or not pattern:
-        raise InvalidInputError(f"--rename {text!r}: expected REGEX=REPLACEMENT")
+        example = r"'^model\.language_model\.=model.'"
+        raise OptionValueError(f"--rename {text!r}: expected REGEX=REPLACEMENT, e.g. {example}")
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise InvalidInputError(f"--rename {text!r}: {pattern!r} is not a valid regular expression ({exc})") from exc
+        raise OptionValueError(f"--rename {text!r}: {pattern!r} is not a valid regular expression ({exc})") from exc
     return Rename(pattern, replacement)
 
 
@@ -175,3 +197,21 @@ def is_expert_tensor(disk_name: str, layout: Layout) -> bool:
         if not spec.parts and disk_name.endswith(f".experts.{spec.param}"):
             return True
     return False
+
+
+#: In-memory names of the input embedding an lm_head may be tied to: decoder-only models, seq2seq decoders, and
+#: the language model of a v5 vision-language model.
+MEMORY_EMBEDDINGS = ("model.embed_tokens", "transformer.wte", "model.decoder.embed_tokens", "gpt_neox.embed_in",
+                     "embed_tokens", "wte", "model.language_model.embed_tokens")  # fmt: skip
+
+
+def tied_names(config: dict | None) -> tuple[tuple[str, ...], str]:
+    """The on-disk tensors a tied checkpoint shares: (input-embedding candidates, the lm_head it omits).
+
+    Derived from the layout, so a VLM stores `language_model.model.embed_tokens.weight` and
+    `language_model.lm_head.weight` (Llava, Gemma 3) where a text model keeps `model.embed_tokens.weight` and
+    `lm_head.weight`.
+    """
+    _, layout = layout_for(config)
+    embeddings = dict.fromkeys(to_disk_path(name, layout.renames)[0] + ".weight" for name in MEMORY_EMBEDDINGS)
+    return tuple(embeddings), to_disk_path("lm_head", layout.renames)[0] + ".weight"
