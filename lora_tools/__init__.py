@@ -42,20 +42,20 @@ _LAZY = {
     "resize": ".extraction",
     "combine": ".combine",
     "convert": ".convert",
-    "push": ".hub",
-    "open_checkpoint": ".checkpoint",
-    "read_adapter": ".adapter",
+    "push": ".io.hub",
+    "open_checkpoint": ".io.checkpoint",
+    "read_adapter": ".adapters.reading",
     "check": ".serving.check",
 }
 
 if TYPE_CHECKING:
-    from .adapter import read_adapter
-    from .checkpoint import open_checkpoint
+    from .adapters.reading import read_adapter
     from .combine import combine
     from .convert import convert
     from .extraction import extract, resize
-    from .hub import push
     from .inspection import inspect
+    from .io.checkpoint import open_checkpoint
+    from .io.hub import push
     from .merging import merge, unmerge
     from .serving.check import check
 

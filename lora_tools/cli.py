@@ -208,7 +208,7 @@ def _publish(output: str, options: dict, token: str | None, as_json: bool) -> di
     create_pr, message = options.pop("create_pr"), options.pop("commit_message")
     if repo_id is None:
         return None
-    from .hub import push as run_push
+    from .io.hub import push as run_push
 
     report = run_push(
         output, repo_id, private=private, revision=branch, create_pr=create_pr, commit_message=message, token=token
@@ -756,7 +756,7 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
     Creates the repo if needed. The token comes from --token, HF_TOKEN or the
     huggingface_hub login file and is never printed.
     """
-    from .hub import push as run_push
+    from .io.hub import push as run_push
 
     _silence_hub_progress(quiet)
     report = run_push(

@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import CallableModule
-from .adapter import Adapter, LoraModule, read_adapter
-from .card import display_name, write_card
+from .adapters.reading import Adapter, LoraModule, read_adapter
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .extraction import Spool, factorize, mean_relative_error, peft_adapter_config, write_adapter_config
-from .hub import resolve_input
-from .output import atomic_output, checksums
+from .io.card import display_name, write_card
+from .io.hub import resolve_input
+from .io.output import atomic_output, checksums
 from .rank import RankRule, choose_rank
 
 if TYPE_CHECKING:
@@ -480,7 +480,7 @@ def _check_supported(adapter: Adapter, to: str) -> None:
 
 def _namer(adapter: Adapter, base: Path | None, component: str | None, cache: dict) -> Callable[[LoraModule], str]:
     """Output module path for each module: dotted; kohya's underscored names matched through --base."""
-    from .checkpoint import open_checkpoint
+    from .io.checkpoint import open_checkpoint
     from .plan import Targets
 
     def name_of(module: LoraModule) -> str:

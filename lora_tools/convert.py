@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import CallableModule
-from .adapter import Adapter, LoraModule, read_adapter
-from .checkpoint import open_checkpoint
+from .adapters.reading import Adapter, LoraModule, read_adapter
 from .errors import InvalidInputError, UnsupportedError
 from .extraction import ExtractReport, ModuleExtraction, Spool, factorize, peft_adapter_config, write_adapter_config
-from .hub import resolve_input
-from .output import atomic_output, checksums
+from .io.checkpoint import open_checkpoint
+from .io.hub import resolve_input
+from .io.output import atomic_output, checksums
 from .plan import Targets, compatibility_problems
 from .rank import RankRule
 from .serving import fit_to_base
@@ -221,7 +221,7 @@ def convert(
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"--rank must be a positive integer, got {rank}")
     if naming is not None or to == "diffusers":
-        from .renaming_io import convert_naming
+        from .layouts.renaming_io import convert_naming
 
         return convert_naming(adapter, output, to=to, naming=naming or "diffusers", base=base, alpha=alpha,
                               force=force, checksum=checksum, revision=revision, token=token)  # fmt: skip

@@ -24,17 +24,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapter import read_adapter
-from .card import display_name, write_card
-from .checkpoint import open_checkpoint
+from .adapters.reading import read_adapter
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
-from .hub import resolve_input
-from .output import atomic_output, checksums
+from .io.card import display_name, write_card
+from .io.checkpoint import open_checkpoint
+from .io.hub import resolve_input
+from .io.output import atomic_output, checksums
+from .io.safetensors_io import SafetensorsWriter, TensorInfo
+from .io.storage import naming
 from .plan import OUTPUT_DTYPES
 from .rank import RankRule, choose_rank, spectrum_decided
-from .safetensors_io import SafetensorsWriter, TensorInfo
 from .serving import as_peft
-from .storage import naming
 
 if TYPE_CHECKING:
     import torch
@@ -295,7 +295,7 @@ class Spool:
         self._offset = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        from .tensors import tensor_bytes, to_safetensors_dtype
+        from .io.tensors import tensor_bytes, to_safetensors_dtype
 
         data = tensor_bytes(tensor.detach().cpu().contiguous())
         view = memoryview(data).cast("B")
@@ -430,7 +430,7 @@ def extract(
 
     from .compute.workers import ModuleWorkers
     from .device import resolve_devices
-    from .tensors import return_freed_memory_to_os, to_torch_dtype
+    from .io.tensors import return_freed_memory_to_os, to_torch_dtype
 
     started = time.perf_counter()
     rule = RankRule(rank, energy, sv_ratio, max_rank)
@@ -462,7 +462,7 @@ def extract(
         embeddings=embeddings,
         skip_mismatched=skip_mismatched,
     )
-    from .disk_names import plan_in_memory_names
+    from .layouts.disk_names import plan_in_memory_names
 
     plan = plan_in_memory_names(plan, base_checkpoint.config, base_checkpoint.tensors)  # PEFT's in-memory names
     output = Path(output)
@@ -567,7 +567,7 @@ def extract(
         size = spool.finish(target / "adapter_model.safetensors")
         base_name = display_name(base, base_repo)
         base_model = base_repo or (base_checkpoint.config or {}).get("_name_or_path") or base_name
-        from .expert_extraction import peft_expert_fields
+        from .layouts.expert_extraction import peft_expert_fields
         from .layouts.transformers import layout_for
 
         _, layout = layout_for(base_checkpoint.config)  # fused experts and routers: target_parameters
@@ -612,7 +612,7 @@ def extract(
 
 def _experts_result(task, base_checkpoint, tuned_checkpoint, rule: RankRule, method: str, factor_dtype):
     """One fused expert parameter's stacked factors (`expert_extraction`), as a worker's result."""
-    from .expert_extraction import extract_expert_factors, relative_error
+    from .layouts.expert_extraction import extract_expert_factors, relative_error
 
     def factor(matrix, seed_name):
         return factorize(matrix, rule, method, seed=_seed(seed_name))
@@ -630,7 +630,7 @@ def _differ(first: TensorInfo, second: TensorInfo, chunk_bytes: int = 16 << 20) 
     """Whether two stored tensors differ, compared through small mappings."""
     import torch
 
-    from .tensors import mapped_tensor
+    from .io.tensors import mapped_tensor
 
     if first.offset is None or second.offset is None or first.dtype != second.dtype:
         return True

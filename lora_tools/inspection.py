@@ -7,8 +7,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from .adapter import Adapter, is_adapter, read_adapter
-from .checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
+from .adapters.reading import Adapter, is_adapter, read_adapter
+from .io.checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
 from .layouts.diffusion import describe_layout
 from .plan import Targets, compatibility_problems, head_name, tied_embedding, with_tied_head
 
@@ -219,8 +219,8 @@ def _checkpoint_report(checkpoint: Checkpoint) -> CheckpointReport:
 
 def _on_disk(adapter: Adapter, components: dict | None, renames: Sequence[str]):
     """The adapter in the base's on-disk names (a lone checkpoint only), and the problems found doing so."""
-    from .disk_names import DiskNames, to_disk_names
     from .errors import IncompatibleError
+    from .layouts.disk_names import DiskNames, to_disk_names
     from .layouts.transformers import parse_rename
 
     if not components or None not in components:
@@ -254,7 +254,7 @@ def inspect(
     Returns:
         An `AdapterReport` (with `validation` when `base` is given) or a `CheckpointReport`.
     """
-    from .hub import resolve_input
+    from .io.hub import resolve_input
 
     path = resolve_input(path, revision=revision, token=token)[0]
     base = resolve_input(base, revision=revision, token=token)[0] if base is not None else None

@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__, quant
-from .adapter import Adapter, read_adapter
-from .card import CARD_NAME, display_name, write_card
-from .checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
+from .adapters.reading import Adapter, read_adapter
 from .errors import IncompatibleError, InvalidInputError, OutputNameError, UnsupportedError
-from .hub import resolve_input
-from .output import atomic_output, checksums
+from .io.card import CARD_NAME, display_name, write_card
+from .io.checkpoint import RECORD_PREFIX, Checkpoint, component_aliases, open_components, read_json
+from .io.hub import resolve_input
+from .io.output import atomic_output, checksums
+from .io.safetensors_io import SafetensorsWriter
 from .plan import OUTPUT_DTYPES, MergePlan, TensorTask, plan_merge, shard_file_names
-from .safetensors_io import SafetensorsWriter
 from .serving import fit_to_base
 from .units import parse_size
 
@@ -178,7 +178,7 @@ def _run(
     layouts = {name: quant.detect(c.path, c.tensors, c.config) for name, c in components.items()}
     pipeline = None not in components
     if not pipeline:  # in-memory names (VLM prefixes, fused experts) → the checkpoint's own
-        from .disk_names import adapters_on_disk
+        from .layouts.disk_names import adapters_on_disk
 
         adapters = adapters_on_disk(adapters, components[None], renames)
     single_file, carried_not = _single_file_output(output, components)
@@ -267,7 +267,7 @@ def _run(
                 folder = target / name if name else target
                 _write_folder_extras(folder, checkpoint, plans[name], written[name], out_dtype)
                 if plans[name].vocab_size is not None:  # the tokenizer that knows the new tokens
-                    from .vocab import carry_tokenizer
+                    from .layouts.vocab import carry_tokenizer
 
                     carry_tokenizer([a.path for a in adapters], folder)
         if pipeline:
@@ -463,7 +463,7 @@ class _Writing:
 
         self._threads.enter_context(single_threaded_torch())  # from here on, our own pools use the cores
         from .device import resolve_devices
-        from .tensors import return_freed_memory_to_os
+        from .io.tensors import return_freed_memory_to_os
 
         return_freed_memory_to_os()
         devices = resolve_devices(device)
@@ -656,8 +656,8 @@ def _count_nonfinite(info) -> int:
     """NaN/Inf values in a stored tensor, read through small mappings (min/max first, which NaN and Inf reach)."""
     import torch
 
-    from .safetensors_io import DTYPE_SIZES
-    from .tensors import mapped_tensor
+    from .io.safetensors_io import DTYPE_SIZES
+    from .io.tensors import mapped_tensor
 
     itemsize = DTYPE_SIZES[info.dtype]
     step = _CHECK_CHUNK_BYTES // itemsize
@@ -760,7 +760,7 @@ def _write_record(
         "dtype": out_dtype,
     }
     if norms:
-        from .storage import write_tensors
+        from .io.storage import write_tensors
 
         write_tensors(target / DORA_NORMS_NAME, norms)
         record["dora_norms"] = {"file": DORA_NORMS_NAME, "tensors": sorted(norms)}
@@ -784,8 +784,8 @@ def _recorded_dora_norms(merged: Path, adapters: Sequence[Adapter], plans: dict)
         adapter = adapters[task.dora.adapter]
         if _adapter_identity(adapter) not in recorded:
             raise UnsupportedError(f"{adapter.path} is not the DoRA adapter {merged / RECORD_NAME} says was merged")
-    from .safetensors_io import read_header
-    from .tensors import read_safetensors_tensor
+    from .io.safetensors_io import read_header
+    from .io.tensors import read_safetensors_tensor
 
     norms_path = merged / DORA_NORMS_NAME
     if not norms_path.is_file():

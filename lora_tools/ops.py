@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import LoraModule
+from .adapters.reading import LoraModule
 from .compute.pool import BlockPool
 from .errors import NonFiniteError
 from .fp8 import is_fp8, rounding_error
@@ -52,7 +52,7 @@ def variant_delta(module: LoraModule, factor: Callable[[str], torch.Tensor], sha
     """
     roles = dict(module.factors)
     if module.variant == "experts":
-        from .experts import fused_delta
+        from .layouts.experts import fused_delta
 
         return fused_delta(module, factor(roles["A"]), factor(roles["B"])).reshape(shape)
     if module.variant == "full":  # `.diff`: ΔW as stored
@@ -225,7 +225,7 @@ def _compute_blocked(
 
 def _piece(term, weight: torch.Tensor, get) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of `weight` a term's piece changes, and its (unscaled) ΔW for them."""
-    from .relayout import piece_delta
+    from .layouts.relayout import piece_delta
 
     rows = term.piece.target_rows
     target = weight if rows is None else weight[rows[0] : rows[1]]

@@ -11,13 +11,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from .adapter import Adapter, LoraModule, Replacement
+from .adapters.reading import Adapter, LoraModule, Replacement
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .fp8 import fp8_problems, mergeable_dtype
+from .io.safetensors_io import DTYPE_SIZES, TensorInfo
+from .layouts.relayout import LayoutTargets, Located, Piece, located_problems
 from .layouts.transformers import tied_names
-from .relayout import LayoutTargets, Located, Piece, located_problems
-from .safetensors_io import DTYPE_SIZES, TensorInfo
-from .vocab import resized_base
+from .layouts.vocab import resized_base
 
 __all__ = [
     "OUTPUT_DTYPES",

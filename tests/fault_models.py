@@ -13,8 +13,8 @@ import pytest
 import torch
 from synthetic import llama_shapes
 
-from lora_tools.safetensors_io import SafetensorsWriter
-from lora_tools.tensors import tensor_bytes
+from lora_tools.io.safetensors_io import SafetensorsWriter
+from lora_tools.io.tensors import tensor_bytes
 
 
 def write_big_llama(folder: Path, *, layers: int, hidden: int, intermediate: int, vocab: int, heads: int) -> Path:

@@ -285,7 +285,7 @@ def test_bad_size_is_a_usage_error(plain, tmp_path):
 def test_disk_space_check(plain, tmp_path, monkeypatch):
     import shutil as shutil_module
 
-    from lora_tools import output
+    from lora_tools.io import output
 
     base, adapter = plain
     real = shutil_module.disk_usage

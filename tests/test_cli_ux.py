@@ -61,7 +61,7 @@ def test_tensor_bytes_needs_no_numpy(numpy_missing):
     code = (
         "import struct\n"
         "import lora_tools, torch\n"
-        "from lora_tools.tensors import tensor_bytes\n"
+        "from lora_tools.io.tensors import tensor_bytes\n"
         "view = tensor_bytes(torch.arange(4, dtype=torch.float32))\n"
         "assert bytes(view) == struct.pack('<4f', 0, 1, 2, 3)\n"
         "print(len(view))\n"

@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 from synthetic import write_lora_adapter
 
 import lora_tools
-from lora_tools import errors, storage, tensors
-from lora_tools.safetensors_io import SafetensorsWriter
+from lora_tools import errors
+from lora_tools.io import storage, tensors
+from lora_tools.io.safetensors_io import SafetensorsWriter
 
 FIXTURE_BASE = REPO / "fixtures" / "tiny-llama"
 FIXTURE_ADAPTER = REPO / "fixtures" / "tiny-llama-lora"

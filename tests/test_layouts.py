@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import lora_tools
 from lora_tools.errors import OutputExistsError
-from lora_tools.output_guard import LOCK_SUFFIX, rename_no_replace
+from lora_tools.io.output_guard import LOCK_SUFFIX, rename_no_replace
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_an_out_that_appears_during_the_run_is_never_replaced(tmp_path):
 
 
 def test_rename_no_replace_with_and_without_the_kernel(tmp_path, monkeypatch):
-    import lora_tools.output_guard as guard
+    import lora_tools.io.output_guard as guard
 
     for native in (True, False):
         if not native:
@@ -190,7 +190,7 @@ def test_two_merges_to_one_new_out_exactly_one_wins(tmp_path):
 def test_a_killed_lock_holder_does_not_block_the_next_run(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lora_tools.output_guard import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lora_tools.io.output_guard import "
          "output_lock\nwith output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)", out],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -239,7 +239,7 @@ def test_out_may_sit_beside_a_single_file_input(tmp_path):
 
 def test_weight_set_choice_for_repo_listings():
     """Pure choice over repo paths: transformers' order, per pipeline component, adapters' safetensors first."""
-    from lora_tools.weightsets import choose_weights, is_safe_name, repo_files_to_fetch
+    from lora_tools.io.weightsets import choose_weights, is_safe_name, repo_files_to_fetch
 
     files, indexes = repo_files_to_fetch([
         "model_index.json", "sd_xl_base.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",

@@ -255,10 +255,10 @@ def test_mxfp4_dequantization_equals_transformers(gpt_oss):
 def test_mxfp4_merge_of_per_expert_delta_matches_reference(tmp_path, gpt_oss):
     """The executor hook on an expert tensor: dequantize → +ΔW (a per-expert delta built here, standing in for
     the expert LoRA terms) → requantize, written through a real writer in stored order (blocks, then scales)."""
-    from lora_tools.checkpoint import open_checkpoint
+    from lora_tools.io.checkpoint import open_checkpoint
+    from lora_tools.io.safetensors_io import SafetensorsWriter
     from lora_tools.plan import TensorTask, Term
     from lora_tools.quant.execute import QuantizedTensors
-    from lora_tools.safetensors_io import SafetensorsWriter
 
     checkpoint = open_checkpoint(gpt_oss[0])
     layout = detect(checkpoint.path, checkpoint.tensors, checkpoint.config)
@@ -309,7 +309,7 @@ def test_mxfp4_base_merge_keeps_experts_and_dtype_output_loads(tmp_path, gpt_oss
 
 
 def _infos(folder: Path):
-    from lora_tools.checkpoint import open_checkpoint
+    from lora_tools.io.checkpoint import open_checkpoint
 
     return open_checkpoint(folder).tensors
 

@@ -10,8 +10,8 @@ from hostile import write_raw_safetensors
 from safetensors.torch import save_file
 
 from lora_tools.errors import CorruptFileError
-from lora_tools.safetensors_io import SafetensorsWriter, read_header
-from lora_tools.tensors import read_safetensors_tensor, tensor_bytes
+from lora_tools.io.safetensors_io import SafetensorsWriter, read_header
+from lora_tools.io.tensors import read_safetensors_tensor, tensor_bytes
 
 
 def entry(dtype="F32", shape=(2,), begin=0, end=8):

@@ -78,7 +78,7 @@ def load_file_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def test_writeback_pacing_keeps_the_bytes(model, tmp_path, monkeypatch):
-    from lora_tools import writeback
+    from lora_tools.io import writeback
 
     reference = _merge(model, tmp_path / "reference", device="cpu")
     calls = []

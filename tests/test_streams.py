@@ -154,7 +154,7 @@ def test_staged_merge_gives_the_same_bytes_on_one_or_two_devices(model, tmp_path
 
 def test_staging_error_fails_the_merge_and_leaves_nothing(model, tmp_path, staged_cpu, monkeypatch):
     base, adapter = model
-    from lora_tools.checkpoint import Checkpoint
+    from lora_tools.io.checkpoint import Checkpoint
 
     real = Checkpoint.mapped
 

@@ -139,7 +139,7 @@ def test_swapped_orientation_release_merges_as_trained(name, zoo_case, tmp_path)
 
 def test_square_experts_need_the_peft_version():
     from lora_tools.errors import IncompatibleError
-    from lora_tools.experts import read_expert_shapes
+    from lora_tools.layouts.experts import read_expert_shapes
 
     square = (4, 32, 32)
     with pytest.raises(IncompatibleError, match="PEFT 0.17–0.18 stored these experts' A/B with in and out swapped"):
@@ -279,7 +279,7 @@ def test_extract_from_a_vlm_loads_in_peft_with_the_tuned_logits(zoo_case, tmp_pa
 
 
 def test_expert_pieces_are_row_blocks_of_each_expert():
-    from lora_tools.experts import ExpertPiece, expert_columns_of_b, expert_rows_of_a, split_pieces
+    from lora_tools.layouts.experts import ExpertPiece, expert_columns_of_b, expert_rows_of_a, split_pieces
 
     pieces = split_pieces("m.experts", 2, 48, ("gate_proj", "up_proj"))
     assert pieces == [

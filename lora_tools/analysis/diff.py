@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..hub import resolve_input
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.hub import resolve_input
 from .spectrum import dense_spectrum
 
 __all__ = ["TensorDiff", "DiffReport", "diff", "ulp_distance", "SPECTRUM_LIMIT"]

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..adapter import Adapter, LoraModule, read_adapter
-from ..hub import resolve_input
+from ..adapters.reading import Adapter, LoraModule, read_adapter
+from ..io.hub import resolve_input
 from .spectrum import Spectrum, dense_spectrum, low_rank_spectrum
 
 __all__ = ["ModuleStats", "StatsReport", "adapter_stats", "layer_and_kind", "OUTLIER_FACTOR"]
@@ -229,7 +229,7 @@ def adapter_stats(
     Raises:
         InvalidInputError: the adapter or base cannot be read.
     """
-    from ..checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
 
     local, _ = resolve_input(adapter, revision=revision, token=token)
     source = read_adapter(local, alpha=alpha)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NonFiniteError
+from ..io.tensors import TORCH_DTYPES, tensor_bytes
 from ..plan import TensorTask
-from ..tensors import TORCH_DTYPES, tensor_bytes
 from . import fp8, mxfp4
 from .layout import QuantizedWeight
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 from ..errors import CorruptFileError
 from ..fp8 import comfy_scaled_fp8
+from ..io.safetensors_io import TensorInfo
 from ..plan import MergePlan, TensorTask, plan_shards
-from ..safetensors_io import TensorInfo
 from .refuse import refuse_unsupported
 
 __all__ = [

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from ..adapters.reading import Adapter
 
 __all__ = ["register", "fit_to_base", "as_peft", "SERVING_FORMATS"]
 
@@ -21,7 +21,7 @@ SERVING_FORMATS = ("gguf", "mlx")
 
 def register(formats: list) -> None:
     """Add the GGUF and mlx-lm readers (mlx-lm folders first: they also hold an adapter_config.json)."""
-    from ..adapter import AdapterFormat
+    from ..adapters.reading import AdapterFormat
     from .gguf import detect_gguf, read_gguf
     from .mlx import detect_mlx, read_mlx
 
@@ -33,7 +33,7 @@ def fit_to_base(adapter: Adapter, base: str | os.PathLike | None) -> Adapter:
     """Tell a serving-format adapter what only the base knows (GGUF q/k head counts)."""
     if adapter.format != "gguf" or base is None:
         return adapter
-    from ..checkpoint import read_json
+    from ..io.checkpoint import read_json
     from .gguf import bind_base_config
 
     config = Path(base) / "config.json"
@@ -47,7 +47,7 @@ def as_peft(adapter: Adapter) -> Adapter:
     """
     from dataclasses import replace
 
-    from ..adapter import Adapter as AdapterClass
+    from ..adapters.reading import Adapter as AdapterClass
     from ..extraction import peft_adapter_config
     from .derived import DerivedCheckpoint
 

@@ -43,7 +43,7 @@ def _base_facts(base: Path | None) -> tuple[dict | None, dict | None, list[str]]
     """(tensors, config, notes) of the base: a checkpoint folder, or a folder with only config.json."""
     if base is None:
         return None, None, ["no --base given: targets were not matched against the base model"]
-    from ..checkpoint import open_checkpoint, read_json
+    from ..io.checkpoint import open_checkpoint, read_json
 
     config_file = base / "config.json" if base.is_dir() else None
     config = read_json(config_file, "config.json") if config_file is not None and config_file.is_file() else None
@@ -73,7 +73,7 @@ def check(
     Returns:
         A `CheckReport`; `ready` is True when nothing was found.
     """
-    from ..adapter import read_adapter
+    from ..adapters.reading import read_adapter
     from . import fit_to_base
 
     if engine not in ENGINES:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..checkpoint import Checkpoint
-from ..safetensors_io import TensorInfo
+from ..io.checkpoint import Checkpoint
+from ..io.safetensors_io import TensorInfo
 
 if TYPE_CHECKING:
     import torch

@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..adapter import Adapter, LoraModule, read_adapter
-from ..checkpoint import read_json
+from ..adapters.reading import Adapter, LoraModule, read_adapter
 from ..errors import InvalidInputError, UnsupportedError
 from ..extraction import ExtractReport, ModuleExtraction
-from ..hub import resolve_input
-from ..output import atomic_output, checksums
+from ..io.checkpoint import read_json
+from ..io.hub import resolve_input
+from ..io.output import atomic_output, checksums
 
 __all__ = ["ExportOptions", "export"]
 

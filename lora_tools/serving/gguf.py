@@ -23,7 +23,7 @@ from .derived import DerivedCheckpoint
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter, LoraModule
+    from ..adapters.reading import Adapter, LoraModule
 
 __all__ = ["GGUF_LAYOUTS", "GgufLayout", "write_gguf", "read_gguf", "detect_gguf", "bind_base_config", "gguf_module"]
 
@@ -279,7 +279,7 @@ def _torch_of(tensor, path: Path) -> tuple[str, Callable[[], torch.Tensor]]:
 
 def read_gguf(path: Path, *, alpha: float | None = None) -> Adapter:
     """A GGUF LoRA as the normalized model: PEFT-layout factors, HF module names, llama.cpp's scale."""
-    from ..adapter import Adapter, LoraModule
+    from ..adapters.reading import Adapter, LoraModule
 
     gguf = gguf_module()
     try:

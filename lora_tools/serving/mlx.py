@@ -15,12 +15,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..checkpoint import open_checkpoint, read_json
 from ..errors import CorruptFileError, InvalidInputError, UnsupportedError
+from ..io.checkpoint import open_checkpoint, read_json
 from .derived import DerivedCheckpoint
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter, LoraModule
+    from ..adapters.reading import Adapter, LoraModule
 
 __all__ = ["SWITCH_EXPERTS", "detect_mlx", "read_mlx", "write_mlx"]
 
@@ -71,7 +71,7 @@ def _settings(path: Path, config: dict) -> tuple[int, float, str]:
 
 def read_mlx(path: Path, *, alpha: float | None = None) -> Adapter:
     """An mlx-lm adapter folder as the normalized model (PEFT-layout factors, ΔW = scale · B·A)."""
-    from ..adapter import Adapter
+    from ..adapters.reading import Adapter
 
     config = read_json(path / CONFIG_NAME, CONFIG_NAME)
     _, scale, _ = _settings(path, config)
@@ -96,7 +96,7 @@ def read_mlx(path: Path, *, alpha: float | None = None) -> Adapter:
 
 
 def _modules(path, weights, module: str, roles: dict, scale: float, alpha, entries: dict) -> list[LoraModule]:
-    from ..adapter import LoraModule
+    from ..adapters.reading import LoraModule
 
     a_info, b_info = weights.tensors[roles["a"]], weights.tensors[roles["b"]]
     read = weights.read

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from ..adapters.reading import Adapter
 
 __all__ = ["Engine", "Rule", "Facts", "ENGINES", "RULES"]
 

@@ -2,7 +2,7 @@
 dora_scale), and diffusers spellings with component prefixes.
 
 Each reader turns its key spellings into the normalized `LoraModule`s of
-`adapter.py`; `register` plugs them into the format registry. Keys a reader
+`reading.py`; `register` plugs them into the format registry. Keys a reader
 does not understand are kept in `unknown_keys`, so they are reported, never
 silently dropped.
 """
@@ -13,8 +13,8 @@ import math
 import re
 from pathlib import Path
 
-from .checkpoint import open_checkpoint
-from .errors import CorruptFileError, InvalidInputError
+from ..errors import CorruptFileError, InvalidInputError
+from ..io.checkpoint import open_checkpoint
 
 __all__ = ["register", "KOHYA_PREFIXES", "COMPONENT_PREFIXES"]
 
@@ -78,13 +78,13 @@ def _has_kohya_keys(names: list[str]) -> bool:
 
 
 def _detect_kohya(path: Path) -> bool:
-    from .adapter import safetensors_names
+    from .reading import safetensors_names
 
     return _has_kohya_keys(safetensors_names(path))
 
 
 def _kohya_module(path: Path, weights, name: str, component: str, roles: dict[str, str], alpha_override):
-    from .adapter import LoraModule
+    from .reading import LoraModule
 
     shapes = {role: weights.tensors[key].shape for role, key in roles.items()}
     if "diff" in roles or "diff_b" in roles:
@@ -153,7 +153,7 @@ def _kohya_module(path: Path, weights, name: str, component: str, roles: dict[st
 
 def _full_module(name: str, component: str, roles: dict[str, str], shapes: dict):
     """LyCORIS "full" / ComfyUI difference keys: `.diff` is ΔW itself, `.diff_b` the bias' Δ (no scale)."""
-    from .adapter import LoraModule
+    from .reading import LoraModule
 
     diff = shapes.get("diff", ())
     return LoraModule(
@@ -164,7 +164,7 @@ def _full_module(name: str, component: str, roles: dict[str, str], shapes: dict)
 
 
 def _read_kohya(path: Path, *, alpha: float | None = None):
-    from .adapter import Adapter
+    from .reading import Adapter
 
     weights = open_checkpoint(path)
     grouped: dict[tuple[str, str], dict[str, str]] = {}
@@ -218,7 +218,7 @@ def _split_diffusers(key: str) -> tuple[str, str | None, str] | None:
 
 
 def _detect_diffusers(path: Path) -> bool:
-    from .adapter import safetensors_names
+    from .reading import safetensors_names
 
     names = safetensors_names(path)
     splits = [_split_diffusers(n) for n in names]
@@ -228,7 +228,7 @@ def _detect_diffusers(path: Path) -> bool:
 
 
 def _read_diffusers(path: Path, *, alpha: float | None = None):
-    from .adapter import Adapter, LoraModule
+    from .reading import Adapter, LoraModule
 
     weights = open_checkpoint(path)
     grouped: dict[tuple[str | None, str], dict[str, str]] = {}
@@ -271,7 +271,7 @@ def _read_diffusers(path: Path, *, alpha: float | None = None):
 
 def register(formats: list) -> None:
     """Add the kohya / LyCORIS and diffusers readers to the registry (diffusers before lone PEFT files)."""
-    from .adapter import AdapterFormat
+    from .reading import AdapterFormat
 
     formats.insert(1, AdapterFormat("diffusers", _detect_diffusers, _read_diffusers))
     formats.append(AdapterFormat("kohya", _detect_kohya, _read_kohya))

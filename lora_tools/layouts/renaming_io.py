@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import InvalidInputError, UnsupportedError
+from ..errors import InvalidInputError, UnsupportedError
 from .renaming import NAMINGS, Target, fuse, link_spans, plan_renaming
 
 __all__ = ["convert_naming"]
@@ -30,7 +30,7 @@ def _kohya_prefix(family: str, component: str | None, naming: str) -> str:
 
 
 def _denoiser_checkpoint(base: Path):
-    from .checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
 
     if base.is_dir():
         base = next((base / sub for sub in ("transformer", "unet") if (base / sub).is_dir()), base)
@@ -38,7 +38,7 @@ def _denoiser_checkpoint(base: Path):
 
 
 def _base_layout(base: Path):
-    from .layouts.diffusion import detect_layout
+    from .diffusion import detect_layout
 
     folder, checkpoint = _denoiser_checkpoint(base)
     layout = detect_layout(list(checkpoint.tensors))
@@ -52,7 +52,7 @@ def _base_layout(base: Path):
 
 def _dotted_names(base: Path, layout, component: str) -> dict[str, str]:
     """underscored → dotted module paths of a text encoder, from the base folder or the single file's prefix."""
-    from .checkpoint import open_checkpoint
+    from ..io.checkpoint import open_checkpoint
 
     prefix = dict(layout.prefixes).get(component)
     if base.is_dir() and (base / component).is_dir():
@@ -108,11 +108,11 @@ def convert_naming(
     revision: str | None, token: str | None,
 ):  # fmt: skip
     """Convert a diffusion LoRA between diffusers and original module names (see `renaming`); one .safetensors out."""
-    from .adapter import read_adapter
-    from .convert import _kohya_metadata, _numel, _refuse_extras
-    from .extraction import ExtractReport, ModuleExtraction, Spool
-    from .hub import resolve_input
-    from .output import atomic_output, checksums
+    from ..adapters.reading import read_adapter
+    from ..convert import _kohya_metadata, _numel, _refuse_extras
+    from ..extraction import ExtractReport, ModuleExtraction, Spool
+    from ..io.hub import resolve_input
+    from ..io.output import atomic_output, checksums
 
     started = time.perf_counter()
     if naming not in NAMINGS:

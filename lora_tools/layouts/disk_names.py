@@ -15,13 +15,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from .adapter import Adapter, LoraModule, Replacement, pattern_key
-from .errors import IncompatibleError
+from ..adapters.reading import Adapter, LoraModule, Replacement, pattern_key
+from ..errors import IncompatibleError
+from ..io.safetensors_io import TensorInfo
+from ..plan import TIED, Targets, head_name, tied_embedding, with_tied_head
 from .expert_linears import ExpertLinears, Stacked
 from .experts import ExpertReading, expert_rows_of_a, read_expert_shapes, split_pieces
-from .layouts.transformers import LAYOUTS, FusedExperts, Rename, layout_for, to_disk_path
-from .plan import TIED, Targets, head_name, tied_embedding, with_tied_head
-from .safetensors_io import TensorInfo
+from .transformers import LAYOUTS, FusedExperts, Rename, layout_for, to_disk_path
 
 __all__ = ["DiskNames", "to_disk_names", "adapters_on_disk", "SlicedWeights", "plan_in_memory_names"]
 
@@ -139,7 +139,7 @@ class _Rewriter:
         self.targets = Targets(with_tied_head(base, config))
         self.label = self.model_type
         if self.model_type not in LAYOUTS and any(self._unmatched(module) for module in adapter.modules):
-            from .layouts.hf_rules import transformers_layout  # imports transformers: only when names disagree
+            from .hf_rules import transformers_layout  # imports transformers: only when names disagree
 
             found = transformers_layout(self.model_type)
             if found is not None:
@@ -297,7 +297,7 @@ def to_disk_names(
 
 def adapters_on_disk(adapters: Sequence[Adapter], base, renames: Sequence[str] = ()) -> list[Adapter]:
     """Every adapter rewritten into `base`'s (a `Checkpoint`) on-disk names; `renames` as `--rename` gives them."""
-    from .layouts.transformers import parse_rename
+    from .transformers import parse_rename
 
     rules = [parse_rename(text) for text in renames]
     return [to_disk_names(adapter, base.tensors, base.config, rules).adapter for adapter in adapters]
@@ -328,7 +328,7 @@ def plan_in_memory_names(plan, config: dict | None, base: Mapping[str, TensorInf
     (`expert_extraction`).
     """
     from .expert_extraction import expert_tasks
-    from .layouts.transformers import to_memory_path
+    from .transformers import to_memory_path
 
     _, layout = layout_for(config)
     if not layout.renames and not layout.experts:

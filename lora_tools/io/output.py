@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DiskSpaceError, OutputExistsError, OutputNameError
+from ..errors import DiskSpaceError, OutputExistsError, OutputNameError
 from .output_guard import output_lock, refuse_touching_inputs, rename_no_replace
 from .storage import named_as_output
 

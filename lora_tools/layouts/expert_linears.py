@@ -23,9 +23,9 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from .adapter import LoraModule
-from .layouts.transformers import FusedExperts, Layout, to_disk_path
-from .safetensors_io import TensorInfo
+from ..adapters.reading import LoraModule
+from ..io.safetensors_io import TensorInfo
+from .transformers import FusedExperts, Layout, to_disk_path
 
 __all__ = ["Block", "Stacked", "ExpertLinears"]
 

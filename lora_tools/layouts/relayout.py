@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .layouts.diffusion import UNET_PREFIX, VAE_PREFIX, Layout, Link, block_rows, detect_layout
+from .diffusion import UNET_PREFIX, VAE_PREFIX, Layout, Link, block_rows, detect_layout
 
 __all__ = ["Piece", "Located", "LayoutTargets", "piece_delta"]
 
@@ -205,7 +205,7 @@ def located_problems(adapter, module, base: Mapping, located: Located) -> list[s
     """What is wrong with merging `module` through `located`: checked as if the base had the module whole."""
     from dataclasses import replace
 
-    from .plan import _module_problems
+    from ..plan import _module_problems
 
     weights = ", ".join(weight for weight, _, _ in located.parts)
     if module.dora:

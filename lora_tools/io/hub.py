@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .errors import EnvironmentProblem, InvalidInputError
+from .. import __version__
+from ..errors import EnvironmentProblem, InvalidInputError
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -105,7 +105,7 @@ def resolve_input(
     except _transport_errors() as exc:
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        from .errors import os_error_problem
+        from ..errors import os_error_problem
 
         problem = os_error_problem(exc, where=f"{where}: the Hugging Face download cache {HF_HUB_CACHE}")
         if problem is not None:  # a full disk, quota or read-only cache: not the network

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import IncompatibleError
+from ..errors import IncompatibleError
 
 __all__ = [
     "OLD_PEFT_RANGE",

@@ -40,7 +40,7 @@ _ZERO_CHUNK = 8 << 20
 @contextmanager
 def naming(path: str | os.PathLike) -> Iterator[None]:
     """Give an `OSError` raised inside the block `path` as its file name, when it names none."""
-    from .errors import LoraToolError
+    from ..errors import LoraToolError
 
     try:
         yield
@@ -56,7 +56,7 @@ def named_as_output(temporary: Path, output: Path) -> Iterator[None]:
 
     The user asked for `output`; `.NAME.loratool-tmp-PID` is gone by the time they read the message.
     """
-    from .errors import LoraToolError
+    from ..errors import LoraToolError
 
     try:
         yield

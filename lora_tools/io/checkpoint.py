@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CorruptFileError, InvalidInputError, UnsafePickleError
+from ..errors import CorruptFileError, InvalidInputError, UnsafePickleError
 from .safetensors_io import TensorInfo, read_header
 from .weightsets import choose_weights, is_extra_file, is_safe_name
 

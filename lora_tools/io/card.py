@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 __all__ = ["display_name", "write_card", "CARD_NAME"]
 

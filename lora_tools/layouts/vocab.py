@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .safetensors_io import TensorInfo
+from ..io.safetensors_io import TensorInfo
 
 __all__ = ["EMBEDDING_MODULES", "TOKENIZER_FILES", "is_saved_embedding", "is_wrapper_copy", "resized_base",
            "carry_tokenizer"]  # fmt: skip
@@ -81,7 +81,7 @@ def carry_tokenizer(adapter_folders: Sequence[Path], target: Path) -> list[str]:
 
 def _check_grown_together(base: Mapping[str, TensorInfo], grown: dict[str, tuple[int, ...]]) -> None:
     """An untied embedding and head grow together: a head left at the old size cannot score the new tokens."""
-    from .errors import IncompatibleError
+    from ..errors import IncompatibleError
 
     old_rows = {base[name].shape[0] for name in grown}
     rows = {shape[0] for shape in grown.values()}

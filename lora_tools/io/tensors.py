@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptFileError
+from ..errors import CorruptFileError
 from .safetensors_io import TensorInfo
 
 __all__ = [

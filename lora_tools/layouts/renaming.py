@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import InvalidInputError, UnsupportedError
-from .layouts.diffusion import UNET_PREFIX, VAE_PREFIX, Layout, Link, block_rows
+from ..errors import InvalidInputError, UnsupportedError
+from .diffusion import UNET_PREFIX, VAE_PREFIX, Layout, Link, block_rows
 
 __all__ = ["NAMINGS", "Span", "Part", "Target", "link_spans", "plan_renaming", "fuse"]
 

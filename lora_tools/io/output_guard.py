@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError
+from ..errors import OutputExistsError
 from .storage import named_as_output
 
 __all__ = ["output_lock", "rename_no_replace", "refuse_touching_inputs", "files_read", "LOCK_SUFFIX"]

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_json
-from .errors import CorruptFileError, InvalidInputError, UnknownFormatError
-from .safetensors_io import TensorInfo, read_header
-from .vocab import is_saved_embedding, is_wrapper_copy
+from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError
+from ..io.checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_json
+from ..io.safetensors_io import TensorInfo, read_header
+from ..layouts.vocab import is_saved_embedding, is_wrapper_copy
 
 if TYPE_CHECKING:
     import torch
@@ -395,7 +395,7 @@ from .formats import register  # noqa: E402  (the other formats plug in after th
 
 register(FORMATS)
 
-from .serving import register as register_serving  # noqa: E402  (GGUF and mlx-lm readers)
+from ..serving import register as register_serving  # noqa: E402  (GGUF and mlx-lm readers)
 
 register_serving(FORMATS)
 

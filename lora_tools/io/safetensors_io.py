@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CorruptFileError
+from ..errors import CorruptFileError
 from .storage import naming, reserve, written_on_exit
 from .writeback import Writeback
 

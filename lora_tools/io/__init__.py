@@ -1,0 +1,1 @@
+"""Reading and writing files: safetensors, checkpoints, outputs, the Hub."""
