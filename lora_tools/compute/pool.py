@@ -14,6 +14,7 @@ kernel's summation order, hence every output bit, independent of N.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections import deque
@@ -21,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
+
+from .. import trace
 
 __all__ = [
     "usable_cores",
@@ -47,6 +50,8 @@ def usable_cores() -> int:
 def _import_torch_single_threaded() -> bool:
     """Import torch (if not yet imported) with OpenMP's default team size at one; True if this call imported it.
 
+    Cyclic GC is off during the import, and what the import created is then frozen (`gc.freeze`).
+
     OpenMP keeps the team size per thread, and every new thread starts from the process
     default: any thread that has not lowered it (torch's, MKL's, a helper's) would fork a
     team whose members spin-wait on cores others need, which on a loaded machine burns many
@@ -56,6 +61,8 @@ def _import_torch_single_threaded() -> bool:
         return False
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
+    collecting = gc.isenabled()
+    gc.disable()  # the import creates ~10⁶ objects: collections during it find nothing and cost a sixth of it
     try:
         import torch  # noqa: F401
     finally:
@@ -63,6 +70,9 @@ def _import_torch_single_threaded() -> bool:
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = saved
+        gc.freeze()  # torch's objects live until exit: no later collection (the one at exit included) walks them
+        if collecting:
+            gc.enable()
     return True
 
 
@@ -135,6 +145,8 @@ class BlockPool:
 
     def split(self, count: int, fn: Callable[[int, int, int], R]) -> list[R]:
         ranges = block_ranges(count, self.workers)
+        if trace.enabled():
+            fn = _traced(fn)
         if self._helpers is None or len(ranges) == 1:
             return [fn(worker, start, stop) for worker, (start, stop) in enumerate(ranges)]
         futures = [self._helpers.submit(fn, worker, *ranges[worker]) for worker in range(1, len(ranges))]
@@ -154,6 +166,14 @@ class BlockPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _traced(fn: Callable[[int, int, int], R]) -> Callable[[int, int, int], R]:
+    def run(worker: int, start: int, stop: int) -> R:
+        with trace.span("row blocks", f"worker {worker}: {stop - start} blocks"):
+            return fn(worker, start, stop)
+
+    return run
 
 
 def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Iterator[R]:
