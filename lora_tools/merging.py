@@ -451,9 +451,7 @@ class _Writing:
             job.computed = [task for task in tasks if _needs_compute(task, base)]
             for task in tasks:
                 if not _needs_compute(task, base):
-                    job.copies.append(
-                        (task, self.copier.submit(_copy, writer, task.name, base.tensors[task.source]))
-                    )
+                    job.copies.append((task, self.copier.submit(_copy, writer, task.name, base.tensors[task.source])))
         return names
 
     def start(self, device: str):
