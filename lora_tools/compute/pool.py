@@ -27,6 +27,7 @@ from .. import trace
 
 __all__ = [
     "usable_cores",
+    "import_torch",
     "single_threaded_torch",
     "BlockPool",
     "run_ordered",
@@ -74,6 +75,14 @@ def _import_torch_single_threaded() -> bool:
         if collecting:
             gc.enable()
     return True
+
+
+def import_torch():
+    """The torch module, imported (if not yet) as `single_threaded_torch` imports it: without cyclic GC,
+    its objects frozen after, OpenMP's default team at one; torch's intra-op threads then at the usable cores."""
+    if _import_torch_single_threaded():
+        sys.modules["torch"].set_num_threads(usable_cores())
+    return sys.modules["torch"]
 
 
 @contextmanager
@@ -176,13 +185,15 @@ def _traced(fn: Callable[[int, int, int], R]) -> Callable[[int, int, int], R]:
     return run
 
 
-def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Iterator[R]:
+def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int, ahead: int | None = None) -> Iterator[R]:
     """`fn(task)` for every task on `workers` threads, yielded in task order.
 
-    At most `workers` tasks are in flight (plus the result the caller holds), so memory
-    stays at about `workers` × the largest task. With one worker everything runs on
-    the calling thread. Stopping the iteration early cancels what has not started and
-    waits for what has.
+    At most `workers` tasks run at once, so working memory stays at about `workers` × the
+    largest task; up to `ahead` (default `workers`) tasks are submitted past the oldest
+    unfinished one, so a worker done with a small task starts the next instead of idling
+    behind a large one (their results, often small, wait to be yielded). With one worker
+    everything runs on the calling thread. Stopping the iteration early cancels what has
+    not started and waits for what has.
 
     Example:
         >>> list(run_ordered(range(5), lambda x: x * x, workers=3))
@@ -197,7 +208,7 @@ def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Itera
         try:
             for task in tasks:
                 pending.append(executor.submit(fn, task))
-                if len(pending) >= workers:
+                if len(pending) >= max(workers, ahead or 0):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
