@@ -6,8 +6,10 @@ projections of every layer. Both tools extract rank-16 adapters (embeddings and
 lm_head left out by both); each runs in its own process for wall time and peak
 RSS, then one evaluator measures every module's relative error
 ‖Δ − s·B·A‖_F / ‖Δ‖_F for every output (in fp32, a few seconds), and the optimal
-(Eckart–Young) error from singular values on a sample of modules (`--sample`,
-default the first layer's seven), next to each tool's error on the same sample.
+(Eckart–Young) error from the eigenvalues of ΔᵀΔ (fp64, no SVD) on a sample of
+modules (`--sample`, default the first layer's seven), next to each tool's error
+on the same sample. `--layers 1` builds a one-layer pair (seven modules), small
+enough for mergekit on a busy machine.
 
 mergekit lives in its own environment (its pins are not ours):
 
@@ -33,14 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=32)
 RANK = 16
 
-BUILD = f"""
-import shutil, sys, torch
-sys.path.insert(0, {str(REPO / "tests")!r})
+BUILD = """
+import json, shutil, sys, torch
+sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 from synthetic import write_llama_checkpoint
-work = Path(sys.argv[1])
-write_llama_checkpoint(work / "base", vocab=32000, **{SHAPE!r})
+work, shape = Path(sys.argv[1]), json.loads(sys.argv[3])
+write_llama_checkpoint(work / "base", vocab=32000, **shape)
 shutil.copytree(work / "base", work / "tuned")
 generator = torch.Generator().manual_seed(7)
 for file in sorted((work / "tuned").glob("*.safetensors")):
@@ -51,7 +53,7 @@ for file in sorted((work / "tuned").glob("*.safetensors")):
             update = torch.randn(out, 8, generator=generator) @ torch.randn(8, inp, generator=generator) * 2e-3
             noise = torch.randn(out, inp, generator=generator) * 1e-4
             state[name] = (tensor.float() + update + noise).to(tensor.dtype)
-    save_file(state, file, metadata={{"format": "pt"}})
+    save_file(state, file, metadata={"format": "pt"})
 """
 
 EVALUATE = """
@@ -82,8 +84,10 @@ for label, path in zip(sys.argv[4::2], sys.argv[5::2]):
         approx = module.scale * (adapter.read(module.b_key).float() @ adapter.read(module.a_key).float())
         errors[name] = float(torch.linalg.vector_norm(delta - approx) / torch.linalg.vector_norm(delta))
         if sample in name and name not in optimal:  # Eckart-Young: the best any rank-r factorisation can do
-            values = torch.linalg.svdvals(delta)
-            optimal[name] = float(values[module.rank :].pow(2).sum().sqrt() / values.pow(2).sum().sqrt())
+            wide = delta.double() if delta.shape[0] >= delta.shape[1] else delta.double().T
+            energies = torch.linalg.eigvalsh(wide.T @ wide).flip(0)  # σ², from the small side's Gram matrix
+            tail = float(energies.sum() - energies[: module.rank].sum())
+            optimal[name] = max(tail, 0.0) ** 0.5 / float(energies.sum()) ** 0.5
     sampled = [errors[n] for n in optimal if n in errors]
     results[label] = {"modules": len(errors), "mean_relative_error": sum(errors.values()) / len(errors),
                       "sample_mean_relative_error": sum(sampled) / max(1, len(sampled))}
@@ -103,11 +107,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each contender, interleaved; the best counts")
     parser.add_argument("--sample", default="layers.0.", help="tensors whose optimal error is computed (by name part)")
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--layers", type=int, default=SHAPE["layers"], help="8: a 1.1 GB pair")
     args = parser.parse_args()
+    SHAPE["layers"] = args.layers
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-extract-bench-"))
     python = sys.executable
     if not (work / "tuned").exists():
-        subprocess.run([python, "-c", BUILD, work], check=True)
+        subprocess.run([python, "-c", BUILD, work, REPO / "tests", json.dumps(SHAPE)], check=True)
     runs: dict[str, list[dict]] = {}
     outputs, digests = [], {}
     for _ in range(args.repeat):  # interleaved, so a burst of load hits every worker count alike
@@ -137,7 +143,7 @@ def main() -> None:
     )
     results = [min(r, key=lambda run: run["seconds"]) for r in runs.values()]
     print(
-        f"1.1 GB bf16 Llama-shaped pair {SHAPE}, rank {RANK}, {os.cpu_count()} CPUs, best of {args.repeat}"
+        f"bf16 Llama-shaped pair {SHAPE}, rank {RANK}, {os.cpu_count()} CPUs, best of {args.repeat}"
         if args.device == "cpu"
         else args.device
     )
