@@ -7,6 +7,7 @@ are copied file-to-file without being decoded. The output appears atomically.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -101,6 +102,14 @@ def _describe(task: TensorTask, adapters: Sequence[Adapter]) -> list[dict]:
 
 
 def _sha256(path: Path) -> str:
+    status = os.stat(path)
+    return _sha256_of(Path(path).resolve(), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    """A file's sha256, remembered for as long as its size and mtime stay (a merge hashes its adapters on
+    the copy thread, early, and reads the digests when it writes its record)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -259,6 +268,8 @@ def _run(
             written[name] = writing.prepare(
                 checkpoint, plans[name], target if single_file else folder, single_file, name
             )
+        if not single_file:  # the record names the adapters by digest: hashed after the copies, off the main thread
+            writing.checks += [writing.copier.submit(_adapter_identity, a) for a in adapters]
         trace.mark("copies queued")
         devices = writing.start(device)
         trace.mark("ready to compute")

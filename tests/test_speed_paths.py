@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -176,3 +177,15 @@ def test_a_failing_module_stops_extraction_and_leaves_nothing(tmp_path, monkeypa
         lora_tools.extract(base, tuned, tmp_path / "out", rank=4, device="cpu", workers=2)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     assert not [t for t in threading.enumerate() if t.name.startswith("loratool-")]
+
+
+def test_adapter_digest_is_remembered_only_while_the_file_is_unchanged(tmp_path):
+    from lora_tools.merging import _sha256
+
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"first")
+    first = _sha256(path)
+    assert first == _sha256(path) == hashlib.sha256(b"first").hexdigest()
+    path.write_bytes(b"other")  # same size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert _sha256(path) == hashlib.sha256(b"other").hexdigest()
