@@ -21,7 +21,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from . import trace
 from .adapter import read_adapter
 from .card import display_name, write_card
-from .checkpoint import open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .hub import resolve_input
 from .output import atomic_output, checksums
@@ -485,7 +485,10 @@ def extract(
         info = base_checkpoint.tensors[task.tensor]
         compute = torch.float64 if info.dtype == "F64" else torch.float32
         # read through mappings into one reused buffer: no tensor-sized allocation (a page fault per 4 KiB) per module
-        with tuned_checkpoint.mapped(task.tensor) as tuned_values, base_checkpoint.mapped(task.tensor) as base_values:
+        with (
+            _values(tuned_checkpoint, task.tensor) as tuned_values,
+            _values(base_checkpoint, task.tensor) as base_values,
+        ):
             delta = workspace.get("delta", info.shape, compute).copy_(tuned_values)
             delta.sub_(base_values.to(workspace.device))  # promoted to `compute` exactly, as a converted copy would be
         if not bool(delta.any()):
@@ -609,6 +612,14 @@ def extract(
         notes=notes,
         checksums=digests,
     )
+
+
+def _values(checkpoint, name: str) -> AbstractContextManager[torch.Tensor]:
+    """One tensor's values: a read-only mapping of a plain checkpoint's file, else a fresh read (which, for a
+    `quant.dequantized` checkpoint, dequantizes)."""
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint.mapped(name)
+    return nullcontext(checkpoint.read(name))
 
 
 def _changed_skipped_embeddings(skipped: list[dict], base_checkpoint, tuned_checkpoint) -> list[str]:
