@@ -20,6 +20,7 @@ def run_contender(label: str, command: list[str], cleanup: Path | None = None) -
     if cleanup is not None:
         shutil.rmtree(cleanup, ignore_errors=True)
     os.sync()  # start each contender with no dirty pages left by the previous one
+    load = os.getloadavg()[0]  # others' work on a shared machine: report it with each time
     with tempfile.TemporaryFile() as log:
         started = time.perf_counter()
         process = subprocess.Popen([str(c) for c in command], stdout=subprocess.DEVNULL, stderr=log)
@@ -28,4 +29,5 @@ def run_contender(label: str, command: list[str], cleanup: Path | None = None) -
         if os.waitstatus_to_exitcode(status) != 0:
             log.seek(0)
             raise SystemExit(f"{label} failed:\n{log.read().decode(errors='replace')[-3000:]}")
-    return {"label": label, "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"label": label, "seconds": seconds, "cpu_seconds": cpu, "load": load, "peak_rss_mb": usage.ru_maxrss / 1024}

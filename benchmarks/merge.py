@@ -9,6 +9,11 @@ dequantize, merge, requantize. This parent process never imports torch, so the c
 their own (Linux reports a forked child's RSS high-water mark across exec).
 
     .venv/bin/python benchmarks/merge.py [--workdir DIR] [--repeat N] [--device cpu|cuda] [--layers 8|16]
+                                         [--skip-peft] [--skip-fp8]
+
+Contenders run interleaved (one of each, then again), and each run records the
+machine's load average: on a shared machine, compare runs taken at the same load.
+`LORATOOL_TRACE=1` on a loratool run shows where its time goes (see README).
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--layers", type=int, default=SHAPE["layers"], help="8: 1.1 GB, 16: 2.1 GB")
     args = parser.parse_args()
     SHAPE["layers"] = args.layers
@@ -81,7 +87,7 @@ def main() -> None:
     python = sys.executable
     if not (work / "base").exists():
         subprocess.run([python, "-c", BUILD, work, json.dumps(SHAPE)], check=True)
-    if not (work / "base-fp8").exists():
+    if not args.skip_fp8 and not (work / "base-fp8").exists():
         subprocess.run([python, "-c", FP8, work], check=True)
     size = sum(f.stat().st_size for f in (work / "base").iterdir())
     subprocess.run(["sync"], check=True)
@@ -91,6 +97,8 @@ def main() -> None:
         ("loratool merge", [python, "-m", "lora_tools", "merge", work / "base", work / "lora", "-o", work / "ours", "-q", "--device", args.device], work / "ours"),
         ("loratool merge, FP8 block base", [python, "-m", "lora_tools", "merge", work / "base-fp8", work / "lora", "-o", work / "ours-fp8", "-q", "--device", args.device], work / "ours-fp8"),
     ]  # fmt: skip
+    if args.skip_fp8:
+        contenders = [c for c in contenders if "FP8" not in c[0]]
     if not args.skip_peft:
         contenders.append(
             ("transformers + PEFT", [python, "-c", PEFT, work / "base", work / "lora", work / "peft"], work / "peft")
@@ -102,16 +110,18 @@ def main() -> None:
     best = {label: min(runs, key=lambda r: r["seconds"]) for label, runs in results.items()}
     floor = best[contenders[0][0]]["seconds"]
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, {SHAPE}, adapter r=16 on 7 projections; best of {args.repeat}")
-    print(f"{'contender':32} {'wall s':>8} {'× floor':>8} {'GB/s':>6} {'peak RSS MB':>12}")
+    print(f"{'contender':32} {'wall s':>8} {'× floor':>8} {'GB/s':>6} {'CPU s':>6} {'load':>5} {'peak RSS MB':>12}")
     for label, r in best.items():
         print(
-            f"{label:32} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {size / 1e9 / r['seconds']:6.2f} {r['peak_rss_mb']:12.0f}"
+            f"{label:32} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {size / 1e9 / r['seconds']:6.2f} "
+            f"{r['cpu_seconds']:6.2f} {r['load']:5.1f} {r['peak_rss_mb']:12.0f}"
         )
-    fp8, bf16 = best["loratool merge, FP8 block base"], best["loratool merge"]
-    print(
-        f"FP8 block merge vs bf16 merge: {fp8['seconds'] / bf16['seconds']:.2f}× the time, "
-        f"{fp8['peak_rss_mb'] / bf16['peak_rss_mb']:.2f}× the peak RSS"
-    )
+    if "loratool merge, FP8 block base" in best:
+        fp8, bf16 = best["loratool merge, FP8 block base"], best["loratool merge"]
+        print(
+            f"FP8 block merge vs bf16 merge: {fp8['seconds'] / bf16['seconds']:.2f}× the time, "
+            f"{fp8['peak_rss_mb'] / bf16['peak_rss_mb']:.2f}× the peak RSS"
+        )
     if "transformers + PEFT" in best:
         ratio = best["transformers + PEFT"]["seconds"] / best["loratool merge"]["seconds"]
         print(f"loratool is {ratio:.1f}× faster than transformers + PEFT")

@@ -20,14 +20,17 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import trace
 from .adapters.reading import read_adapter
 from .errors import IncompatibleError, InvalidInputError, UnsupportedError
 from .io.card import display_name, write_card
-from .io.checkpoint import open_checkpoint
+from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.hub import resolve_input
 from .io.output import atomic_output, checksums
 from .io.safetensors_io import SafetensorsWriter, TensorInfo
@@ -231,18 +234,19 @@ def _randomized_svd(matrix: torch.Tensor, width: int, seed: int) -> tuple[torch.
 
 
 def factorize(
-    matrix: torch.Tensor, rule: RankRule, method: str, seed: int = 0
+    matrix: torch.Tensor, rule: RankRule, method: str, seed: int = 0, scratch: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Balanced rank-r factors B (m×r), A (r×n) of `matrix` (fp32/fp64) chosen by `rule`.
 
     `auto` uses the randomized SVD when the largest rank the rule may pick is
     small against the matrix (growing the sketch until energy / ratio criteria
     are decided), and a full SVD otherwise. Returns (B, A, method used).
+    `scratch`: a reusable buffer of `matrix`'s shape and dtype (else one is allocated).
     """
     import torch
 
     full_rank = min(matrix.shape)
-    total = float(matrix.pow(2).sum())
+    total = float(torch.pow(matrix, 2, out=scratch).sum() if scratch is not None else matrix.pow(2).sum())
     ceiling = rule.ceiling(full_rank)
     use_full = method == "svd" or (method == "auto" and (ceiling + _OVERSAMPLE) * 4 > full_rank)
     values = vh = left = None
@@ -426,8 +430,9 @@ def extract(
     Returns:
         An `ExtractReport` with per-module rank, energy kept and relative error.
     """
-    import torch
+    from .compute.pool import import_torch, one_torch_thread
 
+    torch = import_torch()  # a fifth faster without cyclic GC during the import
     from .compute.workers import ModuleWorkers
     from .device import resolve_devices
     from .io.tensors import return_freed_memory_to_os, to_torch_dtype
@@ -482,8 +487,13 @@ def extract(
             return _experts_result(task, base_checkpoint, tuned_checkpoint, rule, method, factor_dtype)
         info = base_checkpoint.tensors[task.tensor]
         compute = torch.float64 if info.dtype == "F64" else torch.float32
-        delta = workspace.get("tuned", info.shape, compute).copy_(tuned_checkpoint.read(task.tensor))
-        delta.sub_(workspace.get("base", info.shape, compute).copy_(base_checkpoint.read(task.tensor)))
+        # read through mappings into one reused buffer: no tensor-sized allocation (a page fault per 4 KiB) per module
+        with (
+            _values(tuned_checkpoint, task.tensor) as tuned_values,
+            _values(base_checkpoint, task.tensor) as base_values,
+        ):
+            delta = workspace.get("delta", info.shape, compute).copy_(tuned_values)
+            delta.sub_(base_values.to(workspace.device))  # promoted to `compute` exactly, as a converted copy would be
         if not bool(delta.any()):
             return _ModuleResult(task, delta.numel(), unchanged=True)
         if task.embedding_like and embeddings == "full":
@@ -491,7 +501,8 @@ def extract(
         matrix = delta.reshape(delta.shape[0], -1) if task.kind == "conv" else delta
         if task.kind == "embedding" or task.fan_in_fan_out:
             matrix = matrix.T
-        b, a, used = factorize(matrix, rule, method, seed=_seed(task.module))
+        scratch = workspace.get("scratch", matrix.shape, compute)
+        b, a, used = factorize(matrix, rule, method, seed=_seed(task.module), scratch=scratch)
         # relative error of what is stored: ‖Δ − B·A‖ / ‖Δ‖, after rounding the factors
         b_out, a_out = b.to(factor_dtype), a.to(factor_dtype)
         norm = float(torch.linalg.vector_norm(matrix))
@@ -506,9 +517,13 @@ def extract(
     with (
         atomic_output(output, is_dir=True, force=force, inputs=[base_checkpoint.path, tuned_checkpoint.path]) as target,
         ModuleWorkers(devices, workers) as pool,
+        ExitStack() as stack,
     ):
         spool = Spool(target / ".factors.spool")
-        for result in pool.map(extract_module, plan.tasks):
+        skipped_compared = stack.enter_context(ThreadPoolExecutor(1, "loratool-compare", one_torch_thread)).submit(
+            _changed_skipped_embeddings, plan.skipped, base_checkpoint, tuned_checkpoint
+        )  # while the workers decompose
+        for result in pool.map(_traced(extract_module), plan.tasks):
             task = result.task
             done += result.numel
             if result.unchanged:
@@ -532,6 +547,7 @@ def extract(
                 )
             if progress is not None:
                 progress(done, total)
+        trace.mark("modules done")
         changed_1d = _changed_one_dimensional(plan.one_dimensional, base_checkpoint, tuned_checkpoint)
         if changed_1d:
             targeted = set(ranks)
@@ -549,12 +565,7 @@ def extract(
                     f"{len(changed_1d)} 1-D tensors (norms, biases) changed, the largest {largest['name']} by "
                     f"{largest['max_abs_change']:.3g}; not stored (pass --save-1d to keep norms in modules_to_save)"
                 )
-        changed_embeddings = [
-            item["name"]
-            for item in plan.skipped
-            if item["reason"].startswith("embedding")
-            and _differ(base_checkpoint.tensors[item["name"]], tuned_checkpoint.tensors[item["name"]])
-        ]
+        changed_embeddings = skipped_compared.result()
         if changed_embeddings:
             notes.append(
                 f"{', '.join(changed_embeddings)} changed but were skipped (serving engines reject adapters "
@@ -564,7 +575,9 @@ def extract(
             raise InvalidInputError(
                 "BASE and TUNED are identical on every selected weight; there is nothing to extract"
             )
+        trace.mark("embeddings compared")
         size = spool.finish(target / "adapter_model.safetensors")
+        trace.mark("spool written")
         base_name = display_name(base, base_repo)
         base_model = base_repo or (base_checkpoint.config or {}).get("_name_or_path") or base_name
         from .layouts.expert_extraction import peft_expert_fields
@@ -624,6 +637,35 @@ def _experts_result(task, base_checkpoint, tuned_checkpoint, rule: RankRule, met
     b, a, deltas, used = found
     b_out, a_out = b.to(factor_dtype).cpu(), a.to(factor_dtype).cpu()
     return _ModuleResult(task, numel, factors=(b_out, a_out), error=relative_error(b_out, a_out, deltas), method=used)
+
+
+def _values(checkpoint, name: str) -> AbstractContextManager[torch.Tensor]:
+    """One tensor's values: a read-only mapping of a plain checkpoint's file, else a fresh read (which, for a
+    `quant.dequantized` checkpoint, dequantizes)."""
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint.mapped(name)
+    return nullcontext(checkpoint.read(name))
+
+
+def _changed_skipped_embeddings(skipped: list[dict], base_checkpoint, tuned_checkpoint) -> list[str]:
+    """The embeddings the plan skipped that differ between BASE and TUNED."""
+    with trace.span("compare skipped embeddings"):
+        return [
+            item["name"]
+            for item in skipped
+            if item["reason"].startswith("embedding")
+            and _differ(base_checkpoint.tensors[item["name"]], tuned_checkpoint.tensors[item["name"]])
+        ]
+
+
+def _traced(fn):
+    """`fn(task, workspace)` in a trace span named after the task's tensor (see lora_tools.trace)."""
+
+    def run(task, workspace):
+        with trace.span("module", task.tensor):
+            return fn(task, workspace)
+
+    return run
 
 
 def _differ(first: TensorInfo, second: TensorInfo, chunk_bytes: int = 16 << 20) -> bool:

@@ -7,6 +7,7 @@ are copied file-to-file without being decoded. The output appears atomically.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -21,7 +22,7 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__, quant
+from . import __version__, quant, trace
 from .adapters.reading import Adapter, read_adapter
 from .errors import IncompatibleError, InvalidInputError, OutputNameError, UnsupportedError
 from .io.card import CARD_NAME, display_name, write_card
@@ -101,6 +102,14 @@ def _describe(task: TensorTask, adapters: Sequence[Adapter]) -> list[dict]:
 
 
 def _sha256(path: Path) -> str:
+    status = os.stat(path)
+    return _sha256_of(Path(path).resolve(), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    """A file's sha256, remembered for as long as its size and mtime stay (a merge hashes its adapters on
+    the copy thread, early, and reads the digests when it writes its record)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -238,6 +247,7 @@ def _run(
         if progress is not None:
             progress(done_bytes, total)
 
+    trace.mark("planned")
     writing = _Writing(adapters, unmerge, allow_nonfinite, recorded, advance)
     if any(produced for _, produced in adapted.values()):
         from .quant.execute import QuantizedTensors
@@ -258,7 +268,11 @@ def _run(
             written[name] = writing.prepare(
                 checkpoint, plans[name], target if single_file else folder, single_file, name
             )
+        if not single_file:  # the record names the adapters by digest: hashed after the copies, off the main thread
+            writing.checks += [writing.copier.submit(_adapter_identity, a) for a in adapters]
+        trace.mark("copies queued")
         devices = writing.start(device)
+        trace.mark("ready to compute")
         writing.run()
         files: list[str] = []
         for name, checkpoint in components.items():
@@ -283,6 +297,8 @@ def _run(
         digests = checksums(target) if checksum else None
         if digests is not None and single_file:
             digests = {output.name: digests[target.name]}
+        trace.mark("output complete")
+    trace.mark("renamed into place")
     return MergeReport(
         **report_args,
         device=_device_names(devices),
@@ -388,7 +404,7 @@ class _Shard:
     writer: SafetensorsWriter
     copies: list = field(default_factory=list)  # (task, future): bytes that come through unchanged
     quantized: list = field(default_factory=list)  # tasks of quantized weights (and their scales)
-    computed: list = field(default_factory=list)  # (task, future or None): tensors to compute, in place when copied
+    computed: list = field(default_factory=list)  # tasks of tensors to compute
 
 
 class _Writing:
@@ -443,25 +459,18 @@ class _Writing:
             if quantized is not None:  # dequantize → merge → requantize, after torch is imported (see `run`)
                 job.quantized = [t for t in tasks if quantized.handles(t.name)]
                 tasks = [t for t in tasks if not quantized.handles(t.name)]
-            for task in tasks:
-                if _needs_compute(task, base):
-                    info = base.tensors[task.source]
-                    same_bytes = task.out_dtype == task.in_dtype and tuple(info.shape) == tuple(task.shape)
-                    in_place = same_bytes and info.offset is not None  # base bytes copied, then updated in place
-                    copied = self.copier.submit(writer.copy_from, task.name, info, final=False) if in_place else None
-                    job.computed.append((task, copied))
+            job.computed = [task for task in tasks if _needs_compute(task, base)]
             for task in tasks:
                 if not _needs_compute(task, base):
-                    job.copies.append(
-                        (task, self.copier.submit(writer.copy_from, task.name, base.tensors[task.source]))
-                    )
+                    job.copies.append((task, self.copier.submit(_copy, writer, task.name, base.tensors[task.source])))
         return names
 
     def start(self, device: str):
         """Import torch, resolve the device(s) and check what must be checked before computing; return the devices."""
         from .compute.pool import single_threaded_torch, usable_cores
 
-        self._threads.enter_context(single_threaded_torch())  # from here on, our own pools use the cores
+        with trace.span("import torch"):
+            self._threads.enter_context(single_threaded_torch())  # from here on, our own pools use the cores
         from .device import resolve_devices
         from .io.tensors import return_freed_memory_to_os
 
@@ -477,7 +486,7 @@ class _Writing:
 
     def run(self) -> None:
         """Compute every changed tensor, on one device or dealt to several, then finish the files."""
-        work = [(job, task, copied) for job in self.shards for task, copied in job.computed]
+        work = [(job, task) for job in self.shards for task in job.computed]
         with _no_cyclic_gc():
             if len(self.lanes) == 1:
                 ahead = [*work[1:], None][: len(work)]  # nothing to compute: nothing ahead
@@ -486,7 +495,7 @@ class _Writing:
                 ]
             else:
                 results = _deal(self.lanes, work, self._compute)
-        for (job, task, _), result in zip(work, results, strict=True):
+        for (job, task), result in zip(work, results, strict=True):
             qualified = _qualified(job.component, task.name)
             if task.changed:
                 change = TensorChange(
@@ -497,39 +506,39 @@ class _Writing:
                 self.norms[qualified] = result.dora_norm
         for job in self.shards:
             self._write_quantized(job)
-        for job in self.shards:
-            for task, future in job.copies:
-                future.result()
-                self.advance(task.nbytes)
-        for check in self.checks:
-            check.result()
-        for job in self.shards:
-            job.writer.close()
+        with trace.span("wait for copies and checks"):
+            for job in self.shards:
+                for task, future in job.copies:
+                    future.result()
+                    self.advance(task.nbytes)
+            for check in self.checks:
+                check.result()
+        with trace.span("close files"):
+            for job in self.shards:
+                job.writer.close()
 
-    def _compute(self, lane, job: _Shard, task: TensorTask, copied, upcoming):
-        """Compute one tensor into its place in the output; `upcoming` (job, task, copied) is staged meanwhile."""
-        from .ops import compute_task
+    def _compute(self, lane, job: _Shard, task: TensorTask, upcoming):
+        """Compute one tensor into its place in the output; `upcoming` (job, task) is staged or prefetched meanwhile."""
+        from .io.tensors import to_torch_dtype
+        from .ops import blockwise, compute_task
 
         qualified = _qualified(job.component, task.name)
         with ExitStack() as stack:
-            if copied is not None:
-                copied.result()
             staged = lane.take(job.base, task.source) if lane.stager is not None else None
             if upcoming is not None and lane.stager is not None:
                 lane.stage_ahead(upcoming[0].base, upcoming[1].source)
-            elif upcoming is not None and upcoming[2] is None:
+            elif upcoming is not None:
                 upcoming[0].base.prefetch(upcoming[1].source)
-            destination = stack.enter_context(job.writer.mapped(task.name, again=copied is not None))
-            if staged is not None:
-                tensor = staged
-            elif copied is not None:
-                tensor = destination  # the base bytes were copied into place: compute there
+            tensor = staged if staged is not None else stack.enter_context(job.base.mapped(task.source))
+            if blockwise(task, tensor.dim(), to_torch_dtype(task.out_dtype), lane.workspace.device):
+                destination = job.writer.rows(task.name)  # rounded rows written with pwrite, block by block
             else:
-                tensor = stack.enter_context(job.base.mapped(task.source))
-            result = compute_task(
-                task, tensor, self.fetch, lane.workspace, destination, unmerge=self.unmerge,
-                recorded_norm=self.recorded.get(qualified), allow_nonfinite=self.allow_nonfinite, pool=lane.pool,
-            )  # fmt: skip
+                destination = stack.enter_context(job.writer.mapped(task.name))
+            with trace.span("compute", task.name):
+                result = compute_task(
+                    task, tensor, self.fetch, lane.workspace, destination, unmerge=self.unmerge,
+                    recorded_norm=self.recorded.get(qualified), allow_nonfinite=self.allow_nonfinite, pool=lane.pool,
+                )  # fmt: skip
         job.writer.written(task.name)
         self.advance(task.nbytes)
         return result
@@ -634,7 +643,13 @@ def _checked_alone(info) -> None:
     from .compute.pool import one_torch_thread
 
     one_torch_thread()
-    _refuse_nonfinite(info)
+    with trace.span("nonfinite check", info.name):
+        _refuse_nonfinite(info)
+
+
+def _copy(writer: SafetensorsWriter, name: str, info) -> None:
+    with trace.span("copy", name):
+        writer.copy_from(name, info)
 
 
 def _refuse_nonfinite(info) -> None:

@@ -6,6 +6,7 @@ output dtype, which is how results stay within one ulp of exact.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from .adapters.reading import LoraModule
 from .compute.pool import BlockPool
+from .compute.sink import RowSink
 from .errors import NonFiniteError
 from .fp8 import is_fp8, rounding_error
 from .plan import TensorTask
@@ -153,14 +155,45 @@ def _check_finite(task: TensorTask, result: torch.Tensor) -> None:
 _BLOCK_BYTES = 1 << 20
 
 
+@functools.cache
+def overflow_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to ±Inf in `dtype` (round to nearest, ties to even).
+
+    Halfway between the largest finite value and the next power of two; the largest finite
+    value has an odd significand, so the tie rounds up, to Inf.
+    """
+    info = torch.finfo(dtype)
+    ulp = 2.0 ** math.floor(math.log2(info.max)) * info.eps
+    return info.max + ulp / 2
+
+
 def _rounds_finite(values: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether every value stays finite once rounded to `dtype`, from one min/max pass before rounding.
 
     Rounding is monotonic, so all values round to finite numbers exactly when the smallest
-    and the largest do (NaN reaches both); this spares a pass over the rounded result.
+    and the largest do (NaN reaches both, and fails both comparisons); this spares a pass
+    over the rounded result. From fp32, two float comparisons against `overflow_limit`
+    replace four small tensor operations per block.
     """
-    extremes = torch.stack(torch.aminmax(values)).to(dtype)
-    return bool(torch.isfinite(extremes).all())
+    extremes = torch.aminmax(values)
+    if values.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return bool(torch.isfinite(torch.stack(extremes).to(dtype)).all())  # fp64 → bf16 rounds twice, via fp32
+    low, high = (float(v) for v in extremes)
+    limit = math.inf if dtype == torch.float32 else overflow_limit(dtype)
+    return -limit < low and high < limit
+
+
+def blockwise(task: TensorTask, base_dim: int, out_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `compute_task` computes this task in row blocks (plain LoRA terms on the CPU), so it can
+    take a `RowSink` as its destination."""
+    return (
+        device.type == "cpu"
+        and bool(task.terms)
+        and not task.replacements
+        and base_dim >= 2
+        and out_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
+        and all(not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms)
+    )
 
 
 def _compute_blocked(
@@ -183,7 +216,8 @@ def _compute_blocked(
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     rows = base.shape[0]
     base_2d = base.reshape(rows, -1)
-    out_2d = destination.view(rows, -1)
+    sink = destination if isinstance(destination, RowSink) else None
+    out_2d = destination.view(rows, -1) if sink is None else None
     pairs = []
     for term in task.terms:
         a = fetch(term.adapter, term.module.a_key).to(compute)
@@ -194,7 +228,7 @@ def _compute_blocked(
             right, scale = right * scale, 1.0
         pairs.append((term, left, right, scale))
     block = max(1, _BLOCK_BYTES // (base_2d.shape[1] * 4))
-    check = not allow_nonfinite and destination.is_floating_point() and destination.numel() > 0
+    check = not allow_nonfinite and destination.dtype.is_floating_point and math.prod(destination.shape) > 0
 
     def run(worker: int, first: int, last: int) -> tuple[list[float], bool]:
         weight_buffer = workspace.get(f"weight{worker}", (block, base_2d.shape[1]), compute)
@@ -211,13 +245,21 @@ def _compute_blocked(
                 weight.add_(delta, alpha=term.weight)
             if check and finite:
                 finite = _rounds_finite(weight, destination.dtype)
-            out_2d[start:stop].copy_(weight)
+            if sink is None:
+                out_2d[start:stop].copy_(weight)
+            else:
+                rounded = workspace.get(f"rounded{worker}", (stop - start, base_2d.shape[1]), destination.dtype)
+                sink.write(start, rounded.copy_(weight))
         return max_abs, finite
 
     blocks = -(-rows // block)
     parts = pool.split(blocks, run) if pool is not None else [run(0, 0, blocks)]
     if not all(finite for _, finite in parts):
-        _check_finite(task, destination)
+        if sink is None:
+            _check_finite(task, destination)
+        else:
+            with sink.written() as result:
+                _check_finite(task, result)
     max_abs = [max(part[0][index] for part in parts) for index in range(len(pairs))]
     largest = max((abs(pair[0].weight) * m for pair, m in zip(pairs, max_abs, strict=True)), default=0.0)
     return TaskResult(largest)
@@ -257,7 +299,8 @@ def compute_task(
         fetch: reads adapter `i`'s tensor `key` onto the CPU.
         workspace: buffers to compute in.
         destination: a CPU tensor of the output dtype (typically the tensor's place in the
-            output file) that receives the rounded result.
+            output file) that receives the rounded result, or, for tasks `blockwise` accepts, a
+            `RowSink` that writes the rounded rows to the file.
         recorded_norm: for un-merging DoRA, the norm the merge recorded.
         pool: workers to split a plain LoRA tensor's rows across (CPU only).
 
@@ -265,14 +308,10 @@ def compute_task(
         NonFiniteError: the result holds NaN or Inf (unless `allow_nonfinite`).
     """
     device = workspace.device
-    plain = not task.replacements and base.dim() >= 2
-    plain = (
-        plain
-        and not is_fp8(destination)
-        and all(not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms)
-    )
-    if plain and task.terms and device.type == "cpu":
+    if blockwise(task, base.dim(), destination.dtype, device):
         return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite, pool)
+    if isinstance(destination, RowSink):
+        raise AssertionError(f"tensor {task.name!r} is not computed row block by row block: give a tensor")
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     weight = workspace.get("weight", task.shape, compute)
     if tuple(base.shape) == tuple(task.shape):

@@ -14,6 +14,7 @@ kernel's summation order, hence every output bit, independent of N.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections import deque
@@ -22,8 +23,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
+from .. import trace
+
 __all__ = [
     "usable_cores",
+    "import_torch",
     "single_threaded_torch",
     "BlockPool",
     "run_ordered",
@@ -47,6 +51,8 @@ def usable_cores() -> int:
 def _import_torch_single_threaded() -> bool:
     """Import torch (if not yet imported) with OpenMP's default team size at one; True if this call imported it.
 
+    Cyclic GC is off during the import, and what the import created is then frozen (`gc.freeze`).
+
     OpenMP keeps the team size per thread, and every new thread starts from the process
     default: any thread that has not lowered it (torch's, MKL's, a helper's) would fork a
     team whose members spin-wait on cores others need, which on a loaded machine burns many
@@ -56,6 +62,8 @@ def _import_torch_single_threaded() -> bool:
         return False
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
+    collecting = gc.isenabled()
+    gc.disable()  # the import creates ~10⁶ objects: collections during it find nothing and cost a sixth of it
     try:
         import torch  # noqa: F401
     finally:
@@ -63,7 +71,18 @@ def _import_torch_single_threaded() -> bool:
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = saved
+        gc.freeze()  # torch's objects live until exit: no later collection (the one at exit included) walks them
+        if collecting:
+            gc.enable()
     return True
+
+
+def import_torch():
+    """The torch module, imported (if not yet) as `single_threaded_torch` imports it: without cyclic GC,
+    its objects frozen after, OpenMP's default team at one; torch's intra-op threads then at the usable cores."""
+    if _import_torch_single_threaded():
+        sys.modules["torch"].set_num_threads(usable_cores())
+    return sys.modules["torch"]
 
 
 @contextmanager
@@ -135,6 +154,8 @@ class BlockPool:
 
     def split(self, count: int, fn: Callable[[int, int, int], R]) -> list[R]:
         ranges = block_ranges(count, self.workers)
+        if trace.enabled():
+            fn = _traced(fn)
         if self._helpers is None or len(ranges) == 1:
             return [fn(worker, start, stop) for worker, (start, stop) in enumerate(ranges)]
         futures = [self._helpers.submit(fn, worker, *ranges[worker]) for worker in range(1, len(ranges))]
@@ -156,13 +177,23 @@ class BlockPool:
         self.close()
 
 
-def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Iterator[R]:
+def _traced(fn: Callable[[int, int, int], R]) -> Callable[[int, int, int], R]:
+    def run(worker: int, start: int, stop: int) -> R:
+        with trace.span("row blocks", f"worker {worker}: {stop - start} blocks"):
+            return fn(worker, start, stop)
+
+    return run
+
+
+def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int, ahead: int | None = None) -> Iterator[R]:
     """`fn(task)` for every task on `workers` threads, yielded in task order.
 
-    At most `workers` tasks are in flight (plus the result the caller holds), so memory
-    stays at about `workers` × the largest task. With one worker everything runs on
-    the calling thread. Stopping the iteration early cancels what has not started and
-    waits for what has.
+    At most `workers` tasks run at once, so working memory stays at about `workers` × the
+    largest task; up to `ahead` (default `workers`) tasks are submitted past the oldest
+    unfinished one, so a worker done with a small task starts the next instead of idling
+    behind a large one (their results, often small, wait to be yielded). With one worker
+    everything runs on the calling thread. Stopping the iteration early cancels what has
+    not started and waits for what has.
 
     Example:
         >>> list(run_ordered(range(5), lambda x: x * x, workers=3))
@@ -177,7 +208,7 @@ def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int) -> Itera
         try:
             for task in tasks:
                 pending.append(executor.submit(fn, task))
-                if len(pending) >= workers:
+                if len(pending) >= max(workers, ahead or 0):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

@@ -59,5 +59,9 @@ class ModuleWorkers:
         return workspace
 
     def map(self, fn: Callable[[T, Any], R], tasks: Iterable[T]) -> Iterator[R]:
-        """`fn(task, workspace)` for every task, yielded in task order (`workspace.device` is the worker's device)."""
-        return run_ordered(tasks, lambda task: fn(task, self._workspace()), self.workers)
+        """`fn(task, workspace)` for every task, yielded in task order (`workspace.device` is the worker's device).
+
+        Twice as many tasks as workers are queued ahead: modules alternate large and small
+        (MLP, attention), and a worker must not wait for a large one to be yielded.
+        """
+        return run_ordered(tasks, lambda task: fn(task, self._workspace()), self.workers, ahead=2 * self.workers)

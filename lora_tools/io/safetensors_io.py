@@ -272,6 +272,15 @@ class SafetensorsWriter:
             return written_on_exit(self._fd, self.path, offset, dtype, shape, load=again)
         return mapped_tensor(self.path, offset, dtype, shape, writable=True)
 
+    def rows(self, name: str):
+        """A `RowSink` that writes the tensor's rows with `pwrite` (no mapping, so no page faults);
+        call `written(name)` once every row is in."""
+        from .compute.sink import RowSink
+        from .tensors import to_torch_dtype
+
+        dtype, shape, offset, _ = self._claim(name)
+        return RowSink(self._fd, self.path, offset, to_torch_dtype(dtype), shape)
+
     def written(self, name: str) -> None:
         """The tensor's bytes are final: let the writeback pacing (large files only) send them to disk."""
         _, _, offset, nbytes = self._places[name]

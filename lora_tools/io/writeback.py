@@ -24,6 +24,8 @@ import threading
 from collections import deque
 from functools import cache
 
+from .. import trace
+
 __all__ = ["Writeback", "background_threshold"]
 
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
@@ -92,5 +94,6 @@ class Writeback:
         while self._in_flight_bytes > self.window and len(self._in_flight) > 1:
             old_offset, old_bytes = self._in_flight.popleft()
             self._in_flight_bytes -= old_bytes
-            sync(self.fd, old_offset, old_bytes, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+            with trace.span("writeback wait", f"{old_bytes >> 20} MiB"):
+                sync(self.fd, old_offset, old_bytes, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
             os.posix_fadvise(self.fd, old_offset, old_bytes, os.POSIX_FADV_DONTNEED)

@@ -1,0 +1,191 @@
+"""The merge's pwrite row sink, the phase trace, the overflow check and the workers' queue: results and failures."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from synthetic import write_llama_checkpoint, write_lora_adapter
+
+import lora_tools
+from lora_tools import trace
+from lora_tools.compute import sink as sink_module
+from lora_tools.compute.pool import run_ordered
+from lora_tools.compute.sink import RowSink
+from lora_tools.errors import NonFiniteError
+from lora_tools.ops import _rounds_finite, overflow_limit
+
+SHAPE = dict(hidden=64, intermediate=160, layers=2, heads=4)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("paths")
+    base = write_llama_checkpoint(root / "base", vocab=96, **SHAPE)
+    adapter = write_lora_adapter(root / "lora", rank=4, alpha=8.0, **SHAPE)
+    return base, adapter
+
+
+def _left_behind(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- the row sink ------------------------------------------------------------------
+
+
+def test_row_sink_writes_rows_in_place_and_refuses_what_does_not_fit(tmp_path):
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"\xff" * 200)
+    values = torch.arange(24, dtype=torch.float32).reshape(3, 2, 4).to(torch.bfloat16)  # a conv-like 3-D tensor
+    with open(path, "r+b") as f:
+        sink = RowSink(f.fileno(), path, 8, torch.bfloat16, (3, 2, 4))
+        sink.write(2, values[2].reshape(1, -1).contiguous())  # rows in any order, flattened or not
+        sink.write(0, values[:2])
+        for rows, first in ((values[:1].float(), 0), (values[:, :1].contiguous(), 0), (values[:2].transpose(1, 2), 0)):
+            with pytest.raises(AssertionError, match="do not fit"):
+                sink.write(first, rows)
+        with pytest.raises(AssertionError, match="outside"):
+            sink.write(2, values[:2])
+        with sink.written() as result:
+            assert torch.equal(result, values)
+    data = path.read_bytes()
+    assert data[:8] == b"\xff" * 8 and data[8 + 48 :] == b"\xff" * (200 - 56)  # nothing outside its place
+
+
+def test_a_failed_row_write_names_the_output_and_leaves_nothing(model, tmp_path, monkeypatch):
+    base, adapter = model
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sink_module.os, "pwrite", full)
+    with pytest.raises(OSError) as caught:
+        lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename
+    assert _left_behind(tmp_path) == []
+
+
+def test_an_overflowing_result_is_refused_with_its_count(model, tmp_path):
+    """The count in the message is read back from the rows the sink wrote; the output is removed."""
+    base, adapter = model
+    weight = 3e7  # max |w·ΔW| ≈ 10⁵: some sums pass fp16's 65504, most do not
+    with pytest.raises(NonFiniteError, match=r"the result has \d+ NaN/Inf value\(s\) in F16") as caught:
+        lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu", weights=[weight], dtype="fp16")
+    assert _left_behind(tmp_path) == []
+    message = str(caught.value)
+    name = message.split("'")[1]
+    state = load_file(base / "model.safetensors")
+    factors = load_file(adapter / "adapter_model.safetensors")
+    key = f"base_model.model.{name.removesuffix('.weight')}"
+    expected = state[name].float()  # the merge's own steps: the power-of-two scale folded into A, then one add
+    expected.add_(
+        factors[f"{key}.lora_B.weight"].float() @ (factors[f"{key}.lora_A.weight"].float() * 2.0), alpha=weight
+    )
+    bad = int((~torch.isfinite(expected.to(torch.float16))).sum())
+    assert 0 < bad < expected.numel() and f"has {bad} NaN/Inf" in message
+
+
+# --- the overflow check ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("source", [torch.float32, torch.float64])
+def test_overflow_check_agrees_with_rounding_at_the_limit(dtype, source):
+    limit = torch.tensor(overflow_limit(dtype), dtype=source)
+    zero = torch.tensor(0.0, dtype=source)
+    below = torch.nextafter(limit, zero)
+    for value in (limit, below, torch.nextafter(below, zero), torch.tensor(float("inf"), dtype=source)):
+        for sign in (1, -1):
+            values = torch.stack([value * sign, torch.tensor(1.0, dtype=source)])
+            assert _rounds_finite(values, dtype) == bool(torch.isfinite(values.to(dtype)).all()), (value, sign)
+    assert not _rounds_finite(torch.tensor([1.0, float("nan")], dtype=source), dtype)
+
+
+# --- the phase trace -----------------------------------------------------------------
+
+
+def test_trace_shows_the_copies_overlapping_the_torch_import(model, tmp_path):
+    base, adapter = model
+    events_file = tmp_path / "trace.jsonl"
+    script = "import sys, lora_tools; lora_tools.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], device='cpu')"
+    env = {**os.environ, "LORATOOL_TRACE": str(events_file)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, base, adapter, tmp_path / "out"], env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    spans = trace.summary(events)
+    assert {"copy", "import torch", "compute", "row blocks"} <= set(spans)
+    assert spans["compute"]["count"] == 2 * 7  # every changed projection
+    assert spans["copy"]["first"] < spans["import torch"]["first"] + spans["import torch"]["seconds"]
+    assert spans["import torch"]["thread_cpu"] > 0
+    marks = [e["name"] for e in events if e["kind"] == "mark"]
+    assert marks.index("planned") < marks.index("renamed into place") < marks.index("exit")
+    assert all(e["t"] >= 0 for e in events)
+
+
+def test_trace_is_silent_and_free_when_off(monkeypatch):
+    assert not trace.enabled()
+    before = len(trace.events())
+    with trace.span("nothing"):
+        trace.mark("nothing")
+    assert len(trace.events()) == before
+
+
+# --- the workers' queue ----------------------------------------------------------------
+
+
+def test_a_worker_does_not_idle_behind_a_long_task():
+    """With tasks queued ahead, task 3 starts while task 0 still runs (with one slot per worker it could not)."""
+    third_started = threading.Event()
+
+    def work(item: int) -> int:
+        if item == 0:
+            assert third_started.wait(10), "task 3 never started while task 0 ran"
+        if item == 3:
+            third_started.set()
+        return item
+
+    assert list(run_ordered(range(8), work, workers=2, ahead=4)) == list(range(8))
+
+
+def test_a_failing_module_stops_extraction_and_leaves_nothing(tmp_path, monkeypatch):
+    base = write_llama_checkpoint(tmp_path / "base", vocab=96, dtype=torch.float32, **SHAPE)
+    tuned = write_llama_checkpoint(tmp_path / "tuned", vocab=96, dtype=torch.float32, seed=1, **SHAPE)
+    from lora_tools import extraction
+
+    calls = []
+    real = extraction.factorize
+
+    def failing(matrix, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("module three failed")
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(extraction, "factorize", failing)
+    with pytest.raises(RuntimeError, match="module three"):
+        lora_tools.extract(base, tuned, tmp_path / "out", rank=4, device="cpu", workers=2)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("loratool-")]
+
+
+def test_adapter_digest_is_remembered_only_while_the_file_is_unchanged(tmp_path):
+    from lora_tools.merging import _sha256
+
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"first")
+    first = _sha256(path)
+    assert first == _sha256(path) == hashlib.sha256(b"first").hexdigest()
+    path.write_bytes(b"other")  # same size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert _sha256(path) == hashlib.sha256(b"other").hexdigest()
