@@ -180,7 +180,8 @@ def _run(
     if not pipeline:  # in-memory names (VLM prefixes, fused experts) → the checkpoint's own
         from .disk_names import adapters_on_disk
 
-        adapters = adapters_on_disk(adapters, components[None], renames)
+        on_disk = quant.DequantizedCheckpoint(components[None], layouts[None]) if layouts[None] else components[None]
+        adapters = adapters_on_disk(adapters, on_disk, renames)  # quantized experts: their logical fp32 view
     single_file, carried_not = _single_file_output(output, components)
     parts, left_out = _assign_components(adapters, components, allow_unmatched)
     plans = {
