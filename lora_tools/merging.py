@@ -541,15 +541,15 @@ class _Writing:
 
         if not job.quantized:
             return
-        quantized, workspace = self.quant[job.component], self.lanes[0].workspace
+        quantized = self.quant[job.component]
 
-        def compute(logical: TensorTask, values, destination):
+        def compute(logical: TensorTask, values, destination, fetch, workspace):  # a chunk of the weight's rows
             recorded = self.recorded.get(_qualified(job.component, logical.name))
-            return compute_task(logical, values, self.fetch, workspace, destination, unmerge=self.unmerge,
+            return compute_task(logical, values, fetch, workspace, destination, unmerge=self.unmerge,
                                 recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
 
         for task in job.quantized:
-            result = quantized.write(task, job.base, job.writer, compute)
+            result = quantized.write(task, job.base, job.writer, compute, self.fetch, self.lanes[0])
             if result is not None:
                 logical = quantized.produced[task.name][1]
                 qualified = _qualified(job.component, task.name)

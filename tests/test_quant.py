@@ -78,9 +78,9 @@ def _adapter_delta(adapter: Path, weight: str) -> torch.Tensor:
     return config["lora_alpha"] / config["r"] * (b @ a)
 
 
-def _raw(folder: Path) -> dict[str, bytes]:
+def _raw(folder: Path, file: str = "model.safetensors") -> dict[str, bytes]:
     out = {}
-    with safe_open(folder / "model.safetensors", "pt") as f:
+    with safe_open(folder / file, "pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             out[key] = f.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     return out
@@ -102,14 +102,11 @@ def _reference(scheme: str, merged: torch.Tensor, scale_dtype):
     return fp8_scaled_fp64(merged, scheme == "fp8-channel", scale_dtype)
 
 
-@pytest.mark.parametrize("name", list(SCHEMES))
-def test_fp8_merge_requantizes_like_fp64_reference(tmp_path, fp8_models, name):
+def _check_fp8_against_reference(name: str, base: Path, adapter: Path, after: dict) -> list[str]:
+    """The merged weights in `after` against requantize(dequantize(base) + ΔW) in fp64; returns their names."""
     scheme, scale_dtype = SCHEMES[name]
-    base, _, adapter = fp8_models[name]
-    report = merge(base, [adapter], tmp_path / "out", device="cpu")
-    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    before = load_file(base / "model.safetensors")
     targeted = [n for n in before if n.endswith(".weight") and n.split(".")[-2] in TARGETS]
-    assert len(targeted) == 6 and report.tensors_changed == 6
     for weight in targeted:
         scale = _scale_name(scheme, weight)
         merged = dequantize_fp8_fp64(before[weight], before[scale], scheme, BLOCK) + _adapter_delta(adapter, weight)
@@ -119,6 +116,16 @@ def test_fp8_merge_requantizes_like_fp64_reference(tmp_path, fp8_models, name):
         rtol = 2**-20 if scale_dtype == torch.float32 else 2**-7
         torch.testing.assert_close(after[scale].double(), s.double(), rtol=rtol, atol=0)
         _assert_within_one_step(after[weight], q)
+    return targeted
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_fp8_merge_requantizes_like_fp64_reference(tmp_path, fp8_models, name):
+    scheme, scale_dtype = SCHEMES[name]
+    base, _, adapter = fp8_models[name]
+    report = merge(base, [adapter], tmp_path / "out", device="cpu")
+    targeted = _check_fp8_against_reference(name, base, adapter, load_file(tmp_path / "out" / "model.safetensors"))
+    assert len(targeted) == 6 and report.tensors_changed == 6
     raw_before, raw_after = _raw(base), _raw(tmp_path / "out")
     changed = set(targeted) | {_scale_name(scheme, w) for w in targeted}
     assert set(raw_after) == set(raw_before)
@@ -206,6 +213,41 @@ def test_quantizers_agree_bit_for_bit_on_same_input():
     assert torch.equal(e4m3_bytes(torch.tensor([1.0625, 1.1875]).double()).float(), torch.tensor([1.0, 1.25]))
 
 
+def _tensor_bytes(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(_raw(folder, file.name))
+    return out
+
+
+def test_quantized_bytes_do_not_depend_on_workers_or_shards(tmp_path, fp8_models, gpt_oss, monkeypatch):
+    """Chunks of one block row (one channel, one expert) dealt to 1, 2 or 3 row workers, written across small
+    shards, give the same bytes and the same requantization report. (The chunk size itself is fixed per weight:
+    BLAS rounds a product of a few rows differently from a product of many, so it may change low bits.)"""
+    from lora_tools.compute import pool as pool_module
+    from lora_tools.quant import execute
+
+    monkeypatch.setattr(execute, "_CHUNK_ELEMENTS", 1)
+    cases = {name: (fp8_models[name][0], fp8_models[name][2]) for name in ("block-f32", "channel", "tensor")}
+    cases["mxfp4"] = (gpt_oss[0], gpt_oss[2])
+    for name, (base, adapter) in cases.items():
+        outputs, reports = {}, {}
+        for workers in (1, 2, 3):
+            monkeypatch.setattr(pool_module, "usable_cores", lambda workers=workers: workers)
+            out = tmp_path / f"{name}-{workers}"
+            reports[workers] = merge(base, [adapter], out, device="cpu", max_shard_size=20_000).quantization
+            assert len(list(out.glob("*.safetensors"))) > 1
+            outputs[workers] = _tensor_bytes(out)
+        assert outputs[1] == outputs[2] == outputs[3], name
+        assert reports[1] == reports[2] == reports[3], name
+        after = {k: v for file in (tmp_path / f"{name}-1").glob("*.safetensors") for k, v in load_file(file).items()}
+        if name == "mxfp4":
+            differing, total = _check_mxfp4_against_reference(gpt_oss, after)
+            assert differing <= total // 1000
+        else:
+            assert len(_check_fp8_against_reference(name, base, adapter, after)) == 6
+
+
 # ---- MXFP4 (gpt-oss) ----------------------------------------------------------------------------------------------
 
 
@@ -273,9 +315,17 @@ def test_mxfp4_expert_lora_requantizes_like_fp64_reference(tmp_path, gpt_oss):
     10^5 values); the test proves every difference is one, and that there are almost none."""
     base, twin, adapter = gpt_oss
     report = merge(base, [adapter], tmp_path / "out", device="cpu")
+    differing, total = _check_mxfp4_against_reference(gpt_oss, load_file(tmp_path / "out" / "model.safetensors"))
+    assert differing <= total // 1000, f"{differing} of {total} values differ from the fp64 reference"
+    assert report.quantization["mxfp4"]["tensors"] == 2
+
+
+def _check_mxfp4_against_reference(gpt_oss, after: dict) -> tuple[int, int]:
+    """The merged experts in `after` against the fp64 reference: every difference a near-tie; (differing, total)."""
+    base, twin, adapter = gpt_oss
     deltas = _peft_expert_deltas(twin, adapter)
     assert sorted(deltas) == [f"model.{e}" for e in sorted(EXPERTS)]
-    before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    before = load_file(base / "model.safetensors")
     differing = total = 0
     for stem, delta in deltas.items():
         merged = dequantize_mxfp4_fp64(before[f"{stem}_blocks"], before[f"{stem}_scales"]) + delta
@@ -291,8 +341,7 @@ def test_mxfp4_expert_lora_requantizes_like_fp64_reference(tmp_path, gpt_oss):
         assert bool(_near_e2m1_tie(scaled[bad_code], 2**-16).all()), stem
         differing += int(bad_code.sum()) + 32 * int(bad_scale.sum())
         total += scaled.numel()
-    assert differing <= total // 1000, f"{differing} of {total} values differ from the fp64 reference"
-    assert report.quantization["mxfp4"]["tensors"] == 2
+    return differing, total
 
 
 def test_mxfp4_dequantization_equals_transformers(gpt_oss):

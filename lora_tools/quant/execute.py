@@ -1,29 +1,39 @@
-"""The executor hook for quantized weights: dequantize, let the merge compute, requantize or cast.
+"""The executor hook for quantized weights: dequantize, merge, requantize (or cast), a chunk of rows at a time.
 
 The merge loop hands every output tensor that `adapt_plan` marked as produced
-here to `QuantizedTensors.write`. The first of a weight's stored tensors to come
-triggers the work: the weight is dequantized into an fp32 buffer, the ordinary
-merge computation writes W + ΔW into a second one, and that is requantized (fresh
-scales) or cast; the weight's other stored tensor waits in memory for its turn.
-Row chunks keep the other temporaries small, so peak memory is two fp32 copies
-of the largest quantized weight (the dequantized base and the merged result).
+here to `QuantizedTensors.write`; the first of a weight's stored tensors to come
+triggers the work. The weight's rows are cut into chunks aligned to its scales
+(whole FP8 block rows, channels, experts). Each chunk is dequantized, merged by
+the ordinary `compute_task` on that chunk's slice of every LoRA factor,
+requantized with fresh scales (or cast, with `--dtype`) and written into its
+place in the output file. The chunks are dealt to the lane's row workers in
+contiguous runs; every chunk is computed by the same calls whichever worker runs
+it, and the per-chunk error norms are summed in chunk order, so the output and the
+report are the same for any number of workers. Memory: a few chunk-sized fp32
+buffers per worker.
+
+Terms whose ΔW rows do not come from rows of the factors (DoRA, biases,
+replacements, fused-projection pieces) are computed in one chunk spanning the
+whole tensor.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import NonFiniteError
+from ..ops import TaskResult, Workspace
 from ..plan import TensorTask
 from ..tensors import TORCH_DTYPES, tensor_bytes
 from . import fp8, mxfp4
 from .layout import QuantizedWeight
 
-__all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantize", "requantization_summary"]
+__all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantization_summary"]
 
 #: Warn when ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ of a merged tensor exceeds this: the rounding requantization adds is then
 #: more than half the adapter's own change to the weight (1 is what an adapter lost entirely to rounding gives,
@@ -31,8 +41,9 @@ __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requa
 REQUANTIZATION_WARN_RATIO = 0.5
 
 _CHUNK_ELEMENTS = 1 << 20
-#: (logical task, dequantized base, destination) → the merge's TaskResult, written into destination
-Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor], object]
+Fetch = Callable[[int, str], torch.Tensor]
+#: (task for a chunk of rows, dequantized base rows, fp32 destination, fetch, workspace) → the merge's TaskResult
+Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor, Fetch, Workspace], TaskResult]
 
 
 def _row_step(weight: QuantizedWeight) -> int:
@@ -40,6 +51,12 @@ def _row_step(weight: QuantizedWeight) -> int:
     per_row = math.prod(weight.shape[1:])
     align = weight.block[0] if weight.block else 1
     return max(1, _CHUNK_ELEMENTS // (per_row * align)) * align
+
+
+def _chunks(weight: QuantizedWeight, whole: bool) -> list[tuple[int, int]]:
+    rows = weight.shape[0]
+    step = rows if whole else _row_step(weight)
+    return [(start, min(rows, start + step)) for start in range(0, rows, max(1, step))]
 
 
 def _scale_rows(weight: QuantizedWeight, start: int, stop: int) -> slice | None:
@@ -63,49 +80,61 @@ def _dequantize_rows(weight: QuantizedWeight, data, scale, start: int, stop: int
 
 def dequantize(weight: QuantizedWeight, data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The fp32 logical weight (in `out`) from its stored tensors, a chunk of rows at a time."""
-    step = _row_step(weight)
-    for start in range(0, weight.shape[0], step):
-        stop = min(weight.shape[0], start + step)
+    for start, stop in _chunks(weight, whole=False):
         _dequantize_rows(weight, data, scale, start, stop, out[start:stop])
     return out
 
 
-def requantize(weight: QuantizedWeight, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh (data, scale) in the weight's stored format, shapes and dtypes for fp32 `values`."""
-    data = torch.empty(weight.data.shape, dtype=TORCH_DTYPES[weight.data.dtype])
-    scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype])
-    scale_dtype = scale.dtype
-    fixed = None
-    if weight.scheme == "fp8-tensor":
-        amax = max((float(values[s : s + 4096].abs().amax()) for s in range(0, values.shape[0], 4096)), default=0.0)
-        fixed = torch.tensor(amax / fp8.FP8_MAX if amax > 0 else 1.0, dtype=torch.float32).to(scale_dtype)
-        scale.copy_(fixed.reshape(scale.shape) if scale.dim() else fixed)
-    step = _row_step(weight)
-    for start in range(0, weight.shape[0], step):
-        stop = min(weight.shape[0], start + step)
-        rows, part = _scale_rows(weight, start, stop), values[start:stop]
-        if weight.scheme == "fp8-block":
-            _, scale[rows] = fp8.quantize_blocks(part, weight.block, scale_dtype, out=data[start:stop])
-        elif weight.scheme == "mxfp4":
-            data[start:stop], scale[rows] = mxfp4.quantize(part)
-        elif weight.scheme == "fp8-channel":
-            shape = (stop - start, *weight.scale.shape[1:])
-            _, scale[rows] = fp8.quantize_scaled(part, shape, scale_dtype, out=data[start:stop])
+def _row_local(task: TensorTask) -> bool:
+    """Whether rows [a, b) of ΔW come from rows (or expert blocks) of the factors alone."""
+    return not task.replacements and all(
+        not t.bias and not t.module.dora and t.piece is None and t.module.kind == "linear"
+        and t.module.variant in ("lora", "experts")
+        for t in task.terms
+    )  # fmt: skip
+
+
+def _window(task: TensorTask, factors: dict, start: int, stop: int) -> Fetch:
+    """A fetch giving each term's factors restricted to rows [start, stop) of the logical tensor."""
+    windows = {}
+    for term in task.terms:
+        module, a_key, b_key = term.module, (term.adapter, term.module.a_key), (term.adapter, term.module.b_key)
+        a, b = factors[a_key], factors[b_key]
+        if module.variant == "experts":  # A [E·r, in] by expert; B [out, E·r] with the expert index fastest
+            experts = task.shape[0]
+            windows[a_key] = a[start * module.rank : stop * module.rank]
+            windows[b_key] = b.unflatten(1, (-1, experts))[:, :, start:stop].flatten(1)
+        elif module.fan_in_fan_out:  # ΔW = (B·A)ᵀ: rows of ΔW are columns of A
+            windows[a_key], windows[b_key] = a[:, start:stop], b
         else:
-            data[start:stop].copy_((part / fixed.float()).clamp_(-fp8.FP8_MAX, fp8.FP8_MAX))
-    return data, scale
+            windows[a_key], windows[b_key] = a, b[start:stop]
+    return lambda index, key: windows[index, key]
 
 
-def _requantization_error(weight: QuantizedWeight, fresh, merged: torch.Tensor) -> float:
-    """‖Q(W+ΔW) − (W+ΔW)‖, dequantizing the fresh tensors a chunk of rows at a time."""
-    error = 0.0
-    step = _row_step(weight)
-    buffer = torch.empty((min(step, weight.shape[0]), *weight.shape[1:]), dtype=torch.float32)
-    for start in range(0, weight.shape[0], step):
-        stop = min(weight.shape[0], start + step)
-        _dequantize_rows(weight, *fresh, start, stop, buffer[: stop - start])
-        error += float(torch.dist(buffer[: stop - start], merged[start:stop])) ** 2
-    return math.sqrt(error)
+@dataclass
+class _Job:
+    """One weight being produced: its stored inputs, where its new tensors go, and how its rows merge."""
+
+    weight: QuantizedWeight
+    logical: TensorTask
+    data: torch.Tensor
+    scale: torch.Tensor
+    out: torch.Tensor  # new data (requantized), or the weight in the --dtype
+    out_scale: torch.Tensor | None
+    compute: Compute
+    fetch: Fetch
+    factors: dict | None  # every factor, read once, when the chunks are row-local
+    tensor_scale: torch.Tensor | None = None  # fp8 per tensor: the one fresh scale
+
+
+@dataclass
+class _Rows:
+    """What one chunk reports: the merge's result, ‖ΔW‖², ‖Q(W+ΔW) − (W+ΔW)‖², and |W+ΔW| max."""
+
+    result: TaskResult | None = None
+    change: float = 0.0
+    error: float = 0.0
+    amax: float = 0.0
 
 
 @dataclass
@@ -114,55 +143,134 @@ class QuantizedTensors:
 
     produced: dict[str, tuple[QuantizedWeight, TensorTask]]
     allow_nonfinite: bool = False
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    ratios: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.pending: dict[str, torch.Tensor] = {}
-        self.ratios: dict[str, list[float]] = {}
-        self._flat: dict[str, torch.Tensor] = {}
+        self._workspaces: dict[int, Workspace] = {}
 
     def handles(self, name: str) -> bool:
         return name in self.produced
 
-    def write(self, task: TensorTask, base, writer, compute: Compute):
-        """Write output tensor `task` into `writer`; returns compute's result when this call merged the weight."""
-        result = None
-        if task.name not in self.pending:
-            result = self._produce(*self.produced[task.name], base, compute)
-        writer.write(task.name, tensor_bytes(self.pending.pop(task.name)))
+    def write(self, task: TensorTask, base, writer, compute: Compute, fetch: Fetch, lane=None):
+        """Write output tensor `task` into `writer`; returns the merge's result when this call merged the weight.
+
+        `lane` (a merge lane: `pool`, `workspace`) runs the chunks on its row workers and device.
+        """
+        if task.name in self.pending:
+            writer.write(task.name, tensor_bytes(self.pending.pop(task.name)))
+            return None
+        weight, logical = self.produced[task.name]
+        keep = logical.in_dtype == "F32"  # else --dtype: the logical task reads the stored dtype (see adapt_plan)
+        if task.name != (weight.data.name if keep else logical.name):
+            raise AssertionError(f"{task.name}: planned before {weight.data.name}")  # adapt_plan puts the data first
+        with ExitStack() as stack:
+            data = stack.enter_context(base.mapped(weight.data.name))
+            scale = stack.enter_context(base.mapped(weight.scale.name))
+            out = stack.enter_context(writer.mapped(task.name))
+            out_scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype]) if keep else None
+            job = _Job(weight, logical, data, scale, out, out_scale, compute, fetch, self._factors(logical, fetch))
+            result = self._produce(job, lane)
+        writer.written(task.name)
+        if keep:  # the scales follow, in this shard or a later one
+            self.pending[weight.scale.name] = out_scale
         return result
 
-    def _buffer(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A reused fp32 CPU buffer (fresh tensor-sized allocations cost a page fault per 4 KiB)."""
-        flat = self._flat.get(role)
-        if flat is None or flat.numel() < math.prod(shape):
-            flat = self._flat[role] = torch.empty(math.prod(shape), dtype=torch.float32)
-        return flat[: math.prod(shape)].view(shape)
+    @staticmethod
+    def _factors(logical: TensorTask, fetch: Fetch) -> dict | None:
+        if not logical.changed or not _row_local(logical):
+            return None
+        keys = [(t.adapter, key) for t in logical.terms for key in (t.module.a_key, t.module.b_key)]
+        return {key: fetch(*key) for key in keys}
 
-    def _produce(self, weight: QuantizedWeight, logical: TensorTask, base, compute: Compute):
-        result = None
-        with base.mapped(weight.data.name) as data, base.mapped(weight.scale.name) as scale:
-            values = dequantize(weight, data, scale, self._buffer("base", weight.shape))
-        merged = values
+    def _workspace(self, worker: int) -> Workspace:
+        if worker not in self._workspaces:
+            self._workspaces[worker] = Workspace(torch.device("cpu"))
+        return self._workspaces[worker]
+
+    def _produce(self, job: _Job, lane) -> TaskResult | None:
+        chunks = _chunks(job.weight, whole=job.factors is None and job.logical.changed)
+        keep = job.out_scale is not None
+        if keep and job.weight.scheme == "fp8-tensor":  # one scale for all rows: find the merged amax first
+            amax = max((rows.amax for rows in self._run(job, chunks, lane, "amax")), default=0.0)
+            fresh = torch.tensor(amax / fp8.FP8_MAX if amax > 0 else 1.0, dtype=torch.float32)
+            job.tensor_scale = fresh.to(job.out_scale.dtype)
+            job.out_scale.copy_(job.tensor_scale.reshape(job.out_scale.shape))
+        reports = self._run(job, chunks, lane, "requantize" if keep else "cast")
+        results = [rows.result for rows in reports if rows.result is not None]
+        if keep and job.logical.changed:
+            change = math.sqrt(sum(rows.change for rows in reports))
+            if change > 0:
+                error = math.sqrt(sum(rows.error for rows in reports))
+                self.ratios.setdefault(job.weight.format, []).append(error / change)
+        if not results:
+            return None
+        if len(results) == 1:
+            return results[0]
+        return TaskResult(max(r.max_abs_delta for r in results))
+
+    def _run(self, job: _Job, chunks: list[tuple[int, int]], lane, step: str) -> list[_Rows]:
+        """`step` on every chunk, dealt to the lane's row workers in contiguous runs; reports in chunk order."""
+
+        def run(worker: int, first: int, last: int) -> list[_Rows]:
+            return [self._rows(job, *chunks[index], worker, lane, step) for index in range(first, last)]
+
+        pool = getattr(lane, "pool", None)
+        parts = pool.split(len(chunks), run) if pool is not None else [run(0, 0, len(chunks))]
+        return [rows for part in parts for rows in part]
+
+    def _rows(self, job: _Job, start: int, stop: int, worker: int, lane, step: str) -> _Rows:
+        weight, logical = job.weight, job.logical
+        shape = (stop - start, *weight.shape[1:])
+        buffers = self._workspace(worker)
+        base = buffers.get("quant-base", shape, torch.float32)
+        _dequantize_rows(weight, job.data, job.scale, start, stop, base)
+        report, merged = _Rows(), base
         if logical.changed:
-            merged = self._buffer("merged", weight.shape)
-            result = compute(logical, values, merged)
-        if logical.in_dtype != "F32":  # --dtype: the logical task reads the stored dtype (see adapt_plan)
-            self.pending[logical.name] = self._cast(logical, merged)
-            return result
-        fresh = requantize(weight, merged)
-        change = float(torch.dist(merged, values)) if logical.changed else 0.0
-        if change > 0:
-            self.ratios.setdefault(weight.format, []).append(_requantization_error(weight, fresh, merged) / change)
-        self.pending.update(zip(weight.stored, fresh, strict=True))
-        return result
+            merged = buffers.get("quant-merged", shape, torch.float32)
+            device = getattr(lane, "workspace", None)
+            workspace = device if device is not None and device.device.type != "cpu" else buffers
+            fetch = job.fetch if job.factors is None else _window(logical, job.factors, start, stop)
+            report.result = job.compute(replace(logical, shape=shape), base, merged, fetch, workspace)
+        if step == "amax":
+            low, high = torch.aminmax(merged)
+            report.amax = max(-float(low), float(high))
+        elif step == "cast":
+            self._cast(logical, merged, job.out[start:stop])
+        else:
+            scratch = buffers.get("quant-scratch", shape, torch.float32)
+            if logical.changed:
+                report.change = float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
+            self._requantize_rows(job, start, stop, merged, scratch)
+            if logical.changed:
+                _dequantize_rows(weight, job.out, job.out_scale, start, stop, scratch)
+                report.error = float(torch.linalg.vector_norm(scratch.sub_(merged))) ** 2
+        return report
 
-    def _cast(self, logical: TensorTask, values: torch.Tensor) -> torch.Tensor:
-        result = values.to(TORCH_DTYPES[logical.out_dtype])
-        if not self.allow_nonfinite and result.is_floating_point() and not bool(torch.isfinite(result).all()):
+    @staticmethod
+    def _requantize_rows(job: _Job, start: int, stop: int, merged: torch.Tensor, scratch: torch.Tensor) -> None:
+        """Fresh stored values for rows [start, stop) (and their scales) from the merged fp32 rows."""
+        weight, out, out_scale = job.weight, job.out[start:stop], job.out_scale
+        rows = _scale_rows(weight, start, stop)
+        if weight.scheme == "fp8-block":
+            _, out_scale[rows] = fp8.quantize_blocks(merged, weight.block, out_scale.dtype, out=out, scratch=scratch)
+        elif weight.scheme == "mxfp4":
+            out[...], out_scale[rows] = mxfp4.quantize(merged)
+        elif weight.scheme == "fp8-channel":
+            shape = (stop - start, *weight.scale.shape[1:])
+            _, out_scale[rows] = fp8.quantize_scaled(merged, shape, out_scale.dtype, out=out, scratch=scratch)
+        else:
+            out.copy_(torch.div(merged, job.tensor_scale.float(), out=scratch).clamp_(-fp8.FP8_MAX, fp8.FP8_MAX))
+
+    def _cast(self, logical: TensorTask, values: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(values)
+        if self.allow_nonfinite or not out.is_floating_point() or not out.numel():
+            return
+        low, high = torch.aminmax(out)
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
             raise NonFiniteError(
                 f"tensor {logical.name!r}: the dequantized result overflows {logical.out_dtype} (try --dtype fp32)"
             )
-        return result
 
 
 def requantization_summary(writers) -> tuple[dict[str, dict], list[str]]:
