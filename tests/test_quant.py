@@ -435,14 +435,29 @@ PACKED = {
         "GPTQ 4-bit",
     ),
     "gptq-no-config": (None, None, "GPTQ/AWQ"),
+    "nvfp4-modelopt": (
+        {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16},
+        {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 32, dtype=torch.uint8),
+         "model.layers.0.self_attn.q_proj.weight_scale": torch.ones(64, 4).to(torch.float8_e4m3fn),
+         "model.layers.0.self_attn.q_proj.weight_scale_2": torch.ones(())},
+        "ModelOpt NVFP4",
+    ),
+    "nvfp4-compressed-tensors": (
+        {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"},
+        {"model.layers.0.self_attn.q_proj.weight_packed": torch.zeros(64, 32, dtype=torch.uint8),
+         "model.layers.0.self_attn.q_proj.weight_scale": torch.ones(64, 4).to(torch.float8_e4m3fn),
+         "model.layers.0.self_attn.q_proj.weight_global_scale": torch.ones(1)},
+        "compressed-tensors NVFP4",
+    ),
+    "nvfp4-no-config": (None, "nvfp4-modelopt", "NVFP4 (ModelOpt)"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", list(PACKED))
 def test_packed_integer_bases_are_refused_naming_the_method(tmp_path, fp8_models, kind):
     config, tensors, method = PACKED[kind]
-    if config is None:
-        config, tensors = {"quant_method": "fp8"}, PACKED["gptq"][1]
+    if config is None:  # no (or a misleading) config: the tensor names give the format away
+        config, tensors = {"quant_method": "fp8"}, PACKED[tensors or "gptq"][1]
     base = _packed_base(tmp_path / "base", config, tensors)
     adapter = fp8_models["channel"][2]
     result = run_cli(["merge", base, adapter, "-o", tmp_path / "out"])

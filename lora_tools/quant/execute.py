@@ -1,9 +1,9 @@
-"""The executor hook for quantized weights: dequantize, merge, requantize (or cast), a chunk of rows at a time.
+"""The executor hook for quantized weights: dequantize, merge, requantize (or cast), a chunk at a time.
 
 The merge loop hands every output tensor that `adapt_plan` marked as produced
 here to `QuantizedTensors.write`; the first of a weight's stored tensors to come
-triggers the work. The weight's rows are cut into chunks aligned to its scales
-(whole FP8 block rows, channels, experts). Each chunk is dequantized, merged by
+triggers the work. The weight is cut into chunks of whole scale groups (a row of
+FP8 blocks, or part of one; channels; experts). Each chunk is dequantized, merged by
 the ordinary `compute_task` on that chunk's slice of every LoRA factor,
 requantized with fresh scales (or cast, with `--dtype`) and written into its
 place in the output file. The chunks are dealt to the lane's row workers in
@@ -12,9 +12,9 @@ it, and the per-chunk error norms are summed in chunk order, so the output and t
 report are the same for any number of workers. Memory: a few chunk-sized fp32
 buffers per worker.
 
-Terms whose ΔW rows do not come from rows of the factors (DoRA, biases,
-replacements, fused-projection pieces) are computed in one chunk spanning the
-whole tensor.
+Terms whose ΔW chunk does not come from slices of the factors alone (DoRA,
+biases, replacements, fused-projection pieces) are computed in one chunk spanning
+the whole tensor.
 """
 
 from __future__ import annotations
@@ -40,53 +40,79 @@ __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requa
 #: since then Q(W+ΔW) = W). Writing a plain model with --dtype bf16 keeps the whole change.
 REQUANTIZATION_WARN_RATIO = 0.5
 
-_CHUNK_ELEMENTS = 1 << 20
+#: Values per chunk: its few fp32 buffers per worker then stay in the CPU's cache between passes.
+_CHUNK_ELEMENTS = 1 << 18
 Fetch = Callable[[int, str], torch.Tensor]
-#: (task for a chunk of rows, dequantized base rows, fp32 destination, fetch, workspace) → the merge's TaskResult
+#: (task for a chunk, dequantized base values, fp32 destination, fetch, workspace) → the merge's TaskResult
 Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor, Fetch, Workspace], TaskResult]
 
 
-def _row_step(weight: QuantizedWeight) -> int:
-    """Rows (experts for MXFP4) per chunk: whole scale blocks, about a million values."""
-    per_row = math.prod(weight.shape[1:])
-    align = weight.block[0] if weight.block else 1
-    return max(1, _CHUNK_ELEMENTS // (per_row * align)) * align
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows [row, row_stop) and, for FP8 block weights, columns [col, col_stop) (else every column)."""
+
+    row: int
+    row_stop: int
+    col: int = 0
+    col_stop: int | None = None
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This chunk of a tensor laid out like the weight (its data, or its fp32 values)."""
+        rows = tensor[self.row : self.row_stop]
+        return rows if self.col_stop is None else rows[:, self.col : self.col_stop]
+
+    def shape(self, weight: QuantizedWeight) -> tuple[int, ...]:
+        if self.col_stop is None:
+            return (self.row_stop - self.row, *weight.shape[1:])
+        return self.row_stop - self.row, self.col_stop - self.col
+
+    def scales(self, weight: QuantizedWeight) -> tuple | slice | None:
+        """The index of this chunk's scales in the scale tensor (None: one scale for the tensor)."""
+        if weight.scheme == "fp8-tensor":
+            return None
+        if weight.scheme != "fp8-block":
+            return slice(self.row, self.row_stop)
+        (height, width), cols = weight.block, self.col_stop or weight.shape[1]
+        return slice(self.row // height, -(-self.row_stop // height)), slice(self.col // width, -(-cols // width))
 
 
-def _chunks(weight: QuantizedWeight, whole: bool) -> list[tuple[int, int]]:
-    rows = weight.shape[0]
-    step = rows if whole else _row_step(weight)
-    return [(start, min(rows, start + step)) for start in range(0, rows, max(1, step))]
+def _chunks(weight: QuantizedWeight, whole: bool) -> list[_Chunk]:
+    """The weight cut into chunks of whole scale groups (FP8 blocks, channels, experts) of about `_CHUNK_ELEMENTS`."""
+    rows, per_row = weight.shape[0], math.prod(weight.shape[1:])
+    if whole or not rows:
+        return [_Chunk(0, rows)]
+    if weight.scheme != "fp8-block":
+        step = max(1, _CHUNK_ELEMENTS // per_row)
+        return [_Chunk(start, min(rows, start + step)) for start in range(0, rows, step)]
+    (height, width), cols = weight.block, weight.shape[1]
+    span = min(cols, max(1, _CHUNK_ELEMENTS // (height * width)) * width)
+    return [
+        _Chunk(row, min(rows, row + height), col, min(cols, col + span))
+        for row in range(0, rows, height)
+        for col in range(0, cols, span)
+    ]
 
 
-def _scale_rows(weight: QuantizedWeight, start: int, stop: int) -> slice | None:
-    if weight.scheme == "fp8-tensor":
-        return None
+def _dequantize_chunk(weight: QuantizedWeight, data, scale, chunk: _Chunk, out: torch.Tensor) -> None:
+    index = chunk.scales(weight)
+    part = scale if index is None else scale[index]
     if weight.scheme == "fp8-block":
-        return slice(start // weight.block[0], math.ceil(stop / weight.block[0]))
-    return slice(start, stop)
-
-
-def _dequantize_rows(weight: QuantizedWeight, data, scale, start: int, stop: int, out: torch.Tensor) -> None:
-    rows = _scale_rows(weight, start, stop)
-    part = scale if rows is None else scale[rows]
-    if weight.scheme == "fp8-block":
-        fp8.dequantize_blocks(data[start:stop], part, weight.block, out=out)
+        fp8.dequantize_blocks(chunk.of(data), part, weight.block, out=out)
     elif weight.scheme == "mxfp4":
-        out.copy_(mxfp4.dequantize(data[start:stop], part))
+        out.copy_(mxfp4.dequantize(chunk.of(data), part))
     else:
-        fp8.dequantize_scaled(data[start:stop], part, out=out)
+        fp8.dequantize_scaled(chunk.of(data), part, out=out)
 
 
 def dequantize(weight: QuantizedWeight, data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The fp32 logical weight (in `out`) from its stored tensors, a chunk of rows at a time."""
-    for start, stop in _chunks(weight, whole=False):
-        _dequantize_rows(weight, data, scale, start, stop, out[start:stop])
+    """The fp32 logical weight (in `out`) from its stored tensors, a chunk at a time."""
+    for chunk in _chunks(weight, whole=False):
+        _dequantize_chunk(weight, data, scale, chunk, chunk.of(out))
     return out
 
 
 def _row_local(task: TensorTask) -> bool:
-    """Whether rows [a, b) of ΔW come from rows (or expert blocks) of the factors alone."""
+    """Whether a chunk of ΔW comes from slices of the factors alone (plain LoRA and expert terms)."""
     return not task.replacements and all(
         not t.bias and not t.module.dora and t.piece is None and t.module.kind == "linear"
         and t.module.variant in ("lora", "experts")
@@ -94,20 +120,21 @@ def _row_local(task: TensorTask) -> bool:
     )  # fmt: skip
 
 
-def _window(task: TensorTask, factors: dict, start: int, stop: int) -> Fetch:
-    """A fetch giving each term's factors restricted to rows [start, stop) of the logical tensor."""
+def _window(task: TensorTask, factors: dict, chunk: _Chunk) -> Fetch:
+    """A fetch giving each term's factors restricted to the chunk: ΔW[rows, cols] = B[rows] · A[:, cols]."""
+    rows, cols = slice(chunk.row, chunk.row_stop), slice(chunk.col, chunk.col_stop)
     windows = {}
     for term in task.terms:
         module, a_key, b_key = term.module, (term.adapter, term.module.a_key), (term.adapter, term.module.b_key)
         a, b = factors[a_key], factors[b_key]
         if module.variant == "experts":  # A [E·r, in] by expert; B [out, E·r] with the expert index fastest
             experts = task.shape[0]
-            windows[a_key] = a[start * module.rank : stop * module.rank]
-            windows[b_key] = b.unflatten(1, (-1, experts))[:, :, start:stop].flatten(1)
-        elif module.fan_in_fan_out:  # ΔW = (B·A)ᵀ: rows of ΔW are columns of A
-            windows[a_key], windows[b_key] = a[:, start:stop], b
+            windows[a_key] = a[chunk.row * module.rank : chunk.row_stop * module.rank]
+            windows[b_key] = b.unflatten(1, (-1, experts))[:, :, rows].flatten(1)
+        elif module.fan_in_fan_out:  # ΔW = (B·A)ᵀ: its rows are columns of A, its columns rows of B
+            windows[a_key], windows[b_key] = a[:, rows], b[cols]
         else:
-            windows[a_key], windows[b_key] = a, b[start:stop]
+            windows[a_key], windows[b_key] = a[:, cols], b[rows]
     return lambda index, key: windows[index, key]
 
 
@@ -209,56 +236,56 @@ class QuantizedTensors:
             return results[0]
         return TaskResult(max(r.max_abs_delta for r in results))
 
-    def _run(self, job: _Job, chunks: list[tuple[int, int]], lane, step: str) -> list[_Rows]:
+    def _run(self, job: _Job, chunks: list[_Chunk], lane, step: str) -> list[_Rows]:
         """`step` on every chunk, dealt to the lane's row workers in contiguous runs; reports in chunk order."""
 
         def run(worker: int, first: int, last: int) -> list[_Rows]:
-            return [self._rows(job, *chunks[index], worker, lane, step) for index in range(first, last)]
+            return [self._chunk(job, chunks[index], worker, lane, step) for index in range(first, last)]
 
         pool = getattr(lane, "pool", None)
         parts = pool.split(len(chunks), run) if pool is not None else [run(0, 0, len(chunks))]
         return [rows for part in parts for rows in part]
 
-    def _rows(self, job: _Job, start: int, stop: int, worker: int, lane, step: str) -> _Rows:
+    def _chunk(self, job: _Job, chunk: _Chunk, worker: int, lane, step: str) -> _Rows:
         weight, logical = job.weight, job.logical
-        shape = (stop - start, *weight.shape[1:])
+        shape = chunk.shape(weight)
         buffers = self._workspace(worker)
         base = buffers.get("quant-base", shape, torch.float32)
-        _dequantize_rows(weight, job.data, job.scale, start, stop, base)
+        _dequantize_chunk(weight, job.data, job.scale, chunk, base)
         report, merged = _Rows(), base
         if logical.changed:
             merged = buffers.get("quant-merged", shape, torch.float32)
             device = getattr(lane, "workspace", None)
             workspace = device if device is not None and device.device.type != "cpu" else buffers
-            fetch = job.fetch if job.factors is None else _window(logical, job.factors, start, stop)
+            fetch = job.fetch if job.factors is None else _window(logical, job.factors, chunk)
             report.result = job.compute(replace(logical, shape=shape), base, merged, fetch, workspace)
         if step == "amax":
             low, high = torch.aminmax(merged)
             report.amax = max(-float(low), float(high))
         elif step == "cast":
-            self._cast(logical, merged, job.out[start:stop])
+            self._cast(logical, merged, chunk.of(job.out))
         else:
             scratch = buffers.get("quant-scratch", shape, torch.float32)
             if logical.changed:
                 report.change = float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
-            self._requantize_rows(job, start, stop, merged, scratch)
+            self._requantize_chunk(job, chunk, merged, scratch)
             if logical.changed:
-                _dequantize_rows(weight, job.out, job.out_scale, start, stop, scratch)
+                _dequantize_chunk(weight, job.out, job.out_scale, chunk, scratch)
                 report.error = float(torch.linalg.vector_norm(scratch.sub_(merged))) ** 2
         return report
 
     @staticmethod
-    def _requantize_rows(job: _Job, start: int, stop: int, merged: torch.Tensor, scratch: torch.Tensor) -> None:
-        """Fresh stored values for rows [start, stop) (and their scales) from the merged fp32 rows."""
-        weight, out, out_scale = job.weight, job.out[start:stop], job.out_scale
-        rows = _scale_rows(weight, start, stop)
+    def _requantize_chunk(job: _Job, chunk: _Chunk, merged: torch.Tensor, scratch: torch.Tensor) -> None:
+        """Fresh stored values for a chunk (and its scales) from its merged fp32 values."""
+        weight, out, out_scale = job.weight, chunk.of(job.out), job.out_scale
+        index = chunk.scales(weight)
         if weight.scheme == "fp8-block":
-            _, out_scale[rows] = fp8.quantize_blocks(merged, weight.block, out_scale.dtype, out=out, scratch=scratch)
+            _, out_scale[index] = fp8.quantize_blocks(merged, weight.block, out_scale.dtype, out=out, scratch=scratch)
         elif weight.scheme == "mxfp4":
-            out[...], out_scale[rows] = mxfp4.quantize(merged)
+            out[...], out_scale[index] = mxfp4.quantize(merged)
         elif weight.scheme == "fp8-channel":
-            shape = (stop - start, *weight.scale.shape[1:])
-            _, out_scale[rows] = fp8.quantize_scaled(merged, shape, out_scale.dtype, out=out, scratch=scratch)
+            shape = (chunk.row_stop - chunk.row, *weight.scale.shape[1:])
+            _, out_scale[index] = fp8.quantize_scaled(merged, shape, out_scale.dtype, out=out, scratch=scratch)
         else:
             out.copy_(torch.div(merged, job.tensor_scale.float(), out=scratch).clamp_(-fp8.FP8_MAX, fp8.FP8_MAX))
 

@@ -46,8 +46,10 @@ def decode(weight: torch.Tensor, out: torch.Tensor) -> bool:
     scaled value. Multiplying by 2^120 (folded into the scale) is then exact.
     """
     codes = weight.view(torch.uint8)
-    if codes.numel() and int(codes.bitwise_and(0x7F).max()) == 0x7F:
-        return False
+    if codes.numel() and (int(codes.view(torch.int8).max()) == 0x7F or int(codes.max()) == 0xFF):
+        return (
+            False  # the NaN codes are the largest as int8 (0x7F) or as uint8 (0xFF): two passes that allocate nothing
+        )
     bits = out.view(torch.int32)
     bits.copy_(codes)
     bits.bitwise_left_shift_(24).bitwise_right_shift_(4).bitwise_and_(_SIGN_EXPONENT_MANTISSA)
@@ -103,11 +105,13 @@ def dequantize_blocks(
     return _scale_blocks(out, _decoded(weight, scale_inv, out), block, divide=False, out=out)
 
 
-def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def _block_amax(x: torch.Tensor, block: tuple[int, int], scratch: torch.Tensor) -> torch.Tensor:
+    """max |x| per block; `scratch` (x's shape) receives |x|."""
+    magnitude = torch.abs(x, out=scratch)
     amax = torch.empty(block_grid(tuple(x.shape), block), dtype=torch.float32)
     for rows, cols, scale_rows, scale_cols in _regions(*x.shape, block):
-        tiles = _tiles(x, rows, cols, (scale_rows.stop - scale_rows.start, scale_cols.stop - scale_cols.start))
-        amax[scale_rows, scale_cols] = torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_())
+        tiles = _tiles(magnitude, rows, cols, (scale_rows.stop - scale_rows.start, scale_cols.stop - scale_cols.start))
+        amax[scale_rows, scale_cols] = tiles.amax(dim=(1, 3))
     return amax
 
 
@@ -135,8 +139,8 @@ def quantize_blocks(
 
     `scratch`: an fp32 buffer of x's shape for the scaled values (else one is allocated).
     """
-    scale = _scale_from_amax(_block_amax(x, block), scale_dtype)
     scratch = torch.empty(x.shape, dtype=torch.float32) if scratch is None else scratch
+    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype)
     scaled = _scale_blocks(x, scale.float(), block, divide=True, out=scratch)
     return _to_e4m3(scaled, out), scale
 
