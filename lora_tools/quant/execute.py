@@ -138,6 +138,43 @@ def _window(task: TensorTask, factors: dict, chunk: _Chunk) -> Fetch:
     return lambda index, key: windows[index, key]
 
 
+def _lora_pairs(task: TensorTask, factors: dict) -> list | None:
+    """(weight, scale, left, right) per term, ΔW = scale·left·right laid out as the weight, when every term is a
+    plain LoRA (as `ops` builds them: a power-of-two scale folded into `right`, which rounds nothing)."""
+    if any(t.module.variant != "lora" for t in task.terms):
+        return None
+    pairs = []
+    for term in task.terms:
+        a = factors[term.adapter, term.module.a_key].float()
+        b = factors[term.adapter, term.module.b_key].float()
+        left, right = (a.T, b.T) if term.module.fan_in_fan_out else (b, a)
+        scale = term.module.scale
+        if math.frexp(scale)[0] == 0.5:
+            right, scale = right * scale, 1.0
+        pairs.append((term.weight, scale, left, right))
+    return pairs
+
+
+def _merge_lora(pairs: list, chunk: _Chunk, base, merged: torch.Tensor, delta: torch.Tensor) -> tuple[float, float]:
+    """merged = base + Σ wᵢ·sᵢ·(left·right)ᵢ on the chunk, in the order and roundings of `ops.compute_task`.
+
+    Returns max |wᵢ·ΔWᵢ| and ‖ΔW‖² (the last term's ΔW when there is one, else merged − base).
+    """
+    rows, cols = slice(chunk.row, chunk.row_stop), slice(chunk.col, chunk.col_stop)
+    largest, source = 0.0, base
+    for weight, scale, left, right in pairs:
+        torch.mm(left[rows], right[:, cols], out=delta)
+        if scale != 1.0:
+            delta.mul_(scale)
+        low, high = torch.aminmax(delta)
+        largest = max(largest, abs(weight) * max(-float(low), float(high)))
+        torch.add(source, delta, alpha=weight, out=merged)
+        source = merged
+    if len(pairs) == 1:
+        return largest, (pairs[0][0] * float(torch.linalg.vector_norm(delta))) ** 2
+    return largest, float(torch.linalg.vector_norm(torch.sub(merged, base, out=delta))) ** 2
+
+
 @dataclass
 class _Job:
     """One weight being produced: its stored inputs, where its new tensors go, and how its rows merge."""
@@ -151,6 +188,7 @@ class _Job:
     compute: Compute
     fetch: Fetch
     factors: dict | None  # every factor, read once, when the chunks are row-local
+    pairs: list | None = None  # plain LoRA terms on the CPU: (weight, scale, left, right) with ΔW = scale·left·right
     tensor_scale: torch.Tensor | None = None  # fp8 per tensor: the one fresh scale
 
 
@@ -197,6 +235,8 @@ class QuantizedTensors:
             out = stack.enter_context(writer.mapped(task.name))
             out_scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype]) if keep else None
             job = _Job(weight, logical, data, scale, out, out_scale, compute, fetch, self._factors(logical, fetch))
+            on_cpu = getattr(getattr(lane, "workspace", None), "device", torch.device("cpu")).type == "cpu"
+            job.pairs = _lora_pairs(logical, job.factors) if on_cpu and job.factors is not None else None
             result = self._produce(job, lane)
         writer.written(task.name)
         if keep:  # the scales follow, in this shard or a later one
@@ -253,41 +293,47 @@ class QuantizedTensors:
         base = buffers.get("quant-base", shape, torch.float32)
         _dequantize_chunk(weight, job.data, job.scale, chunk, base)
         report, merged = _Rows(), base
-        if logical.changed:
+        scratch = buffers.get("quant-scratch", shape, torch.float32)
+        if job.pairs is not None:
+            merged = buffers.get("quant-merged", shape, torch.float32)
+            largest, report.change = _merge_lora(job.pairs, chunk, base, merged, scratch)
+            report.result = TaskResult(largest)
+        elif logical.changed:
             merged = buffers.get("quant-merged", shape, torch.float32)
             device = getattr(lane, "workspace", None)
             workspace = device if device is not None and device.device.type != "cpu" else buffers
             fetch = job.fetch if job.factors is None else _window(logical, job.factors, chunk)
             report.result = job.compute(replace(logical, shape=shape), base, merged, fetch, workspace)
+            report.change = float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
         if step == "amax":
             low, high = torch.aminmax(merged)
             report.amax = max(-float(low), float(high))
         elif step == "cast":
             self._cast(logical, merged, chunk.of(job.out))
         else:
-            scratch = buffers.get("quant-scratch", shape, torch.float32)
-            if logical.changed:
-                report.change = float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
-            self._requantize_chunk(job, chunk, merged, scratch)
-            if logical.changed:
-                _dequantize_chunk(weight, job.out, job.out_scale, chunk, scratch)
-                report.error = float(torch.linalg.vector_norm(scratch.sub_(merged))) ** 2
+            spare = buffers.get("quant-spare", shape, torch.float32)
+            report.error = self._requantize_chunk(job, chunk, merged, scratch, spare)
+            if not self.allow_nonfinite and not math.isfinite(report.error):
+                raise NonFiniteError(f"tensor {logical.name!r}: the merged weight holds NaN or Inf")
         return report
 
     @staticmethod
-    def _requantize_chunk(job: _Job, chunk: _Chunk, merged: torch.Tensor, scratch: torch.Tensor) -> None:
-        """Fresh stored values for a chunk (and its scales) from its merged fp32 values."""
+    def _requantize_chunk(job: _Job, chunk: _Chunk, merged, scratch: torch.Tensor, spare: torch.Tensor) -> float:
+        """Fresh stored values for a chunk (and its scales) from its merged values; ‖Q(W+ΔW) − (W+ΔW)‖² of it."""
         weight, out, out_scale = job.weight, chunk.of(job.out), job.out_scale
         index = chunk.scales(weight)
         if weight.scheme == "fp8-block":
-            _, out_scale[index] = fp8.quantize_blocks(merged, weight.block, out_scale.dtype, out=out, scratch=scratch)
-        elif weight.scheme == "mxfp4":
-            out[...], out_scale[index] = mxfp4.quantize(merged)
+            out_scale[index], error = fp8.requantize_blocks(merged, weight.block, out_scale.dtype, out, scratch, spare)
         elif weight.scheme == "fp8-channel":
-            shape = (chunk.row_stop - chunk.row, *weight.scale.shape[1:])
-            _, out_scale[index] = fp8.quantize_scaled(merged, shape, out_scale.dtype, out=out, scratch=scratch)
+            scale, error = fp8.requantize_scaled(merged, None, out_scale.dtype, out, scratch, spare)
+            out_scale[index] = scale.reshape(out_scale[index].shape)
+        elif weight.scheme == "fp8-tensor":
+            _, error = fp8.requantize_scaled(merged, job.tensor_scale, out_scale.dtype, out, scratch, spare)
         else:
-            out.copy_(torch.div(merged, job.tensor_scale.float(), out=scratch).clamp_(-fp8.FP8_MAX, fp8.FP8_MAX))
+            out[...], out_scale[index] = mxfp4.quantize(merged)
+            _dequantize_chunk(weight, job.out, out_scale, chunk, scratch)
+            error = float(torch.linalg.vector_norm(scratch.sub_(merged))) ** 2
+        return error
 
     def _cast(self, logical: TensorTask, values: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(values)

@@ -23,6 +23,8 @@ __all__ = [
     "quantize_blocks",
     "dequantize_scaled",
     "quantize_scaled",
+    "requantize_blocks",
+    "requantize_scaled",
     "block_grid",
 ]
 
@@ -145,6 +147,28 @@ def quantize_blocks(
     return _to_e4m3(scaled, out), scale
 
 
+def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer)."""
+    out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare))
+    if decode(out, spare):
+        return scaled.sub_(spare, alpha=_DECODE_FACTOR)
+    return scaled.sub_(spare.copy_(out))
+
+
+def requantize_blocks(
+    x: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype, out, scratch, spare
+) -> tuple[torch.Tensor, float]:
+    """`quantize_blocks` into `out`, and ‖dequantized(out) − x‖², taken as ‖(x/s − q)·s‖² per block.
+
+    `scratch` and `spare`: fp32 buffers of x's shape.
+    """
+    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype)
+    factor = scale.float()
+    residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare)
+    error = _scale_blocks(residual, factor, block, divide=False, out=residual)
+    return scale, float(torch.linalg.vector_norm(error)) ** 2
+
+
 def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 weight = e4m3 value × a per-tensor ([] or [1]) or per-output-channel ([out, 1] or [out]) scale."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
@@ -158,6 +182,11 @@ def _broadcast(scale: torch.Tensor, dims: int) -> torch.Tensor:
     return scale.reshape(-1, *([1] * (dims - 1)))
 
 
+def _row_scales(x: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    rows = x.reshape(x.shape[0], -1)
+    return _scale_from_amax(torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_()), scale_dtype)
+
+
 def quantize_scaled(
     x: torch.Tensor,
     scale_shape: tuple[int, ...],
@@ -166,14 +195,24 @@ def quantize_scaled(
     scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, scale of `scale_shape`): one scale for the tensor, or one per output row."""
-    per_tensor = math.prod(scale_shape) == 1
-    if per_tensor:
+    if math.prod(scale_shape) == 1:
         low, high = torch.aminmax(x)
-        amax = torch.maximum(high, low.neg())
+        scale = _scale_from_amax(torch.maximum(high, low.neg()), scale_dtype)
     else:
-        rows = x.reshape(x.shape[0], -1)
-        amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
-    scale = _scale_from_amax(amax, scale_dtype)
+        scale = _row_scales(x, scale_dtype)
     scratch = torch.empty(x.shape, dtype=torch.float32) if scratch is None else scratch
     scaled = torch.div(x, _broadcast(scale.float(), x.dim()), out=scratch)
     return _to_e4m3(scaled, out), scale.reshape(scale_shape)
+
+
+def requantize_scaled(
+    x: torch.Tensor, scale: torch.Tensor | None, scale_dtype: torch.dtype, out, scratch, spare
+) -> tuple[torch.Tensor, float]:
+    """Quantize into `out` with `scale` (per tensor), or fresh per-row scales when None; ‖dequantized − x‖².
+
+    Returns the scales (one per row when computed here) and the squared error, as `requantize_blocks`.
+    """
+    scale = _row_scales(x, scale_dtype) if scale is None else scale
+    factor = _broadcast(scale.float(), x.dim())
+    residual = _store_with_residual(torch.div(x, factor, out=scratch), out, spare)
+    return scale, float(torch.linalg.vector_norm(residual.mul_(factor))) ** 2
