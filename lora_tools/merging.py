@@ -442,7 +442,8 @@ class _Writing:
             job = _Shard(base, component, writer)
             self.shards.append(job)
             if quantized is not None:  # dequantize → merge → requantize, after torch is imported (see `run`)
-                job.quantized = [t for t in tasks if quantized.handles(t.name)]
+                job.quantized = [(t, quantized.copy_ahead(t, base, writer, self.copier)) for t in tasks
+                                 if quantized.handles(t.name)]  # fmt: skip
                 tasks = [t for t in tasks if not quantized.handles(t.name)]
             for task in tasks:
                 if _needs_compute(task, base):
@@ -548,8 +549,8 @@ class _Writing:
             return compute_task(logical, values, fetch, workspace, destination, unmerge=self.unmerge,
                                 recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
 
-        for task in job.quantized:
-            result = quantized.write(task, job.base, job.writer, compute, self.fetch, self.lanes[0])
+        for task, copied in job.quantized:
+            result = quantized.write(task, job.base, job.writer, compute, self.fetch, self.lanes[0], copied)
             if result is not None:
                 logical = quantized.produced[task.name][1]
                 qualified = _qualified(job.component, task.name)

@@ -217,10 +217,22 @@ class QuantizedTensors:
     def handles(self, name: str) -> bool:
         return name in self.produced
 
-    def write(self, task: TensorTask, base, writer, compute: Compute, fetch: Fetch, lane=None):
+    def copy_ahead(self, task: TensorTask, base, writer, copier):
+        """Start copying the base's stored values into their place in the output (`copier`: an executor), or None.
+
+        Requantized values are then written over pages the kernel already filled, and read from there, as the
+        merge does for plain tensors: cheaper than faulting in fresh pages of the output and of the base.
+        """
+        weight, logical = self.produced[task.name]
+        if logical.in_dtype != "F32" or task.name != weight.data.name or weight.data.offset is None:
+            return None  # --dtype writes another dtype; the scales are small
+        return copier.submit(writer.copy_from, task.name, weight.data, final=False)
+
+    def write(self, task: TensorTask, base, writer, compute: Compute, fetch: Fetch, lane=None, copied=None):
         """Write output tensor `task` into `writer`; returns the merge's result when this call merged the weight.
 
-        `lane` (a merge lane: `pool`, `workspace`) runs the chunks on its row workers and device.
+        `lane` (a merge lane: `pool`, `workspace`) runs the chunks on its row workers and device; `copied`:
+        the future of `copy_ahead`.
         """
         if task.name in self.pending:
             writer.write(task.name, tensor_bytes(self.pending.pop(task.name)))
@@ -230,9 +242,12 @@ class QuantizedTensors:
         if task.name != (weight.data.name if keep else logical.name):
             raise AssertionError(f"{task.name}: planned before {weight.data.name}")  # adapt_plan puts the data first
         with ExitStack() as stack:
-            data = stack.enter_context(base.mapped(weight.data.name))
+            if copied is not None:
+                copied.result()
+            out = stack.enter_context(writer.mapped(task.name, again=copied is not None))
+            # the base's values, or their copy in place (each chunk is read before it is rewritten)
+            data = out if copied is not None else stack.enter_context(base.mapped(weight.data.name))
             scale = stack.enter_context(base.mapped(weight.scale.name))
-            out = stack.enter_context(writer.mapped(task.name))
             out_scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype]) if keep else None
             job = _Job(weight, logical, data, scale, out, out_scale, compute, fetch, self._factors(logical, fetch))
             on_cpu = getattr(getattr(lane, "workspace", None), "device", torch.device("cpu")).type == "cpu"
