@@ -194,6 +194,20 @@ def test_fp8_untouched_weights_dequantize_exactly_with_dtype(tmp_path, fp8_model
         assert torch.equal(out[name], plain[name]), name
 
 
+def test_e4m3_decode_is_torch_conversion_bit_for_bit():
+    """Every finite e4m3 code (±0 and subnormals included) decodes as torch converts it; NaN codes are refused."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = codes[(codes & 0x7F) != 0x7F].view(torch.float8_e4m3fn)
+    out = torch.empty(finite.shape)
+    assert fp8.decode(finite, out)
+    assert torch.equal((out * 2.0**120).view(torch.int32), finite.float().view(torch.int32))
+    for nan in (0x7F, 0xFF):
+        assert not fp8.decode(torch.tensor([0x10, nan], dtype=torch.uint8).view(torch.float8_e4m3fn), out[:2])
+    base = torch.tensor([[1.5, float("nan")], [0.25, -3.0]]).to(torch.float8_e4m3fn)
+    values = fp8.dequantize_scaled(base, torch.tensor([2.0]))  # a NaN code falls back to torch's conversion
+    assert torch.equal(values.isnan(), torch.tensor([[False, True], [False, False]])) and float(values[1, 1]) == -6.0
+
+
 def test_quantizers_agree_bit_for_bit_on_same_input():
     """No merge, so no fp32-vs-fp64 rounding: our quantizers give the spec quantizers' exact bytes."""
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requa
 REQUANTIZATION_WARN_RATIO = 0.5
 
 #: Values per chunk: its few fp32 buffers per worker then stay in the CPU's cache between passes.
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 19
 Fetch = Callable[[int, str], torch.Tensor]
 #: (task for a chunk, dequantized base values, fp32 destination, fetch, workspace) → the merge's TaskResult
 Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor, Fetch, Workspace], TaskResult]

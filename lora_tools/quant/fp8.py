@@ -40,21 +40,20 @@ def block_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
-def decode(weight: torch.Tensor, out: torch.Tensor) -> bool:
+def decode(weight: torch.Tensor, out: torch.Tensor, check: bool = True) -> bool:
     """`out` (fp32) = the e4m3 values × 2^-120, exactly; False (and `out` untouched) when `weight` holds a NaN code.
 
     The byte's sign, 4 exponent and 3 mantissa bits move into fp32's sign, low exponent and high mantissa bits:
     that reads the exponent with bias 127 instead of 7, and e4m3's subnormals become fp32 subnormals of the same
-    scaled value. Multiplying by 2^120 (folded into the scale) is then exact.
+    scaled value. Multiplying by 2^120 (folded into the scale) is then exact. `check=False`: the caller knows
+    there is no NaN code (one would decode as ±480).
     """
-    codes = weight.view(torch.uint8)
-    if codes.numel() and (int(codes.view(torch.int8).max()) == 0x7F or int(codes.max()) == 0xFF):
-        return (
-            False  # the NaN codes are the largest as int8 (0x7F) or as uint8 (0xFF): two passes that allocate nothing
-        )
+    codes = weight.view(torch.int8)
+    if check and codes.numel() and (int(codes.max()) == 0x7F or int(codes.view(torch.uint8).max()) == 0xFF):
+        return False  # NaN codes are the largest as int8 (0x7F) or as uint8 (0xFF): two passes, nothing allocated
     bits = out.view(torch.int32)
-    bits.copy_(codes)
-    bits.bitwise_left_shift_(24).bitwise_right_shift_(4).bitwise_and_(_SIGN_EXPONENT_MANTISSA)
+    bits.copy_(codes)  # sign-extended: shifted left 20, the sign lands in bit 31 and fills bits 27-30, cleared below
+    bits.bitwise_left_shift_(20).bitwise_and_(_SIGN_EXPONENT_MANTISSA)
     return True
 
 
@@ -150,7 +149,7 @@ def quantize_blocks(
 def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
     """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer)."""
     out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare))
-    if decode(out, spare):
+    if decode(out, spare, check=False):  # a NaN here came from a NaN value, and leaves the residual NaN anyway
         return scaled.sub_(spare, alpha=_DECODE_FACTOR)
     return scaled.sub_(spare.copy_(out))
 
