@@ -41,6 +41,7 @@ SCHEMES = {  # name → (scheme, scale dtype)
     "block-bf16": ("fp8-block", torch.bfloat16),
     "channel": ("fp8-channel", torch.float32),
     "tensor": ("fp8-tensor", torch.bfloat16),
+    "block-ue8m0": ("fp8-block", torch.float32),  # DeepSeek-V3.1: power-of-two scales (`scale_fmt: ue8m0`)
 }
 
 
@@ -65,7 +66,7 @@ def fp8_models(tmp_path_factory, plain_llama) -> dict[str, tuple[Path, Path, Pat
     peft_model.save_pretrained(root / "lora")
     models = {}
     for name, (scheme, scale_dtype) in SCHEMES.items():
-        base, twin = quantize_llama(plain_llama, root / name, scheme, scale_dtype, BLOCK)
+        base, twin = quantize_llama(plain_llama, root / name, scheme, scale_dtype, BLOCK, name == "block-ue8m0")
         models[name] = (base, twin, root / "lora")
     return models
 
@@ -96,9 +97,9 @@ def _assert_within_one_step(ours: torch.Tensor, reference: torch.Tensor) -> None
     assert float((steps == 0).double().mean()) >= 0.98
 
 
-def _reference(scheme: str, merged: torch.Tensor, scale_dtype):
+def _reference(scheme: str, merged: torch.Tensor, scale_dtype, pow2: bool = False):
     if scheme == "fp8-block":
-        return fp8_block_fp64(merged, BLOCK, scale_dtype)
+        return fp8_block_fp64(merged, BLOCK, scale_dtype, pow2)
     return fp8_scaled_fp64(merged, scheme == "fp8-channel", scale_dtype)
 
 
@@ -110,8 +111,10 @@ def _check_fp8_against_reference(name: str, base: Path, adapter: Path, after: di
     for weight in targeted:
         scale = _scale_name(scheme, weight)
         merged = dequantize_fp8_fp64(before[weight], before[scale], scheme, BLOCK) + _adapter_delta(adapter, weight)
-        q, s = _reference(scheme, merged, scale_dtype)
+        q, s = _reference(scheme, merged, scale_dtype, pow2=name == "block-ue8m0")
         assert after[weight].dtype == torch.float8_e4m3fn and after[scale].dtype == scale_dtype
+        if name == "block-ue8m0":  # powers of two, equal to the reference's; then x / s is exact
+            assert bool((torch.frexp(after[scale])[0] == 0.5).all()) and torch.equal(after[scale], s)
         assert after[scale].shape == before[scale].shape
         rtol = 2**-20 if scale_dtype == torch.float32 else 2**-7
         torch.testing.assert_close(after[scale].double(), s.double(), rtol=rtol, atol=0)
@@ -218,6 +221,10 @@ def test_quantizers_agree_bit_for_bit_on_same_input():
     assert torch.equal(s, s_ref)
     # x / s in fp32 then e4m3 vs in fp64: equal unless the fp32 quotient rounded onto a tie
     assert float((q.view(torch.uint8) == q_ref.view(torch.uint8)).double().mean()) >= 0.999
+    q, s = fp8.quantize_blocks(x, BLOCK, torch.float32, pow2=True)  # UE8M0: x / 2^k is exact, so every byte agrees
+    q_ref, s_ref = fp8_block_fp64(x.double(), BLOCK, torch.float32, pow2=True)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert bool((x.abs() <= s.repeat_interleave(16, 0).repeat_interleave(16, 1)[:40, :56] * 448).all())
     experts = torch.randn(3, 64, 48) * torch.logspace(-4, 2, 48)
     blocks, scales = mxfp4.quantize(experts)
     blocks_ref, scales_ref = mxfp4_fp64(experts.double())

@@ -338,7 +338,9 @@ class QuantizedTensors:
         weight, out, out_scale = job.weight, chunk.of(job.out), job.out_scale
         index = chunk.scales(weight)
         if weight.scheme == "fp8-block":
-            out_scale[index], error = fp8.requantize_blocks(merged, weight.block, out_scale.dtype, out, scratch, spare)
+            out_scale[index], error = fp8.requantize_blocks(
+                merged, weight.block, out_scale.dtype, out, scratch, spare, weight.pow2_scales
+            )
         elif weight.scheme == "fp8-channel":
             scale, error = fp8.requantize_scaled(merged, None, out_scale.dtype, out, scratch, spare)
             out_scale[index] = scale.reshape(out_scale[index].shape)

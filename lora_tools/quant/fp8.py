@@ -116,9 +116,16 @@ def _block_amax(x: torch.Tensor, block: tuple[int, int], scratch: torch.Tensor) 
     return amax
 
 
-def _scale_from_amax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """amax / 448 in the stored scale dtype; an all-zero group gets scale 1 (any scale stores zeros)."""
+def _scale_from_amax(amax: torch.Tensor, scale_dtype: torch.dtype, pow2: bool = False) -> torch.Tensor:
+    """amax / 448 in the stored scale dtype; an all-zero group gets scale 1 (any scale stores zeros).
+
+    `pow2` (UE8M0 scales): amax / 448 rounded up to a power of two, so no value saturates.
+    """
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if pow2:
+        mantissa, exponent = torch.frexp(scale)  # scale = m·2^e, m in [0.5, 1): the next power of two is 2^e
+        scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
+        scale = torch.where(amax > scale * FP8_MAX, scale * 2, scale)  # amax / 448 may have rounded down onto 2^k
     return scale.to(scale_dtype)
 
 
@@ -135,13 +142,14 @@ def quantize_blocks(
     scale_dtype: torch.dtype,
     out: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
+    pow2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, block scales) for an fp32 [rows, cols] weight; `out` receives the e4m3 values.
 
-    `scratch`: an fp32 buffer of x's shape for the scaled values (else one is allocated).
+    `scratch`: an fp32 buffer of x's shape for the scaled values (else one is allocated); `pow2`: UE8M0 scales.
     """
     scratch = torch.empty(x.shape, dtype=torch.float32) if scratch is None else scratch
-    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype)
+    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype, pow2)
     scaled = _scale_blocks(x, scale.float(), block, divide=True, out=scratch)
     return _to_e4m3(scaled, out), scale
 
@@ -155,13 +163,13 @@ def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.T
 
 
 def requantize_blocks(
-    x: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype, out, scratch, spare
+    x: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype, out, scratch, spare, pow2: bool = False
 ) -> tuple[torch.Tensor, float]:
     """`quantize_blocks` into `out`, and ‖dequantized(out) − x‖², taken as ‖(x/s − q)·s‖² per block.
 
-    `scratch` and `spare`: fp32 buffers of x's shape.
+    `scratch` and `spare`: fp32 buffers of x's shape; `pow2`: UE8M0 scales.
     """
-    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype)
+    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype, pow2)
     factor = scale.float()
     residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare)
     error = _scale_blocks(residual, factor, block, divide=False, out=residual)
