@@ -246,9 +246,9 @@ def test_quantized_bytes_do_not_depend_on_workers_or_shards(tmp_path, fp8_models
     shards, give the same bytes and the same requantization report. (The chunk size itself is fixed per weight:
     BLAS rounds a product of a few rows differently from a product of many, so it may change low bits.)"""
     from lora_tools.compute import pool as pool_module
-    from lora_tools.quant import execute
+    from lora_tools.quant import chunks
 
-    monkeypatch.setattr(execute, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1)
     cases = {name: (fp8_models[name][0], fp8_models[name][2]) for name in ("block-f32", "channel", "tensor")}
     cases["mxfp4"] = (gpt_oss[0], gpt_oss[2])
     for name, (base, adapter) in cases.items():

@@ -31,6 +31,7 @@ from ..ops import TaskResult, Workspace
 from ..plan import TensorTask
 from ..tensors import TORCH_DTYPES, tensor_bytes
 from . import fp8, mxfp4
+from .chunks import Chunk, chunks, lora_pairs, merge_lora, row_local, window
 from .layout import QuantizedWeight
 
 __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantization_summary"]
@@ -40,60 +41,12 @@ __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requa
 #: since then Q(W+ΔW) = W). Writing a plain model with --dtype bf16 keeps the whole change.
 REQUANTIZATION_WARN_RATIO = 0.5
 
-#: Values per chunk: its few fp32 buffers per worker then stay in the CPU's cache between passes.
-_CHUNK_ELEMENTS = 1 << 19
 Fetch = Callable[[int, str], torch.Tensor]
 #: (task for a chunk, dequantized base values, fp32 destination, fetch, workspace) → the merge's TaskResult
 Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor, Fetch, Workspace], TaskResult]
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    """Rows [row, row_stop) and, for FP8 block weights, columns [col, col_stop) (else every column)."""
-
-    row: int
-    row_stop: int
-    col: int = 0
-    col_stop: int | None = None
-
-    def of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This chunk of a tensor laid out like the weight (its data, or its fp32 values)."""
-        rows = tensor[self.row : self.row_stop]
-        return rows if self.col_stop is None else rows[:, self.col : self.col_stop]
-
-    def shape(self, weight: QuantizedWeight) -> tuple[int, ...]:
-        if self.col_stop is None:
-            return (self.row_stop - self.row, *weight.shape[1:])
-        return self.row_stop - self.row, self.col_stop - self.col
-
-    def scales(self, weight: QuantizedWeight) -> tuple | slice | None:
-        """The index of this chunk's scales in the scale tensor (None: one scale for the tensor)."""
-        if weight.scheme == "fp8-tensor":
-            return None
-        if weight.scheme != "fp8-block":
-            return slice(self.row, self.row_stop)
-        (height, width), cols = weight.block, self.col_stop or weight.shape[1]
-        return slice(self.row // height, -(-self.row_stop // height)), slice(self.col // width, -(-cols // width))
-
-
-def _chunks(weight: QuantizedWeight, whole: bool) -> list[_Chunk]:
-    """The weight cut into chunks of whole scale groups (FP8 blocks, channels, experts) of about `_CHUNK_ELEMENTS`."""
-    rows, per_row = weight.shape[0], math.prod(weight.shape[1:])
-    if whole or not rows:
-        return [_Chunk(0, rows)]
-    if weight.scheme != "fp8-block":
-        step = max(1, _CHUNK_ELEMENTS // per_row)
-        return [_Chunk(start, min(rows, start + step)) for start in range(0, rows, step)]
-    (height, width), cols = weight.block, weight.shape[1]
-    span = min(cols, max(1, _CHUNK_ELEMENTS // (height * width)) * width)
-    return [
-        _Chunk(row, min(rows, row + height), col, min(cols, col + span))
-        for row in range(0, rows, height)
-        for col in range(0, cols, span)
-    ]
-
-
-def _dequantize_chunk(weight: QuantizedWeight, data, scale, chunk: _Chunk, out: torch.Tensor) -> None:
+def _dequantize_chunk(weight: QuantizedWeight, data, scale, chunk: Chunk, out: torch.Tensor) -> None:
     index = chunk.scales(weight)
     part = scale if index is None else scale[index]
     if weight.scheme == "fp8-block":
@@ -106,73 +59,9 @@ def _dequantize_chunk(weight: QuantizedWeight, data, scale, chunk: _Chunk, out: 
 
 def dequantize(weight: QuantizedWeight, data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The fp32 logical weight (in `out`) from its stored tensors, a chunk at a time."""
-    for chunk in _chunks(weight, whole=False):
+    for chunk in chunks(weight, whole=False):
         _dequantize_chunk(weight, data, scale, chunk, chunk.of(out))
     return out
-
-
-def _row_local(task: TensorTask) -> bool:
-    """Whether a chunk of ΔW comes from slices of the factors alone (plain LoRA and expert terms)."""
-    return not task.replacements and all(
-        not t.bias and not t.module.dora and t.piece is None and t.module.kind == "linear"
-        and t.module.variant in ("lora", "experts")
-        for t in task.terms
-    )  # fmt: skip
-
-
-def _window(task: TensorTask, factors: dict, chunk: _Chunk) -> Fetch:
-    """A fetch giving each term's factors restricted to the chunk: ΔW[rows, cols] = B[rows] · A[:, cols]."""
-    rows, cols = slice(chunk.row, chunk.row_stop), slice(chunk.col, chunk.col_stop)
-    windows = {}
-    for term in task.terms:
-        module, a_key, b_key = term.module, (term.adapter, term.module.a_key), (term.adapter, term.module.b_key)
-        a, b = factors[a_key], factors[b_key]
-        if module.variant == "experts":  # A [E·r, in] by expert; B [out, E·r] with the expert index fastest
-            experts = task.shape[0]
-            windows[a_key] = a[chunk.row * module.rank : chunk.row_stop * module.rank]
-            windows[b_key] = b.unflatten(1, (-1, experts))[:, :, rows].flatten(1)
-        elif module.fan_in_fan_out:  # ΔW = (B·A)ᵀ: its rows are columns of A, its columns rows of B
-            windows[a_key], windows[b_key] = a[:, rows], b[cols]
-        else:
-            windows[a_key], windows[b_key] = a[:, cols], b[rows]
-    return lambda index, key: windows[index, key]
-
-
-def _lora_pairs(task: TensorTask, factors: dict) -> list | None:
-    """(weight, scale, left, right) per term, ΔW = scale·left·right laid out as the weight, when every term is a
-    plain LoRA (as `ops` builds them: a power-of-two scale folded into `right`, which rounds nothing)."""
-    if any(t.module.variant != "lora" for t in task.terms):
-        return None
-    pairs = []
-    for term in task.terms:
-        a = factors[term.adapter, term.module.a_key].float()
-        b = factors[term.adapter, term.module.b_key].float()
-        left, right = (a.T, b.T) if term.module.fan_in_fan_out else (b, a)
-        scale = term.module.scale
-        if math.frexp(scale)[0] == 0.5:
-            right, scale = right * scale, 1.0
-        pairs.append((term.weight, scale, left, right))
-    return pairs
-
-
-def _merge_lora(pairs: list, chunk: _Chunk, base, merged: torch.Tensor, delta: torch.Tensor) -> tuple[float, float]:
-    """merged = base + Σ wᵢ·sᵢ·(left·right)ᵢ on the chunk, in the order and roundings of `ops.compute_task`.
-
-    Returns max |wᵢ·ΔWᵢ| and ‖ΔW‖² (the last term's ΔW when there is one, else merged − base).
-    """
-    rows, cols = slice(chunk.row, chunk.row_stop), slice(chunk.col, chunk.col_stop)
-    largest, source = 0.0, base
-    for weight, scale, left, right in pairs:
-        torch.mm(left[rows], right[:, cols], out=delta)
-        if scale != 1.0:
-            delta.mul_(scale)
-        low, high = torch.aminmax(delta)
-        largest = max(largest, abs(weight) * max(-float(low), float(high)))
-        torch.add(source, delta, alpha=weight, out=merged)
-        source = merged
-    if len(pairs) == 1:
-        return largest, (pairs[0][0] * float(torch.linalg.vector_norm(delta))) ** 2
-    return largest, float(torch.linalg.vector_norm(torch.sub(merged, base, out=delta))) ** 2
 
 
 @dataclass
@@ -251,7 +140,7 @@ class QuantizedTensors:
             out_scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype]) if keep else None
             job = _Job(weight, logical, data, scale, out, out_scale, compute, fetch, self._factors(logical, fetch))
             on_cpu = getattr(getattr(lane, "workspace", None), "device", torch.device("cpu")).type == "cpu"
-            job.pairs = _lora_pairs(logical, job.factors) if on_cpu and job.factors is not None else None
+            job.pairs = lora_pairs(logical, job.factors) if on_cpu and job.factors is not None else None
             result = self._produce(job, lane)
         writer.written(task.name)
         if keep:  # the scales follow, in this shard or a later one
@@ -260,7 +149,7 @@ class QuantizedTensors:
 
     @staticmethod
     def _factors(logical: TensorTask, fetch: Fetch) -> dict | None:
-        if not logical.changed or not _row_local(logical):
+        if not logical.changed or not row_local(logical):
             return None
         keys = [(t.adapter, key) for t in logical.terms for key in (t.module.a_key, t.module.b_key)]
         return {key: fetch(*key) for key in keys}
@@ -271,14 +160,14 @@ class QuantizedTensors:
         return self._workspaces[worker]
 
     def _produce(self, job: _Job, lane) -> TaskResult | None:
-        chunks = _chunks(job.weight, whole=job.factors is None and job.logical.changed)
+        parts = chunks(job.weight, whole=job.factors is None and job.logical.changed)
         keep = job.out_scale is not None
         if keep and job.weight.scheme == "fp8-tensor":  # one scale for all rows: find the merged amax first
-            amax = max((rows.amax for rows in self._run(job, chunks, lane, "amax")), default=0.0)
+            amax = max((rows.amax for rows in self._run(job, parts, lane, "amax")), default=0.0)
             fresh = torch.tensor(amax / fp8.FP8_MAX if amax > 0 else 1.0, dtype=torch.float32)
             job.tensor_scale = fresh.to(job.out_scale.dtype)
             job.out_scale.copy_(job.tensor_scale.reshape(job.out_scale.shape))
-        reports = self._run(job, chunks, lane, "requantize" if keep else "cast")
+        reports = self._run(job, parts, lane, "requantize" if keep else "cast")
         results = [rows.result for rows in reports if rows.result is not None]
         if keep and job.logical.changed:
             change = math.sqrt(sum(rows.change for rows in reports))
@@ -291,17 +180,17 @@ class QuantizedTensors:
             return results[0]
         return TaskResult(max(r.max_abs_delta for r in results))
 
-    def _run(self, job: _Job, chunks: list[_Chunk], lane, step: str) -> list[_Rows]:
+    def _run(self, job: _Job, parts: list[Chunk], lane, step: str) -> list[_Rows]:
         """`step` on every chunk, dealt to the lane's row workers in contiguous runs; reports in chunk order."""
 
         def run(worker: int, first: int, last: int) -> list[_Rows]:
-            return [self._chunk(job, chunks[index], worker, lane, step) for index in range(first, last)]
+            return [self._chunk(job, parts[index], worker, lane, step) for index in range(first, last)]
 
         pool = getattr(lane, "pool", None)
-        parts = pool.split(len(chunks), run) if pool is not None else [run(0, 0, len(chunks))]
-        return [rows for part in parts for rows in part]
+        runs = pool.split(len(parts), run) if pool is not None else [run(0, 0, len(parts))]
+        return [rows for part in runs for rows in part]
 
-    def _chunk(self, job: _Job, chunk: _Chunk, worker: int, lane, step: str) -> _Rows:
+    def _chunk(self, job: _Job, chunk: Chunk, worker: int, lane, step: str) -> _Rows:
         weight, logical = job.weight, job.logical
         shape = chunk.shape(weight)
         buffers = self._workspace(worker)
@@ -311,13 +200,13 @@ class QuantizedTensors:
         scratch = buffers.get("quant-scratch", shape, torch.float32)
         if job.pairs is not None:
             merged = buffers.get("quant-merged", shape, torch.float32)
-            largest, report.change = _merge_lora(job.pairs, chunk, base, merged, scratch)
+            largest, report.change = merge_lora(job.pairs, chunk, base, merged, scratch)
             report.result = TaskResult(largest)
         elif logical.changed:
             merged = buffers.get("quant-merged", shape, torch.float32)
             device = getattr(lane, "workspace", None)
             workspace = device if device is not None and device.device.type != "cpu" else buffers
-            fetch = job.fetch if job.factors is None else _window(logical, job.factors, chunk)
+            fetch = job.fetch if job.factors is None else window(logical, job.factors, chunk)
             report.result = job.compute(replace(logical, shape=shape), base, merged, fetch, workspace)
             report.change = float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
         if step == "amax":
@@ -333,7 +222,7 @@ class QuantizedTensors:
         return report
 
     @staticmethod
-    def _requantize_chunk(job: _Job, chunk: _Chunk, merged, scratch: torch.Tensor, spare: torch.Tensor) -> float:
+    def _requantize_chunk(job: _Job, chunk: Chunk, merged, scratch: torch.Tensor, spare: torch.Tensor) -> float:
         """Fresh stored values for a chunk (and its scales) from its merged values; ‖Q(W+ΔW) − (W+ΔW)‖² of it."""
         weight, out, out_scale = job.weight, chunk.of(job.out), job.out_scale
         index = chunk.scales(weight)
