@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -73,6 +75,28 @@ model.save_pretrained(out)
 """
 
 
+def _measured(label: str, command: list, out: Path) -> dict:
+    """`run_contender`, plus the child's CPU seconds and the 1-minute load average before and after."""
+    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
+    result = run_contender(label, command, out)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**result, "cpu_seconds": cpu, "load": (load, os.getloadavg()[0])}
+
+
+def _print_rounds(bf16_runs: list[dict], fp8_runs: list[dict]) -> None:
+    """FP8 against the bf16 run of the same round (they run back to back, so under similar load)."""
+    print(
+        f"{'round':>5} {'bf16 s':>7} {'FP8 s':>7} {'time ×':>7} {'CPU ×':>6} {'RSS MB bf16/FP8':>16} {'load 1 min':>11}"
+    )
+    for index, (bf16, fp8) in enumerate(zip(bf16_runs, fp8_runs, strict=True)):
+        print(
+            f"{index + 1:5} {bf16['seconds']:7.2f} {fp8['seconds']:7.2f} {fp8['seconds'] / bf16['seconds']:7.2f} "
+            f"{fp8['cpu_seconds'] / bf16['cpu_seconds']:6.2f} {bf16['peak_rss_mb']:7.0f} / {fp8['peak_rss_mb']:<6.0f} "
+            f"{bf16['load'][0]:5.1f}-{fp8['load'][1]:<5.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -106,7 +130,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeat):
         for label, command, out in contenders:
-            results.setdefault(label, []).append(run_contender(label, command, out))
+            results.setdefault(label, []).append(_measured(label, command, out))
     best = {label: min(runs, key=lambda r: r["seconds"]) for label, runs in results.items()}
     floor = best[contenders[0][0]]["seconds"]
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, {SHAPE}, adapter r=16 on 7 projections; best of {args.repeat}")
@@ -120,8 +144,9 @@ def main() -> None:
         fp8, bf16 = best["loratool merge, FP8 block base"], best["loratool merge"]
         print(
             f"FP8 block merge vs bf16 merge: {fp8['seconds'] / bf16['seconds']:.2f}× the time, "
-            f"{fp8['peak_rss_mb'] / bf16['peak_rss_mb']:.2f}× the peak RSS"
+            f"{fp8['peak_rss_mb'] / bf16['peak_rss_mb']:.2f}× the peak RSS (best runs)"
         )
+        _print_rounds(results["loratool merge"], results["loratool merge, FP8 block base"])
     if "transformers + PEFT" in best:
         ratio = best["transformers + PEFT"]["seconds"] / best["loratool merge"]["seconds"]
         print(f"loratool is {ratio:.1f}× faster than transformers + PEFT")

@@ -228,7 +228,8 @@ def _on_disk(adapter: Adapter, components: dict | None, renames: Sequence[str]):
     checkpoint = components[None]
     try:
         rules = [parse_rename(text) for text in renames]
-        return to_disk_names(adapter, checkpoint.tensors, checkpoint.config, rules), []
+        tensors, _ = _quantized_view(checkpoint)  # quantized experts are placed on their logical fp32 tensor
+        return to_disk_names(adapter, tensors, checkpoint.config, rules), []
     except IncompatibleError as exc:
         return DiskNames(adapter), exc.problems
 

@@ -189,7 +189,8 @@ def _run(
     if not pipeline:  # in-memory names (VLM prefixes, fused experts) → the checkpoint's own
         from .layouts.disk_names import adapters_on_disk
 
-        adapters = adapters_on_disk(adapters, components[None], renames)
+        on_disk = quant.DequantizedCheckpoint(components[None], layouts[None]) if layouts[None] else components[None]
+        adapters = adapters_on_disk(adapters, on_disk, renames)  # quantized experts: their logical fp32 view
     single_file, carried_not = _single_file_output(output, components)
     parts, left_out = _assign_components(adapters, components, allow_unmatched)
     plans = {
@@ -457,7 +458,8 @@ class _Writing:
             job = _Shard(base, component, writer)
             self.shards.append(job)
             if quantized is not None:  # dequantize → merge → requantize, after torch is imported (see `run`)
-                job.quantized = [t for t in tasks if quantized.handles(t.name)]
+                job.quantized = [(t, quantized.copy_ahead(t, base, writer, self.copier)) for t in tasks
+                                 if quantized.handles(t.name)]  # fmt: skip
                 tasks = [t for t in tasks if not quantized.handles(t.name)]
             job.computed = [task for task in tasks if _needs_compute(task, base)]
             for task in tasks:
@@ -549,15 +551,15 @@ class _Writing:
 
         if not job.quantized:
             return
-        quantized, workspace = self.quant[job.component], self.lanes[0].workspace
+        quantized = self.quant[job.component]
 
-        def compute(logical: TensorTask, values, destination):
+        def compute(logical: TensorTask, values, destination, fetch, workspace):  # a chunk of the weight's rows
             recorded = self.recorded.get(_qualified(job.component, logical.name))
-            return compute_task(logical, values, self.fetch, workspace, destination, unmerge=self.unmerge,
+            return compute_task(logical, values, fetch, workspace, destination, unmerge=self.unmerge,
                                 recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
 
-        for task in job.quantized:
-            result = quantized.write(task, job.base, job.writer, compute)
+        for task, copied in job.quantized:
+            result = quantized.write(task, job.base, job.writer, compute, self.fetch, self.lanes[0], copied)
             if result is not None:
                 logical = quantized.produced[task.name][1]
                 qualified = _qualified(job.component, task.name)

@@ -45,8 +45,10 @@ def e4m3_ordinal(q: torch.Tensor) -> torch.Tensor:
     return torch.where(code >= 0x80, -magnitude, magnitude)
 
 
-def fp8_block_fp64(weight: torch.Tensor, block=(128, 128), scale_dtype=torch.float32):
-    """(e4m3 weight, weight_scale_inv) as DeepSeek-V3's quantizer makes them, from an fp64 [out, in] weight."""
+def fp8_block_fp64(weight: torch.Tensor, block=(128, 128), scale_dtype=torch.float32, pow2=False):
+    """(e4m3 weight, weight_scale_inv) as DeepSeek-V3's quantizer makes them, from an fp64 [out, in] weight.
+
+    `pow2`: UE8M0 scales (DeepSeek-V3.1), amax/448 rounded up to a power of two."""
     rows, cols = weight.shape
     grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     scale = torch.empty(grid, dtype=torch.float64)
@@ -55,6 +57,8 @@ def fp8_block_fp64(weight: torch.Tensor, block=(128, 128), scale_dtype=torch.flo
             tile = weight[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]]
             amax = float(tile.abs().max())
             scale[i, j] = amax / E4M3_MAX if amax > 0 else 1.0
+            if pow2:
+                scale[i, j] = 2.0 ** math.ceil(math.log2(scale[i, j]))
     scale = scale.to(scale_dtype)
     full = scale.double().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
     return e4m3_bytes(weight / full), scale
@@ -106,7 +110,7 @@ def _rewrite(plain: Path, folder: Path, state: dict, quantization_config: dict |
     return folder
 
 
-def quantize_llama(plain: Path, folder: Path, scheme: str, scale_dtype=torch.float32, block=(16, 16)):
+def quantize_llama(plain: Path, folder: Path, scheme: str, scale_dtype=torch.float32, block=(16, 16), pow2=False):
     """A quantized copy of a plain Llama folder (linear projections FP8), and its dequantized twin.
 
     Returns (quantized folder, dequantized folder): the twin holds exactly the values the
@@ -121,7 +125,7 @@ def quantize_llama(plain: Path, folder: Path, scheme: str, scale_dtype=torch.flo
             continue
         weight = tensor.double()
         if scheme == "fp8-block":
-            q, scale = fp8_block_fp64(weight, block, scale_dtype)
+            q, scale = fp8_block_fp64(weight, block, scale_dtype, pow2)
             quantized[name], quantized[f"{name}_scale_inv"] = q, scale
         else:
             q, scale = fp8_scaled_fp64(weight, scheme == "fp8-channel", scale_dtype)
@@ -135,6 +139,8 @@ def quantize_llama(plain: Path, folder: Path, scheme: str, scale_dtype=torch.flo
             "fmt": "e4m3",
             "weight_block_size": list(block),
         }
+        if pow2:
+            config["scale_fmt"] = "ue8m0"
     else:
         strategy = "channel" if scheme == "fp8-channel" else "tensor"
         weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}

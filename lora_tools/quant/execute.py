@@ -1,111 +1,94 @@
-"""The executor hook for quantized weights: dequantize, let the merge compute, requantize or cast.
+"""The executor hook for quantized weights: dequantize, merge, requantize (or cast), a chunk at a time.
 
 The merge loop hands every output tensor that `adapt_plan` marked as produced
-here to `QuantizedTensors.write`. The first of a weight's stored tensors to come
-triggers the work: the weight is dequantized into an fp32 buffer, the ordinary
-merge computation writes W + ΔW into a second one, and that is requantized (fresh
-scales) or cast; the weight's other stored tensor waits in memory for its turn.
-Row chunks keep the other temporaries small, so peak memory is two fp32 copies
-of the largest quantized weight (the dequantized base and the merged result).
+here to `QuantizedTensors.write`; the first of a weight's stored tensors to come
+triggers the work. The weight is cut into chunks of whole scale groups (a row of
+FP8 blocks, or part of one; channels; experts). Each chunk is dequantized, merged by
+the ordinary `compute_task` on that chunk's slice of every LoRA factor,
+requantized with fresh scales (or cast, with `--dtype`) and written into its
+place in the output file. The chunks are dealt to the lane's row workers in
+contiguous runs; every chunk is computed by the same calls whichever worker runs
+it, and the per-chunk error norms are summed in chunk order, so the output and the
+report are the same for any number of workers. Memory: a few chunk-sized fp32
+buffers per worker.
+
+Terms whose ΔW chunk does not come from slices of the factors alone (DoRA,
+biases, replacements, fused-projection pieces) are computed in one chunk spanning
+the whole tensor.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import NonFiniteError
 from ..io.tensors import TORCH_DTYPES, tensor_bytes
+from ..ops import TaskResult, Workspace
 from ..plan import TensorTask
 from . import fp8, mxfp4
+from .chunks import Chunk, chunks, lora_pairs, merge_lora, row_local, window
 from .layout import QuantizedWeight
 
-__all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantize", "requantization_summary"]
+__all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantization_summary"]
 
 #: Warn when ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖ of a merged tensor exceeds this: the rounding requantization adds is then
 #: more than half the adapter's own change to the weight (1 is what an adapter lost entirely to rounding gives,
 #: since then Q(W+ΔW) = W). Writing a plain model with --dtype bf16 keeps the whole change.
 REQUANTIZATION_WARN_RATIO = 0.5
 
-_CHUNK_ELEMENTS = 1 << 20
-#: (logical task, dequantized base, destination) → the merge's TaskResult, written into destination
-Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor], object]
+Fetch = Callable[[int, str], torch.Tensor]
+#: (task for a chunk, dequantized base values, fp32 destination, fetch, workspace) → the merge's TaskResult
+Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor, Fetch, Workspace], TaskResult]
 
 
-def _row_step(weight: QuantizedWeight) -> int:
-    """Rows (experts for MXFP4) per chunk: whole scale blocks, about a million values."""
-    per_row = math.prod(weight.shape[1:])
-    align = weight.block[0] if weight.block else 1
-    return max(1, _CHUNK_ELEMENTS // (per_row * align)) * align
-
-
-def _scale_rows(weight: QuantizedWeight, start: int, stop: int) -> slice | None:
-    if weight.scheme == "fp8-tensor":
-        return None
+def _dequantize_chunk(weight: QuantizedWeight, data, scale, chunk: Chunk, out: torch.Tensor) -> None:
+    index = chunk.scales(weight)
+    part = scale if index is None else scale[index]
     if weight.scheme == "fp8-block":
-        return slice(start // weight.block[0], math.ceil(stop / weight.block[0]))
-    return slice(start, stop)
-
-
-def _dequantize_rows(weight: QuantizedWeight, data, scale, start: int, stop: int, out: torch.Tensor) -> None:
-    rows = _scale_rows(weight, start, stop)
-    part = scale if rows is None else scale[rows]
-    if weight.scheme == "fp8-block":
-        fp8.dequantize_blocks(data[start:stop], part, weight.block, out=out)
+        fp8.dequantize_blocks(chunk.of(data), part, weight.block, out=out)
     elif weight.scheme == "mxfp4":
-        out.copy_(mxfp4.dequantize(data[start:stop], part))
+        out.copy_(mxfp4.dequantize(chunk.of(data), part))
     else:
-        fp8.dequantize_scaled(data[start:stop], part, out=out)
+        fp8.dequantize_scaled(chunk.of(data), part, out=out)
 
 
 def dequantize(weight: QuantizedWeight, data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The fp32 logical weight (in `out`) from its stored tensors, a chunk of rows at a time."""
-    step = _row_step(weight)
-    for start in range(0, weight.shape[0], step):
-        stop = min(weight.shape[0], start + step)
-        _dequantize_rows(weight, data, scale, start, stop, out[start:stop])
+    """The fp32 logical weight (in `out`) from its stored tensors, a chunk at a time."""
+    for chunk in chunks(weight, whole=False):
+        _dequantize_chunk(weight, data, scale, chunk, chunk.of(out))
     return out
 
 
-def requantize(weight: QuantizedWeight, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh (data, scale) in the weight's stored format, shapes and dtypes for fp32 `values`."""
-    data = torch.empty(weight.data.shape, dtype=TORCH_DTYPES[weight.data.dtype])
-    scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype])
-    scale_dtype = scale.dtype
-    fixed = None
-    if weight.scheme == "fp8-tensor":
-        amax = max((float(values[s : s + 4096].abs().amax()) for s in range(0, values.shape[0], 4096)), default=0.0)
-        fixed = torch.tensor(amax / fp8.FP8_MAX if amax > 0 else 1.0, dtype=torch.float32).to(scale_dtype)
-        scale.copy_(fixed.reshape(scale.shape) if scale.dim() else fixed)
-    step = _row_step(weight)
-    for start in range(0, weight.shape[0], step):
-        stop = min(weight.shape[0], start + step)
-        rows, part = _scale_rows(weight, start, stop), values[start:stop]
-        if weight.scheme == "fp8-block":
-            _, scale[rows] = fp8.quantize_blocks(part, weight.block, scale_dtype, out=data[start:stop])
-        elif weight.scheme == "mxfp4":
-            data[start:stop], scale[rows] = mxfp4.quantize(part)
-        elif weight.scheme == "fp8-channel":
-            shape = (stop - start, *weight.scale.shape[1:])
-            _, scale[rows] = fp8.quantize_scaled(part, shape, scale_dtype, out=data[start:stop])
-        else:
-            data[start:stop].copy_((part / fixed.float()).clamp_(-fp8.FP8_MAX, fp8.FP8_MAX))
-    return data, scale
+@dataclass
+class _Job:
+    """One weight being produced: its stored inputs, where its new tensors go, and how its rows merge."""
+
+    weight: QuantizedWeight
+    logical: TensorTask
+    data: torch.Tensor
+    scale: torch.Tensor
+    out: torch.Tensor  # new data (requantized), or the weight in the --dtype
+    out_scale: torch.Tensor | None
+    compute: Compute
+    fetch: Fetch
+    factors: dict | None  # every factor, read once, when the chunks are row-local
+    pairs: list | None = None  # plain LoRA terms on the CPU: (weight, scale, left, right) with ΔW = scale·left·right
+    tensor_scale: torch.Tensor | None = None  # fp8 per tensor: the one fresh scale
 
 
-def _requantization_error(weight: QuantizedWeight, fresh, merged: torch.Tensor) -> float:
-    """‖Q(W+ΔW) − (W+ΔW)‖, dequantizing the fresh tensors a chunk of rows at a time."""
-    error = 0.0
-    step = _row_step(weight)
-    buffer = torch.empty((min(step, weight.shape[0]), *weight.shape[1:]), dtype=torch.float32)
-    for start in range(0, weight.shape[0], step):
-        stop = min(weight.shape[0], start + step)
-        _dequantize_rows(weight, *fresh, start, stop, buffer[: stop - start])
-        error += float(torch.dist(buffer[: stop - start], merged[start:stop])) ** 2
-    return math.sqrt(error)
+@dataclass
+class _Rows:
+    """What one chunk reports: the merge's result, ‖ΔW‖², ‖Q(W+ΔW) − (W+ΔW)‖², and |W+ΔW| max."""
+
+    result: TaskResult | None = None
+    change: float = 0.0
+    error: float = 0.0
+    amax: float = 0.0
 
 
 @dataclass
@@ -114,55 +97,159 @@ class QuantizedTensors:
 
     produced: dict[str, tuple[QuantizedWeight, TensorTask]]
     allow_nonfinite: bool = False
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    ratios: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.pending: dict[str, torch.Tensor] = {}
-        self.ratios: dict[str, list[float]] = {}
-        self._flat: dict[str, torch.Tensor] = {}
+        self._workspaces: dict[int, Workspace] = {}
 
     def handles(self, name: str) -> bool:
         return name in self.produced
 
-    def write(self, task: TensorTask, base, writer, compute: Compute):
-        """Write output tensor `task` into `writer`; returns compute's result when this call merged the weight."""
-        result = None
-        if task.name not in self.pending:
-            result = self._produce(*self.produced[task.name], base, compute)
-        writer.write(task.name, tensor_bytes(self.pending.pop(task.name)))
+    def copy_ahead(self, task: TensorTask, base, writer, copier):
+        """Start copying the base's stored values into their place in the output (`copier`: an executor), or None.
+
+        Requantized values are then written over pages the kernel already filled, and read from there, as the
+        merge does for plain tensors: cheaper than faulting in fresh pages of the output and of the base.
+        """
+        weight, logical = self.produced[task.name]
+        if logical.in_dtype != "F32" or task.name != weight.data.name or weight.data.offset is None:
+            return None  # --dtype writes another dtype; the scales are small
+        return copier.submit(writer.copy_from, task.name, weight.data, final=False)
+
+    def write(self, task: TensorTask, base, writer, compute: Compute, fetch: Fetch, lane=None, copied=None):
+        """Write output tensor `task` into `writer`; returns the merge's result when this call merged the weight.
+
+        `lane` (a merge lane: `pool`, `workspace`) runs the chunks on its row workers and device; `copied`:
+        the future of `copy_ahead`.
+        """
+        if task.name in self.pending:
+            writer.write(task.name, tensor_bytes(self.pending.pop(task.name)))
+            return None
+        weight, logical = self.produced[task.name]
+        keep = logical.in_dtype == "F32"  # else --dtype: the logical task reads the stored dtype (see adapt_plan)
+        if task.name != (weight.data.name if keep else logical.name):
+            raise AssertionError(f"{task.name}: planned before {weight.data.name}")  # adapt_plan puts the data first
+        with ExitStack() as stack:
+            if copied is not None:
+                copied.result()
+            out = stack.enter_context(writer.mapped(task.name, again=copied is not None))
+            # the base's values, or their copy in place (each chunk is read before it is rewritten)
+            data = out if copied is not None else stack.enter_context(base.mapped(weight.data.name))
+            scale = stack.enter_context(base.mapped(weight.scale.name))
+            out_scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype]) if keep else None
+            job = _Job(weight, logical, data, scale, out, out_scale, compute, fetch, self._factors(logical, fetch))
+            on_cpu = getattr(getattr(lane, "workspace", None), "device", torch.device("cpu")).type == "cpu"
+            job.pairs = lora_pairs(logical, job.factors) if on_cpu and job.factors is not None else None
+            result = self._produce(job, lane)
+        writer.written(task.name)
+        if keep:  # the scales follow, in this shard or a later one
+            self.pending[weight.scale.name] = out_scale
         return result
 
-    def _buffer(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A reused fp32 CPU buffer (fresh tensor-sized allocations cost a page fault per 4 KiB)."""
-        flat = self._flat.get(role)
-        if flat is None or flat.numel() < math.prod(shape):
-            flat = self._flat[role] = torch.empty(math.prod(shape), dtype=torch.float32)
-        return flat[: math.prod(shape)].view(shape)
+    @staticmethod
+    def _factors(logical: TensorTask, fetch: Fetch) -> dict | None:
+        if not logical.changed or not row_local(logical):
+            return None
+        keys = [(t.adapter, key) for t in logical.terms for key in (t.module.a_key, t.module.b_key)]
+        return {key: fetch(*key) for key in keys}
 
-    def _produce(self, weight: QuantizedWeight, logical: TensorTask, base, compute: Compute):
-        result = None
-        with base.mapped(weight.data.name) as data, base.mapped(weight.scale.name) as scale:
-            values = dequantize(weight, data, scale, self._buffer("base", weight.shape))
-        merged = values
-        if logical.changed:
-            merged = self._buffer("merged", weight.shape)
-            result = compute(logical, values, merged)
-        if logical.in_dtype != "F32":  # --dtype: the logical task reads the stored dtype (see adapt_plan)
-            self.pending[logical.name] = self._cast(logical, merged)
-            return result
-        fresh = requantize(weight, merged)
-        change = float(torch.dist(merged, values)) if logical.changed else 0.0
-        if change > 0:
-            self.ratios.setdefault(weight.format, []).append(_requantization_error(weight, fresh, merged) / change)
-        self.pending.update(zip(weight.stored, fresh, strict=True))
-        return result
+    def _workspace(self, worker: int) -> Workspace:
+        if worker not in self._workspaces:
+            self._workspaces[worker] = Workspace(torch.device("cpu"))
+        return self._workspaces[worker]
 
-    def _cast(self, logical: TensorTask, values: torch.Tensor) -> torch.Tensor:
-        result = values.to(TORCH_DTYPES[logical.out_dtype])
-        if not self.allow_nonfinite and result.is_floating_point() and not bool(torch.isfinite(result).all()):
+    def _produce(self, job: _Job, lane) -> TaskResult | None:
+        parts = chunks(job.weight, whole=job.factors is None and job.logical.changed)
+        keep = job.out_scale is not None
+        if keep and job.weight.scheme == "fp8-tensor":  # one scale for all rows: find the merged amax first
+            amax = max((rows.amax for rows in self._run(job, parts, lane, "amax")), default=0.0)
+            fresh = torch.tensor(amax / fp8.FP8_MAX if amax > 0 else 1.0, dtype=torch.float32)
+            job.tensor_scale = fresh.to(job.out_scale.dtype)
+            job.out_scale.copy_(job.tensor_scale.reshape(job.out_scale.shape))
+        reports = self._run(job, parts, lane, "requantize" if keep else "cast")
+        results = [rows.result for rows in reports if rows.result is not None]
+        if keep and job.logical.changed:
+            change = math.sqrt(sum(rows.change for rows in reports))
+            if change > 0:
+                error = math.sqrt(sum(rows.error for rows in reports))
+                self.ratios.setdefault(job.weight.format, []).append(error / change)
+        if not results:
+            return None
+        if len(results) == 1:
+            return results[0]
+        return TaskResult(max(r.max_abs_delta for r in results))
+
+    def _run(self, job: _Job, parts: list[Chunk], lane, step: str) -> list[_Rows]:
+        """`step` on every chunk, dealt to the lane's row workers in contiguous runs; reports in chunk order."""
+
+        def run(worker: int, first: int, last: int) -> list[_Rows]:
+            return [self._chunk(job, parts[index], worker, lane, step) for index in range(first, last)]
+
+        pool = getattr(lane, "pool", None)
+        runs = pool.split(len(parts), run) if pool is not None else [run(0, 0, len(parts))]
+        return [rows for part in runs for rows in part]
+
+    def _chunk(self, job: _Job, chunk: Chunk, worker: int, lane, step: str) -> _Rows:
+        weight, logical = job.weight, job.logical
+        shape = chunk.shape(weight)
+        buffers = self._workspace(worker)
+        base = buffers.get("quant-base", shape, torch.float32)
+        _dequantize_chunk(weight, job.data, job.scale, chunk, base)
+        report, merged = _Rows(), base
+        scratch = buffers.get("quant-scratch", shape, torch.float32)
+        if job.pairs is not None:
+            merged = buffers.get("quant-merged", shape, torch.float32)
+            largest, report.change = merge_lora(job.pairs, chunk, base, merged, scratch)
+            report.result = TaskResult(largest)
+        elif logical.changed:
+            merged = buffers.get("quant-merged", shape, torch.float32)
+            device = getattr(lane, "workspace", None)
+            workspace = device if device is not None and device.device.type != "cpu" else buffers
+            fetch = job.fetch if job.factors is None else window(logical, job.factors, chunk)
+            report.result = job.compute(replace(logical, shape=shape), base, merged, fetch, workspace)
+            report.change = float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
+        if step == "amax":
+            low, high = torch.aminmax(merged)
+            report.amax = max(-float(low), float(high))
+        elif step == "cast":
+            self._cast(logical, merged, chunk.of(job.out))
+        else:
+            spare = buffers.get("quant-spare", shape, torch.float32)
+            report.error = self._requantize_chunk(job, chunk, merged, scratch, spare)
+            if not self.allow_nonfinite and not math.isfinite(report.error):
+                raise NonFiniteError(f"tensor {logical.name!r}: the merged weight holds NaN or Inf")
+        return report
+
+    @staticmethod
+    def _requantize_chunk(job: _Job, chunk: Chunk, merged, scratch: torch.Tensor, spare: torch.Tensor) -> float:
+        """Fresh stored values for a chunk (and its scales) from its merged values; ‖Q(W+ΔW) − (W+ΔW)‖² of it."""
+        weight, out, out_scale = job.weight, chunk.of(job.out), job.out_scale
+        index = chunk.scales(weight)
+        if weight.scheme == "fp8-block":
+            out_scale[index], error = fp8.requantize_blocks(
+                merged, weight.block, out_scale.dtype, out, scratch, spare, weight.pow2_scales
+            )
+        elif weight.scheme == "fp8-channel":
+            scale, error = fp8.requantize_scaled(merged, None, out_scale.dtype, out, scratch, spare)
+            out_scale[index] = scale.reshape(out_scale[index].shape)
+        elif weight.scheme == "fp8-tensor":
+            _, error = fp8.requantize_scaled(merged, job.tensor_scale, out_scale.dtype, out, scratch, spare)
+        else:
+            out[...], out_scale[index] = mxfp4.quantize(merged)
+            _dequantize_chunk(weight, job.out, out_scale, chunk, scratch)
+            error = float(torch.linalg.vector_norm(scratch.sub_(merged))) ** 2
+        return error
+
+    def _cast(self, logical: TensorTask, values: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(values)
+        if self.allow_nonfinite or not out.is_floating_point() or not out.numel():
+            return
+        low, high = torch.aminmax(out)
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
             raise NonFiniteError(
                 f"tensor {logical.name!r}: the dequantized result overflows {logical.out_dtype} (try --dtype fp32)"
             )
-        return result
 
 
 def requantization_summary(writers) -> tuple[dict[str, dict], list[str]]:

@@ -5,6 +5,9 @@ computes fresh scales the way the producers do (DeepSeek-V3's block quantizer,
 llm-compressor's FP8 schemes): scale = amax / 448 over the block, row or tensor,
 rounded to the stored scale dtype, then value / scale clamped to ±448 and
 rounded to the nearest e4m3 value (ties to even), all in fp32.
+
+Decoding e4m3 is a bit shuffle (`decode`), several times faster than torch's
+element-by-element conversion; every result is bit-identical to it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,23 @@ import math
 
 import torch
 
-__all__ = ["FP8_MAX", "dequantize_blocks", "quantize_blocks", "dequantize_scaled", "quantize_scaled", "block_grid"]
+__all__ = [
+    "FP8_MAX",
+    "decode",
+    "dequantize_blocks",
+    "quantize_blocks",
+    "dequantize_scaled",
+    "quantize_scaled",
+    "requantize_blocks",
+    "requantize_scaled",
+    "block_grid",
+]
 
 FP8_MAX = 448.0
 _FP8 = torch.float8_e4m3fn
+#: `decode` gives each value times 2^-120: e4m3's exponent bias is 7, fp32's 127.
+_DECODE_FACTOR = 2.0**120
+_SIGN_EXPONENT_MANTISSA = -0x78100000  # 0x87F00000 as int32: fp32's sign, the low 4 exponent bits, 3 mantissa bits
 
 
 def block_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
@@ -24,31 +40,61 @@ def block_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
-def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """Each block's scale repeated over the block, cropped at the edges."""
-    rows, cols = shape
-    full = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
-    return full[:rows, :cols]
+def decode(weight: torch.Tensor, out: torch.Tensor, check: bool = True) -> bool:
+    """`out` (fp32) = the e4m3 values × 2^-120, exactly; False (and `out` untouched) when `weight` holds a NaN code.
+
+    The byte's sign, 4 exponent and 3 mantissa bits move into fp32's sign, low exponent and high mantissa bits:
+    that reads the exponent with bias 127 instead of 7, and e4m3's subnormals become fp32 subnormals of the same
+    scaled value. Multiplying by 2^120 (folded into the scale) is then exact. `check=False`: the caller knows
+    there is no NaN code (one would decode as ±480).
+    """
+    codes = weight.view(torch.int8)
+    if check and codes.numel() and (int(codes.max()) == 0x7F or int(codes.view(torch.uint8).max()) == 0xFF):
+        return False  # NaN codes are the largest as int8 (0x7F) or as uint8 (0xFF): two passes, nothing allocated
+    bits = out.view(torch.int32)
+    bits.copy_(codes)  # sign-extended: shifted left 20, the sign lands in bit 31 and fills bits 27-30, cleared below
+    bits.bitwise_left_shift_(20).bitwise_and_(_SIGN_EXPONENT_MANTISSA)
+    return True
 
 
-def _tiled(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor | None:
-    """A [row blocks, b0, column blocks, b1] view of x when the blocks tile it exactly, else None."""
-    rows, cols = x.shape
-    if rows % block[0] or cols % block[1] or not x.is_contiguous():
-        return None
-    return x.view(rows // block[0], block[0], cols // block[1], block[1])
+def _decoded(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The values to multiply by in `out` and the factor that makes them real: `scale`·2^120, or `scale` itself."""
+    scale = scale.float()
+    folded = scale * _DECODE_FACTOR
+    if bool(torch.isfinite(folded).all()) and decode(weight, out):
+        return folded
+    out.copy_(weight)  # a NaN code, or a scale so large that scale·2^120 overflows: torch's own conversion
+    return scale
 
 
-def _scale_blocks(
-    x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool, out: torch.Tensor
-) -> torch.Tensor:
-    """x × (or ÷) each block's scale, into `out` (which may be x)."""
-    tiles, target = _tiled(x, block), _tiled(out, block)
-    if tiles is None or target is None:
-        tiles, target, factor = x, out, _expand(scale.float(), tuple(x.shape), block)
-    else:
-        factor = scale.float()[:, None, :, None]
-    (torch.div if divide else torch.mul)(tiles, factor, out=target)
+def _regions(rows: int, cols: int, block: tuple[int, int]):
+    """(row slice, col slice, scale row slice, scale col slice) of the full tiles and the partial edge tiles."""
+    row_parts, col_parts = _split(rows, block[0]), _split(cols, block[1])
+    for r, gr in row_parts:
+        for c, gc in col_parts:
+            yield r, c, gr, gc
+
+
+def _split(count: int, size: int) -> list[tuple[slice, slice]]:
+    """(values, tiles) of the whole tiles along one axis, then of the partial tile (each only when not empty)."""
+    full, tiles = count - count % size, count // size
+    parts = [(slice(0, full), slice(0, tiles)), (slice(full, count), slice(tiles, tiles + 1))]
+    return [(values, grid) for values, grid in parts if values.stop > values.start]
+
+
+def _tiles(x: torch.Tensor, rows: slice, cols: slice, tiles: tuple[int, int]) -> torch.Tensor:
+    """x[rows, cols] as [row tiles, tile rows, col tiles, tile cols] (a view)."""
+    part = x[rows, cols]
+    return part.unflatten(1, (tiles[1], -1)).unflatten(0, (tiles[0], -1))
+
+
+def _scale_blocks(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool, out: torch.Tensor):
+    """x × (or ÷) each block's scale, into `out` (which may be x); edge tiles in their own calls, nothing expanded."""
+    op = torch.div if divide else torch.mul
+    for rows, cols, scale_rows, scale_cols in _regions(*x.shape, block):
+        factor = scale[scale_rows, scale_cols]
+        tiles = tuple(factor.shape)
+        op(_tiles(x, rows, cols, tiles), factor[:, None, :, None], out=_tiles(out, rows, cols, tiles))
     return out
 
 
@@ -57,25 +103,29 @@ def dequantize_blocks(
 ) -> torch.Tensor:
     """fp32 weight = e4m3 value × its block's scale (`weight_scale_inv`, fp32 or bf16)."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
-    return _scale_blocks(out.copy_(weight), scale_inv, block, divide=False, out=out)
+    return _scale_blocks(out, _decoded(weight, scale_inv, out), block, divide=False, out=out)
 
 
-def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    tiles = _tiled(x, block)
-    if tiles is not None:
-        return torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_())
-    rows, cols = x.shape
-    grid = block_grid((rows, cols), block)
-    padded = x.abs()
-    pad_rows, pad_cols = grid[0] * block[0] - rows, grid[1] * block[1] - cols
-    if pad_rows or pad_cols:
-        padded = torch.nn.functional.pad(padded, (0, pad_cols, 0, pad_rows))
-    return padded.view(grid[0], block[0], grid[1], block[1]).amax(dim=(1, 3))
+def _block_amax(x: torch.Tensor, block: tuple[int, int], scratch: torch.Tensor) -> torch.Tensor:
+    """max |x| per block; `scratch` (x's shape) receives |x|."""
+    magnitude = torch.abs(x, out=scratch)
+    amax = torch.empty(block_grid(tuple(x.shape), block), dtype=torch.float32)
+    for rows, cols, scale_rows, scale_cols in _regions(*x.shape, block):
+        tiles = _tiles(magnitude, rows, cols, (scale_rows.stop - scale_rows.start, scale_cols.stop - scale_cols.start))
+        amax[scale_rows, scale_cols] = tiles.amax(dim=(1, 3))
+    return amax
 
 
-def _scale_from_amax(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """amax / 448 in the stored scale dtype; an all-zero group gets scale 1 (any scale stores zeros)."""
+def _scale_from_amax(amax: torch.Tensor, scale_dtype: torch.dtype, pow2: bool = False) -> torch.Tensor:
+    """amax / 448 in the stored scale dtype; an all-zero group gets scale 1 (any scale stores zeros).
+
+    `pow2` (UE8M0 scales): amax / 448 rounded up to a power of two, so no value saturates.
+    """
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if pow2:
+        mantissa, exponent = torch.frexp(scale)  # scale = m·2^e, m in [0.5, 1): the next power of two is 2^e
+        scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
+        scale = torch.where(amax > scale * FP8_MAX, scale * 2, scale)  # amax / 448 may have rounded down onto 2^k
     return scale.to(scale_dtype)
 
 
@@ -87,19 +137,50 @@ def _to_e4m3(scaled: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def quantize_blocks(
-    x: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    block: tuple[int, int],
+    scale_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+    pow2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 weight, block scales) for an fp32 [rows, cols] weight; `out` receives the e4m3 values."""
-    scale = _scale_from_amax(_block_amax(x, block), scale_dtype)
-    scaled = _scale_blocks(x, scale, block, divide=True, out=torch.empty(x.shape, dtype=torch.float32))
+    """(e4m3 weight, block scales) for an fp32 [rows, cols] weight; `out` receives the e4m3 values.
+
+    `scratch`: an fp32 buffer of x's shape for the scaled values (else one is allocated); `pow2`: UE8M0 scales.
+    """
+    scratch = torch.empty(x.shape, dtype=torch.float32) if scratch is None else scratch
+    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype, pow2)
+    scaled = _scale_blocks(x, scale.float(), block, divide=True, out=scratch)
     return _to_e4m3(scaled, out), scale
+
+
+def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer)."""
+    out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare))
+    if decode(out, spare, check=False):  # a NaN here came from a NaN value, and leaves the residual NaN anyway
+        return scaled.sub_(spare, alpha=_DECODE_FACTOR)
+    return scaled.sub_(spare.copy_(out))
+
+
+def requantize_blocks(
+    x: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype, out, scratch, spare, pow2: bool = False
+) -> tuple[torch.Tensor, float]:
+    """`quantize_blocks` into `out`, and ‖dequantized(out) − x‖², taken as ‖(x/s − q)·s‖² per block.
+
+    `scratch` and `spare`: fp32 buffers of x's shape; `pow2`: UE8M0 scales.
+    """
+    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype, pow2)
+    factor = scale.float()
+    residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare)
+    error = _scale_blocks(residual, factor, block, divide=False, out=residual)
+    return scale, float(torch.linalg.vector_norm(error)) ** 2
 
 
 def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 weight = e4m3 value × a per-tensor ([] or [1]) or per-output-channel ([out, 1] or [out]) scale."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
-    out.copy_(weight)
-    return out.mul_(_broadcast(scale.float(), weight.dim()))
+    factor = _decoded(weight, scale, out)
+    return out.mul_(_broadcast(factor, weight.dim()))
 
 
 def _broadcast(scale: torch.Tensor, dims: int) -> torch.Tensor:
@@ -108,12 +189,37 @@ def _broadcast(scale: torch.Tensor, dims: int) -> torch.Tensor:
     return scale.reshape(-1, *([1] * (dims - 1)))
 
 
+def _row_scales(x: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    rows = x.reshape(x.shape[0], -1)
+    return _scale_from_amax(torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_()), scale_dtype)
+
+
 def quantize_scaled(
-    x: torch.Tensor, scale_shape: tuple[int, ...], scale_dtype: torch.dtype, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    scale_shape: tuple[int, ...],
+    scale_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, scale of `scale_shape`): one scale for the tensor, or one per output row."""
-    per_tensor = math.prod(scale_shape) == 1
-    amax = x.abs().amax() if per_tensor else x.abs().reshape(x.shape[0], -1).amax(dim=1)
-    scale = _scale_from_amax(amax, scale_dtype)
-    scaled = x / _broadcast(scale.float(), x.dim())
+    if math.prod(scale_shape) == 1:
+        low, high = torch.aminmax(x)
+        scale = _scale_from_amax(torch.maximum(high, low.neg()), scale_dtype)
+    else:
+        scale = _row_scales(x, scale_dtype)
+    scratch = torch.empty(x.shape, dtype=torch.float32) if scratch is None else scratch
+    scaled = torch.div(x, _broadcast(scale.float(), x.dim()), out=scratch)
     return _to_e4m3(scaled, out), scale.reshape(scale_shape)
+
+
+def requantize_scaled(
+    x: torch.Tensor, scale: torch.Tensor | None, scale_dtype: torch.dtype, out, scratch, spare
+) -> tuple[torch.Tensor, float]:
+    """Quantize into `out` with `scale` (per tensor), or fresh per-row scales when None; ‖dequantized − x‖².
+
+    Returns the scales (one per row when computed here) and the squared error, as `requantize_blocks`.
+    """
+    scale = _row_scales(x, scale_dtype) if scale is None else scale
+    factor = _broadcast(scale.float(), x.dim())
+    residual = _store_with_residual(torch.div(x, factor, out=scratch), out, spare)
+    return scale, float(torch.linalg.vector_norm(residual.mul_(factor))) ** 2

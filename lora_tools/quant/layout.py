@@ -46,12 +46,14 @@ class QuantizedWeight:
     shape: tuple[int, ...]
     block: tuple[int, int] | None = None
     drop: tuple[str, ...] = ()
+    pow2_scales: bool = False  # FP8 block scales kept as powers of two (`scale_fmt: ue8m0`, DeepSeek-V3.1)
 
     @property
     def format(self) -> str:
         """The format as the report names it, e.g. 'fp8 block 128×128, F32 scales'."""
         if self.scheme == "fp8-block":
-            return f"fp8 block {self.block[0]}×{self.block[1]}, {self.scale.dtype} scales"
+            kind = f"{self.scale.dtype} UE8M0" if self.pow2_scales else self.scale.dtype
+            return f"fp8 block {self.block[0]}×{self.block[1]}, {kind} scales"
         if self.scheme == "mxfp4":
             return "mxfp4"
         return f"{self.scheme.replace('-', ' per-')}, {self.scale.dtype} scales"
@@ -87,7 +89,7 @@ def _block_size(config: dict | None) -> tuple[int, int] | None:
     return None
 
 
-def _fp8_weight(name: str, data: TensorInfo, scale: TensorInfo, block, tensors) -> QuantizedWeight:
+def _fp8_weight(name: str, data: TensorInfo, scale: TensorInfo, block, tensors, pow2: bool) -> QuantizedWeight:
     """Classify a float8 weight by its scale's shape: one value, one per output row, or a block grid."""
     shape = data.shape
     module = name[: -len(".weight")]
@@ -106,7 +108,7 @@ def _fp8_weight(name: str, data: TensorInfo, scale: TensorInfo, block, tensors) 
             f"{scale.name} is {list(scale.shape)} but {name} {list(shape)} in {block[0]}×{block[1]} blocks "
             f"needs {list(grid)} (check weight_block_size in config.json)",
         )
-    return QuantizedWeight(name, "fp8-block", data, scale, shape, block, drop)
+    return QuantizedWeight(name, "fp8-block", data, scale, shape, block, drop, pow2)
 
 
 def _mxfp4_weight(stem: str, data: TensorInfo, scale: TensorInfo) -> QuantizedWeight:
@@ -129,12 +131,13 @@ def detect(path, tensors: Mapping[str, TensorInfo], config: dict | None) -> Quan
     """
     refuse_unsupported(path, config, tensors)
     block = _block_size(config)
+    pow2 = str(((config or {}).get("quantization_config") or {}).get("scale_fmt", "")).lower() == "ue8m0"
     weights: dict[str, QuantizedWeight] = {}
     for name, info in tensors.items():
         if info.dtype == "F8_E4M3" and name.endswith(".weight"):
             scale = tensors.get(f"{name}_scale_inv") or tensors.get(f"{name}_scale")
             if scale is not None:
-                weights[name] = _fp8_weight(name, info, scale, block, tensors)
+                weights[name] = _fp8_weight(name, info, scale, block, tensors, pow2)
             elif f"{name[: -len('weight')]}scale_weight" in tensors:  # ComfyUI "scaled fp8" (see lora_tools.fp8)
                 weights[name] = comfy_scaled_fp8(name, info, tensors)
         elif info.dtype == "U8" and name.endswith("_blocks") and f"{name[: -len('_blocks')]}_scales" in tensors:

@@ -35,6 +35,8 @@ _SIGNATURES = (
     (".qweight", "GPTQ/AWQ"),
     (".g_idx", "GPTQ"),
     (".W_q", "HQQ"),
+    (".weight_scale_2", "NVFP4 (ModelOpt)"),
+    (".weight_global_scale", "NVFP4 (compressed-tensors)"),
 )
 
 _ADVICE = "merge into the unquantized base model, then quantize the merged model"
@@ -50,6 +52,9 @@ def _described(config: Mapping) -> str:
             return "bitsandbytes 8-bit"
     if method in ("gptq", "awq") and "bits" in config:
         return f"{name} {config['bits']}-bit"
+    if method == "modelopt":  # NVIDIA ModelOpt names its scheme in quant_algo (NVFP4, FP8, W4A8_AWQ, …)
+        algo = config.get("quant_algo") or (config.get("quantization") or {}).get("quant_algo")
+        return f"ModelOpt {algo}" if algo else "ModelOpt"
     return name
 
 
@@ -64,6 +69,8 @@ def refuse_unsupported(where: Path, config: dict | None, names: Mapping[str, obj
     quant = (config or {}).get("quantization_config")
     if isinstance(quant, dict):
         method = str(quant.get("quant_method", "")).lower()
+        if method == "compressed-tensors" and str(quant.get("format", "")).startswith("nvfp4"):
+            _refuse(where, f"compressed-tensors NVFP4 ({quant.get('format')})")
         if method == "compressed-tensors" and _compressed_integers(quant):
             _refuse(where, f"compressed-tensors ({quant.get('format')}, integer weights)")
         if method not in SUPPORTED_METHODS:
@@ -76,7 +83,7 @@ def refuse_unsupported(where: Path, config: dict | None, names: Mapping[str, obj
 
 def _compressed_integers(quant: dict) -> bool:
     """compressed-tensors stores int4/int8 (pack-quantized, int-quantized) as well as FP8 (float-quantized)."""
-    if str(quant.get("format", "")) in ("pack-quantized", "int-quantized", "marlin-24", "nvfp4-pack-quantized"):
+    if str(quant.get("format", "")) in ("pack-quantized", "int-quantized", "marlin-24"):
         return True
     groups = quant.get("config_groups") or {}
     weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
@@ -98,5 +105,5 @@ def refuse_gguf(path: Path) -> None:
 def _refuse(where: Path, method: str) -> None:
     raise UnsupportedError(
         f"{where}: the base is quantized with {method}, which loratool does not merge into "
-        f"(adding ΔW to packed integers would corrupt it): {_ADVICE}"
+        f"(adding ΔW to its packed values would corrupt them): {_ADVICE}"
     )
