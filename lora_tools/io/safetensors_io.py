@@ -275,7 +275,7 @@ class SafetensorsWriter:
     def rows(self, name: str):
         """A `RowSink` that writes the tensor's rows with `pwrite` (no mapping, so no page faults);
         call `written(name)` once every row is in."""
-        from .compute.sink import RowSink
+        from ..compute.sink import RowSink
         from .tensors import to_torch_dtype
 
         dtype, shape, offset, _ = self._claim(name)
