@@ -138,7 +138,7 @@ def main() -> None:
     for label, r in best.items():
         print(
             f"{label:32} {r['seconds']:8.2f} {r['seconds'] / floor:8.2f} {size / 1e9 / r['seconds']:6.2f} "
-            f"{r['cpu_seconds']:6.2f} {r['load']:5.1f} {r['peak_rss_mb']:12.0f}"
+            f"{r['cpu_seconds']:6.2f} {max(r['load']):5.1f} {r['peak_rss_mb']:12.0f}"
         )
     if "loratool merge, FP8 block base" in best:
         fp8, bf16 = best["loratool merge, FP8 block base"], best["loratool merge"]
