@@ -233,6 +233,8 @@ def _compute_blocked(
     def run(worker: int, first: int, last: int) -> tuple[list[float], bool]:
         weight_buffer = workspace.get(f"weight{worker}", (block, base_2d.shape[1]), compute)
         delta_buffer = workspace.get(f"delta{worker}", (block, base_2d.shape[1]), compute)
+        if sink is not None:  # rounded rows, written with pwrite
+            rounded_buffer = workspace.get(f"rounded{worker}", (block, base_2d.shape[1]), destination.dtype)
         max_abs, finite = [0.0] * len(pairs), True
         for start in range(first * block, min(rows, last * block), block):
             stop = min(rows, start + block)
@@ -248,8 +250,7 @@ def _compute_blocked(
             if sink is None:
                 out_2d[start:stop].copy_(weight)
             else:
-                rounded = workspace.get(f"rounded{worker}", (stop - start, base_2d.shape[1]), destination.dtype)
-                sink.write(start, rounded.copy_(weight))
+                sink.write(start, rounded_buffer[: stop - start].copy_(weight))
         return max_abs, finite
 
     blocks = -(-rows // block)
