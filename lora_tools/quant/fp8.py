@@ -154,9 +154,25 @@ def quantize_blocks(
     return _to_e4m3(scaled, out), scale
 
 
-def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
-    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer)."""
-    out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare))
+#: torch rounds every fp32 magnitude in [448, 464) to 448 (ties to even at 464 would too): below it, the clamp to
+#: ±448 changes no stored byte.
+_ROUNDS_TO_MAX = 464.0
+
+
+def _in_range(amax: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether every value / scale of a group rounds into e4m3's range unclamped: fl(amax / s) is the largest
+    |fl(x / s)| of the group, as correctly rounded division is monotone. False for a NaN or infinite amax."""
+    return bool((amax / factor < _ROUNDS_TO_MAX).all())
+
+
+def _store_with_residual(
+    scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor, clamp: bool = True
+) -> torch.Tensor:
+    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer).
+
+    `clamp=False`: the caller knows every |scaled| is below `_ROUNDS_TO_MAX`, so the clamp would change nothing.
+    """
+    out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare) if clamp else scaled)
     if decode(out, spare, check=False):  # a NaN here came from a NaN value, and leaves the residual NaN anyway
         return scaled.sub_(spare, alpha=_DECODE_FACTOR)
     return scaled.sub_(spare.copy_(out))
@@ -169,9 +185,11 @@ def requantize_blocks(
 
     `scratch` and `spare`: fp32 buffers of x's shape; `pow2`: UE8M0 scales.
     """
-    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype, pow2)
+    amax = _block_amax(x, block, scratch)
+    scale = _scale_from_amax(amax, scale_dtype, pow2)
     factor = scale.float()
-    residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare)
+    scaled = _scale_blocks(x, factor, block, divide=True, out=scratch)
+    residual = _store_with_residual(scaled, out, spare, clamp=not _in_range(amax, factor))
     error = _scale_blocks(residual, factor, block, divide=False, out=residual)
     return scale, float(torch.linalg.vector_norm(error)) ** 2
 
