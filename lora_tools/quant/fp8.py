@@ -53,7 +53,7 @@ def decode(weight: torch.Tensor, out: torch.Tensor, check: bool = True) -> bool:
         return False  # NaN codes are the largest as int8 (0x7F) or as uint8 (0xFF): two passes, nothing allocated
     bits = out.view(torch.int32)
     bits.copy_(codes)  # sign-extended: shifted left 20, the sign lands in bit 31 and fills bits 27-30, cleared below
-    bits.mul_(1 << 20).bitwise_and_(_SIGN_EXPONENT_MANTISSA)  # × 2^20 wraps as a left shift by 20 does, faster
+    bits.bitwise_left_shift_(20).bitwise_and_(_SIGN_EXPONENT_MANTISSA)
     return True
 
 
@@ -153,25 +153,9 @@ def quantize_blocks(
     return _to_e4m3(scaled, out), scale
 
 
-#: torch rounds every fp32 magnitude in [448, 464) to 448 (ties to even at 464 would too): below it, the clamp to
-#: ±448 changes no stored byte.
-_ROUNDS_TO_MAX = 464.0
-
-
-def _in_range(amax: torch.Tensor, factor: torch.Tensor) -> bool:
-    """Whether every value / scale of a group rounds into e4m3's range unclamped: fl(amax / s) is the largest
-    |fl(x / s)| of the group, as correctly rounded division is monotone. False for a NaN or infinite amax."""
-    return bool((amax / factor < _ROUNDS_TO_MAX).all())
-
-
-def _store_with_residual(
-    scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor, clamp: bool = True
-) -> torch.Tensor:
-    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer).
-
-    `clamp=False`: the caller knows every |scaled| is below `_ROUNDS_TO_MAX`, so the clamp would change nothing.
-    """
-    out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare) if clamp else scaled)
+def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer)."""
+    out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare))
     if decode(out, spare, check=False):  # a NaN here came from a NaN value, and leaves the residual NaN anyway
         return scaled.sub_(spare, alpha=_DECODE_FACTOR)
     return scaled.sub_(spare.copy_(out))
@@ -184,11 +168,9 @@ def requantize_blocks(
 
     `scratch` and `spare`: fp32 buffers of x's shape; `pow2`: UE8M0 scales.
     """
-    amax = _block_amax(x, block)
-    scale = _scale_from_amax(amax, scale_dtype, pow2)
+    scale = _scale_from_amax(_block_amax(x, block), scale_dtype, pow2)
     factor = scale.float()
-    scaled = _scale_blocks(x, factor, block, divide=True, out=scratch)
-    residual = _store_with_residual(scaled, out, spare, clamp=not _in_range(amax, factor))
+    residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare)
     error = _scale_blocks(residual, factor, block, divide=False, out=residual)
     return scale, float(torch.linalg.vector_norm(error)) ** 2
 
