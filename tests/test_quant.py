@@ -234,6 +234,21 @@ def test_quantizers_agree_bit_for_bit_on_same_input():
     assert torch.equal(e4m3_bytes(torch.tensor([1.0625, 1.1875]).double()).float(), torch.tensor([1.0, 1.25]))
 
 
+def test_block_amax_is_the_largest_magnitude_of_each_block():
+    """max(max x, −min x) per block, edge blocks included, is max |x|; a NaN makes its block's amax NaN."""
+    torch.manual_seed(2)
+    x = torch.randn(40, 56) * torch.logspace(-30, 30, 56)
+    x[:16, :16] = -x[:16, :16].abs()  # all negative: the magnitude comes from the minimum
+    x[17, 50], x[35, 5], x[36, 20] = float("nan"), float("inf"), float("-inf")
+    grid = fp8.block_grid(tuple(x.shape), BLOCK)
+    padded = torch.full((grid[0] * 16, grid[1] * 16), float("-inf"))
+    padded[:40, :56] = x.abs()
+    reference = padded.unflatten(1, (grid[1], 16)).unflatten(0, (grid[0], 16)).amax(dim=(1, 3))
+    amax = fp8._block_amax(x, BLOCK)
+    torch.testing.assert_close(amax, reference, rtol=0, atol=0, equal_nan=True)
+    assert bool(amax[1, 3].isnan()) and float(amax[2, 0]) == float(amax[2, 1]) == float("inf")
+
+
 def _tensor_bytes(folder: Path) -> dict[str, bytes]:
     out = {}
     for file in sorted(folder.glob("*.safetensors")):

@@ -106,13 +106,12 @@ def dequantize_blocks(
     return _scale_blocks(out, _decoded(weight, scale_inv, out), block, divide=False, out=out)
 
 
-def _block_amax(x: torch.Tensor, block: tuple[int, int], scratch: torch.Tensor) -> torch.Tensor:
-    """max |x| per block; `scratch` (x's shape) receives |x|."""
-    magnitude = torch.abs(x, out=scratch)
+def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """max |x| per block, as max(max x, −min x): two reading passes, no |x| written (NaN wherever a block has one)."""
     amax = torch.empty(block_grid(tuple(x.shape), block), dtype=torch.float32)
     for rows, cols, scale_rows, scale_cols in _regions(*x.shape, block):
-        tiles = _tiles(magnitude, rows, cols, (scale_rows.stop - scale_rows.start, scale_cols.stop - scale_cols.start))
-        amax[scale_rows, scale_cols] = tiles.amax(dim=(1, 3))
+        tiles = _tiles(x, rows, cols, (scale_rows.stop - scale_rows.start, scale_cols.stop - scale_cols.start))
+        torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_(), out=amax[scale_rows, scale_cols])
     return amax
 
 
@@ -149,7 +148,7 @@ def quantize_blocks(
     `scratch`: an fp32 buffer of x's shape for the scaled values (else one is allocated); `pow2`: UE8M0 scales.
     """
     scratch = torch.empty(x.shape, dtype=torch.float32) if scratch is None else scratch
-    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype, pow2)
+    scale = _scale_from_amax(_block_amax(x, block), scale_dtype, pow2)
     scaled = _scale_blocks(x, scale.float(), block, divide=True, out=scratch)
     return _to_e4m3(scaled, out), scale
 
@@ -169,7 +168,7 @@ def requantize_blocks(
 
     `scratch` and `spare`: fp32 buffers of x's shape; `pow2`: UE8M0 scales.
     """
-    scale = _scale_from_amax(_block_amax(x, block, scratch), scale_dtype, pow2)
+    scale = _scale_from_amax(_block_amax(x, block), scale_dtype, pow2)
     factor = scale.float()
     residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare)
     error = _scale_blocks(residual, factor, block, divide=False, out=residual)
