@@ -164,8 +164,8 @@ def _run(
 ) -> MergeReport:
 
     # Nothing before the first computation needs torch: its import (a second or more) runs while
-    # the kernel copies the tensors that pass unchanged (see `_Writing`). Quantized bases are the
-    # exception: their executor (lora_tools.quant.execute) imports torch when one is planned.
+    # the kernel copies the tensors that pass unchanged (see `_Writing`); a quantized base's executor
+    # (lora_tools.quant.execute) is built once torch is in.
     started = time.perf_counter()
     if not adapter_paths:
         raise InvalidInputError("give at least one adapter")
@@ -250,12 +250,10 @@ def _run(
 
     trace.mark("planned")
     writing = _Writing(adapters, unmerge, allow_nonfinite, recorded, advance)
-    if any(produced for _, produced in adapted.values()):
-        from .quant.execute import QuantizedTensors
+    if any(produced for _, produced in adapted.values()):  # routes now, the executor once torch is in (`start`)
+        from .quant.routes import QuantizedRoutes
 
-        writing.quant = {
-            n: QuantizedTensors(produced, allow_nonfinite) for n, (_, produced) in adapted.items() if produced
-        }
+        writing.quant = {n: QuantizedRoutes(produced) for n, (_, produced) in adapted.items() if produced}
     inputs = [base_local, *(a.path for a in adapters)]
     with (
         atomic_output(output, is_dir=not single_file, force=force, inputs=inputs, estimated_bytes=total) as target,
@@ -424,7 +422,7 @@ class _Writing:
         self._progress_lock = threading.Lock()
         self.checks: list = []
         self.changes: list[TensorChange] = []
-        self.quant: dict = {}  # component → quant.execute.QuantizedTensors
+        self.quant: dict = {}  # component → quant.routes.QuantizedRoutes, then quant.execute.QuantizedTensors
         self.norms: dict = {}
         self.shards: list[_Shard] = []
         self.copier = ThreadPoolExecutor(1, thread_name_prefix="loratool-copy")
@@ -458,8 +456,7 @@ class _Writing:
             job = _Shard(base, component, writer)
             self.shards.append(job)
             if quantized is not None:  # dequantize → merge → requantize, after torch is imported (see `run`)
-                job.quantized = [(t, quantized.copy_ahead(t, base, writer, self.copier)) for t in tasks
-                                 if quantized.handles(t.name)]  # fmt: skip
+                job.quantized = [t for t in tasks if quantized.handles(t.name)]
                 tasks = [t for t in tasks if not quantized.handles(t.name)]
             job.computed = [task for task in tasks if _needs_compute(task, base)]
             for task in tasks:
@@ -477,6 +474,10 @@ class _Writing:
         from .io.tensors import return_freed_memory_to_os
 
         return_freed_memory_to_os()
+        if self.quant:
+            from .quant.execute import QuantizedTensors
+
+            self.quant = {n: QuantizedTensors(r.produced, self.allow_nonfinite) for n, r in self.quant.items()}
         devices = resolve_devices(device)
         _check_adapters_finite(self.adapters)
         if not self.allow_nonfinite:  # copied tensors are checked from their source while the compute runs
@@ -558,8 +559,8 @@ class _Writing:
             return compute_task(logical, values, fetch, workspace, destination, unmerge=self.unmerge,
                                 recorded_norm=recorded, allow_nonfinite=self.allow_nonfinite)  # fmt: skip
 
-        for task, copied in job.quantized:
-            result = quantized.write(task, job.base, job.writer, compute, self.fetch, self.lanes[0], copied)
+        for task in job.quantized:
+            result = quantized.write(task, job.base, job.writer, compute, self.fetch, self.lanes[0])
             if result is not None:
                 logical = quantized.produced[task.name][1]
                 qualified = _qualified(job.component, task.name)

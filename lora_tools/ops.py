@@ -103,14 +103,21 @@ class Workspace:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
 
     def get(self, role: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (role, tuple(shape), dtype)
+        view = self._views.get(key)  # the chunked paths ask for the same few views thousands of times
+        if view is not None:
+            return view
         numel = math.prod(shape)
         buffer = self._buffers.get(role)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=dtype, device=self.device)
             self._buffers[role] = buffer
-        return buffer[:numel].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != role}  # views of the old buffer
+        view = self._views[key] = buffer[:numel].view(shape)
+        return view
 
 
 @dataclass

@@ -249,6 +249,50 @@ def test_block_amax_is_the_largest_magnitude_of_each_block():
     assert bool(amax[1, 3].isnan()) and float(amax[2, 0]) == float(amax[2, 1]) == float("inf")
 
 
+def test_one_block_row_paths_agree_with_the_general_ones():
+    """A chunk of one row of blocks (full or partial height, edge block partial) takes a shorter path through
+    `_block_amax` and `_scale_blocks`: it gives the general path's values bit for bit."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 56) * torch.logspace(-3, 3, 56)
+    whole_amax = fp8._block_amax(x, BLOCK)
+    scale = fp8._scale_from_amax(whole_amax, torch.float32)
+    divided = fp8._scale_blocks(x, scale, BLOCK, divide=True, out=torch.empty(x.shape))
+    for first, stop in ((0, 16), (16, 32), (32, 40)):  # 40 rows: the last row of blocks is 8 high
+        tile = first // BLOCK[0]
+        part = x[first:stop]
+        assert torch.equal(fp8._block_amax(part, BLOCK), whole_amax[tile : tile + 1])
+        out = fp8._scale_blocks(part, scale[tile : tile + 1], BLOCK, divide=True, out=torch.empty(part.shape))
+        assert torch.equal(out, divided[first:stop])
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_requantize_skips_the_clamp_only_where_no_value_can_round_past_448(scale_dtype):
+    """`requantize_blocks` skips the clamp when every scale is its block's finite amax / 448 rounded to a normal
+    number: then no |x / s| reaches 464, the midpoint to the NaN code. Its bytes equal `quantize_blocks'` (which
+    always clamps) with no NaN code made, for a scale that rounds down (bf16), scales that round to subnormals
+    (fp16: clamp kept), and a block holding a NaN (its scale is 1, so 1000 / 1 must still clamp to 448)."""
+    torch.manual_seed(4)
+    x = torch.randn(16, 64) * 0.01
+    x[0, 0] = 448 * (1 + 2**-9 * 0.99)  # amax / 448 rounds down to 1 in bf16: x / s ≈ 448.9
+    x[1, 16] = 448 * (1 - 2**-12)
+    x[:, 32:48] *= 1e-6  # fp16: amax / 448 is subnormal, rounded coarsely
+    x[2, 48], x[3, 49] = float("nan"), 1000.0
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+    scale, _ = fp8.requantize_blocks(x, BLOCK, scale_dtype, out, torch.empty(x.shape), torch.empty(x.shape))
+    expected, expected_scale = fp8.quantize_blocks(x, BLOCK, scale_dtype)
+    codes = out.view(torch.uint8)
+    assert torch.equal(codes, expected.view(torch.uint8)) and torch.equal(scale, expected_scale)
+    nan_codes = (codes & 0x7F) == 0x7F
+    assert int(nan_codes.sum()) == 1 and bool(nan_codes[2, 48]) and int(codes[3, 49]) == 0x7E  # 448
+    clean = x[:, :48]
+    amax = fp8._block_amax(clean, BLOCK)
+    assert fp8._bounded(amax, fp8._scale_from_amax(amax, scale_dtype).float(), scale_dtype) == (
+        scale_dtype != torch.float16
+    )
+    amax = fp8._block_amax(x, BLOCK)
+    assert not fp8._bounded(amax, fp8._scale_from_amax(amax, scale_dtype).float(), scale_dtype)
+
+
 def _tensor_bytes(folder: Path) -> dict[str, bytes]:
     out = {}
     for file in sorted(folder.glob("*.safetensors")):

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..compute.sink import RowSink
 from ..errors import NonFiniteError
 from ..io.tensors import TORCH_DTYPES, tensor_bytes
 from ..ops import TaskResult, Workspace
 from ..plan import TensorTask
 from . import fp8, mxfp4
-from .chunks import Chunk, chunks, lora_pairs, merge_lora, row_local, window
+from .chunks import Chunk, chunks, lora_pairs, merge_lora, pieces, row_local, window
 from .layout import QuantizedWeight
+from .routes import QuantizedRoutes
 
 __all__ = ["REQUANTIZATION_WARN_RATIO", "QuantizedTensors", "dequantize", "requantization_summary"]
 
@@ -46,15 +48,18 @@ Fetch = Callable[[int, str], torch.Tensor]
 Compute = Callable[[TensorTask, torch.Tensor, torch.Tensor, Fetch, Workspace], TaskResult]
 
 
-def _dequantize_chunk(weight: QuantizedWeight, data, scale, chunk: Chunk, out: torch.Tensor) -> None:
+def _dequantize_chunk(weight: QuantizedWeight, data, scale, chunk: Chunk, out: torch.Tensor, folded=None) -> None:
+    """A chunk's fp32 values into `out`; `folded`: `fp8.fold` of the whole scale tensor (FP8), done once."""
     index = chunk.scales(weight)
     part = scale if index is None else scale[index]
+    if folded is not None:
+        folded = folded if index is None else folded[index]
     if weight.scheme == "fp8-block":
-        fp8.dequantize_blocks(chunk.of(data), part, weight.block, out=out)
+        fp8.dequantize_blocks(chunk.of(data), part, weight.block, out=out, folded=folded)
     elif weight.scheme == "mxfp4":
         out.copy_(mxfp4.dequantize(chunk.of(data), part))
     else:
-        fp8.dequantize_scaled(chunk.of(data), part, out=out)
+        fp8.dequantize_scaled(chunk.of(data), part, out=out, folded=folded)
 
 
 def dequantize(weight: QuantizedWeight, data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -72,30 +77,30 @@ class _Job:
     logical: TensorTask
     data: torch.Tensor
     scale: torch.Tensor
-    out: torch.Tensor  # new data (requantized), or the weight in the --dtype
+    sink: RowSink  # the new data (requantized), or the weight in the --dtype: a chunk's rows at a time
     out_scale: torch.Tensor | None
     compute: Compute
     fetch: Fetch
     factors: dict | None  # every factor, read once, when the chunks are row-local
     pairs: list | None = None  # plain LoRA terms on the CPU: (weight, scale, left, right) with ΔW = scale·left·right
     tensor_scale: torch.Tensor | None = None  # fp8 per tensor: the one fresh scale
+    folded: torch.Tensor | None = None  # FP8: the stored scales times 2^120 (see `fp8.fold`), or None
 
 
 @dataclass
 class _Rows:
-    """What one chunk reports: the merge's result, ‖ΔW‖², ‖Q(W+ΔW) − (W+ΔW)‖², and |W+ΔW| max."""
+    """What one chunk reports: the merge's results, ‖ΔW‖², ‖Q(W+ΔW) − (W+ΔW)‖², and |W+ΔW| max."""
 
-    result: TaskResult | None = None
+    results: list[TaskResult] = field(default_factory=list)
     change: float = 0.0
     error: float = 0.0
     amax: float = 0.0
 
 
 @dataclass
-class QuantizedTensors:
+class QuantizedTensors(QuantizedRoutes):
     """Produces the output tensors `adapt_plan` routed to the quantized path, one weight at a time."""
 
-    produced: dict[str, tuple[QuantizedWeight, TensorTask]]
     allow_nonfinite: bool = False
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
     ratios: dict[str, list[float]] = field(default_factory=dict)
@@ -103,25 +108,12 @@ class QuantizedTensors:
     def __post_init__(self) -> None:
         self._workspaces: dict[int, Workspace] = {}
 
-    def handles(self, name: str) -> bool:
-        return name in self.produced
-
-    def copy_ahead(self, task: TensorTask, base, writer, copier):
-        """Start copying the base's stored values into their place in the output (`copier`: an executor), or None.
-
-        Requantized values are then written over pages the kernel already filled, and read from there, as the
-        merge does for plain tensors: cheaper than faulting in fresh pages of the output and of the base.
-        """
-        weight, logical = self.produced[task.name]
-        if logical.in_dtype != "F32" or task.name != weight.data.name or weight.data.offset is None:
-            return None  # --dtype writes another dtype; the scales are small
-        return copier.submit(writer.copy_from, task.name, weight.data, final=False)
-
-    def write(self, task: TensorTask, base, writer, compute: Compute, fetch: Fetch, lane=None, copied=None):
+    def write(self, task: TensorTask, base, writer, compute: Compute, fetch: Fetch, lane=None):
         """Write output tensor `task` into `writer`; returns the merge's result when this call merged the weight.
 
-        `lane` (a merge lane: `pool`, `workspace`) runs the chunks on its row workers and device; `copied`:
-        the future of `copy_ahead`.
+        `lane` (a merge lane: `pool`, `workspace`) runs the chunks on its row workers and device. The base's stored
+        values are read through a read-only mapping and each chunk's new rows written with `pwrite` (a write
+        through a shared mapping costs a page fault and a journal handle per 4 KiB page: see `compute.sink`).
         """
         if task.name in self.pending:
             writer.write(task.name, tensor_bytes(self.pending.pop(task.name)))
@@ -130,17 +122,15 @@ class QuantizedTensors:
         keep = logical.in_dtype == "F32"  # else --dtype: the logical task reads the stored dtype (see adapt_plan)
         if task.name != (weight.data.name if keep else logical.name):
             raise AssertionError(f"{task.name}: planned before {weight.data.name}")  # adapt_plan puts the data first
+        sink = writer.rows(task.name)
         with ExitStack() as stack:
-            if copied is not None:
-                copied.result()
-            out = stack.enter_context(writer.mapped(task.name, again=copied is not None))
-            # the base's values, or their copy in place (each chunk is read before it is rewritten)
-            data = out if copied is not None else stack.enter_context(base.mapped(weight.data.name))
+            data = stack.enter_context(base.mapped(weight.data.name))
             scale = stack.enter_context(base.mapped(weight.scale.name))
             out_scale = torch.empty(weight.scale.shape, dtype=TORCH_DTYPES[weight.scale.dtype]) if keep else None
-            job = _Job(weight, logical, data, scale, out, out_scale, compute, fetch, self._factors(logical, fetch))
+            job = _Job(weight, logical, data, scale, sink, out_scale, compute, fetch, self._factors(logical, fetch))
             on_cpu = getattr(getattr(lane, "workspace", None), "device", torch.device("cpu")).type == "cpu"
             job.pairs = lora_pairs(logical, job.factors) if on_cpu and job.factors is not None else None
+            job.folded = fp8.fold(scale) if weight.scheme != "mxfp4" else None
             result = self._produce(job, lane)
         writer.written(task.name)
         if keep:  # the scales follow, in this shard or a later one
@@ -168,7 +158,7 @@ class QuantizedTensors:
             job.tensor_scale = fresh.to(job.out_scale.dtype)
             job.out_scale.copy_(job.tensor_scale.reshape(job.out_scale.shape))
         reports = self._run(job, parts, lane, "requantize" if keep else "cast")
-        results = [rows.result for rows in reports if rows.result is not None]
+        results = [result for rows in reports for result in rows.results]
         if keep and job.logical.changed:
             change = math.sqrt(sum(rows.change for rows in reports))
             if change > 0:
@@ -191,40 +181,53 @@ class QuantizedTensors:
         return [rows for part in runs for rows in part]
 
     def _chunk(self, job: _Job, chunk: Chunk, worker: int, lane, step: str) -> _Rows:
+        """`step` on one chunk, a piece at a time; its new rows (all pieces) then written with one `pwrite`."""
+        buffers, report = self._workspace(worker), _Rows()
+        rows = chunk.row_stop - chunk.row
+        out = None if step == "amax" else buffers.get("quant-out", (rows, *job.sink.shape[1:]), job.sink.dtype)
+        for piece in pieces(job.weight, chunk, whole=job.factors is None):
+            self._piece(job, piece, None if out is None else piece.within(chunk).of(out), buffers, lane, step, report)
+        if out is not None:
+            job.sink.write(chunk.row, out)
+        return report
+
+    def _piece(self, job: _Job, chunk: Chunk, out, buffers: Workspace, lane, step: str, report: _Rows) -> None:
+        """Dequantize, merge and requantize (or cast into `out`) one piece; its numbers added to `report`."""
         weight, logical = job.weight, job.logical
         shape = chunk.shape(weight)
-        buffers = self._workspace(worker)
         base = buffers.get("quant-base", shape, torch.float32)
-        _dequantize_chunk(weight, job.data, job.scale, chunk, base)
-        report, merged = _Rows(), base
+        _dequantize_chunk(weight, job.data, job.scale, chunk, base, job.folded)
+        merged = base
         scratch = buffers.get("quant-scratch", shape, torch.float32)
-        if job.pairs is not None:
-            merged = buffers.get("quant-merged", shape, torch.float32)
-            largest, report.change = merge_lora(job.pairs, chunk, base, merged, scratch)
-            report.result = TaskResult(largest)
+        if job.pairs is not None:  # one term adds into the base's values in place: a buffer less to keep in cache
+            merged = base if len(job.pairs) == 1 else buffers.get("quant-merged", shape, torch.float32)
+            largest, change = merge_lora(job.pairs, chunk, base, merged, scratch)
+            report.results.append(TaskResult(largest))
+            report.change += change
         elif logical.changed:
             merged = buffers.get("quant-merged", shape, torch.float32)
             device = getattr(lane, "workspace", None)
             workspace = device if device is not None and device.device.type != "cpu" else buffers
             fetch = job.fetch if job.factors is None else window(logical, job.factors, chunk)
-            report.result = job.compute(replace(logical, shape=shape), base, merged, fetch, workspace)
-            report.change = float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
+            report.results.append(job.compute(replace(logical, shape=shape), base, merged, fetch, workspace))
+            report.change += float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
         if step == "amax":
             low, high = torch.aminmax(merged)
-            report.amax = max(-float(low), float(high))
+            report.amax = max(report.amax, -float(low), float(high))
         elif step == "cast":
-            self._cast(logical, merged, chunk.of(job.out))
+            self._cast(logical, merged, out)
         else:
             spare = buffers.get("quant-spare", shape, torch.float32)
-            report.error = self._requantize_chunk(job, chunk, merged, scratch, spare)
-            if not self.allow_nonfinite and not math.isfinite(report.error):
+            error = self._requantize_chunk(job, chunk, merged, out, scratch, spare)
+            if not self.allow_nonfinite and not math.isfinite(error):
                 raise NonFiniteError(f"tensor {logical.name!r}: the merged weight holds NaN or Inf")
-        return report
+            report.error += error
 
     @staticmethod
-    def _requantize_chunk(job: _Job, chunk: Chunk, merged, scratch: torch.Tensor, spare: torch.Tensor) -> float:
-        """Fresh stored values for a chunk (and its scales) from its merged values; ‖Q(W+ΔW) − (W+ΔW)‖² of it."""
-        weight, out, out_scale = job.weight, chunk.of(job.out), job.out_scale
+    def _requantize_chunk(job: _Job, chunk: Chunk, merged, out, scratch: torch.Tensor, spare: torch.Tensor) -> float:
+        """Fresh stored values for a piece into `out` (and its scales) from its merged values; its
+        ‖Q(W+ΔW) − (W+ΔW)‖²."""
+        weight, out_scale = job.weight, job.out_scale
         index = chunk.scales(weight)
         if weight.scheme == "fp8-block":
             out_scale[index], error = fp8.requantize_blocks(
@@ -237,7 +240,7 @@ class QuantizedTensors:
             _, error = fp8.requantize_scaled(merged, job.tensor_scale, out_scale.dtype, out, scratch, spare)
         else:
             out[...], out_scale[index] = mxfp4.quantize(merged)
-            _dequantize_chunk(weight, job.out, out_scale, chunk, scratch)
+            scratch.copy_(mxfp4.dequantize(out, out_scale[index]))
             error = float(torch.linalg.vector_norm(scratch.sub_(merged))) ** 2
         return error
 

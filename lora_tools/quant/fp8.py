@@ -57,14 +57,20 @@ def decode(weight: torch.Tensor, out: torch.Tensor, check: bool = True) -> bool:
     return True
 
 
-def _decoded(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The values to multiply by in `out` and the factor that makes them real: `scale`·2^120, or `scale` itself."""
-    scale = scale.float()
-    folded = scale * _DECODE_FACTOR
-    if bool(torch.isfinite(folded).all()) and decode(weight, out):
+def fold(scale: torch.Tensor) -> torch.Tensor | None:
+    """`scale`·2^120 in fp32, which makes `decode`'s values real; None where that overflows (a huge scale)."""
+    folded = scale.float() * _DECODE_FACTOR
+    return folded if bool(torch.isfinite(folded).all()) else None
+
+
+def _decoded(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, folded=None) -> torch.Tensor:
+    """The values to multiply by in `out` and the factor that makes them real: `scale`·2^120 (`folded`, when the
+    caller folded every scale of the weight at once), or `scale` itself."""
+    folded = fold(scale) if folded is None else folded
+    if folded is not None and decode(weight, out):
         return folded
     out.copy_(weight)  # a NaN code, or a scale so large that scale·2^120 overflows: torch's own conversion
-    return scale
+    return scale.float()
 
 
 def _regions(rows: int, cols: int, block: tuple[int, int]):
@@ -91,6 +97,14 @@ def _tiles(x: torch.Tensor, rows: slice, cols: slice, tiles: tuple[int, int]) ->
 def _scale_blocks(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool, out: torch.Tensor):
     """x × (or ÷) each block's scale, into `out` (which may be x); edge tiles in their own calls, nothing expanded."""
     op = torch.div if divide else torch.mul
+    if (
+        x.shape[0] <= block[0]
+    ):  # one row of tiles, as every chunk of a merge: a call for the whole tiles, one for the edge
+        for cols, tiles in _split(x.shape[1], block[1]):
+            factor = scale[0, tiles, None]
+            count = factor.shape[0]
+            op(x[:, cols].unflatten(1, (count, -1)), factor, out=out[:, cols].unflatten(1, (count, -1)))
+        return out
     for rows, cols, scale_rows, scale_cols in _regions(*x.shape, block):
         factor = scale[scale_rows, scale_cols]
         tiles = tuple(factor.shape)
@@ -99,16 +113,21 @@ def _scale_blocks(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], 
 
 
 def dequantize_blocks(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], out: torch.Tensor | None = None
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], out: torch.Tensor | None = None, folded=None
 ) -> torch.Tensor:
-    """fp32 weight = e4m3 value × its block's scale (`weight_scale_inv`, fp32 or bf16)."""
+    """fp32 weight = e4m3 value × its block's scale (`weight_scale_inv`, fp32 or bf16); `folded`: `fold(scale_inv)`."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
-    return _scale_blocks(out, _decoded(weight, scale_inv, out), block, divide=False, out=out)
+    return _scale_blocks(out, _decoded(weight, scale_inv, out, folded), block, divide=False, out=out)
 
 
 def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """max |x| per block, as max(max x, −min x): two reading passes, no |x| written (NaN wherever a block has one)."""
     amax = torch.empty(block_grid(tuple(x.shape), block), dtype=torch.float32)
+    if x.shape[0] <= block[0]:  # one row of tiles (see `_scale_blocks`)
+        for cols, tiles in _split(x.shape[1], block[1]):
+            part = x[:, cols].unflatten(1, (tiles.stop - tiles.start, -1))
+            torch.maximum(part.amax(dim=(0, 2)), part.amin(dim=(0, 2)).neg_(), out=amax[0, tiles])
+        return amax
     for rows, cols, scale_rows, scale_cols in _regions(*x.shape, block):
         tiles = _tiles(x, rows, cols, (scale_rows.stop - scale_rows.start, scale_cols.stop - scale_cols.start))
         torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_(), out=amax[scale_rows, scale_cols])
@@ -120,7 +139,7 @@ def _scale_from_amax(amax: torch.Tensor, scale_dtype: torch.dtype, pow2: bool = 
 
     `pow2` (UE8M0 scales): amax / 448 rounded up to a power of two, so no value saturates.
     """
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     if pow2:
         mantissa, exponent = torch.frexp(scale)  # scale = m·2^e, m in [0.5, 1): the next power of two is 2^e
         scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
@@ -153,9 +172,23 @@ def quantize_blocks(
     return _to_e4m3(scaled, out), scale
 
 
-def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
-    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer)."""
-    out.copy_(torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare))
+def _bounded(amax: torch.Tensor, factor: torch.Tensor, scale_dtype: torch.dtype) -> bool:
+    """Whether no value / scale can round past ±448, so the values need no clamp before their conversion.
+
+    A scale that is its group's finite amax / 448, rounded to a normal number of a dtype with at least 8
+    significant bits (bf16 moves it by at most 2^-9), leaves every |value / scale| ≤ 448·(1 + 2^-8) < 464,
+    the midpoint between 448 and the NaN code above it: the conversion rounds them to at most ±448. A NaN or
+    Inf amax, or a scale that rounded to a subnormal or zero, keep the clamp.
+    """
+    return math.isfinite(float(amax.sum())) and float(factor.min()) >= torch.finfo(scale_dtype).tiny
+
+
+def _store_with_residual(scaled: torch.Tensor, out: torch.Tensor, spare: torch.Tensor, bounded=False) -> torch.Tensor:
+    """Round `scaled` (value / scale) into the e4m3 `out`; leave scaled − stored in `scaled` (spare: a buffer).
+
+    `bounded`: no |value| can round past 448 (see `_bounded`), so no clamp is needed.
+    """
+    out.copy_(scaled if bounded else torch.clamp(scaled, -FP8_MAX, FP8_MAX, out=spare))
     if decode(out, spare, check=False):  # a NaN here came from a NaN value, and leaves the residual NaN anyway
         return scaled.sub_(spare, alpha=_DECODE_FACTOR)
     return scaled.sub_(spare.copy_(out))
@@ -168,17 +201,21 @@ def requantize_blocks(
 
     `scratch` and `spare`: fp32 buffers of x's shape; `pow2`: UE8M0 scales.
     """
-    scale = _scale_from_amax(_block_amax(x, block), scale_dtype, pow2)
+    amax = _block_amax(x, block)
+    scale = _scale_from_amax(amax, scale_dtype, pow2)
     factor = scale.float()
-    residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare)
+    bounded = _bounded(amax, factor, scale_dtype)
+    residual = _store_with_residual(_scale_blocks(x, factor, block, divide=True, out=scratch), out, spare, bounded)
     error = _scale_blocks(residual, factor, block, divide=False, out=residual)
     return scale, float(torch.linalg.vector_norm(error)) ** 2
 
 
-def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_scaled(
+    weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, folded=None
+) -> torch.Tensor:
     """fp32 weight = e4m3 value × a per-tensor ([] or [1]) or per-output-channel ([out, 1] or [out]) scale."""
     out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
-    factor = _decoded(weight, scale, out)
+    factor = _decoded(weight, scale, out, folded)
     return out.mul_(_broadcast(factor, weight.dim()))
 
 
