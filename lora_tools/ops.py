@@ -216,7 +216,7 @@ def _compute_blocked(
 
     The same operations in the same order as the whole-tensor path (so the same
     bits), but each block is read from memory once and written once. With a pool,
-    the blocks are dealt to its workers in contiguous runs; every block is still
+    each worker takes the next block as it finishes one; every block is still
     computed by the same calls, so the bits do not depend on the number of workers.
     `base` may be `destination` itself: each block is read before it is written.
     """
@@ -237,38 +237,36 @@ def _compute_blocked(
     block = max(1, _BLOCK_BYTES // (base_2d.shape[1] * 4))
     check = not allow_nonfinite and destination.dtype.is_floating_point and math.prod(destination.shape) > 0
 
-    def run(worker: int, first: int, last: int) -> tuple[list[float], bool]:
-        weight_buffer = workspace.get(f"weight{worker}", (block, base_2d.shape[1]), compute)
+    def run(worker: int, index: int) -> tuple[list[float], bool]:
+        start = index * block
+        stop = min(rows, start + block)
+        weight = workspace.get(f"weight{worker}", (block, base_2d.shape[1]), compute)[: stop - start]
         delta_buffer = workspace.get(f"delta{worker}", (block, base_2d.shape[1]), compute)
-        if sink is not None:  # rounded rows, written with pwrite
-            rounded_buffer = workspace.get(f"rounded{worker}", (block, base_2d.shape[1]), destination.dtype)
-        max_abs, finite = [0.0] * len(pairs), True
-        for start in range(first * block, min(rows, last * block), block):
-            stop = min(rows, start + block)
-            weight = weight_buffer[: stop - start].copy_(base_2d[start:stop])
-            for index, (term, left, right, scale) in enumerate(pairs):
-                delta = torch.mm(left[start:stop], right, out=delta_buffer[: stop - start])
-                if scale != 1.0:
-                    delta.mul_(scale)
-                max_abs[index] = max(max_abs[index], _largest_magnitude(delta))
-                weight.add_(delta, alpha=term.weight)
-            if check and finite:
-                finite = _rounds_finite(weight, destination.dtype)
-            if sink is None:
-                out_2d[start:stop].copy_(weight)
-            else:
-                sink.write(start, rounded_buffer[: stop - start].copy_(weight))
+        weight.copy_(base_2d[start:stop])
+        max_abs = []
+        for term, left, right, scale in pairs:
+            delta = torch.mm(left[start:stop], right, out=delta_buffer[: stop - start])
+            if scale != 1.0:
+                delta.mul_(scale)
+            max_abs.append(_largest_magnitude(delta))
+            weight.add_(delta, alpha=term.weight)
+        finite = not check or _rounds_finite(weight, destination.dtype)
+        if sink is None:
+            out_2d[start:stop].copy_(weight)
+        else:  # rounded rows, written with pwrite
+            rounded = workspace.get(f"rounded{worker}", (block, base_2d.shape[1]), destination.dtype)[: stop - start]
+            sink.write(start, rounded.copy_(weight))
         return max_abs, finite
 
     blocks = -(-rows // block)
-    parts = pool.split(blocks, run) if pool is not None else [run(0, 0, blocks)]
+    parts = pool.each(blocks, run) if pool is not None else [run(0, index) for index in range(blocks)]
     if not all(finite for _, finite in parts):
         if sink is None:
             _check_finite(task, destination)
         else:
             with sink.written() as result:
                 _check_finite(task, result)
-    max_abs = [max(part[0][index] for part in parts) for index in range(len(pairs))]
+    max_abs = [max((part[0][index] for part in parts), default=0.0) for index in range(len(pairs))]
     largest = max((abs(pair[0].weight) * m for pair, m in zip(pairs, max_abs, strict=True)), default=0.0)
     return TaskResult(largest)
 

@@ -212,3 +212,32 @@ def test_block_pool_waits_for_every_range_before_raising():
         assert sorted(finished) == [1, 2]  # the helpers were done before the error surfaced
         assert pool.split(10, lambda worker, start, stop: (start, stop)) == [(0, 4), (4, 7), (7, 10)]
     assert block_ranges(2, 5) == [(0, 1), (1, 2)]
+
+
+def test_block_pool_each_deals_one_at_a_time_and_stops_on_an_error():
+    """`each`: every index once, results in index order, a slow worker doing fewer; after a failure no worker
+    starts another index, and the error surfaces once they have all stopped."""
+    seen: list[tuple[int, int]] = []
+
+    def work(worker: int, index: int) -> int:
+        time.sleep(0.03 if worker == 0 else 0.001)  # worker 0 is held up
+        seen.append((worker, index))
+        return index * index
+
+    with BlockPool(2) as pool:
+        assert pool.each(40, work) == [i * i for i in range(40)]
+        assert sorted(i for _, i in seen) == list(range(40))
+        assert sum(w == 0 for w, _ in seen) < 10  # the other worker took the rest as they came
+        assert pool.each(0, work) == [] and pool.each(1, lambda worker, index: (worker, index)) == [(0, 0)]
+        started: list[int] = []
+
+        def failing(worker: int, index: int) -> int:
+            started.append(index)
+            if index == 3:
+                raise RuntimeError("index 3 failed")
+            time.sleep(0.01)
+            return index
+
+        with pytest.raises(RuntimeError, match="index 3"):
+            pool.each(100, failing)
+        assert len(started) < 10  # nothing new started once the failure was seen

@@ -15,8 +15,10 @@ kernel's summation order, hence every output bit, independent of N.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -165,6 +167,37 @@ class BlockPool:
             wait_all(futures)
             raise
         return [first, *wait_all(futures)]
+
+    def each(self, count: int, fn: Callable[[int, int], R]) -> list[R]:
+        """`fn(worker, index)` for every index below `count`, in index order, results in index order.
+
+        Each worker takes the next index as it finishes one, so a worker held up (by the GIL, by a noisy
+        neighbour) does fewer instead of keeping the others waiting at the end. Which worker ran an index
+        must not change its result: `fn` uses only that worker's own buffers. When one call fails, no worker
+        starts another, and the first error is raised once every worker has stopped.
+        """
+        workers = min(self.workers, count)
+        if self._helpers is None or workers <= 1:
+            with trace.span("row blocks", f"worker 0: {count} blocks"):
+                return [fn(0, index) for index in range(count)]
+        results: list = [None] * count
+        claimed, failed = itertools.count(), threading.Event()
+
+        def run(worker: int) -> None:
+            with trace.span("row blocks", f"worker {worker}: dealt one at a time"):
+                while not failed.is_set() and (index := next(claimed)) < count:  # next() is atomic under the GIL
+                    try:
+                        results[index] = fn(worker, index)
+                    except BaseException:
+                        failed.set()
+                        raise
+
+        futures = [self._helpers.submit(run, worker) for worker in range(1, workers)]
+        try:
+            run(0)
+        finally:
+            wait_all(futures)
+        return results
 
     def close(self) -> None:
         if self._helpers is not None:

@@ -2,15 +2,16 @@
 
 The merge loop hands every output tensor that `adapt_plan` marked as produced
 here to `QuantizedTensors.write`; the first of a weight's stored tensors to come
-triggers the work. The weight is cut into chunks of whole scale groups (a row of
-FP8 blocks, or part of one; channels; experts). Each chunk is dequantized, merged by
-the ordinary `compute_task` on that chunk's slice of every LoRA factor,
-requantized with fresh scales (or cast, with `--dtype`) and written into its
-place in the output file. The chunks are dealt to the lane's row workers in
-contiguous runs; every chunk is computed by the same calls whichever worker runs
-it, and the per-chunk error norms are summed in chunk order, so the output and the
-report are the same for any number of workers. Memory: a few chunk-sized fp32
-buffers per worker.
+triggers the work. The weight is cut into chunks of whole rows of scale groups (a
+row of FP8 blocks; channels; experts), read through a read-only mapping of the
+base. Each chunk is dequantized, merged by the ordinary `compute_task` on that
+chunk's slice of every LoRA factor, requantized with fresh scales (or cast, with
+`--dtype`), a piece at a time, and its new rows written into their place in the
+output file with one `pwrite`. Each of the lane's row workers takes the next chunk
+as it finishes one; every chunk is computed by the same calls whichever worker
+runs it, and the per-chunk error norms are summed in chunk order, so the output
+and the report are the same for any number of workers. Memory: a few piece-sized
+fp32 buffers per worker.
 
 Terms whose ΔW chunk does not come from slices of the factors alone (DoRA,
 biases, replacements, fused-projection pieces) are computed in one chunk spanning
@@ -171,14 +172,13 @@ class QuantizedTensors(QuantizedRoutes):
         return TaskResult(max(r.max_abs_delta for r in results))
 
     def _run(self, job: _Job, parts: list[Chunk], lane, step: str) -> list[_Rows]:
-        """`step` on every chunk, dealt to the lane's row workers in contiguous runs; reports in chunk order."""
+        """`step` on every chunk, each row worker taking the next chunk as it finishes one; reports in chunk order."""
 
-        def run(worker: int, first: int, last: int) -> list[_Rows]:
-            return [self._chunk(job, parts[index], worker, lane, step) for index in range(first, last)]
+        def run(worker: int, index: int) -> _Rows:
+            return self._chunk(job, parts[index], worker, lane, step)
 
         pool = getattr(lane, "pool", None)
-        runs = pool.split(len(parts), run) if pool is not None else [run(0, 0, len(parts))]
-        return [rows for part in runs for rows in part]
+        return pool.each(len(parts), run) if pool is not None else [run(0, index) for index in range(len(parts))]
 
     def _chunk(self, job: _Job, chunk: Chunk, worker: int, lane, step: str) -> _Rows:
         """`step` on one chunk, a piece at a time; its new rows (all pieces) then written with one `pwrite`."""
