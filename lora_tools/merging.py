@@ -409,11 +409,12 @@ class _Shard:
 class _Writing:
     """Streams planned checkpoints to disk: copy what does not change, compute what does.
 
-    `prepare` (no torch) creates the output files and starts kernel copies on a helper
-    thread: first the base bytes of tensors to be computed in place, then tensors that
-    pass unchanged. `start` then imports torch while those copies run. `run` computes
-    each changed tensor in place in the output file, its rows split across the cores
-    (or dealt to several devices), and `finish` checks and closes every file.
+    `prepare` (no torch) creates the output files and starts kernel copies of the tensors
+    that pass unchanged on a helper thread. `start` then imports torch while those copies
+    run. `run` computes each changed tensor from a read-only mapping of the base and writes
+    its rows into their place in the output with `pwrite`, the row blocks dealt to the
+    cores one at a time (or the tensors to several devices), and `finish` checks and
+    closes every file.
     """
 
     def __init__(self, adapters, unmerge: bool, allow_nonfinite: bool, recorded: dict, advance):

@@ -240,36 +240,26 @@ class SafetensorsWriter:
                 written = os.pwrite(self._fd, view, offset)
                 view, offset = view[written:], offset + written
 
-    def copy_from(self, name: str, info: TensorInfo, *, final: bool = True) -> None:
-        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel.
-
-        `final=False`: the bytes will be updated in place (see `mapped(again=True)`) and `written` called.
-        """
+    def copy_from(self, name: str, info: TensorInfo) -> None:
+        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel."""
         assert info.offset is not None
         _, _, offset, nbytes = self._claim(name, info.nbytes)
         with naming(self.path):
             copy_bytes(info.file, info.offset, nbytes, self._fd, offset)
-        if final:
-            self._writeback.finished(offset, nbytes)
+        self._writeback.finished(offset, nbytes)
 
-    def mapped(self, name: str, *, again: bool = False):
+    def mapped(self, name: str):
         """A context manager yielding a writable CPU tensor that is the tensor's place in the file.
 
-        `again`: the tensor was already written (e.g. copied from the base, to be updated in place);
-        call `written(name)` once its final bytes are in. Where the filesystem could not reserve
-        the file's space, the tensor is in memory and written with `pwrite` at the end instead: a
-        mapped write there could meet a full disk, which the kernel answers with SIGBUS.
+        Where the filesystem could not reserve the file's space, the tensor is in memory and written
+        with `pwrite` at the end instead: a mapped write there could meet a full disk, which the
+        kernel answers with SIGBUS.
         """
         from .tensors import mapped_tensor
 
-        if again:
-            if name in self._missing:
-                raise AssertionError(f"{self.path}: tensor {name} is rewritten before it was written")
-            dtype, shape, offset, _ = self._places[name]
-        else:
-            dtype, shape, offset, _ = self._claim(name)
+        dtype, shape, offset, _ = self._claim(name)
         if not self.reserved:
-            return written_on_exit(self._fd, self.path, offset, dtype, shape, load=again)
+            return written_on_exit(self._fd, self.path, offset, dtype, shape)
         return mapped_tensor(self.path, offset, dtype, shape, writable=True)
 
     def rows(self, name: str):

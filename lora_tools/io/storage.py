@@ -146,24 +146,16 @@ def reserve(fd: int, size: int, path: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def written_on_exit(fd: int, path: Path, offset: int, dtype: str, shape: tuple[int, ...], *, load: bool = False):
+def written_on_exit(fd: int, path: Path, offset: int, dtype: str, shape: tuple[int, ...]):
     """A CPU tensor in memory whose bytes are written to `fd` at `offset` when the block ends without error.
 
-    Stands in for a mapped view of the file where a mapped write could fault. `load`: start from
-    the bytes already at that place (a tensor updated in place).
+    Stands in for a mapped view of the file where a mapped write could fault.
     """
     import torch
 
     from .tensors import TORCH_DTYPES, tensor_bytes
 
     tensor = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-    if load:
-        view, at = tensor_bytes(tensor).cast("B"), offset
-        while view:
-            read = os.preadv(fd, [view], at)
-            if read <= 0:
-                raise OSError(f"{path}: short read at byte {at}")
-            view, at = view[read:], at + read
     yield tensor
     view = tensor_bytes(tensor).cast("B")
     with naming(path):
