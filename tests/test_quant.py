@@ -293,6 +293,68 @@ def test_requantize_skips_the_clamp_only_where_no_value_can_round_past_448(scale
     assert not fp8._bounded(amax, fp8._scale_from_amax(amax, scale_dtype).float(), scale_dtype)
 
 
+@pytest.mark.parametrize("name", ["block-f32", "block-bf16", "block-ue8m0"])
+@pytest.mark.parametrize("chunk", [None, 16 * 48])  # default: whole 48-row weights; 768: one row of blocks each
+def test_fused_block_rows_requantize_like_fp64_reference(tmp_path, fp8_models, monkeypatch, name, chunk):
+    """The fused path (`quant.block_rows`) takes the pieces of whole blocks merged with one LoRA term (here q_proj
+    [48, 48]; v_proj [24, 48] and down_proj [48, 40] keep the general path) and meets the fp64 reference."""
+    from lora_tools.quant import block_rows, chunks
+
+    if chunk is not None:
+        monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk)
+    calls = []
+    fused = block_rows.merge_block_row
+    monkeypatch.setattr(block_rows, "merge_block_row", lambda *args: calls.append(args[4]) or fused(*args))
+    base, _, adapter = fp8_models[name]
+    merge(base, [adapter], tmp_path / "out", device="cpu")
+    assert calls and {cols.stop - (cols.start or 0) for cols in calls if cols.stop} <= {48}
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert len(_check_fp8_against_reference(name, base, adapter, after)) == 6
+
+
+def test_fused_block_row_is_the_general_path_with_one_rounding_less():
+    """On one row of 128×128 blocks: scales and codes as the general path's (to an fp32 ulp where the general
+    path's extra rounding of W lands on the other side), closer to the fp64 reference, the same error
+    norm to 1e-6, and a NaN code in the base handed back to the general path."""
+    from lora_tools.quant import block_rows
+    from lora_tools.quant.chunks import Chunk, merge_lora
+
+    torch.manual_seed(5)
+    width, block = 2048, (128, 128)
+    weight = torch.randn(128, width) * 0.02
+    codes, scales = fp8.quantize_blocks(weight, block, torch.float32)
+    left, right = torch.randn(128, 16) * 0.05, torch.randn(16, width) * 0.05
+    pair = (1.0, 1.0, left, right)
+    buffers = [torch.empty(128, width) for _ in range(3)]
+    out = torch.empty(128, width, dtype=torch.float8_e4m3fn)
+    everything = slice(None)
+    fresh, largest, change, error = block_rows.merge_block_row(
+        codes, fp8.fold(scales), pair, everything, everything, block, torch.float32, False, out, buffers
+    )
+    base = fp8.dequantize_blocks(codes, scales, block)
+    merged = torch.empty_like(base)
+    largest_ref, change_ref = merge_lora([pair], Chunk(0, 128), base, merged, torch.empty_like(base))
+    out_ref = torch.empty_like(out)
+    scale_ref, error_ref = fp8.requantize_blocks(merged, block, torch.float32, out_ref, *buffers[:2])
+    assert largest == largest_ref and change == change_ref and error == pytest.approx(error_ref, rel=1e-6)
+    torch.testing.assert_close(fresh, scale_ref, rtol=2**-23, atol=0)
+    differ = out.view(torch.uint8) != out_ref.view(torch.uint8)
+    assert int(differ.sum()) <= width  # a few codes in 262,144, each one step apart
+    assert int((out.view(torch.uint8).int() - out_ref.view(torch.uint8).int()).abs().max()) <= 1
+    exact = dequantize_fp8_fp64(codes, scales, "fp8-block", block) + left.double() @ right.double()
+    q64, _ = fp8_block_fp64(exact, block, torch.float32)
+    assert int((out.view(torch.uint8) != q64.view(torch.uint8)).sum()) <= int(
+        (out_ref.view(torch.uint8) != q64.view(torch.uint8)).sum()
+    )
+    codes.view(torch.uint8)[3, 7] = 0x7F  # NaN
+    assert (
+        block_rows.merge_block_row(
+            codes, fp8.fold(scales), pair, everything, everything, block, torch.float32, False, out, buffers
+        )
+        is None
+    )
+
+
 def _tensor_bytes(folder: Path) -> dict[str, bytes]:
     out = {}
     for file in sorted(folder.glob("*.safetensors")):

@@ -32,7 +32,7 @@ from ..errors import NonFiniteError
 from ..io.tensors import TORCH_DTYPES, tensor_bytes
 from ..ops import TaskResult, Workspace
 from ..plan import TensorTask
-from . import fp8, mxfp4
+from . import block_rows, fp8, mxfp4
 from .chunks import Chunk, chunks, lora_pairs, merge_lora, pieces, row_local, window
 from .layout import QuantizedWeight
 from .routes import QuantizedRoutes
@@ -86,6 +86,8 @@ class _Job:
     pairs: list | None = None  # plain LoRA terms on the CPU: (weight, scale, left, right) with ΔW = scale·left·right
     tensor_scale: torch.Tensor | None = None  # fp8 per tensor: the one fresh scale
     folded: torch.Tensor | None = None  # FP8: the stored scales times 2^120 (see `fp8.fold`), or None
+    fused: bool = False  # FP8 blocks, plain LoRA on the CPU: rows of whole blocks go through `block_rows`
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -132,6 +134,8 @@ class QuantizedTensors(QuantizedRoutes):
             on_cpu = getattr(getattr(lane, "workspace", None), "device", torch.device("cpu")).type == "cpu"
             job.pairs = lora_pairs(logical, job.factors) if on_cpu and job.factors is not None else None
             job.folded = fp8.fold(scale) if weight.scheme != "mxfp4" else None
+            job.fused = keep and weight.scheme == "fp8-block" and job.folded is not None and job.pairs is not None
+            job.allow_nonfinite = self.allow_nonfinite
             result = self._produce(job, lane)
         writer.written(task.name)
         if keep:  # the scales follow, in this shard or a later one
@@ -195,6 +199,9 @@ class QuantizedTensors(QuantizedRoutes):
         """Dequantize, merge and requantize (or cast into `out`) one piece; its numbers added to `report`."""
         weight, logical = job.weight, job.logical
         shape = chunk.shape(weight)
+        fused = step == "requantize" and job.fused and block_rows.fits(*shape, weight.block, job.pairs)
+        if fused and self._fused_piece(job, chunk, out, buffers, shape, report):
+            return
         base = buffers.get("quant-base", shape, torch.float32)
         _dequantize_chunk(weight, job.data, job.scale, chunk, base, job.folded)
         merged = base
@@ -222,6 +229,26 @@ class QuantizedTensors(QuantizedRoutes):
             if not self.allow_nonfinite and not math.isfinite(error):
                 raise NonFiniteError(f"tensor {logical.name!r}: the merged weight holds NaN or Inf")
             report.error += error
+
+    @staticmethod
+    def _fused_piece(job: _Job, chunk: Chunk, out, buffers: Workspace, shape, report: _Rows) -> bool:
+        """`block_rows.merge_block_row` on one piece; False (nothing done) when it leaves it to the general path."""
+        index = chunk.scales(job.weight)
+        spaces = [buffers.get(role, shape, torch.float32) for role in ("quant-base", "quant-scratch", "quant-spare")]
+        rows, cols = slice(chunk.row, chunk.row_stop), slice(chunk.col, chunk.col_stop)
+        done = block_rows.merge_block_row(
+            chunk.of(job.data), job.folded[index], job.pairs[0], rows, cols, job.weight.block,
+            job.out_scale.dtype, job.weight.pow2_scales, out, spaces,
+        )  # fmt: skip
+        if done is None:
+            return False
+        job.out_scale[index], largest, change, error = done
+        if not math.isfinite(error) and not job.allow_nonfinite:
+            raise NonFiniteError(f"tensor {job.logical.name!r}: the merged weight holds NaN or Inf")
+        report.results.append(TaskResult(largest))
+        report.change += change
+        report.error += error
+        return True
 
     @staticmethod
     def _requantize_chunk(job: _Job, chunk: Chunk, merged, out, scratch: torch.Tensor, spare: torch.Tensor) -> float:
