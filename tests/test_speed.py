@@ -17,7 +17,7 @@ from synthetic import write_llama_checkpoint, write_lora_adapter
 
 import lora_tools
 from lora_tools.compute import pool as pool_module
-from lora_tools.compute.pool import BlockPool, block_ranges, run_ordered
+from lora_tools.compute.pool import BlockPool, run_ordered
 
 SHAPE = dict(hidden=64, intermediate=160, layers=2, heads=4)
 
@@ -196,24 +196,6 @@ def test_run_ordered_raises_the_first_error_and_stops():
     assert len(started) < 10  # nothing was queued far ahead
 
 
-def test_block_pool_waits_for_every_range_before_raising():
-    finished = []
-
-    def work(worker: int, start: int, stop: int) -> int:
-        if worker == 0:
-            raise RuntimeError("first range failed")
-        time.sleep(0.05)
-        finished.append(worker)
-        return stop - start
-
-    with BlockPool(3) as pool:
-        with pytest.raises(RuntimeError, match="first range"):
-            pool.split(9, work)
-        assert sorted(finished) == [1, 2]  # the helpers were done before the error surfaced
-        assert pool.split(10, lambda worker, start, stop: (start, stop)) == [(0, 4), (4, 7), (7, 10)]
-    assert block_ranges(2, 5) == [(0, 1), (1, 2)]
-
-
 def test_block_pool_each_deals_one_at_a_time_and_stops_on_an_error():
     """`each`: every index once, results in index order, a slow worker doing fewer; after a failure no worker
     starts another index, and the error surfaces once they have all stopped."""
@@ -229,15 +211,17 @@ def test_block_pool_each_deals_one_at_a_time_and_stops_on_an_error():
         assert sorted(i for _, i in seen) == list(range(40))
         assert sum(w == 0 for w, _ in seen) < 10  # the other worker took the rest as they came
         assert pool.each(0, work) == [] and pool.each(1, lambda worker, index: (worker, index)) == [(0, 0)]
-        started: list[int] = []
+        started, finished = [], []
 
         def failing(worker: int, index: int) -> int:
             started.append(index)
             if index == 3:
                 raise RuntimeError("index 3 failed")
-            time.sleep(0.01)
+            time.sleep(0.05)
+            finished.append(index)
             return index
 
         with pytest.raises(RuntimeError, match="index 3"):
             pool.each(100, failing)
         assert len(started) < 10  # nothing new started once the failure was seen
+        assert sorted(finished) == sorted(i for i in started if i != 3)  # and the rest had stopped before it rose

@@ -2,8 +2,9 @@
 
 Two shapes of parallel work:
 
-- `BlockPool.split`: one tensor's rows cut into disjoint contiguous ranges, one per
-  worker (the merge: convert, matmul, add and round run on every core at once).
+- `BlockPool.each`: one tensor's blocks of rows, each worker taking the next as it
+  finishes one (the merge: convert, matmul, add and round run on every core at once;
+  a worker held up by the GIL or a noisy neighbour does fewer instead of being waited for).
 - `run_ordered`: independent tasks (extract/resize modules) on N workers, at most N in
   flight, results yielded in task order so outputs are byte-identical for any N.
 
@@ -33,7 +34,6 @@ __all__ = [
     "single_threaded_torch",
     "BlockPool",
     "run_ordered",
-    "block_ranges",
     "wait_all",
     "one_torch_thread",
 ]
@@ -112,18 +112,6 @@ def one_torch_thread() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def block_ranges(count: int, parts: int) -> list[tuple[int, int]]:
-    """`count` items cut into at most `parts` contiguous, non-empty, near-equal ranges."""
-    parts = max(1, min(parts, count))
-    size, extra = divmod(count, parts)
-    ranges, start = [], 0
-    for index in range(parts):
-        stop = start + size + (index < extra)
-        ranges.append((start, stop))
-        start = stop
-    return ranges
-
-
 def wait_all(futures: Iterable[Future]) -> list:
     """Every future's result, waiting for all of them even when one failed (then re-raising the first error)."""
     results, error = [], None
@@ -139,11 +127,11 @@ def wait_all(futures: Iterable[Future]) -> list:
 
 
 class BlockPool:
-    """Runs `fn(worker, start, stop)` over disjoint ranges of blocks, one range per worker.
+    """Runs `fn(worker, index)` over the blocks of a tensor (`each`), each worker taking the next block in turn.
 
-    The calling thread takes the first range itself, so `workers` threads compute in
-    all (`workers - 1` helpers). `split` returns only once every range is done, also
-    when one fails: the ranges often write into a mapping that is closed right after.
+    The calling thread is worker 0, so `workers` threads compute in all (`workers - 1`
+    helpers). `each` returns only once every worker has stopped, also when one call
+    fails: the blocks often write into a file or mapping that is closed right after.
     """
 
     def __init__(self, workers: int) -> None:
@@ -153,20 +141,6 @@ class BlockPool:
             if self.workers > 1
             else None
         )
-
-    def split(self, count: int, fn: Callable[[int, int, int], R]) -> list[R]:
-        ranges = block_ranges(count, self.workers)
-        if trace.enabled():
-            fn = _traced(fn)
-        if self._helpers is None or len(ranges) == 1:
-            return [fn(worker, start, stop) for worker, (start, stop) in enumerate(ranges)]
-        futures = [self._helpers.submit(fn, worker, *ranges[worker]) for worker in range(1, len(ranges))]
-        try:
-            first = fn(0, *ranges[0])
-        except BaseException:
-            wait_all(futures)
-            raise
-        return [first, *wait_all(futures)]
 
     def each(self, count: int, fn: Callable[[int, int], R]) -> list[R]:
         """`fn(worker, index)` for every index below `count`, in index order, results in index order.
@@ -208,14 +182,6 @@ class BlockPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _traced(fn: Callable[[int, int, int], R]) -> Callable[[int, int, int], R]:
-    def run(worker: int, start: int, stop: int) -> R:
-        with trace.span("row blocks", f"worker {worker}: {stop - start} blocks"):
-            return fn(worker, start, stop)
-
-    return run
 
 
 def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int, ahead: int | None = None) -> Iterator[R]:
