@@ -355,6 +355,32 @@ def test_fused_block_row_is_the_general_path_with_one_rounding_less():
     )
 
 
+def test_nan_code_in_a_merged_fp8_weight_is_refused_unless_allowed(tmp_path, fp8_models):
+    """A NaN code (0x7F) in a targeted FP8 block weight: exit 3 naming the tensor, nothing left behind; with
+    --allow-nonfinite the merge completes and only that block is NaN (its scale is 1, the others requantized)."""
+    import shutil
+
+    base, _, adapter = fp8_models["block-f32"]
+    broken = tmp_path / "base"
+    shutil.copytree(base, broken)
+    state = load_file(broken / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"  # [48, 48]: the fused path's shape
+    state[name].view(torch.uint8)[20, 30] = 0x7F
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli(["merge", broken, adapter, "-o", tmp_path / "out"])
+    assert result.exit_code == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and name.removesuffix(".weight") in errors[0] and "NaN or Inf" in errors[0]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))]
+    result = run_cli(["merge", broken, adapter, "-o", tmp_path / "out", "--allow-nonfinite"])
+    assert result.exit_code == 0, result.stderr
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    codes = after[name].view(torch.uint8)
+    nan = (codes & 0x7F) == 0x7F
+    assert bool(nan[20, 30]) and not bool(nan[:16].any()) and not bool(nan[32:].any())
+    assert after[name + "_scale_inv"][1, 1] == 1.0  # amax NaN: the scale any value stores with
+
+
 def _tensor_bytes(folder: Path) -> dict[str, bytes]:
     out = {}
     for file in sorted(folder.glob("*.safetensors")):

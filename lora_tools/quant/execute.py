@@ -87,7 +87,6 @@ class _Job:
     tensor_scale: torch.Tensor | None = None  # fp8 per tensor: the one fresh scale
     folded: torch.Tensor | None = None  # FP8: the stored scales times 2^120 (see `fp8.fold`), or None
     fused: bool = False  # FP8 blocks, plain LoRA on the CPU: rows of whole blocks go through `block_rows`
-    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -135,7 +134,6 @@ class QuantizedTensors(QuantizedRoutes):
             job.pairs = lora_pairs(logical, job.factors) if on_cpu and job.factors is not None else None
             job.folded = fp8.fold(scale) if weight.scheme != "mxfp4" else None
             job.fused = keep and weight.scheme == "fp8-block" and job.folded is not None and job.pairs is not None
-            job.allow_nonfinite = self.allow_nonfinite
             result = self._produce(job, lane)
         writer.written(task.name)
         if keep:  # the scales follow, in this shard or a later one
@@ -225,13 +223,16 @@ class QuantizedTensors(QuantizedRoutes):
             self._cast(logical, merged, out)
         else:
             spare = buffers.get("quant-spare", shape, torch.float32)
-            error = self._requantize_chunk(job, chunk, merged, out, scratch, spare)
-            if not self.allow_nonfinite and not math.isfinite(error):
-                raise NonFiniteError(f"tensor {logical.name!r}: the merged weight holds NaN or Inf")
-            report.error += error
+            report.error += self._checked(logical, self._requantize_chunk(job, chunk, merged, out, scratch, spare))
 
-    @staticmethod
-    def _fused_piece(job: _Job, chunk: Chunk, out, buffers: Workspace, shape, report: _Rows) -> bool:
+    def _checked(self, logical: TensorTask, error: float) -> float:
+        """A piece's ‖Q(W+ΔW) − (W+ΔW)‖²; NaN or Inf there means the merged weight holds one (refused unless
+        allowed)."""
+        if not self.allow_nonfinite and not math.isfinite(error):
+            raise NonFiniteError(f"tensor {logical.name!r}: the merged weight holds NaN or Inf")
+        return error
+
+    def _fused_piece(self, job: _Job, chunk: Chunk, out, buffers: Workspace, shape, report: _Rows) -> bool:
         """`block_rows.merge_block_row` on one piece; False (nothing done) when it leaves it to the general path."""
         index = chunk.scales(job.weight)
         spaces = [buffers.get(role, shape, torch.float32) for role in ("quant-base", "quant-scratch", "quant-spare")]
@@ -243,11 +244,9 @@ class QuantizedTensors(QuantizedRoutes):
         if done is None:
             return False
         job.out_scale[index], largest, change, error = done
-        if not math.isfinite(error) and not job.allow_nonfinite:
-            raise NonFiniteError(f"tensor {job.logical.name!r}: the merged weight holds NaN or Inf")
         report.results.append(TaskResult(largest))
         report.change += change
-        report.error += error
+        report.error += self._checked(job.logical, error)
         return True
 
     @staticmethod
