@@ -114,6 +114,21 @@ def run_cli(args: list[str]):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def traced_merge(base: Path, adapter: Path, out: Path, events_file: Path) -> list[dict]:
+    """Merge in a fresh process (so torch is not yet imported) with `LORATOOL_TRACE`; returns the trace events."""
+    import os
+    import subprocess
+    import sys
+
+    script = "import sys, lora_tools; lora_tools.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], device='cpu')"
+    env = {**os.environ, "LORATOOL_TRACE": str(events_file)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, base, adapter, out], env=env, capture_output=True, timeout=120
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in events_file.read_text().splitlines()]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model, lora_config, randomize_adapter, run_cli
+from conftest import build_model, lora_config, randomize_adapter, run_cli, traced_merge
 from quant_models import (
     dequantize_fp8_fp64,
     dequantize_mxfp4_fp64,
@@ -379,6 +379,18 @@ def test_nan_code_in_a_merged_fp8_weight_is_refused_unless_allowed(tmp_path, fp8
     nan = (codes & 0x7F) == 0x7F
     assert bool(nan[20, 30]) and not bool(nan[:16].any()) and not bool(nan[32:].any())
     assert after[name + "_scale_inv"][1, 1] == 1.0  # amax NaN: the scale any value stores with
+
+
+def test_fp8_merge_copies_while_torch_imports(tmp_path, fp8_models):
+    """Planning a quantized merge needs no torch: the untouched tensors' copies start before torch's import ends
+    (the executor is built after it), as for a plain merge."""
+    from lora_tools import trace
+
+    base, _, adapter = fp8_models["block-f32"]
+    spans = trace.summary(traced_merge(base, adapter, tmp_path / "out", tmp_path / "trace.jsonl"))
+    imported = spans["import torch"]
+    assert imported["seconds"] > 0.05  # torch came in here, not while planning
+    assert spans["copy"]["first"] < imported["first"] + imported["seconds"]
 
 
 def _tensor_bytes(folder: Path) -> dict[str, bytes]:

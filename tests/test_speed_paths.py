@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import traced_merge
 from safetensors.torch import load_file
 from synthetic import write_llama_checkpoint, write_lora_adapter
 
@@ -115,14 +113,7 @@ def test_overflow_check_agrees_with_rounding_at_the_limit(dtype, source):
 
 def test_trace_shows_the_copies_overlapping_the_torch_import(model, tmp_path):
     base, adapter = model
-    events_file = tmp_path / "trace.jsonl"
-    script = "import sys, lora_tools; lora_tools.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], device='cpu')"
-    env = {**os.environ, "LORATOOL_TRACE": str(events_file)}
-    done = subprocess.run(
-        [sys.executable, "-c", script, base, adapter, tmp_path / "out"], env=env, capture_output=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    events = traced_merge(base, adapter, tmp_path / "out", tmp_path / "trace.jsonl")
     spans = trace.summary(events)
     assert {"copy", "import torch", "compute", "row blocks"} <= set(spans)
     assert spans["compute"]["count"] == 2 * 7  # every changed projection
