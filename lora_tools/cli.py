@@ -185,12 +185,19 @@ def push_options(f: Callable) -> Callable:
 
 
 def _silence_hub_progress(quiet: bool) -> None:
-    if quiet:
+    if quiet:  # before `_start_loading_torch`: the environment is not changed while that load runs
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "huggingface_hub" in sys.modules:
             from huggingface_hub.utils import disable_progress_bars
 
             disable_progress_bars()
+
+
+def _start_loading_torch() -> None:
+    """For commands that compute: load torch's libraries on another core while the inputs are read."""
+    from .compute.preload import start
+
+    start()
 
 
 _PUSH_KEYS = ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
@@ -470,6 +477,8 @@ def _run_merge(operation: str, base: str, adapters: tuple[str, ...], options: di
     push_settings = _pop_push_settings(options)
     if push_settings["push_to_hub"] and options["dry_run"]:
         raise click.UsageError("--dry-run writes nothing, so there is nothing to --push-to-hub")
+    if not options["dry_run"]:
+        _start_loading_torch()
     run = _merge_command(operation)
     output = options.pop("output")
     with _progress(quiet or options["dry_run"], operation) as progress:
@@ -597,6 +606,7 @@ def extract(base: str, tuned: str, **options) -> None:
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     _silence_hub_progress(quiet)
+    _start_loading_torch()
     push_settings = _pop_push_settings(options)
     output, plot = options.pop("output"), options.pop("plot")
     with _module_progress(quiet, "extract") as progress:
@@ -626,6 +636,7 @@ def resize(adapter: str, **options) -> None:
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     _silence_hub_progress(quiet)
+    _start_loading_torch()
     push_settings = _pop_push_settings(options)
     output = options.pop("output")
     with _module_progress(quiet, "resize") as progress:
@@ -671,6 +682,7 @@ def combine(adapters: tuple[str, ...], **options) -> None:
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
     _silence_hub_progress(quiet)
+    _start_loading_torch()
     push_settings = _pop_push_settings(options)
     output = options.pop("output")
     with _module_progress(quiet, "combine") as progress:

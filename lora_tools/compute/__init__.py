@@ -1,4 +1,4 @@
-"""Running tensor work on every core and every device: worker pools and device streams."""
+"""Running tensor work on every core and every device: worker pools, device streams, torch loaded ahead."""
 
 from .pool import BlockPool, run_ordered, single_threaded_torch, usable_cores
 

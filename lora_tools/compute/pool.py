@@ -62,6 +62,9 @@ def _import_torch_single_threaded() -> bool:
     """
     if "torch" in sys.modules:
         return False
+    from .preload import finish
+
+    finish()  # a background load of torch's libraries (`preload`) ends before the environment changes
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     collecting = gc.isenabled()
