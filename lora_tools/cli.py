@@ -7,13 +7,16 @@ that `loratool --help` starts instantly.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 
 import click
 
@@ -857,5 +860,30 @@ def _render_environment(report) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli.main(prog_name="loratool")
+    """Console-script entry point: run the command, then end the process without tearing Python down.
+
+    Once torch is imported, the interpreter's teardown (freeing every module's objects, then
+    libtorch's static destructors) takes about a second on this machine, after every output is
+    complete, closed and in place. So, as the interpreter would, the process waits for its
+    threads (`threading._shutdown`) and runs the atexit handlers, flushes stdout and stderr,
+    and then exits with the command's status at once. An exception that escapes (only with
+    LORATOOL_DEBUG=1) ends the process the usual way, with its traceback.
+    """
+    try:
+        cli.main(prog_name="loratool")
+    except SystemExit as done:
+        _end_process(done.code)
+
+
+def _end_process(code) -> None:
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a closed pipe (`| head`): nothing more can reach it
+            stream.flush()
+    os._exit(code or 0)

@@ -98,3 +98,47 @@ def test_sigkill_leaves_only_a_named_temporary_which_the_next_run_removes(slow_m
     _, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+_ENDING = """
+import atexit, sys
+from pathlib import Path
+from lora_tools.cli import main
+
+marks = Path(sys.argv[1])
+atexit.register(lambda: (marks / "atexit").write_text("ran"))
+
+
+class TornDown:
+    def __del__(self):
+        (marks / "teardown").write_text("ran")
+
+
+keep = TornDown()  # freed only if the interpreter tears the modules down
+sys.argv = ["loratool", *sys.argv[2:]]
+main()
+"""
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@pytest.mark.parametrize(
+    "args, code, stream, expected",
+    [
+        (["--version"], 0, "stdout", "loratool, version"),
+        (["inspect", "no/such/folder"], 3, "stderr", "error: no/such/folder"),
+        (["inspect", str(FIXTURES / "tiny-llama-lora"), "--json"], 0, "stdout", '"schema"'),
+    ],
+)
+def test_the_cli_exits_with_its_status_without_tearing_python_down(tmp_path, args, code, stream, expected):
+    """After the command: threads joined, atexit handlers run, output flushed, then the process ends at once
+    (the teardown after importing torch takes about a second and writes nothing)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _ENDING, tmp_path, *args], capture_output=True, text=True, timeout=120
+    )  # fmt: skip
+    assert done.returncode == code, done.stderr
+    assert expected in getattr(done, stream)
+    if args[-1] == "--json":
+        assert json.loads(done.stdout)["schema"]  # all of it arrived
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "teardown").exists()
