@@ -188,7 +188,7 @@ def push_options(f: Callable) -> Callable:
 
 
 def _silence_hub_progress(quiet: bool) -> None:
-    if quiet:  # before `_start_loading_torch`: the environment is not changed while that load runs
+    if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "huggingface_hub" in sys.modules:
             from huggingface_hub.utils import disable_progress_bars
@@ -196,11 +196,15 @@ def _silence_hub_progress(quiet: bool) -> None:
             disable_progress_bars()
 
 
-def _start_loading_torch() -> None:
-    """For commands that compute: load torch's libraries on another core while the inputs are read."""
-    from .compute.preload import start
+def _before_computing(quiet: bool, load_torch: bool = True) -> None:
+    """Silence the Hub's progress bars (an environment variable), then start loading torch's libraries
+    on another core while the inputs are read: in that order, as nothing may change the environment
+    while that load runs (`compute.preload`)."""
+    _silence_hub_progress(quiet)
+    if load_torch:
+        from .compute.preload import start
 
-    start()
+        start()
 
 
 _PUSH_KEYS = ("push_to_hub", "private", "push_branch", "create_pr", "commit_message")
@@ -476,12 +480,10 @@ def _merge_options(f: Callable) -> Callable:
 
 def _run_merge(operation: str, base: str, adapters: tuple[str, ...], options: dict) -> None:
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
-    _silence_hub_progress(quiet)
+    _before_computing(quiet, load_torch=not options["dry_run"])
     push_settings = _pop_push_settings(options)
     if push_settings["push_to_hub"] and options["dry_run"]:
         raise click.UsageError("--dry-run writes nothing, so there is nothing to --push-to-hub")
-    if not options["dry_run"]:
-        _start_loading_torch()
     run = _merge_command(operation)
     output = options.pop("output")
     with _progress(quiet or options["dry_run"], operation) as progress:
@@ -608,8 +610,7 @@ def extract(base: str, tuned: str, **options) -> None:
     from .extraction import extract as run_extract
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
-    _silence_hub_progress(quiet)
-    _start_loading_torch()
+    _before_computing(quiet)
     push_settings = _pop_push_settings(options)
     output, plot = options.pop("output"), options.pop("plot")
     with _module_progress(quiet, "extract") as progress:
@@ -638,8 +639,7 @@ def resize(adapter: str, **options) -> None:
     from .extraction import resize as run_resize
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
-    _silence_hub_progress(quiet)
-    _start_loading_torch()
+    _before_computing(quiet)
     push_settings = _pop_push_settings(options)
     output = options.pop("output")
     with _module_progress(quiet, "resize") as progress:
@@ -684,8 +684,7 @@ def combine(adapters: tuple[str, ...], **options) -> None:
     from .combine import combine as run_combine
 
     as_json, quiet = options.pop("as_json"), options.pop("quiet")
-    _silence_hub_progress(quiet)
-    _start_loading_torch()
+    _before_computing(quiet)
     push_settings = _pop_push_settings(options)
     output = options.pop("output")
     with _module_progress(quiet, "combine") as progress:
