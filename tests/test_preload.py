@@ -79,24 +79,21 @@ def test_preload_is_skipped_once_torch_is_imported_or_not_found(monkeypatch):
     preload.finish()  # nothing to wait for
 
 
-def test_the_merge_command_loads_torch_libraries_while_it_plans(tmp_path):
-    write_llama_checkpoint(tmp_path / "base", vocab=96, **SHAPE)
-    write_lora_adapter(tmp_path / "lora", rank=4, **SHAPE)
-    events_file = tmp_path / "trace.jsonl"
-    command = [
-        sys.executable,
-        "-m",
-        "lora_tools",
-        "merge",
-        tmp_path / "base",
-        tmp_path / "lora",
-        "-o",
-        tmp_path / "out",
-    ]
+def _traced_cli_merge(folder: Path, *options: str) -> list[dict]:
+    """`python -m lora_tools merge` on a tiny Llama and LoRA in `folder`, traced; returns the trace events."""
+    write_llama_checkpoint(folder / "base", vocab=96, **SHAPE)
+    write_lora_adapter(folder / "lora", rank=4, **SHAPE)
+    events_file = folder / "trace.jsonl"
+    command = [sys.executable, "-m", "lora_tools", "merge", folder / "base", folder / "lora", "-o", folder / "out",
+               *options]  # fmt: skip
     env = {**os.environ, "LORATOOL_TRACE": str(events_file)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    return [json.loads(line) for line in events_file.read_text().splitlines()]
+
+
+def test_the_merge_command_loads_torch_libraries_while_it_plans(tmp_path):
+    events = _traced_cli_merge(tmp_path)
     spans = trace.summary(events)
     loaded, imported = spans["load torch libraries"], spans["import torch"]
     assert loaded["count"] == 1 and loaded["thread_cpu"] > 0
@@ -107,13 +104,5 @@ def test_the_merge_command_loads_torch_libraries_while_it_plans(tmp_path):
 
 
 def test_a_dry_run_does_not_load_torch(tmp_path):
-    write_llama_checkpoint(tmp_path / "base", vocab=96, **SHAPE)
-    write_lora_adapter(tmp_path / "lora", rank=4, **SHAPE)
-    events_file = tmp_path / "trace.jsonl"
-    command = [sys.executable, "-m", "lora_tools", "merge", tmp_path / "base", tmp_path / "lora", "-o",
-               tmp_path / "out", "--dry-run"]  # fmt: skip
-    env = {**os.environ, "LORATOOL_TRACE": str(events_file)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    names = {json.loads(line)["name"] for line in events_file.read_text().splitlines()}
+    names = {event["name"] for event in _traced_cli_merge(tmp_path, "--dry-run")}
     assert "load torch libraries" not in names and not Path(tmp_path / "out").exists()

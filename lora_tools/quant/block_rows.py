@@ -54,7 +54,7 @@ def merge_block_row(codes, folded, pair, rows: slice, cols: slice, block, scale_
     largest, change = max(-float(low), float(high)), float(torch.linalg.vector_norm(delta)) ** 2
     tiles, grid = _tiles(base, block), folded.shape
     torch.addcmul(_tiles(delta, block), tiles, folded.view(grid[0], 1, grid[1], 1), out=tiles)  # W + ΔW
-    amax = torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_())
+    amax = fp8._block_amax(base, block)
     fresh = fp8._scale_from_amax(amax, scale_dtype, pow2)
     factor = fresh.float()
     scaled = torch.div(tiles, factor.view(grid[0], 1, grid[1], 1), out=_tiles(delta, block))

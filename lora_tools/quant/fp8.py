@@ -97,9 +97,8 @@ def _tiles(x: torch.Tensor, rows: slice, cols: slice, tiles: tuple[int, int]) ->
 def _scale_blocks(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], divide: bool, out: torch.Tensor):
     """x × (or ÷) each block's scale, into `out` (which may be x); edge tiles in their own calls, nothing expanded."""
     op = torch.div if divide else torch.mul
-    if (
-        x.shape[0] <= block[0]
-    ):  # one row of tiles, as every chunk of a merge: a call for the whole tiles, one for the edge
+    # one row of tiles, as every chunk of a merge: a call for the whole tiles, one for the edge
+    if x.shape[0] <= block[0]:
         for cols, tiles in _split(x.shape[1], block[1]):
             factor = scale[0, tiles, None]
             count = factor.shape[0]
