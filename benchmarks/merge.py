@@ -114,6 +114,9 @@ def main() -> None:
     if not args.skip_fp8 and not (work / "base-fp8").exists():
         subprocess.run([python, "-c", FP8, work], check=True)
     size = sum(f.stat().st_size for f in (work / "base").iterdir())
+    # An installed lora_tools has its bytecode (pip compiles it, as it did torch's, transformers' and
+    # peft's); a checkout run under PYTHONDONTWRITEBYTECODE=1 would recompile it in every run.
+    subprocess.run([python, "-m", "compileall", "-q", REPO / "lora_tools"], check=True)
     subprocess.run(["sync"], check=True)
 
     contenders = [

@@ -189,7 +189,11 @@ def push_options(f: Callable) -> Callable:
 
 def _silence_hub_progress(quiet: bool) -> None:
     if quiet:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":  # `launch` sets it before a load starts
+            from .compute.preload import finish
+
+            finish()  # nothing may change the environment while torch's libraries load
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "huggingface_hub" in sys.modules:
             from huggingface_hub.utils import disable_progress_bars
 
@@ -198,8 +202,8 @@ def _silence_hub_progress(quiet: bool) -> None:
 
 def _before_computing(quiet: bool, load_torch: bool = True) -> None:
     """Silence the Hub's progress bars (an environment variable), then start loading torch's libraries
-    on another core while the inputs are read: in that order, as nothing may change the environment
-    while that load runs (`compute.preload`)."""
+    on another core while the inputs are read, unless `launch` started it already: in that order, as
+    nothing may change the environment while that load runs (`compute.preload`)."""
     _silence_hub_progress(quiet)
     if load_torch:
         from .compute.preload import start

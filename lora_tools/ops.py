@@ -175,19 +175,17 @@ def overflow_limit(dtype: torch.dtype) -> float:
 
 
 def _rounds_finite(values: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether every value stays finite once rounded to `dtype`, from one min/max pass before rounding.
+    """Whether every value of `values` (a few: the smallest and largest of each block) stays finite
+    once rounded to `dtype`; NaN fails.
 
-    Rounding is monotonic, so all values round to finite numbers exactly when the smallest
-    and the largest do (NaN reaches both, and fails both comparisons); this spares a pass
-    over the rounded result. From fp32, two float comparisons against `overflow_limit`
-    replace four small tensor operations per block.
+    From fp32 to an output of at most its range, two comparisons against `overflow_limit` replace
+    the rounding itself. Rounding is monotonic, so a block's values all round to finite numbers
+    exactly when its smallest and largest do: the blocked path checks those two per block.
     """
-    extremes = torch.aminmax(values)
     if values.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return bool(torch.isfinite(torch.stack(extremes).to(dtype)).all())  # fp64 → bf16 rounds twice, via fp32
-    low, high = (float(v) for v in extremes)
+        return bool(torch.isfinite(values.to(dtype)).all())  # fp64 → bf16 rounds twice, via fp32
     limit = math.inf if dtype == torch.float32 else overflow_limit(dtype)
-    return -limit < low and high < limit
+    return bool(((values > -limit) & (values < limit)).all())
 
 
 def blockwise(task: TensorTask, base_dim: int, out_dtype: torch.dtype, device: torch.device) -> bool:
@@ -219,12 +217,15 @@ def _compute_blocked(
     each worker takes the next block as it finishes one; every block is still
     computed by the same calls, so the bits do not depend on the number of workers.
     `base` may be `destination` itself: each block is read before it is written.
+
+    Every view a block needs is made before the workers start, and each block's
+    extremes go into a table read once at the end: in a worker's loop, every call
+    computes and lets go of the GIL, so two workers seldom wait for each other.
     """
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     rows = base.shape[0]
     base_2d = base.reshape(rows, -1)
     sink = destination if isinstance(destination, RowSink) else None
-    out_2d = destination.view(rows, -1) if sink is None else None
     pairs = []
     for term in task.terms:
         a = fetch(term.adapter, term.module.a_key).to(compute)
@@ -233,42 +234,81 @@ def _compute_blocked(
         scale = term.module.scale
         if math.frexp(scale)[0] == 0.5:  # a power of two scales exactly, so fold it into the factor once
             right, scale = right * scale, 1.0
-        pairs.append((term, left, right, scale))
+        pairs.append((term.weight, left, right, scale))
     block = max(1, _BLOCK_BYTES // (base_2d.shape[1] * 4))
     check = not allow_nonfinite and destination.dtype.is_floating_point and math.prod(destination.shape) > 0
+    bases = base_2d.split(block)
+    counts = [len(part) for part in bases]
+    lefts = [left.split(block) for _, left, _, _ in pairs]
+    outs = destination.view(rows, -1).split(block) if sink is None else None
+    extremes = torch.zeros(len(bases), len(pairs) + 1, 2, dtype=compute)  # per block: (min, max) of each ΔWᵢ, of W'
+    found = [[tuple(pair.unbind()) for pair in row.unbind()] for row in extremes.unbind()]
+    buffers = _BlockBuffers(workspace, base_2d.shape[1], compute, destination.dtype if sink is not None else None)
 
-    def run(worker: int, index: int) -> tuple[list[float], bool]:
-        start = index * block
-        stop = min(rows, start + block)
-        weight = workspace.get(f"weight{worker}", (block, base_2d.shape[1]), compute)[: stop - start]
-        delta_buffer = workspace.get(f"delta{worker}", (block, base_2d.shape[1]), compute)
-        weight.copy_(base_2d[start:stop])
-        max_abs = []
-        for term, left, right, scale in pairs:
-            delta = torch.mm(left[start:stop], right, out=delta_buffer[: stop - start])
+    def run(worker: int, index: int) -> None:
+        weight, delta_buffer, rounded, data = buffers.get(worker, counts[index])
+        weight.copy_(bases[index])
+        *term_extremes, sum_extremes = found[index]
+        for (factor, _, right, scale), left, out in zip(pairs, lefts, term_extremes, strict=True):
+            delta = torch.mm(left[index], right, out=delta_buffer)
             if scale != 1.0:
                 delta.mul_(scale)
-            max_abs.append(_largest_magnitude(delta))
-            weight.add_(delta, alpha=term.weight)
-        finite = not check or _rounds_finite(weight, destination.dtype)
+            torch.aminmax(delta, out=out)
+            weight.add_(delta, alpha=factor)
+        if check:
+            torch.aminmax(weight, out=sum_extremes)
         if sink is None:
-            out_2d[start:stop].copy_(weight)
+            outs[index].copy_(weight)
         else:  # rounded rows, written with pwrite
-            rounded = workspace.get(f"rounded{worker}", (block, base_2d.shape[1]), destination.dtype)[: stop - start]
-            sink.write(start, rounded.copy_(weight))
-        return max_abs, finite
+            rounded.copy_(weight)
+            sink.write_bytes(index * block, data)
 
-    blocks = -(-rows // block)
-    parts = pool.each(blocks, run) if pool is not None else [run(0, index) for index in range(blocks)]
-    if not all(finite for _, finite in parts):
+    if pool is not None:
+        pool.each(len(bases), run)
+    else:
+        for index in range(len(bases)):
+            run(0, index)
+    if check and not _rounds_finite(extremes[:, -1], destination.dtype):
         if sink is None:
             _check_finite(task, destination)
         else:
             with sink.written() as result:
                 _check_finite(task, result)
-    max_abs = [max((part[0][index] for part in parts), default=0.0) for index in range(len(pairs))]
-    largest = max((abs(pair[0].weight) * m for pair, m in zip(pairs, max_abs, strict=True)), default=0.0)
-    return TaskResult(largest)
+    largest = _largest_per_term(extremes[:, :-1])
+    return TaskResult(max((abs(pair[0]) * m for pair, m in zip(pairs, largest, strict=True)), default=0.0))
+
+
+def _largest_per_term(extremes: torch.Tensor) -> list[float]:
+    """max |ΔWᵢ| of each term, from its (min, max) in every block (blocks × terms × 2), read at once."""
+    per_block = extremes.tolist()
+    terms = extremes.shape[1]
+    return [max((max(abs(low), abs(high)) for low, high in (row[i] for row in per_block)), default=0.0)
+            for i in range(terms)]  # fmt: skip
+
+
+class _BlockBuffers:
+    """Each worker's buffers for a block of `count` rows, as views made once: the sum in the compute
+    dtype, one ΔW, and (when rows are written with pwrite) the rounded rows and their bytes."""
+
+    def __init__(self, workspace: Workspace, columns: int, compute: torch.dtype, rounded: torch.dtype | None) -> None:
+        self.workspace, self.columns, self.compute, self.rounded = workspace, columns, compute, rounded
+        self._views: dict[tuple[int, int], tuple] = {}
+
+    def get(self, worker: int, count: int) -> tuple:
+        """(sum, ΔW, rounded rows or None, their bytes or None) for worker `worker`."""
+        views = self._views.get((worker, count))
+        if views is None:
+            from .io.tensors import tensor_bytes
+
+            shape = (count, self.columns)
+            rounded = None if self.rounded is None else self.workspace.get(f"rounded{worker}", shape, self.rounded)
+            views = self._views[worker, count] = (
+                self.workspace.get(f"weight{worker}", shape, self.compute),
+                self.workspace.get(f"delta{worker}", shape, self.compute),
+                rounded,
+                None if rounded is None else tensor_bytes(rounded),
+            )
+        return views
 
 
 def _piece(term, weight: torch.Tensor, get) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from synthetic import write_llama_checkpoint, write_lora_adapter
 
-from lora_tools import trace
+from lora_tools import launch, trace
 from lora_tools.compute import preload
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload is for Linux wheels")
@@ -106,3 +106,78 @@ def test_the_merge_command_loads_torch_libraries_while_it_plans(tmp_path):
 def test_a_dry_run_does_not_load_torch(tmp_path):
     names = {event["name"] for event in _traced_cli_merge(tmp_path, "--dry-run")}
     assert "load torch libraries" not in names and not Path(tmp_path / "out").exists()
+
+
+# --- the console script's early start -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("words", "computes"),
+    [
+        (["merge", "base", "lora", "-o", "out"], True),
+        (["--color", "never", "unmerge", "merged", "lora", "-o", "out"], True),
+        (["--color=always", "extract", "base", "tuned", "-r", "8", "-o", "out"], True),
+        (["resize", "lora", "-r", "4", "-o", "out"], True),
+        (["combine", "a", "b", "-o", "out"], True),
+        (["merge", "base", "lora", "-o", "out", "--dry-run"], False),
+        (["merge", "--help"], False),
+        (["extract", "-h"], False),
+        (["inspect", "merge"], False),
+        (["convert", "lora", "-o", "out"], False),
+        (["--version"], False),
+        (["--color"], False),
+        ([], False),
+    ],
+)
+def test_the_launcher_reads_which_commands_compute(words, computes):
+    assert launch.computes(words) is computes
+
+
+def test_the_console_script_starts_the_load_before_importing_the_cli(tmp_path):
+    """`launch.main` (the `loratool` script) starts the load before click, rich and the CLI are
+    imported, with the Hub's progress bars already silenced for -q; the merge then runs as always."""
+    write_llama_checkpoint(tmp_path / "base", vocab=96, **SHAPE)
+    write_lora_adapter(tmp_path / "lora", rank=4, **SHAPE)
+    record = tmp_path / "at-start.json"
+    code = f"""
+        import json, os, sys
+        from lora_tools.compute import preload
+        original = preload.start
+        def start():  # the first call is the launcher's (the CLI calls it again, and then it does nothing)
+            seen = {{m: m in sys.modules for m in ("click", "rich", "lora_tools.cli", "lora_tools.merging")}}
+            seen["quiet"] = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+            if not os.path.exists({str(record)!r}):
+                with open({str(record)!r}, "w") as f:
+                    json.dump(seen, f)
+            return original()
+        preload.start = start
+        sys.argv = ["loratool", "merge", {str(tmp_path / "base")!r}, {str(tmp_path / "lora")!r},
+                    "-o", {str(tmp_path / "out")!r}, "-q"]
+        from lora_tools.launch import main
+        main()
+    """
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(record.read_text()) == {
+        "click": False, "rich": False, "lora_tools.cli": False, "lora_tools.merging": False, "quiet": "1"
+    }  # fmt: skip
+    assert "merged 1 adapter(s)" in done.stderr and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_quieting_the_hub_waits_for_a_load_in_progress():
+    """The CLI sets the Hub's quiet variable only once no load runs: glibc's setenv is not safe
+    while another thread's dlopen runs the libraries' initializers, which read the environment."""
+    code = """
+        import json, os
+        from lora_tools.compute import preload
+        preload.start()
+        from lora_tools.cli import _silence_hub_progress
+        running = preload._helper.is_alive()
+        _silence_hub_progress(True)
+        print(json.dumps(dict(running=running, after=preload._helper.is_alive(),
+                              quiet=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))))
+    """
+    result = _python(code, HF_HUB_DISABLE_PROGRESS_BARS="0")
+    assert result["running"] and result["after"] is False and result["quiet"] == "1", result

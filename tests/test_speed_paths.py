@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from synthetic import write_llama_checkpoint, write_lora_adapter
 
 import lora_tools
-from lora_tools import trace
+from lora_tools import ops, trace
 from lora_tools.compute import sink as sink_module
 from lora_tools.compute.pool import run_ordered
 from lora_tools.compute.sink import RowSink
 from lora_tools.errors import NonFiniteError
+from lora_tools.io.tensors import tensor_bytes
 from lora_tools.ops import _rounds_finite, overflow_limit
 
 SHAPE = dict(hidden=64, intermediate=160, layers=2, heads=4)
@@ -59,6 +60,22 @@ def test_row_sink_writes_rows_in_place_and_refuses_what_does_not_fit(tmp_path):
     assert data[:8] == b"\xff" * 8 and data[8 + 48 :] == b"\xff" * (200 - 56)  # nothing outside its place
 
 
+def test_row_sink_takes_whole_rows_of_bytes_and_names_its_file_in_an_error(tmp_path):
+    path = tmp_path / "t.bin"
+    path.write_bytes(bytes(16))
+    values = torch.arange(8, dtype=torch.float32).reshape(2, 4).to(torch.bfloat16)
+    with open(path, "rb") as f:  # opened for reading: pwrite fails
+        sink = RowSink(f.fileno(), path, 0, torch.bfloat16, (2, 4))
+        with pytest.raises(AssertionError, match="not whole rows"):
+            sink.write_bytes(0, tensor_bytes(values)[:5])
+        with pytest.raises(AssertionError, match="outside"):
+            sink.write_bytes(1, tensor_bytes(values))
+        with pytest.raises(OSError) as caught:
+            sink.write_bytes(0, tensor_bytes(values))
+    assert caught.value.errno == errno.EBADF and caught.value.filename == str(path)
+    assert path.read_bytes() == bytes(16)
+
+
 def test_a_failed_row_write_names_the_output_and_leaves_nothing(model, tmp_path, monkeypatch):
     base, adapter = model
 
@@ -72,9 +89,16 @@ def test_a_failed_row_write_names_the_output_and_leaves_nothing(model, tmp_path,
     assert _left_behind(tmp_path) == []
 
 
-def test_an_overflowing_result_is_refused_with_its_count(model, tmp_path):
-    """The count in the message is read back from the rows the sink wrote; the output is removed."""
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_an_overflowing_result_is_refused_with_its_count(model, tmp_path, monkeypatch, block_rows):
+    """The count in the message is read back from the rows the sink wrote; the output is removed.
+
+    With 4-row blocks, each tensor is many blocks dealt to the workers: the overflow is found
+    from the extremes every block recorded.
+    """
     base, adapter = model
+    if block_rows is not None:
+        monkeypatch.setattr(ops, "_BLOCK_BYTES", block_rows * SHAPE["hidden"] * 4)
     weight = 3e7  # max |w·ΔW| ≈ 10⁵: some sums pass fp16's 65504, most do not
     with pytest.raises(NonFiniteError, match=r"the result has \d+ NaN/Inf value\(s\) in F16") as caught:
         lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu", weights=[weight], dtype="fp16")
@@ -90,6 +114,22 @@ def test_an_overflowing_result_is_refused_with_its_count(model, tmp_path):
     )
     bad = int((~torch.isfinite(expected.to(torch.float16))).sum())
     assert 0 < bad < expected.numel() and f"has {bad} NaN/Inf" in message
+
+
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_each_change_reports_its_largest_weighted_delta(model, tmp_path, monkeypatch, block_rows):
+    """max |wᵢ·ΔWᵢ| per tensor, gathered from every block's extremes, against whole products in fp64."""
+    base, adapter = model
+    if block_rows is not None:
+        monkeypatch.setattr(ops, "_BLOCK_BYTES", block_rows * SHAPE["hidden"] * 4)
+    report = lora_tools.merge(base, [adapter, adapter], tmp_path / "out", device="cpu", weights=[0.5, -1.5])
+    factors = load_file(adapter / "adapter_model.safetensors")
+    assert len(report.changes) == 14
+    for change in report.changes:
+        key = f"base_model.model.{change.tensor.removesuffix('.weight')}"
+        delta = factors[f"{key}.lora_B.weight"].double() @ factors[f"{key}.lora_A.weight"].double() * 2.0
+        assert change.max_abs_delta == pytest.approx(1.5 * float(delta.abs().max()), rel=1e-6), change.tensor
+    assert report.max_abs_delta == max(change.max_abs_delta for change in report.changes)
 
 
 # --- the overflow check ----------------------------------------------------------

@@ -3,9 +3,9 @@
 About a fifth of `import torch` (0.25–0.4 s here) is the dynamic loader: mapping and
 relocating libtorch_cpu (≈430 MB) and running its static initializers. libc's `dlopen`,
 called as a ctypes foreign function, runs without the GIL, so a command that will compute
-starts that load first, and it runs on another core while the main thread imports
-lora_tools' modules and plans. The import later finds the library in place and only runs
-torch's Python modules.
+starts that load first (`launch`, before the CLI's modules are imported; else
+`cli._before_computing`), and it runs on another core while the main thread imports the CLI
+and plans. The import later finds the library in place and only runs torch's Python modules.
 
 The load mirrors what the import itself does, so torch ends up the same:
 - torch's global dependencies (`libtorch_global_deps`, which brings OpenMP) are opened first,
@@ -37,12 +37,14 @@ __all__ = ["finish", "start"]
 
 _helper: threading.Thread | None = None
 
-# The standard library's compiled modules that planning a merge imports (hashlib, tempfile, shutil,
-# subprocess, random …). Importing one also takes the loader's lock, so they are imported
-# before the load starts, or the main thread would wait for the whole load at its first one.
+# The standard library's compiled modules that the CLI (click, rich) and the planning of a
+# command import (json, datetime, uuid, hashlib, tempfile, shutil, subprocess, random …), found
+# by tracing a merge and an extract. Importing one also takes the loader's lock, so they are
+# imported before the load starts, or the main thread would wait for the whole load at its first one.
 _COMPILED_MODULES = (
-    "_bisect", "_blake2", "_bz2", "_ctypes", "_hashlib", "_json", "_lzma", "_posixsubprocess",
-    "_random", "_sha512", "_struct", "fcntl", "mmap", "select", "zlib",
+    "_bisect", "_blake2", "_bz2", "_ctypes", "_datetime", "_hashlib", "_heapq", "_json", "_lzma",
+    "_opcode", "_posixsubprocess", "_queue", "_random", "_sha512", "_struct", "_typing", "_uuid",
+    "fcntl", "math", "mmap", "select", "zlib",
 )  # fmt: skip
 
 

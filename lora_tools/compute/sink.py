@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.storage import naming
+from ..io.storage import give_name
 from ..io.tensors import mapped_tensor, tensor_bytes, to_safetensors_dtype
 
 __all__ = ["RowSink"]
@@ -41,14 +41,23 @@ class RowSink:
         fits = rows.dtype == self.dtype and rows.numel() * self.dtype.itemsize == count * self.row_bytes
         if not (rows.is_contiguous() and fits):
             raise AssertionError(f"{self.path}: rows of {rows.dtype} {tuple(rows.shape)} do not fit {self.shape}")
+        self.write_bytes(first_row, tensor_bytes(rows))
+
+    def write_bytes(self, first_row: int, data: memoryview) -> None:
+        """Write whole rows, given as their bytes (a flat byte view, e.g. `tensor_bytes` of rounded rows)."""
+        count, partial = divmod(len(data), self.row_bytes) if self.row_bytes else (0, len(data))
+        if partial:
+            raise AssertionError(f"{self.path}: {len(data)} bytes are not whole rows of {tuple(self.shape)}")
         if first_row < 0 or first_row + count > self.shape[0]:
             raise AssertionError(f"{self.path}: rows {first_row}…{first_row + count} outside {tuple(self.shape)}")
-        view = tensor_bytes(rows)
         offset = self.offset + first_row * self.row_bytes
-        with naming(self.path):
-            while view:
-                done = os.pwrite(self.fd, view, offset)
-                view, offset = view[done:], offset + done
+        try:
+            while data:
+                done = os.pwrite(self.fd, data, offset)
+                data, offset = data[done:], offset + done
+        except OSError as exc:
+            give_name(exc, self.path)
+            raise
 
     def written(self) -> AbstractContextManager[torch.Tensor]:
         return mapped_tensor(self.path, self.offset, to_safetensors_dtype(self.dtype), tuple(self.shape))

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["reserve", "naming", "named_as_output", "written_on_exit", "write_tensors"]
+__all__ = ["reserve", "naming", "give_name", "named_as_output", "written_on_exit", "write_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,19 @@ _ZERO_CHUNK = 8 << 20
 @contextmanager
 def naming(path: str | os.PathLike) -> Iterator[None]:
     """Give an `OSError` raised inside the block `path` as its file name, when it names none."""
-    from ..errors import LoraToolError
-
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and not isinstance(exc, LoraToolError):
-            exc.filename = str(path)
+        give_name(exc, path)
         raise
+
+
+def give_name(exc: OSError, path: str | os.PathLike) -> None:
+    """`naming` for one error, where a context manager would cost too much (a loop's every call)."""
+    from ..errors import LoraToolError
+
+    if exc.filename is None and not isinstance(exc, LoraToolError):
+        exc.filename = str(path)
 
 
 @contextmanager
