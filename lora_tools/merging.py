@@ -16,9 +16,10 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -493,10 +494,7 @@ class _Writing:
         work = [(job, task) for job in self.shards for task in job.computed]
         with _no_cyclic_gc():
             if len(self.lanes) == 1:
-                ahead = [*work[1:], None][: len(work)]  # nothing to compute: nothing ahead
-                results = [
-                    self._compute(self.lanes[0], *item, upcoming) for item, upcoming in zip(work, ahead, strict=True)
-                ]
+                results = self._compute_in_turn(self.lanes[0], work)
             else:
                 results = _deal(self.lanes, work, self._compute)
         for (job, task), result in zip(work, results, strict=True):
@@ -521,13 +519,52 @@ class _Writing:
             for job in self.shards:
                 job.writer.close()
 
+    def _compute_in_turn(self, lane, work: list) -> list:
+        """Compute the tensors in order on one device; on the CPU, each tensor's blocks start on the helper
+        threads before the last tensor is finished, and the next tensor is opened while they run.
+
+        Per tensor, the calling thread opens it (mapping, sink, factors) and starts its blocks, finishes
+        the one before (waits for its blocks, checks it, unmaps it), then joins in the blocks: that work,
+        about a millisecond per tensor, no longer leaves the helpers idle. At most two tensors are open.
+        """
+        ahead = [*work[1:], None][: len(work)]  # nothing to compute: nothing ahead
+        results: list = []
+        open_tensors: deque[_Open] = deque()
+        try:
+            for (job, task), upcoming in zip(work, ahead, strict=True):
+                opened = self._open(lane, job, task, upcoming, open_tensors[-1] if open_tensors else None)
+                open_tensors.append(opened)
+                if len(open_tensors) > 1:
+                    results.append(open_tensors.popleft().finish())
+                opened.help()
+            while open_tensors:
+                results.append(open_tensors.popleft().finish())
+        except BaseException:
+            for opened in open_tensors:
+                opened.abandon()
+            raise
+        return results
+
     def _compute(self, lane, job: _Shard, task: TensorTask, upcoming):
         """Compute one tensor into its place in the output; `upcoming` (job, task) is staged or prefetched meanwhile."""
+        opened = self._open(lane, job, task, upcoming, None)
+        try:
+            opened.help()
+        except BaseException:
+            opened.abandon()
+            raise
+        return opened.finish()
+
+    def _open(self, lane, job: _Shard, task: TensorTask, upcoming, before: _Open | None) -> _Open:
+        """Open one tensor's input and output and start computing it (see `_Open`): on the CPU, a plain
+        LoRA tensor's blocks start on the helpers (after `before`'s); any other tensor is computed here."""
         from .io.tensors import to_torch_dtype
-        from .ops import blockwise, compute_task
+        from .ops import BlockedTask, blockwise, compute_task
 
         qualified = _qualified(job.component, task.name)
-        with ExitStack() as stack:
+        stack = ExitStack()
+        try:
+            opened = _Open(self, job, task, stack)
             staged = lane.take(job.base, task.source) if lane.stager is not None else None
             if upcoming is not None and lane.stager is not None:
                 lane.stage_ahead(upcoming[0].base, upcoming[1].source)
@@ -536,16 +573,20 @@ class _Writing:
             tensor = staged if staged is not None else stack.enter_context(job.base.mapped(task.source))
             if blockwise(task, tensor.dim(), to_torch_dtype(task.out_dtype), lane.workspace.device):
                 destination = job.writer.rows(task.name)  # rounded rows written with pwrite, block by block
-            else:
-                destination = stack.enter_context(job.writer.mapped(task.name))
+                blocked = BlockedTask(task, tensor, self.fetch, lane.workspace, destination, self.allow_nonfinite)
+                after = before.batch if before is not None else None
+                opened.blocks(blocked, lane.pool.start(blocked.count, blocked.run, after) if lane.pool else None)
+                return opened
+            destination = stack.enter_context(job.writer.mapped(task.name))
             with trace.span("compute", task.name):
-                result = compute_task(
+                opened.result = compute_task(
                     task, tensor, self.fetch, lane.workspace, destination, unmerge=self.unmerge,
                     recorded_norm=self.recorded.get(qualified), allow_nonfinite=self.allow_nonfinite, pool=lane.pool,
                 )  # fmt: skip
-        job.writer.written(task.name)
-        self.advance(task.nbytes)
-        return result
+            return opened
+        except BaseException:
+            stack.close()
+            raise
 
     def _write_quantized(self, job: _Shard) -> None:
         """Write a shard's quantized weights: dequantize, merge, requantize (or cast), one weight at a time."""
@@ -569,6 +610,51 @@ class _Writing:
                 if result.dora_norm is not None and not self.unmerge:
                     self.norms[_qualified(job.component, logical.name)] = result.dora_norm
             self.advance(task.nbytes)
+
+
+class _Open:
+    """One tensor being computed (`_Writing._open`): its mapping and output place stay open until `finish`.
+
+    A blockwise tensor's blocks run on the pool's helpers (`batch`, started when opened) and on the
+    calling thread (`help`); `finish` waits for them, checks the result and closes the tensor.
+    `abandon` stops it after an error elsewhere, once no block of it runs.
+    """
+
+    def __init__(self, writing: _Writing, job: _Shard, task: TensorTask, stack: ExitStack) -> None:
+        self.writing, self.job, self.task, self.stack = writing, job, task, stack
+        self.blocked = self.batch = self.result = None
+        self.started = time.perf_counter(), time.thread_time()
+
+    def blocks(self, blocked, batch) -> None:
+        self.blocked, self.batch = blocked, batch
+
+    def help(self) -> None:
+        """Compute blocks on the calling thread until none is left to take."""
+        if self.batch is not None:
+            self.batch.help()
+        elif self.blocked is not None:  # no pool: every block here
+            for index in range(self.blocked.count):
+                self.blocked.run(0, index)
+
+    def finish(self):
+        """Wait for the tensor's blocks, check it and close it; its `TaskResult`."""
+        with self.stack:
+            if self.batch is not None:
+                self.batch.wait()
+            if self.blocked is not None:
+                self.result = self.blocked.finish()
+                trace.ended("compute", self.task.name, self.started)
+        self.job.writer.written(self.task.name)
+        self.writing.advance(self.task.nbytes)
+        return self.result
+
+    def abandon(self) -> None:
+        """After an error: no further block starts; once the running ones end, the tensor is closed."""
+        with self.stack:
+            if self.batch is not None:
+                self.batch.stop()
+                with suppress(BaseException):  # the error being raised is the one to report
+                    self.batch.wait()
 
 
 class _Lane:
@@ -643,10 +729,12 @@ def _no_cyclic_gc():
 
 
 def _checked_alone(info) -> None:
-    """`_refuse_nonfinite` on a helper thread, with one torch thread (the compute has the cores)."""
-    from .compute.pool import one_torch_thread
+    """`_refuse_nonfinite` on a helper thread, with one torch thread and the lowest priority (the compute
+    has the cores)."""
+    from .compute.pool import one_torch_thread, yield_to_compute
 
     one_torch_thread()
+    yield_to_compute()
     with trace.span("nonfinite check", info.name):
         _refuse_nonfinite(info)
 
@@ -684,8 +772,7 @@ def _count_nonfinite(info) -> int:
     for start in range(0, info.numel, step):
         count = min(step, info.numel - start)
         with mapped_tensor(info.file, info.offset + start * itemsize, info.dtype, (count,)) as chunk:
-            low, high = torch.aminmax(chunk)
-            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            if not _all_finite(chunk):
                 bad += int((~torch.isfinite(chunk)).sum())
     return bad
 
@@ -696,14 +783,26 @@ def _needs_compute(task: TensorTask, base: Checkpoint) -> bool:
 
 def _check_adapters_finite(adapters: Sequence[Adapter]) -> None:
     """Refuse adapters holding NaN or Inf before any output is written."""
-    import torch
-
     from .errors import NonFiniteError
 
     for adapter in adapters:
         for key, info in adapter.tensors.items():
-            if info.is_float and not bool(torch.isfinite(adapter.read(key)).all()):
+            if info.is_float and not _all_finite(adapter.read(key)):
                 raise NonFiniteError(f"{adapter.path}: adapter tensor {key!r} holds NaN or Inf; the adapter is broken")
+
+
+def _all_finite(values) -> bool:
+    """Whether a float tensor holds no NaN or Inf, from one min/max pass (both reach the extremes; NaN
+    propagates), without the element-wise mask `isfinite` would write; dtypes without min/max use that."""
+    import torch
+
+    if values.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(values)
+    except (RuntimeError, NotImplementedError):  # e.g. float8
+        return bool(torch.isfinite(values).all())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _write_folder_extras(

@@ -210,78 +210,105 @@ def _compute_blocked(
     allow_nonfinite: bool,
     pool: BlockPool | None = None,
 ) -> TaskResult:
-    """W + Σ wᵢ·sᵢ·BᵢAᵢ one block of rows at a time, so every pass runs in cache.
+    """`BlockedTask`'s blocks on the pool's workers (or this thread), then its result."""
+    blocked = BlockedTask(task, base, fetch, workspace, destination, allow_nonfinite)
+    if pool is not None:
+        pool.each(blocked.count, blocked.run)
+    else:
+        for index in range(blocked.count):
+            blocked.run(0, index)
+    return blocked.finish()
+
+
+class BlockedTask:
+    """W + Σ wᵢ·sᵢ·BᵢAᵢ one block of rows at a time, so every pass runs in cache: `run(worker, index)`
+    for each of the `count` blocks, on any workers in any order, then `finish()` for the result.
 
     The same operations in the same order as the whole-tensor path (so the same
-    bits), but each block is read from memory once and written once. With a pool,
-    each worker takes the next block as it finishes one; every block is still
-    computed by the same calls, so the bits do not depend on the number of workers.
-    `base` may be `destination` itself: each block is read before it is written.
+    bits), but each block is read from memory once and written once. Every block
+    is computed by the same calls whichever worker runs it, so the bits do not depend
+    on the number of workers. `base` may be `destination` itself: each block is read
+    before it is written.
 
-    Every view a block needs is made before the workers start, and each block's
-    extremes go into a table read once at the end: in a worker's loop, every call
-    computes and lets go of the GIL, so two workers seldom wait for each other.
+    Every view a block needs is made here, and each block's extremes are kept as
+    tensors and read once, in `finish`: in a worker's loop, every call computes and lets
+    go of the GIL, so two workers seldom wait for each other.
     """
-    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
-    rows = base.shape[0]
-    base_2d = base.reshape(rows, -1)
-    sink = destination if isinstance(destination, RowSink) else None
-    pairs = []
-    for term in task.terms:
-        a = fetch(term.adapter, term.module.a_key).to(compute)
-        b = fetch(term.adapter, term.module.b_key).to(compute)
-        left, right = _low_rank_pair(term.module, a, b)
-        scale = term.module.scale
-        if math.frexp(scale)[0] == 0.5:  # a power of two scales exactly, so fold it into the factor once
-            right, scale = right * scale, 1.0
-        pairs.append((term.weight, left, right, scale))
-    block = max(1, _BLOCK_BYTES // (base_2d.shape[1] * 4))
-    check = not allow_nonfinite and destination.dtype.is_floating_point and math.prod(destination.shape) > 0
-    bases = base_2d.split(block)
-    counts = [len(part) for part in bases]
-    lefts = [left.split(block) for _, left, _, _ in pairs]
-    outs = destination.view(rows, -1).split(block) if sink is None else None
-    extremes = torch.zeros(len(bases), len(pairs) + 1, 2, dtype=compute)  # per block: (min, max) of each ΔWᵢ, of W'
-    found = [[tuple(pair.unbind()) for pair in row.unbind()] for row in extremes.unbind()]
-    buffers = _BlockBuffers(workspace, base_2d.shape[1], compute, destination.dtype if sink is not None else None)
 
-    def run(worker: int, index: int) -> None:
-        weight, delta_buffer, rounded, data = buffers.get(worker, counts[index])
-        weight.copy_(bases[index])
-        *term_extremes, sum_extremes = found[index]
-        for (factor, _, right, scale), left, out in zip(pairs, lefts, term_extremes, strict=True):
-            delta = torch.mm(left[index], right, out=delta_buffer)
+    def __init__(
+        self,
+        task: TensorTask,
+        base: torch.Tensor,
+        fetch: Fetch,
+        workspace: Workspace,
+        destination: torch.Tensor,
+        allow_nonfinite: bool,
+    ) -> None:
+        compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+        rows = base.shape[0]
+        base_2d = base.reshape(rows, -1)
+        self.task, self.destination = task, destination
+        self.sink = destination if isinstance(destination, RowSink) else None
+        self.block = max(1, _BLOCK_BYTES // (base_2d.shape[1] * 4))
+        self.pairs = []  # (weight, left's blocks, right, scale) per term
+        for term in task.terms:
+            a = fetch(term.adapter, term.module.a_key).to(compute)
+            b = fetch(term.adapter, term.module.b_key).to(compute)
+            left, right = _low_rank_pair(term.module, a, b)
+            scale = term.module.scale
+            if math.frexp(scale)[0] == 0.5:  # a power of two scales exactly, so fold it into the factor once
+                right, scale = right * scale, 1.0
+            self.pairs.append((term.weight, left.split(self.block), right, scale))
+        self.check = not allow_nonfinite and destination.dtype.is_floating_point and math.prod(destination.shape) > 0
+        self.bases = base_2d.split(self.block)
+        self.count = len(self.bases)
+        self.counts = [len(part) for part in self.bases]
+        self.outs = destination.view(rows, -1).split(self.block) if self.sink is None else None
+        # per block: (min, max) of each ΔWᵢ, then of W', as 0-d tensors
+        self.found: list[list] = [[None] * (len(self.pairs) + 1) for _ in self.bases]
+        rounded = destination.dtype if self.sink is not None else None
+        self.buffers = _BlockBuffers(workspace, base_2d.shape[1], compute, rounded)
+
+    def run(self, worker: int, index: int) -> None:
+        """Compute block `index` with worker `worker`'s buffers, and write it."""
+        weight, delta_buffer, rounded, data = self.buffers.get(worker, self.counts[index])
+        weight.copy_(self.bases[index])
+        extremes = self.found[index]
+        for term, (factor, lefts, right, scale) in enumerate(self.pairs):
+            delta = torch.mm(lefts[index], right, out=delta_buffer)
             if scale != 1.0:
                 delta.mul_(scale)
-            torch.aminmax(delta, out=out)
+            extremes[term] = torch.aminmax(delta)
             weight.add_(delta, alpha=factor)
-        if check:
-            torch.aminmax(weight, out=sum_extremes)
-        if sink is None:
-            outs[index].copy_(weight)
+        if self.check:
+            extremes[-1] = torch.aminmax(weight)
+        if self.sink is None:
+            self.outs[index].copy_(weight)
         else:  # rounded rows, written with pwrite
             rounded.copy_(weight)
-            sink.write_bytes(index * block, data)
+            self.sink.write_bytes(index * self.block, data)
 
-    if pool is not None:
-        pool.each(len(bases), run)
-    else:
-        for index in range(len(bases)):
-            run(0, index)
-    if check and not _rounds_finite(extremes[:, -1], destination.dtype):
-        if sink is None:
-            _check_finite(task, destination)
-        else:
-            with sink.written() as result:
-                _check_finite(task, result)
-    largest = _largest_per_term(extremes[:, :-1])
-    return TaskResult(max((abs(pair[0]) * m for pair, m in zip(pairs, largest, strict=True)), default=0.0))
+    def finish(self) -> TaskResult:
+        """The result, once every block ran: refuse a NaN/Inf result, and the largest weighted ΔW."""
+        if self.check and not _rounds_finite(_stacked(row[-1] for row in self.found), self.destination.dtype):
+            if self.sink is None:
+                _check_finite(self.task, self.destination)
+            else:
+                with self.sink.written() as result:
+                    _check_finite(self.task, result)
+        largest = _largest_per_term(_stacked(pair for row in self.found for pair in row[:-1]), len(self.pairs))
+        return TaskResult(max((abs(pair[0]) * m for pair, m in zip(self.pairs, largest, strict=True)), default=0.0))
 
 
-def _largest_per_term(extremes: torch.Tensor) -> list[float]:
-    """max |ΔWᵢ| of each term, from its (min, max) in every block (blocks × terms × 2), read at once."""
-    per_block = extremes.tolist()
-    terms = extremes.shape[1]
+def _stacked(pairs) -> torch.Tensor:
+    """(min, max) pairs of 0-d tensors as one [pairs, 2] tensor (one read for all of them)."""
+    values = [value for pair in pairs for value in pair]
+    return torch.stack(values).view(-1, 2) if values else torch.empty(0, 2)
+
+
+def _largest_per_term(extremes: torch.Tensor, terms: int) -> list[float]:
+    """max |ΔWᵢ| of each term, from its (min, max) in every block (rows: block by block, term by term)."""
+    per_block = extremes.view(-1, terms, 2).tolist() if terms else []
     return [max((max(abs(low), abs(high)) for low, high in (row[i] for row in per_block)), default=0.0)
             for i in range(terms)]  # fmt: skip
 

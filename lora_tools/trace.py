@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["enabled", "span", "mark", "events", "summary", "start"]
+__all__ = ["enabled", "span", "ended", "mark", "events", "summary", "start"]
 
 
 def _process_age() -> float:
@@ -98,6 +98,14 @@ def span(name: str, detail: str = "") -> Iterator[None]:
         yield
     finally:
         _TRACE.record("span", name, detail, started, thread_cpu)
+
+
+def ended(name: str, detail: str, started: tuple[float, float]) -> None:
+    """Record a span that began at `started` (`time.perf_counter()`, `time.thread_time()` then, on
+    this thread) and ends now, for work that does not fit one `with` block (it starts in one step
+    of a loop and ends in the next)."""
+    if _TRACE.enabled:
+        _TRACE.record("span", name, detail, *started)
 
 
 def events() -> list[dict]:

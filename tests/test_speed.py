@@ -225,3 +225,85 @@ def test_block_pool_each_deals_one_at_a_time_and_stops_on_an_error():
             pool.each(100, failing)
         assert len(started) < 10  # nothing new started once the failure was seen
         assert sorted(finished) == sorted(i for i in started if i != 3)  # and the rest had stopped before it rose
+
+
+def test_a_batch_started_after_a_failing_one_starts_no_block():
+    """`start(..., after=first)`: a tensor's blocks queued behind a tensor that failed never run."""
+    ran: list[int] = []
+    queued = threading.Event()
+
+    def failing(worker: int, index: int) -> None:
+        queued.wait(5)  # the second batch is queued before any block of the first fails
+        raise ValueError(f"block {index}")
+
+    with BlockPool(2) as pool:
+        first = pool.start(4, failing)
+        second = pool.start(4, lambda worker, index: ran.append(index), after=first)
+        queued.set()
+        with pytest.raises(ValueError, match="block"):
+            first.help()
+        with pytest.raises(ValueError, match="block"):
+            first.wait()
+        second.help()
+        assert second.wait() == [None] * 4 and ran == []
+        assert pool.start(3, lambda worker, index: index).wait() == [0, 1, 2]  # the helpers still work
+
+
+def test_merge_opens_the_next_tensor_before_finishing_the_last(model, tmp_path, monkeypatch):
+    """On the CPU, tensor k+1 is opened (its blocks started) before tensor k is finished, with at most two
+    open: the calling thread's per-tensor work overlaps the helpers' blocks. The bytes stay the same."""
+    from lora_tools import merging
+
+    reference = _merge(model, tmp_path / "reference", device="cpu")
+    calls: list[tuple[str, str]] = []
+    original_open, original_finish = merging._Writing._open, merging._Open.finish
+
+    def opening(self, lane, job, task, upcoming, before):
+        calls.append(("open", task.name))
+        return original_open(self, lane, job, task, upcoming, before)
+
+    def finishing(self):
+        calls.append(("finish", self.task.name))
+        return original_finish(self)
+
+    monkeypatch.setattr(merging._Writing, "_open", opening)
+    monkeypatch.setattr(merging._Open, "finish", finishing)
+    monkeypatch.setattr("lora_tools.ops._BLOCK_BYTES", 7 * 64 * 4)
+    monkeypatch.setattr(pool_module, "usable_cores", lambda: 2)
+    assert _merge(model, tmp_path / "out", device="cpu") == reference
+    names = [name for kind, name in calls if kind == "open"]
+    assert len(names) == 14 and [name for kind, name in calls if kind == "finish"] == names
+    expected = [("open", names[0])]
+    for before, after in zip(names[:-1], names[1:], strict=True):
+        expected += [("open", after), ("finish", before)]
+    assert calls == [*expected, ("finish", names[-1])]
+
+
+def test_a_failed_block_stops_the_tensors_in_flight_and_leaves_nothing(model, tmp_path, monkeypatch):
+    """A write failing in the middle of the merge (a tensor open behind it, helpers busy): the error is
+    raised once no block runs any more, nothing is written after it, and no output is left."""
+    import errno
+    import os
+
+    from lora_tools.compute import sink as sink_module
+
+    calls, after_failure = [0], []
+    real = sink_module.os.pwrite
+
+    def pwrite(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == 25:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if calls[0] > 25:
+            after_failure.append(offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(sink_module.os, "pwrite", pwrite)
+    monkeypatch.setattr("lora_tools.ops._BLOCK_BYTES", 7 * 64 * 4)
+    monkeypatch.setattr(pool_module, "usable_cores", lambda: 2)
+    base, adapter = model
+    with pytest.raises(OSError) as caught:
+        lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu", max_shard_size=60_000)
+    assert caught.value.errno == errno.EIO and caught.value.filename
+    assert len(after_failure) <= 2  # at most the blocks already running on the other worker
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

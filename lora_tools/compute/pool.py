@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 from .. import trace
@@ -33,6 +33,7 @@ __all__ = [
     "import_torch",
     "single_threaded_torch",
     "BlockPool",
+    "Batch",
     "run_ordered",
     "wait_all",
     "one_torch_thread",
@@ -115,6 +116,17 @@ def one_torch_thread() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
+def yield_to_compute() -> None:
+    """Lower the calling thread's priority as far as it goes (nice 19; on Linux, per thread).
+
+    For work beside the compute that nothing waits for until the end (the copied tensors'
+    checks): it then runs in the moments a core is left idle (between two tensors), or
+    alone once the compute is done, instead of taking a third of two busy cores.
+    """
+    with suppress(AttributeError, OSError):  # no setpriority, or not a thread id (not Linux)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def wait_all(futures: Iterable[Future]) -> list:
     """Every future's result, waiting for all of them even when one failed (then re-raising the first error)."""
     results, error = [], None
@@ -135,6 +147,8 @@ class BlockPool:
     The calling thread is worker 0, so `workers` threads compute in all (`workers - 1`
     helpers). `each` returns only once every worker has stopped, also when one call
     fails: the blocks often write into a file or mapping that is closed right after.
+    `start` begins a tensor's blocks on the helpers and returns at once (`Batch`), so
+    the calling thread can prepare the next tensor, or finish the last, meanwhile.
     """
 
     def __init__(self, workers: int) -> None:
@@ -145,6 +159,11 @@ class BlockPool:
             else None
         )
 
+    @property
+    def helped(self) -> bool:
+        """Whether there are helper threads (more than one worker)."""
+        return self._helpers is not None
+
     def each(self, count: int, fn: Callable[[int, int], R]) -> list[R]:
         """`fn(worker, index)` for every index below `count`, in index order, results in index order.
 
@@ -153,28 +172,21 @@ class BlockPool:
         must not change its result: `fn` uses only that worker's own buffers. When one call fails, no worker
         starts another, and the first error is raised once every worker has stopped.
         """
-        workers = min(self.workers, count)
-        if self._helpers is None or workers <= 1:
+        if self._helpers is None or min(self.workers, count) <= 1:
             with trace.span("row blocks", f"worker 0: {count} blocks"):
                 return [fn(0, index) for index in range(count)]
-        results: list = [None] * count
-        claimed, failed = itertools.count(), threading.Event()
-
-        def run(worker: int) -> None:
-            with trace.span("row blocks", f"worker {worker}: dealt one at a time"):
-                while not failed.is_set() and (index := next(claimed)) < count:  # next() is atomic under the GIL
-                    try:
-                        results[index] = fn(worker, index)
-                    except BaseException:
-                        failed.set()
-                        raise
-
-        futures = [self._helpers.submit(run, worker) for worker in range(1, workers)]
+        batch = self.start(count, fn)
         try:
-            run(0)
+            batch.help()
         finally:
-            wait_all(futures)
-        return results
+            batch.wait()
+        return batch.results
+
+    def start(self, count: int, fn: Callable[[int, int], R], after: Batch | None = None) -> Batch:
+        """Start `fn`'s blocks on the helpers (each begins once done with the batches started before);
+        the caller joins in with `help` and collects with `wait`. `after`: the batch started before
+        this one; if it fails, this one starts no block either."""
+        return Batch(self, count, fn, after)
 
     def close(self) -> None:
         if self._helpers is not None:
@@ -185,6 +197,41 @@ class BlockPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Batch:
+    """One tensor's blocks, running on a pool's helpers (`BlockPool.start`)."""
+
+    def __init__(self, pool: BlockPool, count: int, fn: Callable[[int, int], R], after: Batch | None) -> None:
+        self.count, self.results = count, [None] * count
+        self._fn, self._claimed = fn, itertools.count()
+        self.failed = threading.Event()
+        self._stops = (self.failed,) if after is None else (self.failed, after.failed)
+        helpers = pool._helpers
+        workers = min(pool.workers, count) if helpers is not None else 1
+        self._futures = [helpers.submit(self._run, worker) for worker in range(1, workers)]
+
+    def _run(self, worker: int) -> None:
+        with trace.span("row blocks", f"worker {worker}: dealt one at a time"):
+            while not any(stop.is_set() for stop in self._stops) and (index := next(self._claimed)) < self.count:
+                try:  # next() is atomic under the GIL
+                    self.results[index] = self._fn(worker, index)
+                except BaseException:
+                    self.failed.set()
+                    raise
+
+    def help(self) -> None:
+        """Take blocks as worker 0 (the calling thread) until none is left to take."""
+        self._run(0)
+
+    def stop(self) -> None:
+        """Start no further block (the ones running finish); `wait` then returns at once after them."""
+        self.failed.set()
+
+    def wait(self) -> list:
+        """Return the results once every helper is done with this batch; raise the first helper's error."""
+        wait_all(self._futures)
+        return self.results
 
 
 def run_ordered(tasks: Iterable[T], fn: Callable[[T], R], workers: int, ahead: int | None = None) -> Iterator[R]:
