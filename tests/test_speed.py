@@ -307,3 +307,20 @@ def test_a_failed_block_stops_the_tensors_in_flight_and_leaves_nothing(model, tm
     assert caught.value.errno == errno.EIO and caught.value.filename
     assert len(after_failure) <= 2  # at most the blocks already running on the other worker
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_yielding_to_the_compute_lowers_only_the_calling_thread():
+    import os
+
+    seen = {}
+
+    def lowered() -> None:
+        pool_module.yield_to_compute()
+        seen["helper"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    helper = threading.Thread(target=lowered)
+    helper.start()
+    helper.join()
+    assert seen["helper"] == 19 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
