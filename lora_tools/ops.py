@@ -201,17 +201,8 @@ def blockwise(task: TensorTask, base_dim: int, out_dtype: torch.dtype, device: t
     )
 
 
-def _compute_blocked(
-    task: TensorTask,
-    base: torch.Tensor,
-    fetch: Fetch,
-    workspace: Workspace,
-    destination: torch.Tensor,
-    allow_nonfinite: bool,
-    pool: BlockPool | None = None,
-) -> TaskResult:
-    """`BlockedTask`'s blocks on the pool's workers (or this thread), then its result."""
-    blocked = BlockedTask(task, base, fetch, workspace, destination, allow_nonfinite)
+def _run_blocked(blocked: BlockedTask, pool: BlockPool | None) -> TaskResult:
+    """A `BlockedTask`'s blocks on the pool's workers (or this thread), then its result."""
     if pool is not None:
         pool.each(blocked.count, blocked.run)
     else:
@@ -382,7 +373,7 @@ def compute_task(
     """
     device = workspace.device
     if blockwise(task, base.dim(), destination.dtype, device):
-        return _compute_blocked(task, base, fetch, workspace, destination, allow_nonfinite, pool)
+        return _run_blocked(BlockedTask(task, base, fetch, workspace, destination, allow_nonfinite), pool)
     if isinstance(destination, RowSink):
         raise AssertionError(f"tensor {task.name!r} is not computed row block by row block: give a tensor")
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
