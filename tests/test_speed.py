@@ -324,3 +324,33 @@ def test_yielding_to_the_compute_lowers_only_the_calling_thread():
     helper.start()
     helper.join()
     assert seen["helper"] == 19 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_no_two_threads_compute_as_the_same_worker_when_batches_queue_up():
+    """With batches queued behind each other, a helper free early takes up the next batch while another
+    still runs the last: each must compute as itself (its own buffers), never as the busy one."""
+    active, overlaps, lock = set(), [], threading.Lock()
+    release = threading.Event()
+
+    def work(worker: int, index: int) -> None:
+        with lock:
+            if worker in active:
+                overlaps.append(worker)
+            active.add(worker)
+        if index == 0:
+            release.wait(5)  # the first block holds its worker until the next batch is under way
+        else:
+            time.sleep(0.002)
+        with lock:
+            active.discard(worker)
+
+    with BlockPool(3) as pool:
+        first = pool.start(3, work)
+        second = pool.start(12, work, after=first)
+        time.sleep(0.05)  # the helper not held up is done with the first batch and into the second
+        release.set()
+        first.help()
+        first.wait()
+        second.help()
+        second.wait()
+    assert overlaps == []

@@ -154,7 +154,9 @@ class BlockPool:
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self._helpers = (
-            ThreadPoolExecutor(self.workers - 1, "loratool-rows", initializer=one_torch_thread)
+            ThreadPoolExecutor(
+                self.workers - 1, "loratool-rows", initializer=_start_helper, initargs=(itertools.count(1),)
+            )
             if self.workers > 1
             else None
         )
@@ -199,8 +201,22 @@ class BlockPool:
         self.close()
 
 
+_helper = threading.local()
+
+
+def _start_helper(numbers: Iterator[int]) -> None:
+    """A pool's helper thread: one torch thread, and its worker number for good (its own buffers)."""
+    one_torch_thread()
+    _helper.worker = next(numbers)
+
+
 class Batch:
-    """One tensor's blocks, running on a pool's helpers (`BlockPool.start`)."""
+    """One tensor's blocks, running on a pool's helpers (`BlockPool.start`).
+
+    A worker number names a thread (and the buffers it computes in), not a task: with batches
+    queued behind each other, a helper may take up a later batch while another still runs an
+    earlier one, and each computes as itself.
+    """
 
     def __init__(self, pool: BlockPool, count: int, fn: Callable[[int, int], R], after: Batch | None) -> None:
         self.count, self.results = count, [None] * count
@@ -209,7 +225,10 @@ class Batch:
         self._stops = (self.failed,) if after is None else (self.failed, after.failed)
         helpers = pool._helpers
         workers = min(pool.workers, count) if helpers is not None else 1
-        self._futures = [helpers.submit(self._run, worker) for worker in range(1, workers)]
+        self._futures = [helpers.submit(self._help) for _ in range(1, workers)]
+
+    def _help(self) -> None:
+        self._run(_helper.worker)
 
     def _run(self, worker: int) -> None:
         with trace.span("row blocks", f"worker {worker}: dealt one at a time"):
