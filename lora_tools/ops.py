@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,6 +105,7 @@ class Workspace:
         self.device = device
         self._buffers: dict[str, torch.Tensor] = {}
         self._views: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()  # row workers ask for their own roles from their own threads
 
     def get(self, role: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (role, tuple(shape), dtype)
@@ -111,12 +113,13 @@ class Workspace:
         if view is not None:
             return view
         numel = math.prod(shape)
-        buffer = self._buffers.get(role)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=self.device)
-            self._buffers[role] = buffer
-            self._views = {k: v for k, v in self._views.items() if k[0] != role}  # views of the old buffer
-        view = self._views[key] = buffer[:numel].view(shape)
+        with self._lock:
+            buffer = self._buffers.get(role)
+            if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+                buffer = torch.empty(numel, dtype=dtype, device=self.device)
+                self._buffers[role] = buffer
+                self._views = {k: v for k, v in self._views.items() if k[0] != role}  # views of the old buffer
+            view = self._views[key] = buffer[:numel].view(shape)
         return view
 
 
