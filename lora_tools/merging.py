@@ -575,7 +575,8 @@ class _Writing:
                 destination = job.writer.rows(task.name)  # rounded rows written with pwrite, block by block
                 blocked = BlockedTask(task, tensor, self.fetch, lane.workspace, destination, self.allow_nonfinite)
                 after = before.batch if before is not None else None
-                opened.blocks(blocked, lane.pool.start(blocked.count, blocked.run, after) if lane.pool else None)
+                opened.blocked = blocked
+                opened.batch = lane.pool.start(blocked.count, blocked.run, after)  # a CPU lane has a pool
                 return opened
             destination = stack.enter_context(job.writer.mapped(task.name))
             with trace.span("compute", task.name):
@@ -625,16 +626,10 @@ class _Open:
         self.blocked = self.batch = self.result = None
         self.started = time.perf_counter(), time.thread_time()
 
-    def blocks(self, blocked, batch) -> None:
-        self.blocked, self.batch = blocked, batch
-
     def help(self) -> None:
         """Compute blocks on the calling thread until none is left to take."""
         if self.batch is not None:
             self.batch.help()
-        elif self.blocked is not None:  # no pool: every block here
-            for index in range(self.blocked.count):
-                self.blocked.run(0, index)
 
     def finish(self):
         """Wait for the tensor's blocks, check it and close it; its `TaskResult`."""

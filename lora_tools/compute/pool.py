@@ -161,11 +161,6 @@ class BlockPool:
             else None
         )
 
-    @property
-    def helped(self) -> bool:
-        """Whether there are helper threads (more than one worker)."""
-        return self._helpers is not None
-
     def each(self, count: int, fn: Callable[[int, int], R]) -> list[R]:
         """`fn(worker, index)` for every index below `count`, in index order, results in index order.
 
