@@ -285,10 +285,10 @@ def test_a_failed_block_stops_the_tensors_in_flight_and_leaves_nothing(model, tm
     import errno
     import os
 
-    from lora_tools.compute import sink as sink_module
+    from lora_tools.io import storage
 
     calls, after_failure = [0], []
-    real = sink_module.os.pwrite
+    real = storage.os.pwrite
 
     def pwrite(fd, data, offset):
         calls[0] += 1
@@ -298,7 +298,7 @@ def test_a_failed_block_stops_the_tensors_in_flight_and_leaves_nothing(model, tm
             after_failure.append(offset)
         return real(fd, data, offset)
 
-    monkeypatch.setattr(sink_module.os, "pwrite", pwrite)
+    monkeypatch.setattr(storage.os, "pwrite", pwrite)  # every pwrite of the merge goes through storage.pwrite_all
     monkeypatch.setattr("lora_tools.ops._BLOCK_BYTES", 7 * 64 * 4)
     monkeypatch.setattr(pool_module, "usable_cores", lambda: 2)
     base, adapter = model

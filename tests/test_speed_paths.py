@@ -16,10 +16,10 @@ from synthetic import write_llama_checkpoint, write_lora_adapter
 
 import lora_tools
 from lora_tools import ops, trace
-from lora_tools.compute import sink as sink_module
 from lora_tools.compute.pool import run_ordered
 from lora_tools.compute.sink import RowSink
 from lora_tools.errors import NonFiniteError
+from lora_tools.io import storage
 from lora_tools.io.tensors import tensor_bytes
 from lora_tools.ops import _rounds_finite, overflow_limit
 
@@ -76,13 +76,27 @@ def test_row_sink_takes_whole_rows_of_bytes_and_names_its_file_in_an_error(tmp_p
     assert path.read_bytes() == bytes(16)
 
 
+def test_pwrite_all_finishes_short_writes_and_names_its_file(tmp_path, monkeypatch):
+    path = tmp_path / "t.bin"
+    path.write_bytes(bytes(12))
+    real = os.pwrite
+    monkeypatch.setattr(storage.os, "pwrite", lambda fd, data, offset: real(fd, bytes(data[:3]), offset))  # 3 at a time
+    with open(path, "r+b") as f:
+        storage.pwrite_all(f.fileno(), b"abcdefgh", 2, path)
+    assert path.read_bytes() == b"\0\0abcdefgh\0\0"
+    with open(path, "rb") as f, pytest.raises(OSError) as caught:
+        monkeypatch.setattr(storage.os, "pwrite", real)
+        storage.pwrite_all(f.fileno(), b"x", 0, path)
+    assert caught.value.errno == errno.EBADF and caught.value.filename == str(path)
+
+
 def test_a_failed_row_write_names_the_output_and_leaves_nothing(model, tmp_path, monkeypatch):
     base, adapter = model
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(sink_module.os, "pwrite", full)
+    monkeypatch.setattr(storage.os, "pwrite", full)
     with pytest.raises(OSError) as caught:
         lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu")
     assert caught.value.errno == errno.ENOSPC and caught.value.filename

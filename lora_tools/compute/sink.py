@@ -11,13 +11,12 @@ which the kernel maps many pages per fault).
 from __future__ import annotations
 
 import math
-import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
-from ..io.storage import give_name
+from ..io.storage import pwrite_all
 from ..io.tensors import mapped_tensor, tensor_bytes, to_safetensors_dtype
 
 __all__ = ["RowSink"]
@@ -50,14 +49,7 @@ class RowSink:
             raise AssertionError(f"{self.path}: {len(data)} bytes are not whole rows of {tuple(self.shape)}")
         if first_row < 0 or first_row + count > self.shape[0]:
             raise AssertionError(f"{self.path}: rows {first_row}…{first_row + count} outside {tuple(self.shape)}")
-        offset = self.offset + first_row * self.row_bytes
-        try:
-            while data:
-                done = os.pwrite(self.fd, data, offset)
-                data, offset = data[done:], offset + done
-        except OSError as exc:
-            give_name(exc, self.path)
-            raise
+        pwrite_all(self.fd, data, self.offset + first_row * self.row_bytes, self.path)
 
     def written(self) -> AbstractContextManager[torch.Tensor]:
         return mapped_tensor(self.path, self.offset, to_safetensors_dtype(self.dtype), tuple(self.shape))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFileError
-from .storage import naming, reserve, written_on_exit
+from .storage import naming, pwrite_all, reserve, written_on_exit
 from .writeback import Writeback
 
 __all__ = ["DTYPE_SIZES", "TensorInfo", "read_header", "SafetensorsWriter", "copy_bytes"]
@@ -180,7 +180,7 @@ def copy_bytes(src: Path, offset: int, count: int, dst_fd: int, dst_offset: int)
             chunk = os.pread(src_fd, min(remaining, 64 << 20), offset)
             if not chunk:
                 raise CorruptFileError(src, f"ended {remaining} bytes early while copying tensor data")
-            os.pwrite(dst_fd, chunk, dst_offset)
+            pwrite_all(dst_fd, chunk, dst_offset, None)  # the caller names the file
             offset, dst_offset, remaining = offset + len(chunk), dst_offset + len(chunk), remaining - len(chunk)
 
 
@@ -235,10 +235,7 @@ class SafetensorsWriter:
     def write(self, name: str, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
         _, _, offset, _ = self._claim(name, len(view))
-        with naming(self.path):
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view, offset = view[written:], offset + written
+        pwrite_all(self._fd, view, offset, self.path)
 
     def copy_from(self, name: str, info: TensorInfo) -> None:
         """Copy a tensor's bytes straight from its source safetensors file, inside the kernel."""

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["reserve", "naming", "give_name", "named_as_output", "written_on_exit", "write_tensors"]
+__all__ = ["reserve", "naming", "give_name", "pwrite_all", "named_as_output", "written_on_exit", "write_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,20 @@ def give_name(exc: OSError, path: str | os.PathLike) -> None:
 
     if exc.filename is None and not isinstance(exc, LoraToolError):
         exc.filename = str(path)
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int, path: str | os.PathLike | None) -> None:
+    """Write all of `data` at `offset` (`pwrite` may write less than asked); an OSError names `path`
+    (None: left to the caller's `naming`)."""
+    view = memoryview(data).cast("B")
+    try:
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
+    except OSError as exc:
+        if path is not None:
+            give_name(exc, path)
+        raise
 
 
 @contextmanager
@@ -162,11 +176,7 @@ def written_on_exit(fd: int, path: Path, offset: int, dtype: str, shape: tuple[i
 
     tensor = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
     yield tensor
-    view = tensor_bytes(tensor).cast("B")
-    with naming(path):
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+    pwrite_all(fd, tensor_bytes(tensor), offset, path)
 
 
 def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> int:
