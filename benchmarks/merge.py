@@ -47,7 +47,7 @@ import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from lora_tools.quant.fp8 import quantize_blocks
+from lora_tools.quant.fp8_codec import quantize_blocks
 import torch
 work = Path(sys.argv[1])
 state = {{}}

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from synthetic import write_lora_adapter  # noqa: E402
 
 from lora_tools.analysis.plot import plot_stats  # noqa: E402
-from lora_tools.analysis.stats import adapter_stats  # noqa: E402
+from lora_tools.commands.stats import adapter_stats  # noqa: E402
 
 
 def _shaped_adapter(folder: Path, layers: int) -> Path:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import warnings
 from importlib import import_module
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .errors import LoraToolError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # torch warns at import when numpy is absent; lora_tools never needs numpy, so the warning is noise
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
@@ -28,6 +26,7 @@ __all__ = [
     "resize",
     "combine",
     "convert",
+    "diff",
     "push",
     "open_checkpoint",
     "read_adapter",
@@ -35,40 +34,33 @@ __all__ = [
 ]
 
 _LAZY = {
-    "inspect": ".inspection",
-    "merge": ".merging",
-    "unmerge": ".merging",
-    "extract": ".extraction",
-    "resize": ".extraction",
-    "combine": ".combine",
-    "convert": ".convert",
-    "push": ".io.hub",
+    "inspect": ".commands.inspect",
+    "merge": ".commands.merge",
+    "unmerge": ".commands.unmerge",
+    "extract": ".commands.extract",
+    "resize": ".commands.resize",
+    "combine": ".commands.combine",
+    "convert": ".commands.convert",
+    "diff": ".commands.diff",
+    "push": ".commands.push",
     "open_checkpoint": ".io.checkpoint",
-    "read_adapter": ".adapters.reading",
-    "check": ".serving.check",
+    "read_adapter": ".adapters.registry",
+    "check": ".commands.check",
 }
 
 if TYPE_CHECKING:
-    from .adapters.reading import read_adapter
-    from .combine import combine
-    from .convert import convert
-    from .extraction import extract, resize
-    from .inspection import inspect
+    from .adapters.registry import read_adapter
+    from .commands.check import check
+    from .commands.combine import combine
+    from .commands.convert import convert
+    from .commands.diff import diff
+    from .commands.extract import extract
+    from .commands.inspect import inspect
+    from .commands.merge import merge
+    from .commands.push import push
+    from .commands.resize import resize
+    from .commands.unmerge import unmerge
     from .io.checkpoint import open_checkpoint
-    from .io.hub import push
-    from .merging import merge, unmerge
-    from .serving.check import check
-
-
-class CallableModule(ModuleType):
-    """A submodule named like the function it exports (`convert`, `combine`).
-
-    Importing `lora_tools.convert` makes Python set the package attribute `convert` to the
-    submodule, hiding the lazily exported function; calling the module calls the function.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 def __getattr__(name: str):

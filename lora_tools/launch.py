@@ -8,7 +8,7 @@ imported, so it is over by the time the import of torch needs it.
 
 Only the command's name and two flags are read here; click parses the command line as
 always. A command line read wrongly here costs time, never a result: the load then
-starts later (from `cli._before_computing`) or runs for nothing.
+starts later (from `cli.running.before_computing`) or runs for nothing.
 """
 
 from __future__ import annotations

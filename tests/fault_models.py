@@ -13,7 +13,7 @@ import pytest
 import torch
 from synthetic import llama_shapes
 
-from lora_tools.io.safetensors_io import SafetensorsWriter
+from lora_tools.io.safetensors_writer import SafetensorsWriter
 from lora_tools.io.tensors import tensor_bytes
 
 

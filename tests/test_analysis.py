@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from synthetic import write_lora_adapter
 from ulp import max_ulp
 
-from lora_tools.analysis.stats import adapter_stats
+from lora_tools.commands.stats import adapter_stats
 
 
 def _peft_deltas(base: Path, adapter: Path, model_class) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import REPO, run_cli
 
 from lora_tools.cli import cli
-from lora_tools.cli_help import EXAMPLES, OPTION_GROUPS
+from lora_tools.cli.help import EXAMPLES, OPTION_GROUPS
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -73,7 +73,7 @@ def test_tensor_bytes_needs_no_numpy(numpy_missing):
 
 
 def test_plain_progress_prints_a_line_per_tenth(capsys):
-    from lora_tools.console import plain_progress
+    from lora_tools.cli.console import plain_progress
 
     update = plain_progress("merge", lambda done, total: f"{done}/{total}")
     for done in range(0, 1001, 7):
@@ -109,7 +109,7 @@ def test_help_groups_options_in_order_and_ends_with_examples(name):
     order = [heading for heading, _ in OPTION_GROUPS]
     shown = [h for h in headings if h in order]
     assert shown == sorted(shown, key=order.index), headings
-    assert "Other options" not in headings, f"{name}: every option needs a heading in cli_help.OPTION_GROUPS"
+    assert "Other options" not in headings, f"{name}: every option needs a heading in cli.help.OPTION_GROUPS"
     assert headings[-2:] == ["Help", "Examples"]
     examples = [line.strip() for line in text.split("Examples:", 1)[1].splitlines() if line.strip()]
     assert examples and all(line.startswith(f"$ loratool {name}") for line in examples)
@@ -118,7 +118,7 @@ def test_help_groups_options_in_order_and_ends_with_examples(name):
 def test_every_option_has_a_heading_and_every_command_examples():
     grouped = {name for _, names in OPTION_GROUPS for name in names}
     for name, command in _all_commands():
-        assert EXAMPLES.get(name), f"{name} has no examples in cli_help.EXAMPLES"
+        assert EXAMPLES.get(name), f"{name} has no examples in cli.help.EXAMPLES"
         for param in command.params:
             if isinstance(param, click.Option) and "--help" not in param.opts:
                 assert param.name in grouped, f"{name} --{param.name} has no heading"

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 from ulp import max_ulp, ulp_at
 
 import lora_tools
-from lora_tools.combine import combine_deltas
+from lora_tools.combining.methods import combine_deltas
 
 WEIGHTS = [0.7, -0.4, 1.3]
 TRIO = {

@@ -14,7 +14,7 @@ from diffusion_models import clip_l, diffusers_to_original, flux_transformer, sd
 from safetensors.torch import save_file
 
 import lora_tools
-from lora_tools.adapters.reading import read_adapter
+from lora_tools.adapters.registry import read_adapter
 from lora_tools.layouts.diffusion import detect_layout
 
 R = 4

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import lora_tools
-from lora_tools.rank import RankRule, choose_rank
+from lora_tools.lowrank.rank import RankRule, choose_rank
 
 TRUE_RANKS = {"self_attn.q_proj": 3, "self_attn.v_proj": 2, "mlp.down_proj": 3, "mlp.gate_proj": 1}
 TRUE_RANK = max(TRUE_RANKS.values())

@@ -28,7 +28,7 @@ from synthetic import write_lora_adapter
 import lora_tools
 from lora_tools import errors
 from lora_tools.io import storage, tensors
-from lora_tools.io.safetensors_io import SafetensorsWriter
+from lora_tools.io.safetensors_writer import SafetensorsWriter
 
 FIXTURE_BASE = REPO / "fixtures" / "tiny-llama"
 FIXTURE_ADAPTER = REPO / "fixtures" / "tiny-llama-lora"

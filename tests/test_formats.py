@@ -246,7 +246,7 @@ FIXTURE_ADAPTER = FIXTURE_BASE.parent / "tiny-llama-lora"
 
 
 def test_peft_kohya_peft_round_trip_is_exact(tmp_path):
-    from lora_tools.adapters.reading import read_adapter
+    from lora_tools.adapters.registry import read_adapter
 
     kohya = tmp_path / "kohya.safetensors"
     first = run_cli(["convert", FIXTURE_ADAPTER, "--to", "kohya", "--component", "unet", "-o", kohya, "-q"])

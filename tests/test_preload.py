@@ -173,7 +173,7 @@ def test_quieting_the_hub_waits_for_a_load_in_progress():
         import json, os
         from lora_tools.compute import preload
         preload.start()
-        from lora_tools.cli import _silence_hub_progress
+        from lora_tools.cli.running import silence_hub_progress as _silence_hub_progress
         running = preload._helper.is_alive()
         _silence_hub_progress(True)
         print(json.dumps(dict(running=running, after=preload._helper.is_alive(),

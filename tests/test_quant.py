@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_tools import merge, unmerge
-from lora_tools.quant import fp8, mxfp4
+from lora_tools.quant import fp8_codec, mxfp4
 
 BLOCK = (16, 16)
 LLAMA = dict(hidden_size=48, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
@@ -202,12 +202,12 @@ def test_e4m3_decode_is_torch_conversion_bit_for_bit():
     codes = torch.arange(256, dtype=torch.uint8)
     finite = codes[(codes & 0x7F) != 0x7F].view(torch.float8_e4m3fn)
     out = torch.empty(finite.shape)
-    assert fp8.decode(finite, out)
+    assert fp8_codec.decode(finite, out)
     assert torch.equal((out * 2.0**120).view(torch.int32), finite.float().view(torch.int32))
     for nan in (0x7F, 0xFF):
-        assert not fp8.decode(torch.tensor([0x10, nan], dtype=torch.uint8).view(torch.float8_e4m3fn), out[:2])
+        assert not fp8_codec.decode(torch.tensor([0x10, nan], dtype=torch.uint8).view(torch.float8_e4m3fn), out[:2])
     base = torch.tensor([[1.5, float("nan")], [0.25, -3.0]]).to(torch.float8_e4m3fn)
-    values = fp8.dequantize_scaled(base, torch.tensor([2.0]))  # a NaN code falls back to torch's conversion
+    values = fp8_codec.dequantize_scaled(base, torch.tensor([2.0]))  # a NaN code falls back to torch's conversion
     assert torch.equal(values.isnan(), torch.tensor([[False, True], [False, False]])) and float(values[1, 1]) == -6.0
 
 
@@ -216,12 +216,13 @@ def test_quantizers_agree_bit_for_bit_on_same_input():
     torch.manual_seed(0)
     x = torch.randn(40, 56) * torch.logspace(-3, 1, 56)
     x[3, :] = 0.0  # an all-zero block row
-    q, s = fp8.quantize_blocks(x, BLOCK, torch.float32)
+    q, s = fp8_codec.quantize_blocks(x, BLOCK, torch.float32)
     q_ref, s_ref = fp8_block_fp64(x.double(), BLOCK, torch.float32)
     assert torch.equal(s, s_ref)
     # x / s in fp32 then e4m3 vs in fp64: equal unless the fp32 quotient rounded onto a tie
     assert float((q.view(torch.uint8) == q_ref.view(torch.uint8)).double().mean()) >= 0.999
-    q, s = fp8.quantize_blocks(x, BLOCK, torch.float32, pow2=True)  # UE8M0: x / 2^k is exact, so every byte agrees
+    # UE8M0: x / 2^k is exact, so every byte agrees
+    q, s = fp8_codec.quantize_blocks(x, BLOCK, torch.float32, pow2=True)
     q_ref, s_ref = fp8_block_fp64(x.double(), BLOCK, torch.float32, pow2=True)
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert bool((x.abs() <= s.repeat_interleave(16, 0).repeat_interleave(16, 1)[:40, :56] * 448).all())
@@ -240,28 +241,28 @@ def test_block_amax_is_the_largest_magnitude_of_each_block():
     x = torch.randn(40, 56) * torch.logspace(-30, 30, 56)
     x[:16, :16] = -x[:16, :16].abs()  # all negative: the magnitude comes from the minimum
     x[17, 50], x[35, 5], x[36, 20] = float("nan"), float("inf"), float("-inf")
-    grid = fp8.block_grid(tuple(x.shape), BLOCK)
+    grid = fp8_codec.block_grid(tuple(x.shape), BLOCK)
     padded = torch.full((grid[0] * 16, grid[1] * 16), float("-inf"))
     padded[:40, :56] = x.abs()
     reference = padded.unflatten(1, (grid[1], 16)).unflatten(0, (grid[0], 16)).amax(dim=(1, 3))
-    amax = fp8._block_amax(x, BLOCK)
+    amax = fp8_codec.block_amax(x, BLOCK)
     torch.testing.assert_close(amax, reference, rtol=0, atol=0, equal_nan=True)
     assert bool(amax[1, 3].isnan()) and float(amax[2, 0]) == float(amax[2, 1]) == float("inf")
 
 
 def test_one_block_row_paths_agree_with_the_general_ones():
     """A chunk of one row of blocks (full or partial height, edge block partial) takes a shorter path through
-    `_block_amax` and `_scale_blocks`: it gives the general path's values bit for bit."""
+    `block_amax` and `_scale_blocks`: it gives the general path's values bit for bit."""
     torch.manual_seed(3)
     x = torch.randn(40, 56) * torch.logspace(-3, 3, 56)
-    whole_amax = fp8._block_amax(x, BLOCK)
-    scale = fp8._scale_from_amax(whole_amax, torch.float32)
-    divided = fp8._scale_blocks(x, scale, BLOCK, divide=True, out=torch.empty(x.shape))
+    whole_amax = fp8_codec.block_amax(x, BLOCK)
+    scale = fp8_codec.scale_from_amax(whole_amax, torch.float32)
+    divided = fp8_codec._scale_blocks(x, scale, BLOCK, divide=True, out=torch.empty(x.shape))
     for first, stop in ((0, 16), (16, 32), (32, 40)):  # 40 rows: the last row of blocks is 8 high
         tile = first // BLOCK[0]
         part = x[first:stop]
-        assert torch.equal(fp8._block_amax(part, BLOCK), whole_amax[tile : tile + 1])
-        out = fp8._scale_blocks(part, scale[tile : tile + 1], BLOCK, divide=True, out=torch.empty(part.shape))
+        assert torch.equal(fp8_codec.block_amax(part, BLOCK), whole_amax[tile : tile + 1])
+        out = fp8_codec._scale_blocks(part, scale[tile : tile + 1], BLOCK, divide=True, out=torch.empty(part.shape))
         assert torch.equal(out, divided[first:stop])
 
 
@@ -278,19 +279,19 @@ def test_requantize_skips_the_clamp_only_where_no_value_can_round_past_448(scale
     x[:, 32:48] *= 1e-6  # fp16: amax / 448 is subnormal, rounded coarsely
     x[2, 48], x[3, 49] = float("nan"), 1000.0
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
-    scale, _ = fp8.requantize_blocks(x, BLOCK, scale_dtype, out, torch.empty(x.shape), torch.empty(x.shape))
-    expected, expected_scale = fp8.quantize_blocks(x, BLOCK, scale_dtype)
+    scale, _ = fp8_codec.requantize_blocks(x, BLOCK, scale_dtype, out, torch.empty(x.shape), torch.empty(x.shape))
+    expected, expected_scale = fp8_codec.quantize_blocks(x, BLOCK, scale_dtype)
     codes = out.view(torch.uint8)
     assert torch.equal(codes, expected.view(torch.uint8)) and torch.equal(scale, expected_scale)
     nan_codes = (codes & 0x7F) == 0x7F
     assert int(nan_codes.sum()) == 1 and bool(nan_codes[2, 48]) and int(codes[3, 49]) == 0x7E  # 448
     clean = x[:, :48]
-    amax = fp8._block_amax(clean, BLOCK)
-    assert fp8._bounded(amax, fp8._scale_from_amax(amax, scale_dtype).float(), scale_dtype) == (
+    amax = fp8_codec.block_amax(clean, BLOCK)
+    assert fp8_codec.within_range(amax, fp8_codec.scale_from_amax(amax, scale_dtype).float(), scale_dtype) == (
         scale_dtype != torch.float16
     )
-    amax = fp8._block_amax(x, BLOCK)
-    assert not fp8._bounded(amax, fp8._scale_from_amax(amax, scale_dtype).float(), scale_dtype)
+    amax = fp8_codec.block_amax(x, BLOCK)
+    assert not fp8_codec.within_range(amax, fp8_codec.scale_from_amax(amax, scale_dtype).float(), scale_dtype)
 
 
 @pytest.mark.parametrize("name", ["block-f32", "block-bf16", "block-ue8m0"])
@@ -316,26 +317,27 @@ def test_fused_block_row_is_the_general_path_with_one_rounding_less():
     """On one row of 128×128 blocks: scales and codes as the general path's (to an fp32 ulp where the general
     path's extra rounding of W lands on the other side), closer to the fp64 reference, the same error
     norm to 1e-6, and a NaN code in the base handed back to the general path."""
+    from lora_tools.merging.chunk_terms import merge_lora
     from lora_tools.quant import block_rows
-    from lora_tools.quant.chunks import Chunk, merge_lora
+    from lora_tools.quant.chunks import Chunk
 
     torch.manual_seed(5)
     width, block = 2048, (128, 128)
     weight = torch.randn(128, width) * 0.02
-    codes, scales = fp8.quantize_blocks(weight, block, torch.float32)
+    codes, scales = fp8_codec.quantize_blocks(weight, block, torch.float32)
     left, right = torch.randn(128, 16) * 0.05, torch.randn(16, width) * 0.05
     pair = (1.0, 1.0, left, right)
     buffers = [torch.empty(128, width) for _ in range(3)]
     out = torch.empty(128, width, dtype=torch.float8_e4m3fn)
     everything = slice(None)
     fresh, largest, change, error = block_rows.merge_block_row(
-        codes, fp8.fold(scales), pair, everything, everything, block, torch.float32, False, out, buffers
+        codes, fp8_codec.fold(scales), pair, everything, everything, block, torch.float32, False, out, buffers
     )
-    base = fp8.dequantize_blocks(codes, scales, block)
+    base = fp8_codec.dequantize_blocks(codes, scales, block)
     merged = torch.empty_like(base)
     largest_ref, change_ref = merge_lora([pair], Chunk(0, 128), base, merged, torch.empty_like(base))
     out_ref = torch.empty_like(out)
-    scale_ref, error_ref = fp8.requantize_blocks(merged, block, torch.float32, out_ref, *buffers[:2])
+    scale_ref, error_ref = fp8_codec.requantize_blocks(merged, block, torch.float32, out_ref, *buffers[:2])
     assert largest == largest_ref and change == change_ref and error == pytest.approx(error_ref, rel=1e-6)
     torch.testing.assert_close(fresh, scale_ref, rtol=2**-23, atol=0)
     differ = out.view(torch.uint8) != out_ref.view(torch.uint8)
@@ -349,7 +351,7 @@ def test_fused_block_row_is_the_general_path_with_one_rounding_less():
     codes.view(torch.uint8)[3, 7] = 0x7F  # NaN
     assert (
         block_rows.merge_block_row(
-            codes, fp8.fold(scales), pair, everything, everything, block, torch.float32, False, out, buffers
+            codes, fp8_codec.fold(scales), pair, everything, everything, block, torch.float32, False, out, buffers
         )
         is None
     )

@@ -10,7 +10,8 @@ from hostile import write_raw_safetensors
 from safetensors.torch import save_file
 
 from lora_tools.errors import CorruptFileError
-from lora_tools.io.safetensors_io import SafetensorsWriter, read_header
+from lora_tools.io.safetensors_header import read_header
+from lora_tools.io.safetensors_writer import SafetensorsWriter
 from lora_tools.io.tensors import read_safetensors_tensor, tensor_bytes
 
 

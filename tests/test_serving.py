@@ -222,7 +222,7 @@ def check_adapters(tmp_path_factory, tiny):
 
 
 def _rules(adapter, engine, **options) -> dict[str, list[str]]:
-    from lora_tools.serving.check import check
+    from lora_tools.commands.check import check
 
     return {f.rule: f.items for f in check(adapter, engine=engine, **options).findings}
 

@@ -44,7 +44,8 @@ def _merge(model, output: Path, **options) -> dict[str, bytes]:
 def test_merge_bytes_do_not_depend_on_workers_blocks_or_devices(model, tmp_path, monkeypatch):
     reference = _merge(model, tmp_path / "reference", device="cpu")
     assert len(reference) >= 2
-    monkeypatch.setattr("lora_tools.ops._BLOCK_BYTES", 7 * 64 * 4)  # 7-row blocks: tensors span many blocks
+    # 7-row blocks: tensors span many blocks
+    monkeypatch.setattr("lora_tools.merging.arithmetic._BLOCK_BYTES", 7 * 64 * 4)
     for workers in (1, 3):
         monkeypatch.setattr(pool_module, "usable_cores", lambda workers=workers: workers)
         assert _merge(model, tmp_path / f"workers{workers}", device="cpu") == reference
@@ -105,7 +106,8 @@ def test_copies_start_before_torch_is_imported(model, tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, threading
-        from lora_tools import merging
+        from lora_tools.commands import merge
+        from lora_tools.merging import writer
 
         def start(self, device):
             assert "torch" not in sys.modules, "torch was imported before the copies started"
@@ -114,9 +116,9 @@ def test_copies_start_before_torch_is_imported(model, tmp_path):
             print("copies started without torch")
             raise KeyboardInterrupt
 
-        merging._Writing.start = start
+        writer.MergeWriter.start = start
         try:
-            merging.merge({str(base)!r}, [{str(adapter)!r}], {str(tmp_path / "out")!r}, device="cpu")
+            merge.merge({str(base)!r}, [{str(adapter)!r}], {str(tmp_path / "out")!r}, device="cpu")
         except KeyboardInterrupt:
             pass
         """
@@ -252,11 +254,11 @@ def test_a_batch_started_after_a_failing_one_starts_no_block():
 def test_merge_opens_the_next_tensor_before_finishing_the_last(model, tmp_path, monkeypatch):
     """On the CPU, tensor k+1 is opened (its blocks started) before tensor k is finished, with at most two
     open: the calling thread's per-tensor work overlaps the helpers' blocks. The bytes stay the same."""
-    from lora_tools import merging
+    from lora_tools.merging import writer as merging
 
     reference = _merge(model, tmp_path / "reference", device="cpu")
     calls: list[tuple[str, str]] = []
-    original_open, original_finish = merging._Writing._open, merging._Open.finish
+    original_open, original_finish = merging.MergeWriter._open, merging._Open.finish
 
     def opening(self, lane, job, task, upcoming, before):
         calls.append(("open", task.name))
@@ -266,9 +268,9 @@ def test_merge_opens_the_next_tensor_before_finishing_the_last(model, tmp_path, 
         calls.append(("finish", self.task.name))
         return original_finish(self)
 
-    monkeypatch.setattr(merging._Writing, "_open", opening)
+    monkeypatch.setattr(merging.MergeWriter, "_open", opening)
     monkeypatch.setattr(merging._Open, "finish", finishing)
-    monkeypatch.setattr("lora_tools.ops._BLOCK_BYTES", 7 * 64 * 4)
+    monkeypatch.setattr("lora_tools.merging.arithmetic._BLOCK_BYTES", 7 * 64 * 4)
     monkeypatch.setattr(pool_module, "usable_cores", lambda: 2)
     assert _merge(model, tmp_path / "out", device="cpu") == reference
     names = [name for kind, name in calls if kind == "open"]
@@ -299,7 +301,7 @@ def test_a_failed_block_stops_the_tensors_in_flight_and_leaves_nothing(model, tm
         return real(fd, data, offset)
 
     monkeypatch.setattr(storage.os, "pwrite", pwrite)  # every pwrite of the merge goes through storage.pwrite_all
-    monkeypatch.setattr("lora_tools.ops._BLOCK_BYTES", 7 * 64 * 4)
+    monkeypatch.setattr("lora_tools.merging.arithmetic._BLOCK_BYTES", 7 * 64 * 4)
     monkeypatch.setattr(pool_module, "usable_cores", lambda: 2)
     base, adapter = model
     with pytest.raises(OSError) as caught:

@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from synthetic import write_llama_checkpoint, write_lora_adapter
 
 import lora_tools
-from lora_tools import ops, trace
+from lora_tools import trace
 from lora_tools.compute.pool import run_ordered
-from lora_tools.compute.sink import RowSink
 from lora_tools.errors import NonFiniteError
 from lora_tools.io import storage
+from lora_tools.io.rows import RowSink
 from lora_tools.io.tensors import tensor_bytes
-from lora_tools.ops import _rounds_finite, overflow_limit
+from lora_tools.merging import arithmetic
+from lora_tools.merging.arithmetic import _rounds_finite, overflow_limit
 
 SHAPE = dict(hidden=64, intermediate=160, layers=2, heads=4)
 
@@ -112,7 +113,7 @@ def test_an_overflowing_result_is_refused_with_its_count(model, tmp_path, monkey
     """
     base, adapter = model
     if block_rows is not None:
-        monkeypatch.setattr(ops, "_BLOCK_BYTES", block_rows * SHAPE["hidden"] * 4)
+        monkeypatch.setattr(arithmetic, "_BLOCK_BYTES", block_rows * SHAPE["hidden"] * 4)
     weight = 3e7  # max |w·ΔW| ≈ 10⁵: some sums pass fp16's 65504, most do not
     with pytest.raises(NonFiniteError, match=r"the result has \d+ NaN/Inf value\(s\) in F16") as caught:
         lora_tools.merge(base, [adapter], tmp_path / "out", device="cpu", weights=[weight], dtype="fp16")
@@ -135,7 +136,7 @@ def test_each_change_reports_its_largest_weighted_delta(model, tmp_path, monkeyp
     """max |wᵢ·ΔWᵢ| per tensor, gathered from every block's extremes, against whole products in fp64."""
     base, adapter = model
     if block_rows is not None:
-        monkeypatch.setattr(ops, "_BLOCK_BYTES", block_rows * SHAPE["hidden"] * 4)
+        monkeypatch.setattr(arithmetic, "_BLOCK_BYTES", block_rows * SHAPE["hidden"] * 4)
     report = lora_tools.merge(base, [adapter, adapter], tmp_path / "out", device="cpu", weights=[0.5, -1.5])
     factors = load_file(adapter / "adapter_model.safetensors")
     assert len(report.changes) == 14
@@ -206,7 +207,7 @@ def test_a_worker_does_not_idle_behind_a_long_task():
 def test_a_failing_module_stops_extraction_and_leaves_nothing(tmp_path, monkeypatch):
     base = write_llama_checkpoint(tmp_path / "base", vocab=96, dtype=torch.float32, **SHAPE)
     tuned = write_llama_checkpoint(tmp_path / "tuned", vocab=96, dtype=torch.float32, seed=1, **SHAPE)
-    from lora_tools import extraction
+    from lora_tools.extraction import modules as extraction
 
     calls = []
     real = extraction.factorize
@@ -225,7 +226,7 @@ def test_a_failing_module_stops_extraction_and_leaves_nothing(tmp_path, monkeypa
 
 
 def test_adapter_digest_is_remembered_only_while_the_file_is_unchanged(tmp_path):
-    from lora_tools.merging import _sha256
+    from lora_tools.merging.record import sha256_file as _sha256
 
     path = tmp_path / "adapter_model.safetensors"
     path.write_bytes(b"first")

@@ -1,4 +1,4 @@
-"""`loratool diff`: what differs between two checkpoints, tensor by tensor.
+"""What differs between two checkpoints, tensor by tensor (`commands.diff` walks the checkpoints).
 
 Tensors are compared one at a time through memory maps: first as raw bytes (identical or
 not), then, where they differ, in fp64 chunks for the largest absolute change, the relative
@@ -9,17 +9,14 @@ dtype; 2-D tensors also get the rank holding 90 % / 99 % of the change's energy.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.hub import resolve_input
+from ..io.checkpoint import Checkpoint
 from .spectrum import dense_spectrum
 
-__all__ = ["TensorDiff", "DiffReport", "diff", "ulp_distance", "SPECTRUM_LIMIT"]
+__all__ = ["TensorDiff", "DiffReport", "tensor_diff", "ulp_distance", "SPECTRUM_LIMIT"]
 
 #: Changes of 2-D tensors up to this many elements get a spectrum (larger ones: `rank_*` is None).
 SPECTRUM_LIMIT = 1 << 26
@@ -146,7 +143,7 @@ def _compare(name: str, a: torch.Tensor, b: torch.Tensor, spectrum: bool, dtype:
     )  # fmt: skip
 
 
-def _tensor_diff(name: str, first: Checkpoint, second: Checkpoint, spectrum: bool) -> TensorDiff:
+def tensor_diff(name: str, first: Checkpoint, second: Checkpoint, spectrum: bool) -> TensorDiff:
     info_a, info_b = first.tensors[name], second.tensors[name]
     if info_a.dtype != info_b.dtype:
         return TensorDiff(name, "dtype", info_a.dtype, list(info_a.shape), other=f"{info_b.dtype}{list(info_b.shape)}")
@@ -156,42 +153,3 @@ def _tensor_diff(name: str, first: Checkpoint, second: Checkpoint, spectrum: boo
         if _same_bytes(a, b):
             return TensorDiff(name, "identical", info_a.dtype, list(info_a.shape))
         return _compare(name, a, b, spectrum, info_a.dtype)
-
-
-def diff(
-    a: str | os.PathLike,
-    b: str | os.PathLike,
-    *,
-    spectrum: bool = True,
-    revision: str | None = None,
-    token: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> DiffReport:
-    """Compare two checkpoints tensor by tensor (folders, files or Hub repo ids).
-
-    Args:
-        spectrum: compute the rank holding 90/99 % of each changed 2-D tensor's change
-            (exact SVD for small tensors, a seeded randomized prefix for large ones).
-
-    Raises:
-        InvalidInputError: either side cannot be opened.
-    """
-    import time
-
-    started = time.perf_counter()
-    first = open_checkpoint(resolve_input(a, revision=revision, token=token)[0])
-    second = open_checkpoint(resolve_input(b, revision=revision, token=token)[0])
-    shared = [n for n in first.tensors if n in second.tensors]
-    tensors = []
-    for number, name in enumerate(shared, 1):
-        tensors.append(_tensor_diff(name, first, second, spectrum))
-        if progress is not None:
-            progress(number, len(shared))
-    return DiffReport(
-        a=str(a),
-        b=str(b),
-        tensors=tensors,
-        only_in_a=[n for n in first.tensors if n not in second.tensors],
-        only_in_b=[n for n in second.tensors if n not in first.tensors],
-        seconds=time.perf_counter() - started,
-    )

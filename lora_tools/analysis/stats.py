@@ -1,4 +1,4 @@
-"""Per-module statistics of an adapter: how strongly each module changes its layer, and how much
+"""Per-module statistics of an adapter (`commands.stats` runs them over a whole adapter): how strongly each module changes its layer, and how much
 of its rank it uses.
 
 For plain LoRA (and rsLoRA) the numbers come from the exact spectrum of s·B·A without forming
@@ -11,18 +11,27 @@ the module says so in `notes`.
 from __future__ import annotations
 
 import math
-import os
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..adapters.reading import Adapter, LoraModule, read_adapter
-from ..io.hub import resolve_input
+from ..adapters.model import Adapter, LoraModule
+from ..ops import dora_norm, low_rank_pair, per_output, variant_delta
+from ..planning.shapes import variant_delta_shape
+from ..planning.targets import Targets, with_tied_head
 from .spectrum import Spectrum, dense_spectrum, low_rank_spectrum
 
-__all__ = ["ModuleStats", "StatsReport", "adapter_stats", "layer_and_kind", "OUTLIER_FACTOR"]
+__all__ = [
+    "ModuleStats",
+    "StatsReport",
+    "module_stats",
+    "flag_outliers",
+    "resize_parameters",
+    "layer_and_kind",
+    "OUTLIER_FACTOR",
+]
 
 #: A module whose ‖ΔW‖_F exceeds this many times the median of its module type is flagged.
 OUTLIER_FACTOR = 10.0
@@ -91,8 +100,6 @@ def _finite(tensors: list[torch.Tensor]) -> bool:
 def _base_weight(checkpoint, module: LoraModule) -> torch.Tensor | None:
     if checkpoint is None:
         return None
-    from ..plan import Targets, with_tied_head
-
     found = Targets(with_tied_head(checkpoint.tensors, checkpoint.config)).find(module)
     name = f"{found}.weight" if found else None
     if name is None or name not in checkpoint.tensors:
@@ -102,8 +109,6 @@ def _base_weight(checkpoint, module: LoraModule) -> torch.Tensor | None:
 
 def _dense_delta(adapter: Adapter, module: LoraModule, weight: torch.Tensor | None) -> torch.Tensor:
     """ΔW of a module formed in fp64, laid out as the base weight (DoRA: the effective change)."""
-    from ..ops import _low_rank_pair, _per_output, dora_norm, variant_delta
-    from ..plan import variant_delta_shape
 
     def factor(key: str) -> torch.Tensor:
         return adapter.read(key).to(torch.float64)
@@ -116,23 +121,21 @@ def _dense_delta(adapter: Adapter, module: LoraModule, weight: torch.Tensor | No
         )
         delta = module.scale * variant_delta(module, factor, torch.Size(shape))
     else:
-        left, right = _low_rank_pair(module, factor(module.a_key), factor(module.b_key))
+        left, right = low_rank_pair(module, factor(module.a_key), factor(module.b_key))
         delta = module.scale * (left @ right)
         if weight is not None:
             delta = delta.reshape(weight.shape)
     if module.dora and weight is not None:
         merged = weight + delta.reshape(weight.shape)
         magnitude = factor(module.magnitude_key)
-        delta = merged * _per_output(module, magnitude / dora_norm(module, merged), merged) - weight
+        delta = merged * per_output(module, magnitude / dora_norm(module, merged), merged) - weight
     return delta
 
 
 def _module_spectrum(adapter: Adapter, module: LoraModule, weight: torch.Tensor | None) -> tuple[Spectrum, list[str]]:
     notes = []
     if module.variant == "lora" and not (module.dora and weight is not None):
-        from ..ops import _low_rank_pair
-
-        left, right = _low_rank_pair(module, adapter.read(module.a_key), adapter.read(module.b_key))
+        left, right = low_rank_pair(module, adapter.read(module.a_key), adapter.read(module.b_key))
         if module.dora:
             notes.append("DoRA: statistics of s·B·A only; pass --base for the effective change")
         return low_rank_spectrum(left, right, module.scale), notes
@@ -140,7 +143,7 @@ def _module_spectrum(adapter: Adapter, module: LoraModule, weight: torch.Tensor 
     return dense_spectrum(delta.reshape(delta.shape[0], -1)), notes
 
 
-def _module_stats(adapter: Adapter, module: LoraModule, checkpoint) -> ModuleStats:
+def module_stats(adapter: Adapter, module: LoraModule, checkpoint) -> ModuleStats:
     keys = [module.a_key, module.b_key, *(k for _, k in module.factors), module.magnitude_key]
     tensors = [adapter.read(k) for k in dict.fromkeys(k for k in keys if k and k in adapter.tensors)]
     layer, kind = layer_and_kind(module.name)
@@ -179,7 +182,7 @@ def _module_stats(adapter: Adapter, module: LoraModule, checkpoint) -> ModuleSta
     )
 
 
-def _flag_outliers(modules: list[ModuleStats]) -> None:
+def flag_outliers(modules: list[ModuleStats]) -> None:
     """Flag modules whose norm is far above the median of their peers.
 
     Peers are the modules of the same type (`q_proj` …) when there are at least four, else those of
@@ -201,7 +204,7 @@ def _flag_outliers(modules: list[ModuleStats]) -> None:
             m.flags.append("outlier")
 
 
-def _resize_parameters(adapter: Adapter, modules: list[ModuleStats]) -> tuple[int, int]:
+def resize_parameters(adapter: Adapter, modules: list[ModuleStats]) -> tuple[int, int]:
     """(parameters after `resize --energy 0.99`, parameters now) over the plain LoRA modules."""
     after = now = 0
     for module, stats in zip(adapter.modules, modules, strict=True):
@@ -212,36 +215,3 @@ def _resize_parameters(adapter: Adapter, modules: list[ModuleStats]) -> tuple[in
         now += module.rank * width
         after += max(1, kept) * width  # resize keeps at least rank 1, as `choose_rank` does
     return after, now
-
-
-def adapter_stats(
-    adapter: str | os.PathLike,
-    *,
-    base: str | os.PathLike | None = None,
-    alpha: float | None = None,
-    revision: str | None = None,
-    token: str | None = None,
-) -> StatsReport:
-    """Statistics of every module of an adapter (and, with `base`, its size against the base weight).
-
-    Reads one module at a time; ΔW is formed only for LoHa/LoKr/Tucker and for DoRA with a base.
-
-    Raises:
-        InvalidInputError: the adapter or base cannot be read.
-    """
-    from ..io.checkpoint import open_checkpoint
-
-    local, _ = resolve_input(adapter, revision=revision, token=token)
-    source = read_adapter(local, alpha=alpha)
-    checkpoint = None
-    if base is not None:
-        base_local, _ = resolve_input(base, revision=revision, token=token)
-        checkpoint = open_checkpoint(base_local)
-    modules = [_module_stats(source, module, checkpoint) for module in source.modules]
-    _flag_outliers(modules)
-    after, now = _resize_parameters(source, modules)
-    flagged: dict[str, list[str]] = {}
-    for m in modules:
-        for flag in m.flags:
-            flagged.setdefault(flag, []).append(m.name)
-    return StatsReport(str(adapter), str(base) if base else None, modules, 0.99, after, now, flagged)

@@ -4,7 +4,7 @@ About a fifth of `import torch` (0.25–0.4 s here) is the dynamic loader: mappi
 relocating libtorch_cpu (≈430 MB) and running its static initializers. libc's `dlopen`,
 called as a ctypes foreign function, runs without the GIL, so a command that will compute
 starts that load first (`launch`, before the CLI's modules are imported; else
-`cli._before_computing`), and it runs on another core while the main thread imports the CLI
+`cli.running.before_computing`), and it runs on another core while the main thread imports the CLI
 and plans. The import later finds the library in place and only runs torch's Python modules.
 
 The load mirrors what the import itself does, so torch ends up the same:

@@ -52,7 +52,7 @@ class ModuleWorkers:
     def _workspace(self):
         workspace = getattr(self._local, "workspace", None)
         if workspace is None:
-            from ..ops import Workspace
+            from .workspace import Workspace
 
             device = self.devices[next(self._numbers) % len(self.devices)]
             workspace = self._local.workspace = Workspace(device)

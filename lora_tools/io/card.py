@@ -7,12 +7,13 @@ identical runs write identical cards.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 
-__all__ = ["display_name", "write_card", "CARD_NAME"]
+__all__ = ["display_name", "write_card", "write_adapter_card", "CARD_NAME"]
 
 CARD_NAME = "README.md"
 
@@ -60,3 +61,19 @@ def write_card(
         "",
     ]
     (folder / CARD_NAME).write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_adapter_card(target: Path, base_model: str | None, summary: str, modules: list, command: list[str]) -> None:
+    """The card of an extracted or resized PEFT adapter: modules by rank and the mean relative error."""
+    ranks = Counter(m.rank for m in modules)
+    mean_error = sum(m.relative_error for m in modules) / len(modules) if modules else 0.0
+    write_card(
+        target,
+        base_model=base_model,
+        library_name="peft",
+        tags=["lora", "peft", "loratool"],
+        title=summary,
+        summary=f"{summary}: {len(modules)} modules, mean relative error {mean_error:.4g} (‖Δ − B·A‖ / ‖Δ‖).",
+        table=(["rank", "modules"], [[str(rank), str(count)] for rank, count in sorted(ranks.items())]),
+        command=command,
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InvalidInputError, UnsafePickleError
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_header import TensorInfo, read_header
 from .weightsets import choose_weights, is_extra_file, is_safe_name
 
 if TYPE_CHECKING:

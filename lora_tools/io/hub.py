@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: repo ids as inputs, and publishing outputs.
+"""The Hugging Face Hub: repo ids as inputs, the client, and its errors (`commands.push` publishes).
 
 Everything goes through `huggingface_hub` (its cache, its token lookup, its
 offline mode); `hub_client` is the one place an `HfApi` is built. Errors are
@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__
 from ..errors import EnvironmentProblem, InvalidInputError
+from ..version import __version__
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-__all__ = ["HubError", "RepoNotFoundError", "is_repo_id", "resolve_input", "hub_client", "push", "PushReport"]
+__all__ = [
+    "HubError",
+    "RepoNotFoundError",
+    "is_repo_id",
+    "is_repo_name",
+    "resolve_input",
+    "hub_client",
+    "transport_errors",
+]
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9])(?:@(?P<revision>[^\s@]+))?$")
 
@@ -34,7 +41,7 @@ class RepoNotFoundError(InvalidInputError, FileNotFoundError):
     """A repo id (or revision) that does not exist on the Hub."""
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """Connection-level error classes of whichever HTTP library this huggingface_hub uses."""
     found: list[type[BaseException]] = [OSError]
     for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
@@ -48,6 +55,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 def is_repo_id(spec: str) -> bool:
     """`org/name` or `org/name@revision`, and not an existing local path."""
     return not Path(spec).exists() and _REPO_ID.match(str(spec)) is not None
+
+
+def is_repo_name(text: str) -> bool:
+    """`org/name` exactly, with no revision: a repo to push to."""
+    return _REPO_ID.match(text) is not None and "@" not in text
 
 
 def hub_client(token: str | None = None) -> HfApi:
@@ -102,7 +114,7 @@ def resolve_input(
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", "?")
         raise HubError(f"{where}: the Hub answered HTTP {status}; check your token's access to this repo") from exc
-    except _transport_errors() as exc:
+    except transport_errors() as exc:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         from ..errors import os_error_problem
@@ -133,7 +145,7 @@ def _download_one_weight_set(repo_id: str, revision: str | None, token: str | No
         if getattr(exc.response, "status_code", 0) < 500:
             raise
         listing = None
-    except (OfflineModeIsEnabled, *_transport_errors()):
+    except (OfflineModeIsEnabled, *transport_errors()):
         listing = None
     if listing is None:
         return snapshot_download(
@@ -161,70 +173,3 @@ def _exactly(names: list[str]) -> list[str]:
     import glob
 
     return [glob.escape(name) for name in names]
-
-
-@dataclass(frozen=True)
-class PushReport:
-    repo_id: str
-    revision: str
-    commit_url: str
-    pull_request_url: str | None
-    private: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def push(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-) -> PushReport:
-    """Publish a folder as one commit: create the repo (and branch) if needed, then upload everything.
-
-    Raises:
-        HubError: no token, no access, repo missing, or network failure — the local folder is kept.
-    """
-    from huggingface_hub import get_token
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InvalidInputError(f"{folder}: not a folder to push")
-    if _REPO_ID.match(repo_id) is None or "@" in repo_id:
-        raise InvalidInputError(f"{repo_id!r} is not a repo id (expected org/name)")
-    kept = f"; the local output is kept at {folder}"
-    if token is None and get_token() is None:
-        raise HubError(
-            f"no Hugging Face token to push {repo_id}: pass --token, set HF_TOKEN, or run `hf auth login`{kept}"
-        )
-    api = hub_client(token)
-    branch = revision or "main"
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if branch != "main" and not create_pr:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=folder,
-            repo_id=repo_id,
-            revision=branch,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload {folder.name} with loratool",
-        )
-    except RepositoryNotFoundError as exc:
-        raise HubError(f"{repo_id}: repo not found on the Hub, or your token cannot write to it{kept}") from exc
-    except HfHubHTTPError as exc:
-        status = getattr(exc.response, "status_code", None)
-        if status in (401, 403):
-            raise HubError(
-                f"{repo_id}: the Hub refused the push (HTTP {status}); use a token with write access to this repo{kept}"
-            ) from exc
-        raise HubError(f"{repo_id}: the push failed (HTTP {status}){kept}") from exc
-    except _transport_errors() as exc:
-        raise HubError(f"{repo_id}: cannot reach the Hub ({type(exc).__name__}){kept}") from exc
-    return PushReport(repo_id, branch, str(commit.commit_url), commit.pr_url, private)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["reserve", "naming", "give_name", "pwrite_all", "named_as_output", "written_on_exit", "write_tensors"]
+__all__ = ["reserve", "naming", "give_name", "pwrite_all", "named_as_output", "written_on_exit"]
 
 log = logging.getLogger(__name__)
 
@@ -177,22 +177,3 @@ def written_on_exit(fd: int, path: Path, offset: int, dtype: str, shape: tuple[i
     tensor = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
     yield tensor
     pwrite_all(fd, tensor_bytes(tensor), offset, path)
-
-
-def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> int:
-    """Write small CPU tensors as one safetensors file, sorted by name; return its size.
-
-    Unlike `safetensors.torch.save_file`, a full disk is an `OSError` naming `path`.
-    """
-    from .safetensors_io import SafetensorsWriter
-    from .tensors import tensor_bytes, to_safetensors_dtype
-
-    ordered = sorted(tensors)
-    specs = [(name, to_safetensors_dtype(tensors[name].dtype), tuple(tensors[name].shape)) for name in ordered]
-    writer = SafetensorsWriter(path, specs, {"format": "pt", **(metadata or {})})
-    try:
-        for name in ordered:
-            writer.write(name, tensor_bytes(tensors[name].detach().cpu()))
-    finally:
-        writer.close()
-    return writer.total_bytes

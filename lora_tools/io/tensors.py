@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFileError
-from .safetensors_io import TensorInfo
+from .safetensors_header import TensorInfo
 
 __all__ = [
     "TORCH_DTYPES",

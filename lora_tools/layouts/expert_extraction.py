@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from ..io.safetensors_io import TensorInfo
+from ..io.safetensors_header import TensorInfo
 from .transformers import FusedExperts, Layout, to_memory_path
 
 __all__ = ["ExpertTask", "expert_tasks", "extract_expert_factors", "relative_error", "peft_expert_fields"]

@@ -199,19 +199,3 @@ def piece_delta(
         left = up.reshape(up.shape[0], -1)[start:stop]
         return (left @ down.reshape(down.shape[0], -1)).reshape(stop - start, *rest)
     return full_delta((piece.source_total, *rest))[start:stop]
-
-
-def located_problems(adapter, module, base: Mapping, located: Located) -> list[str]:
-    """What is wrong with merging `module` through `located`: checked as if the base had the module whole."""
-    from dataclasses import replace
-
-    from ..plan import _module_problems
-
-    weights = ", ".join(weight for weight, _, _ in located.parts)
-    if module.dora:
-        return [f"{module.name}: DoRA across a fused projection ({weights}) is not supported; merge into a base "
-                "in the adapter's own layout"]  # fmt: skip
-    virtual = {f"{module.name}.weight": replace(base[located.parts[0][0]], shape=located.shape)}
-    if module.bias_key is not None and all(bias in base for _, bias, _ in located.parts):
-        virtual[f"{module.name}.bias"] = replace(base[located.parts[0][1]], shape=located.shape[:1])
-    return _module_problems(adapter, module, virtual, module.name)

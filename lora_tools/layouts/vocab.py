@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ..io.safetensors_io import TensorInfo
+from ..io.safetensors_header import TensorInfo
 
 __all__ = ["EMBEDDING_MODULES", "TOKENIZER_FILES", "is_saved_embedding", "is_wrapper_copy", "resized_base",
            "carry_tokenizer"]  # fmt: skip

@@ -1,16 +1,9 @@
-"""Quantized bases: FP8 (block, per-channel, per-tensor) and MXFP4 weights, dequantized, merged, requantized.
+"""Quantized bases: FP8 (block, per-channel, per-tensor), MXFP4 and plain float8 weights.
 
-`detect` finds the quantized weights of a checkpoint (and refuses packed
-integer formats, naming them); `planning_view` and `adapt_plan` let the pure
-planner see each as one fp32 tensor; `quant.execute.QuantizedTensors` is the
-executor hook; `dequantized` gives `extract` a checkpoint that reads them as
-fp32. `fp8` and `mxfp4` hold the pure dequantize / quantize functions.
+`layout` finds which stored tensors make up each quantized weight (and `refuse`
+names packed integer formats lora_tools will not do arithmetic on); `fp8_codec`,
+`mxfp4` and `block_rows` hold the pure decode / encode arithmetic; `chunks` cuts a
+weight into rows of scale groups; `dequantize` reads weights as fp32;
+`float8_casts` covers float8 weights stored without scales. The merge itself
+(dequantize → merge → requantize) is `merging.quantized`'s.
 """
-
-from __future__ import annotations
-
-from . import layout, refuse
-from .layout import *  # noqa: F403 (the public names are listed in layout.__all__)
-from .refuse import *  # noqa: F403
-
-__all__ = [*layout.__all__, *refuse.__all__]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8
+from . import fp8_codec
 
 __all__ = ["fits", "merge_block_row"]
 
@@ -39,12 +39,12 @@ def merge_block_row(codes, folded, pair, rows: slice, cols: slice, block, scale_
     """Merge one piece; returns (its new scales, max |ΔW|, ‖ΔW‖², ‖Q(W+ΔW) − (W+ΔW)‖²), or None to use the
     general path (a NaN code in the base).
 
-    `codes`: the piece's stored e4m3 values; `folded`: its scales × 2^120 (see `fp8.fold`); `pair`:
+    `codes`: the piece's stored e4m3 values; `folded`: its scales × 2^120 (see `fp8_codec.fold`); `pair`:
     (weight, scale, left, right) of `chunks.lora_pairs`; `out`: the piece's place for the new e4m3 values;
     `buffers`: three fp32 buffers of the piece's shape.
     """
     base, delta, spare = buffers
-    if not fp8.decode(codes, base):
+    if not fp8_codec.decode(codes, base):
         return None
     _, scale, left, right = pair
     torch.mm(left[rows], right[:, cols], out=delta)
@@ -54,15 +54,15 @@ def merge_block_row(codes, folded, pair, rows: slice, cols: slice, block, scale_
     largest, change = max(-float(low), float(high)), float(torch.linalg.vector_norm(delta)) ** 2
     tiles, grid = _tiles(base, block), folded.shape
     torch.addcmul(_tiles(delta, block), tiles, folded.view(grid[0], 1, grid[1], 1), out=tiles)  # W + ΔW
-    amax = fp8._block_amax(base, block)
-    fresh = fp8._scale_from_amax(amax, scale_dtype, pow2)
+    amax = fp8_codec.block_amax(base, block)
+    fresh = fp8_codec.scale_from_amax(amax, scale_dtype, pow2)
     factor = fresh.float()
     scaled = torch.div(tiles, factor.view(grid[0], 1, grid[1], 1), out=_tiles(delta, block))
-    if not fp8._bounded(amax, factor, scale_dtype):
-        scaled.clamp_(-fp8.FP8_MAX, fp8.FP8_MAX)
+    if not fp8_codec.within_range(amax, factor, scale_dtype):
+        scaled.clamp_(-fp8_codec.FP8_MAX, fp8_codec.FP8_MAX)
     out.copy_(delta)
-    fp8.decode(out, spare, check=False)
+    fp8_codec.decode(out, spare, check=False)
     residual = _tiles(spare, block)
-    unit = (factor * -fp8._DECODE_FACTOR).view(grid[0], 1, grid[1], 1)
+    unit = (factor * -fp8_codec.DECODE_FACTOR).view(grid[0], 1, grid[1], 1)
     torch.addcmul(tiles, residual, unit, out=residual)  # (W + ΔW) − q·s
     return fresh, largest, change, float(torch.linalg.vector_norm(spare)) ** 2

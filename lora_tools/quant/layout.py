@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..errors import CorruptFileError
-from ..fp8 import comfy_scaled_fp8
-from ..io.safetensors_io import TensorInfo
-from ..plan import MergePlan, TensorTask, plan_shards
+from ..io.safetensors_header import TensorInfo
 from .refuse import refuse_unsupported
 
 __all__ = [
@@ -23,9 +21,8 @@ __all__ = [
     "QuantLayout",
     "detect",
     "planning_view",
-    "adapt_plan",
-    "DequantizedCheckpoint",
-    "dequantized",
+    "COMFY_MARKER",
+    "comfy_scaled_fp8",
 ]
 
 _DEFAULT_BLOCK = (128, 128)
@@ -61,6 +58,20 @@ class QuantizedWeight:
     @property
     def stored(self) -> tuple[str, str]:
         return self.data.name, self.scale.name
+
+
+#: the empty tensor ComfyUI writes into scaled-fp8 files; its dtype is the weights' float8 format.
+COMFY_MARKER = "scaled_fp8"
+
+
+def comfy_scaled_fp8(name: str, data, tensors: Mapping):
+    """A ComfyUI scaled-fp8 weight as `quant` sees it: per-tensor fp8, `X.scale_input` and the marker dropped by --dtype."""
+    module = name[: -len(".weight")]
+    scale = tensors[f"{module}.scale_weight"]
+    if scale.numel != 1:
+        raise CorruptFileError(scale.file, f"{scale.name} has shape {list(scale.shape)}; ComfyUI scales are one number")
+    drop = tuple(n for n in (f"{module}.scale_input", COMFY_MARKER) if n in tensors)
+    return QuantizedWeight(name, "fp8-tensor", data, scale, tuple(data.shape), drop=drop)
 
 
 @dataclass(frozen=True)
@@ -164,73 +175,3 @@ def planning_view(tensors: Mapping[str, TensorInfo], layout: QuantLayout | None)
         elif name not in scales:
             view[name] = info
     return view
-
-
-def adapt_plan(
-    plan: MergePlan, layout: QuantLayout | None, output_dtype: str | None, max_shard_size: int
-) -> tuple[MergePlan, dict[str, tuple[QuantizedWeight, TensorTask]]]:
-    """Turn logical tasks back into stored tensors, and say which tasks the quantized path produces.
-
-    Returns:
-        The plan to write, and for each output tensor produced by dequantizing (and
-        requantizing) its weight and the logical task that computes the weight. That
-        task reads "F32" when the format is kept (requantized), the stored dtype with `--dtype`.
-    """
-    if layout is None:
-        return plan, {}
-    dropped = {name for w in layout.weights.values() for name in w.drop} if output_dtype else set()
-    tasks: list[TensorTask] = []
-    produced: dict[str, tuple[QuantizedWeight, TensorTask]] = {}
-    for task in plan.tasks:
-        weight = layout.weights.get(task.source)
-        if task.name in dropped:
-            continue
-        if weight is None:
-            tasks.append(task)
-        elif output_dtype is not None:
-            logical = replace(task, in_dtype=weight.data.dtype, out_dtype=output_dtype)
-            tasks.append(logical)
-            produced[logical.name] = (weight, logical)
-        else:
-            logical = replace(task, in_dtype="F32", out_dtype="F32")
-            for info, changes in ((weight.data, True), (weight.scale, False)):
-                stored = TensorTask(info.name, info.name, info.shape, info.dtype, info.dtype)
-                if changes:
-                    stored = replace(stored, terms=task.terms, replacements=task.replacements)
-                tasks.append(stored)
-                if task.changed:
-                    produced[info.name] = (weight, logical)
-    shards = plan_shards([task.nbytes for task in tasks], max_shard_size)
-    return replace(plan, tasks=tasks, shards=shards), produced
-
-
-class DequantizedCheckpoint:
-    """A checkpoint whose quantized weights read as their fp32 values (for `extract`), everything else as is.
-
-    `tensors` is the planning view; `read(name)` dequantizes a quantized weight; other
-    attributes are the wrapped checkpoint's.
-    """
-
-    def __init__(self, checkpoint, layout: QuantLayout) -> None:
-        self._checkpoint, self.layout = checkpoint, layout
-        self.tensors = planning_view(checkpoint.tensors, layout)
-
-    def __getattr__(self, name: str):
-        return getattr(self._checkpoint, name)
-
-    def read(self, name: str):
-        weight = self.layout.weights.get(name)
-        if weight is None:
-            return self._checkpoint.read(name)
-        import torch
-
-        from .execute import dequantize
-
-        data, scale = self._checkpoint.read(weight.data.name), self._checkpoint.read(weight.scale.name)
-        return dequantize(weight, data, scale, torch.empty(weight.shape, dtype=torch.float32))
-
-
-def dequantized(checkpoint):
-    """`checkpoint`, or a `DequantizedCheckpoint` over it when it holds quantized weights (packed ones refused)."""
-    layout = detect(checkpoint.path, checkpoint.tensors, checkpoint.config)
-    return checkpoint if layout is None else DequantizedCheckpoint(checkpoint, layout)

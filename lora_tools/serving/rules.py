@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..adapters.reading import Adapter
+    from ..adapters.model import Adapter
 
 __all__ = ["Engine", "Rule", "Facts", "ENGINES", "RULES"]
 
@@ -120,20 +120,20 @@ def _no_gguf_name(facts: Facts) -> list[str]:
     if facts.base_config is None:
         return []
     from ..errors import UnsupportedError
-    from .gguf import _block_count, gguf_names, layout_for
+    from ..layouts.gguf import block_count, gguf_names, layout_for
 
     try:
         layout = layout_for(facts.base_config, "base")
     except UnsupportedError:
         architectures = facts.base_config.get("architectures") or ["(none)"]
         return [f"architecture {architectures[0]}"]
-    return gguf_names([m.name for m in facts.adapter.modules], layout, _block_count(facts.base_config))[1]
+    return gguf_names([m.name for m in facts.adapter.modules], layout, block_count(facts.base_config))[1]
 
 
 def _unmatched(facts: Facts) -> list[str]:
     if facts.base_tensors is None:
         return []
-    from ..plan import Targets, with_tied_head
+    from ..planning.targets import Targets, with_tied_head
 
     targets = Targets(with_tied_head(facts.base_tensors, facts.base_config))
     return [m.name for m in facts.adapter.modules if targets.find(m) is None]

@@ -1,0 +1,370 @@
+"""PEFT adapters: folders (`adapter_config.json` + weights) and lone files, read and written.
+
+Reading groups PEFT-keyed tensors into `LoraModule`s and `Replacement`s, scaled as
+PEFT scales them (alpha/r, or alpha/√r for rsLoRA, with rank and alpha patterns).
+Writing spells modules in PEFT's keys and writes a config PEFT loads, for every
+command that writes a PEFT folder (extract, resize, combine, convert); `as_peft`
+sees an adapter of a serving format (GGUF, mlx-lm) as a PEFT one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError
+from ..io.checkpoint import Checkpoint, open_checkpoint, read_json
+from ..io.derived import DerivedCheckpoint
+from ..layouts.vocab import is_saved_embedding, is_wrapper_copy
+from .model import MAX_ALPHA, MAX_RANK, Adapter, LoraModule, Replacement, safetensors_names
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..io.spool import Spool
+
+__all__ = [
+    "PEFT_PREFIX",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "pattern_key",
+    "build_peft_adapter",
+    "detect_folder",
+    "read_folder",
+    "detect_file",
+    "read_file",
+    "lora_keys",
+    "magnitude_key",
+    "spool_module",
+    "peft_adapter_config",
+    "write_adapter_config",
+    "as_peft",
+]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+#: Formats read from files PEFT cannot load, which `as_peft` re-keys as PEFT.
+CONVERTED_FORMATS = ("gguf", "mlx")
+
+# --- PEFT -----------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+_PEFT_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "embA",
+    ".lora_embedding_B": "embB",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".base_layer.weight": "base_layer",
+    ".token_adapter.trainable_tokens_delta": "tokens",
+}
+
+
+def _split_peft_key(key: str) -> tuple[str, str] | None:
+    """`base_model.model.x.q_proj.lora_A.weight` → (`x.q_proj`, "A"); None for other keys."""
+    for suffix, role in _PEFT_SUFFIXES.items():
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            return module.removeprefix(PEFT_PREFIX), role
+    return None
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """The first key of a PEFT rank/alpha pattern that matches `module` (PEFT's rule: regex anchored at a dot)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _module_matches(names: list[str], module: str) -> bool:
+    """PEFT's modules_to_save rule: a name matches the module path or a dotted suffix of it."""
+    return any(module == n or module.endswith(f".{n}") for n in names)
+
+
+def _peft_weights_file(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, "adapter_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise InvalidInputError(f"{folder}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+
+
+def _check_peft_config(path: Path, config: dict) -> None:
+    """Reject configs whose values PEFT would misread or that make no sense, naming the field."""
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise UnknownFormatError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
+
+    def bad(field_name: str, why: str) -> CorruptFileError:
+        return CorruptFileError(path, f"adapter_config.json field {field_name!r} {why}")
+
+    rank = config.get("r", 8)
+    if type(rank) is not int or not 0 < rank <= MAX_RANK:
+        raise bad("r", f"must be an integer in 1..{MAX_RANK}, found {rank!r}")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= MAX_ALPHA:
+        raise bad("lora_alpha", f"must be a number in (0, {MAX_ALPHA:g}], found {alpha!r}")
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(config.get(flag, False), bool):
+            raise bad(flag, f"must be true or false, found {config[flag]!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise bad(name, f"must be an object, found {type(patterns).__name__}")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise bad(name, f"key {key!r} is not a valid regular expression ({exc})") from exc
+            limit = MAX_RANK if name == "rank_pattern" else MAX_ALPHA
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= limit:
+                raise bad(name, f"value for {key!r} must be a number in (0, {limit:g}], found {value!r}")
+    for name in ("modules_to_save", "target_modules"):
+        value = config.get(name)
+        if value is not None and not isinstance(value, str | list):
+            raise bad(name, f"must be a list of names, found {type(value).__name__}")
+    tokens = config.get("trainable_token_indices")
+    if tokens is not None and not isinstance(tokens, list | dict):
+        raise bad("trainable_token_indices", f"must be a list or an object, found {type(tokens).__name__}")
+
+
+def _token_indices(config: dict, module: str) -> tuple[int, ...] | None:
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, list):
+        return tuple(spec)
+    if isinstance(spec, dict):
+        for key, indices in spec.items():
+            if module == key or module.endswith(f".{key}"):
+                return tuple(indices)
+    return None
+
+
+def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_name: str = "peft") -> Adapter:
+    """Group PEFT-keyed tensors into modules and replacements, scaled as PEFT scales them."""
+    grouped: dict[str, dict[str, str]] = {}
+    unknown: list[str] = []
+    replacements: list[Replacement] = []
+    to_save = config.get("modules_to_save") or []
+    to_save = [to_save] if isinstance(to_save, str) else to_save
+    for key in weights.tensors:
+        split = _split_peft_key(key)
+        if split is not None:
+            module, role = split
+            grouped.setdefault(module, {})[role] = key
+            continue
+        stripped = key.removeprefix(PEFT_PREFIX)
+        module = stripped.rsplit(".", 1)[0]
+        if _module_matches(to_save, module):
+            replacements.append(Replacement(stripped, key))
+        elif is_wrapper_copy(module, to_save):
+            continue  # copies of a modules_to_save module saved beside it (resized vocabulary)
+        elif is_saved_embedding(stripped):
+            replacements.append(Replacement(stripped, key, origin="saved embedding"))
+        else:
+            unknown.append(key)
+
+    use_rslora = bool(config.get("use_rslora", False))
+    alpha_default = config.get("lora_alpha", 8)
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: list[LoraModule] = []
+    for module, roles in grouped.items():
+        if "base_layer" in roles:
+            replacements.append(Replacement(f"{module}.weight", roles["base_layer"], origin="saved base layer"))
+        if "tokens" in roles:
+            rows = _token_indices(config, module)
+            if rows is None:
+                raise CorruptFileError(
+                    path, f"{roles['tokens']} has trainable tokens but trainable_token_indices names no rows for it"
+                )
+            replacements.append(Replacement(f"{module}.weight", roles["tokens"], rows, origin="trainable tokens"))
+        pair = ("embA", "embB") if "embA" in roles or "embB" in roles else ("A", "B")
+        present = [r for r in pair if r in roles]
+        if not present:
+            unknown.extend(roles[r] for r in ("bias", "magnitude") if r in roles)
+            continue
+        if len(present) == 1:
+            missing = {
+                "A": "lora_A.weight",
+                "B": "lora_B.weight",
+                "embA": "lora_embedding_A",
+                "embB": "lora_embedding_B",
+            }
+            other = next(r for r in pair if r not in roles)
+            raise CorruptFileError(path, f"module {module!r} has {roles[present[0]]} but no {missing[other]}")
+        a_info, b_info = weights.tensors[roles[pair[0]]], weights.tensors[roles[pair[1]]]
+        kind = "embedding" if pair[0] == "embA" else ("conv" if len(a_info.shape) > 2 else "linear")
+        rank = a_info.shape[0] if a_info.shape else 0
+        alpha_key = pattern_key(alpha_pattern, module)
+        alpha = float(alpha_pattern[alpha_key] if alpha_key is not None else alpha_default)
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank if rank else 0.0
+        modules.append(
+            LoraModule(
+                name=module,
+                kind=kind,
+                a_key=roles[pair[0]],
+                b_key=roles[pair[1]],
+                a_shape=a_info.shape,
+                b_shape=b_info.shape,
+                rank=rank,
+                alpha=alpha,
+                scale=scale,
+                fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and kind == "linear",
+                magnitude_key=roles.get("magnitude"),
+                bias_key=roles.get("bias"),
+            )
+        )
+    modules.sort(key=lambda m: _natural_key(m.name))
+    return Adapter(
+        path=path,
+        format=format_name,
+        modules=modules,
+        replacements=replacements,
+        unknown_keys=unknown,
+        weights=weights,
+        config=config,
+        base_model=config.get("base_model_name_or_path") or None,
+        use_rslora=use_rslora,
+    )
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def detect_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def read_folder(path: Path, *, alpha: float | None = None) -> Adapter:
+    config = read_json(path / CONFIG_NAME, CONFIG_NAME)
+    _check_peft_config(path / CONFIG_NAME, config)
+    if alpha is not None:
+        config = {**config, "lora_alpha": alpha, "alpha_pattern": {}}
+    return build_peft_adapter(path, open_checkpoint(_peft_weights_file(path)), config)
+
+
+def _has_peft_keys(names: list[str]) -> bool:
+    return any(_split_peft_key(n) is not None and _split_peft_key(n)[1] in ("A", "embA") for n in names)
+
+
+def detect_file(path: Path) -> bool:
+    return _has_peft_keys(safetensors_names(path))
+
+
+def read_file(path: Path, *, alpha: float | None = None) -> Adapter:
+    weights = open_checkpoint(path)
+    if alpha is None:
+        found = weights.metadata.get("lora_alpha") or weights.metadata.get("alpha")
+        if found is None:
+            raise InvalidInputError(
+                f"{path}: a lone adapter file does not say its lora_alpha; pass --alpha "
+                "(or use the PEFT folder with its adapter_config.json)"
+            )
+        try:
+            alpha = float(found)
+        except ValueError as exc:
+            raise CorruptFileError(path, f"metadata lora_alpha {found!r} is not a number") from exc
+    if not 0 < alpha <= MAX_ALPHA:
+        raise InvalidInputError(f"{path}: alpha must be in (0, {MAX_ALPHA:g}], got {alpha:g}")
+    ranks = {info.shape[0] for key, info in weights.tensors.items() if key.endswith(".lora_A.weight") and info.shape}
+    config = {"peft_type": "LORA", "lora_alpha": alpha, "r": min(ranks) if ranks else 8}
+    return build_peft_adapter(path, weights, config, format_name="peft-safetensors")
+
+
+# --- writing ----------------------------------------------------------------
+
+
+def peft_adapter_config(
+    ranks: dict[str, int],
+    alphas: dict[str, float],
+    *,
+    base_model: str | None,
+    fan_in_fan_out: bool,
+    modules_to_save: list[str],
+    use_rslora: bool = False,
+    extra: dict | None = None,
+) -> dict:
+    """An adapter_config.json PEFT loads: the most common rank/alpha as defaults, the rest as patterns."""
+    common_rank = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    common_alpha = Counter(a for m, a in alphas.items() if ranks[m] == common_rank).most_common(1)[0][0] if ranks else 8
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": common_rank,
+        "lora_alpha": common_alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != common_rank},
+        "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != common_alpha},
+        "modules_to_save": sorted(modules_to_save) or None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    config.update(extra or {})
+    return config
+
+
+def write_adapter_config(folder: Path, config: dict) -> None:
+    """`adapter_config.json`, keys sorted, as every loratool PEFT output writes it."""
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def lora_keys(module: str, kind: str) -> tuple[str, str]:
+    """The PEFT keys of a module's A and B (`lora_embedding_A`/`_B` for an embedding)."""
+    prefix = f"{PEFT_PREFIX}{module}"
+    if kind == "embedding":
+        return f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
+    return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+
+
+def magnitude_key(module: str) -> str:
+    """The PEFT key of a module's DoRA magnitude vector."""
+    return f"{PEFT_PREFIX}{module}.lora_magnitude_vector"
+
+
+def spool_module(
+    spool: Spool, module: str, kind: str, down: torch.Tensor, up: torch.Tensor, magnitude: torch.Tensor | None = None
+) -> None:
+    """Spool one module's A (`down`), B (`up`) and DoRA magnitude under PEFT's keys for a `kind` layer."""
+    key_a, key_b = lora_keys(module, kind)
+    spool.add(key_a, down)
+    spool.add(key_b, up)
+    if magnitude is not None:
+        spool.add(magnitude_key(module), magnitude.reshape(-1))
+
+
+def as_peft(adapter: Adapter) -> Adapter:
+    """A GGUF or mlx-lm adapter seen as a PEFT one: PEFT keys and config, same factors and scales.
+
+    Lets code that writes PEFT folders by the source's own keys (resize) take these formats.
+    """
+    if adapter.format not in CONVERTED_FORMATS:
+        return adapter
+    entries, modules = {}, []
+    for module in adapter.modules:
+        keys = lora_keys(module.name, module.kind)
+        magnitude = magnitude_key(module.name) if module.magnitude_key else None
+        for new, old in zip((*keys, magnitude), (module.a_key, module.b_key, module.magnitude_key), strict=True):
+            if new is not None:
+                info = adapter.tensors[old]
+                entries[new] = (info.dtype, info.shape, lambda old=old: adapter.read(old))
+        modules.append(replace(module, a_key=keys[0], b_key=keys[1], magnitude_key=magnitude))
+    ranks = {m.name: m.rank for m in modules}
+    config = peft_adapter_config(
+        ranks, {m.name: m.scale * m.rank for m in modules}, base_model=adapter.base_model, fan_in_fan_out=False,
+        modules_to_save=[], extra={"use_dora": any(m.dora for m in modules)},
+    )  # fmt: skip
+    weights = DerivedCheckpoint.build(adapter.path, adapter.weights.files[0], entries, dict(adapter.metadata))
+    return Adapter(adapter.path, "peft", modules, [], list(adapter.unknown_keys), weights, config, adapter.base_model)

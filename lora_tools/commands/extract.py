@@ -1,0 +1,246 @@
+"""`extract`: a LoRA adapter from a full fine-tune, TUNED − BASE ≈ B·A per module, as a PEFT folder.
+
+For each weight that differs, Δ = W_tuned − W_base in fp32, truncated SVD (randomized
+when the rank is small against the matrix), balanced factors A = √S·Vhᵣ, B = Uᵣ·√S,
+alpha = rank so the scale is 1. Factors are spooled to disk as they are produced, so
+memory stays bounded by one weight matrix whatever the adapter's size; the output
+folder appears atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+from .. import trace
+from ..adapters.peft import PEFT_PREFIX, WEIGHTS_NAME, peft_adapter_config, spool_module, write_adapter_config
+from ..adapters.report import ExtractReport, ModuleExtraction
+from ..compute.device import device_names, resolve_devices
+from ..errors import InvalidInputError
+from ..extraction.modules import ModuleExtractor, changed_one_dimensional, changed_skipped_embeddings, traced
+from ..extraction.plan import METHODS, plan_extraction
+from ..io.card import display_name, write_adapter_card
+from ..io.checkpoint import open_checkpoint
+from ..io.hub import resolve_input
+from ..io.output import atomic_output, checksums
+from ..io.spool import Spool
+from ..layouts.expert_extraction import peft_expert_fields
+from ..layouts.transformers import layout_for
+from ..lowrank.rank import RankRule
+from ..planning.disk_names import plan_in_memory_names
+from ..planning.merge_plan import OUTPUT_DTYPES
+from ..quant.dequantize import dequantized
+
+__all__ = ["extract"]
+
+Progress = Callable[[int, int], None]
+
+
+def extract(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    max_rank: int | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    method: str = "auto",
+    embeddings: str = "skip",
+    save_1d: bool = False,
+    skip_mismatched: bool = False,
+    device: str = "auto",
+    dtype: str | None = None,
+    force: bool = False,
+    checksum: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    progress: Progress | None = None,
+    workers: int | None = None,
+) -> ExtractReport:
+    """Extract a LoRA adapter approximating TUNED − BASE, as a PEFT folder.
+
+    Args:
+        base, tuned: checkpoints of the same architecture.
+        output: the adapter folder to write.
+        rank / energy / sv_ratio: exactly one rank rule (fixed rank; fraction of ‖Δ‖²_F kept;
+            singular values above S₀/sv_ratio), capped by `max_rank`.
+        include, exclude: regexes over tensor names.
+        method: "auto", "svd" or "randomized".
+        embeddings: "skip" (default), "lora" (PEFT embedding LoRA) or "full" (modules_to_save).
+        save_1d: store changed 1-D tensors (norms) of modules LoRA does not target in modules_to_save.
+        skip_mismatched: leave out tensors whose shapes differ or that exist on one side only.
+        dtype: dtype of the factors ("fp32" default, "bf16", "fp16").
+        checksum: add the sha256 of every output file to the report.
+        revision, token: for inputs given as Hub repo ids.
+        workers: modules decomposed at once, each single-threaded (default: the usable cores, or one
+            per device for a device list); the output is byte-identical for any number.
+
+    Returns:
+        An `ExtractReport` with per-module rank, energy kept and relative error.
+    """
+    from ..compute.pool import import_torch, one_torch_thread
+
+    import_torch()  # a fifth faster without cyclic GC during the import
+    from ..compute.workers import ModuleWorkers
+    from ..io.tensors import return_freed_memory_to_os, to_torch_dtype
+
+    started = time.perf_counter()
+    rule = RankRule(rank, energy, sv_ratio, max_rank)
+    if method not in METHODS:
+        raise InvalidInputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    dtype_name = OUTPUT_DTYPES.get((dtype or "fp32").lower())
+    if dtype_name is None:
+        raise InvalidInputError(f"--dtype {dtype!r} is not one of bf16, fp16, fp32")
+    factor_dtype = to_torch_dtype(dtype_name)
+    devices = resolve_devices(device)
+    return_freed_memory_to_os()
+    (base_local, base_repo), (tuned_local, tuned_repo) = (
+        resolve_input(base, revision=revision, token=token),
+        resolve_input(tuned, revision=revision, token=token),
+    )
+    base_checkpoint, tuned_checkpoint = (
+        dequantized(open_checkpoint(base_local)),
+        dequantized(open_checkpoint(tuned_local)),
+    )
+    plan = plan_extraction(
+        base_checkpoint.tensors,
+        tuned_checkpoint.tensors,
+        base_config=base_checkpoint.config,
+        tuned_config=tuned_checkpoint.config,
+        include=include,
+        exclude=exclude,
+        embeddings=embeddings,
+        skip_mismatched=skip_mismatched,
+    )
+    plan = plan_in_memory_names(plan, base_checkpoint.config, base_checkpoint.tensors)  # PEFT's in-memory names
+    output = Path(output)
+    modules: list[ModuleExtraction] = []
+    unchanged: list[str] = []
+    ranks: dict[str, int] = {}
+    modules_to_save: list[str] = []
+    notes: list[str] = []
+    full_delta = 0
+    parameters = 0
+    total = sum(task_info.numel for task_info in (base_checkpoint.tensors[t.tensor] for t in plan.tasks))
+    done = 0
+
+    extractor = ModuleExtractor(base_checkpoint, tuned_checkpoint, rule, method, factor_dtype, embeddings)
+
+    with (
+        atomic_output(output, is_dir=True, force=force, inputs=[base_checkpoint.path, tuned_checkpoint.path]) as target,
+        ModuleWorkers(devices, workers) as pool,
+        ExitStack() as stack,
+    ):
+        spool = Spool(target / ".factors.spool")
+        skipped_compared = stack.enter_context(ThreadPoolExecutor(1, "loratool-compare", one_torch_thread)).submit(
+            changed_skipped_embeddings, plan.skipped, base_checkpoint, tuned_checkpoint
+        )  # while the workers decompose
+        for result in pool.map(traced(extractor), plan.tasks):
+            task = result.task
+            done += result.numel
+            if result.unchanged:
+                unchanged.append(task.tensor)
+            elif result.whole is not None:
+                spool.add(f"{PEFT_PREFIX}{task.tensor}", result.whole)
+                modules_to_save.append(task.module)
+            else:
+                b_out, a_out = result.factors
+                spool_module(spool, task.module, task.kind, a_out, b_out)
+                ranks[task.module] = a_out.shape[0] // (task.shape[0] if task.kind == "experts" else 1)
+                parameters += a_out.numel() + b_out.numel()
+                full_delta += result.numel
+                error = result.error
+                modules.append(
+                    ModuleExtraction(
+                        task.module, ranks[task.module], max(0.0, 1 - error * error), error, result.method, task.shape
+                    )
+                )
+            if progress is not None:
+                progress(done, total)
+        trace.mark("modules done")
+        changed_1d = changed_one_dimensional(plan.one_dimensional, base_checkpoint, tuned_checkpoint)
+        if changed_1d:
+            targeted = set(ranks)
+            if save_1d:
+                for item in changed_1d:
+                    module = item["name"].rpartition(".")[0]
+                    if module in targeted:
+                        notes.append(f"{item['name']} changed but its module is a LoRA target; it is not stored")
+                        continue
+                    spool.add(f"{PEFT_PREFIX}{item['name']}", tuned_checkpoint.read(item["name"]))
+                    modules_to_save.append(module)
+            else:
+                largest = max(changed_1d, key=lambda i: i["max_abs_change"])
+                notes.append(
+                    f"{len(changed_1d)} 1-D tensors (norms, biases) changed, the largest {largest['name']} by "
+                    f"{largest['max_abs_change']:.3g}; not stored (pass --save-1d to keep norms in modules_to_save)"
+                )
+        changed_embeddings = skipped_compared.result()
+        if changed_embeddings:
+            notes.append(
+                f"{', '.join(changed_embeddings)} changed but were skipped (serving engines reject adapters "
+                "carrying full embeddings); pass --embeddings lora or --embeddings full to keep them"
+            )
+        if not ranks and not modules_to_save:
+            raise InvalidInputError(
+                "BASE and TUNED are identical on every selected weight; there is nothing to extract"
+            )
+        trace.mark("embeddings compared")
+        size = spool.finish(target / WEIGHTS_NAME)
+        trace.mark("spool written")
+        base_name = display_name(base, base_repo)
+        base_model = base_repo or (base_checkpoint.config or {}).get("_name_or_path") or base_name
+        _, layout = layout_for(base_checkpoint.config)  # fused experts and routers: target_parameters
+        config_ranks, targets = peft_expert_fields(plan.tasks, ranks, layout)
+        write_adapter_config(
+            target,
+            peft_adapter_config(
+                config_ranks,
+                {m: float(r) for m, r in config_ranks.items()},
+                base_model=base_model,
+                fan_in_fan_out=any(t.fan_in_fan_out for t in plan.tasks if t.module in ranks),
+                modules_to_save=sorted(set(modules_to_save)),
+                extra=targets,
+            ),
+        )
+        command = [
+            "loratool",
+            "extract",
+            base_name,
+            display_name(tuned, tuned_repo),
+            "--output",
+            "OUTPUT",
+            *rule.words(),
+        ]
+        for flag, value in (("--include", include), ("--exclude", exclude)):
+            if value is not None:
+                command += [flag, value]
+        if embeddings != "skip":
+            command += ["--embeddings", embeddings]
+        write_adapter_card(
+            target, base_model, f"LoRA extracted from {display_name(tuned, tuned_repo)}", modules, command
+        )
+        digests = checksums(target) if checksum else None
+    return ExtractReport(
+        operation="extract",
+        output=str(output),
+        device=device_names(devices),
+        modules=modules,
+        skipped=plan.skipped,
+        unchanged=unchanged,
+        changed_1d=changed_1d,
+        modules_to_save=sorted(set(modules_to_save)),
+        parameters=parameters,
+        bytes=size,
+        full_delta_parameters=full_delta,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+        checksums=digests,
+    )

@@ -1,0 +1,1 @@
+"""Converting adapters between formats: PEFT ↔ kohya (`spelling`), serving formats (`export`), diffusion names (`naming`)."""
