@@ -190,22 +190,23 @@ def test_json_reports_carry_the_schema(adapters, tmp_path):
         assert json.loads(result.stdout)["schema"] == 1
 
 
-def _readme_json_row(label: str) -> str:
-    section = (REPO / "README.md").read_text().split("## JSON reports", 1)[1].split("\n## ", 1)[0]
-    return next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+def _json_docs_row(label: str) -> str:
+    """The row of the JSON reports page's table (docs/pages/json.md) for `label`."""
+    page = (REPO / "docs" / "pages" / "json.md").read_text()
+    return next(line for line in page.splitlines() if line.startswith(f"| {label} |"))
 
 
 def _assert_documented(report: dict, label: str) -> None:
-    row = _readme_json_row(label)
+    row = _json_docs_row(label)
     missing = [key for key in report if key != "schema" and f"`{key}`" not in row]
-    assert not missing, f"README's JSON table row {label} lacks {missing}"
+    assert not missing, f"docs/pages/json.md's table row {label} lacks {missing}"
     for key in ("modules", "changes"):
         if report.get(key):
             nested = [k for k in report[key][0] if f"`{k}`" not in row]
-            assert not nested, f"README's JSON table row {label} lacks {key} fields {nested}"
+            assert not nested, f"docs/pages/json.md's table row {label} lacks {key} fields {nested}"
 
 
-def test_readme_documents_every_json_field(adapters, tmp_path):
+def test_json_docs_page_documents_every_json_field(adapters, tmp_path):
     base, adapter = adapters["plain"]
     merged = tmp_path / "merged"
     cases = [
@@ -224,10 +225,10 @@ def test_readme_documents_every_json_field(adapters, tmp_path):
     _assert_documented(json.loads(combined.stdout), "`combine`")
     checked = json.loads(run_cli(["check", adapter, "--for", "vllm", "--max-lora-rank", "2", "--json"]).stdout)
     _assert_documented(checked, "`check` (and `inspect --for`, under `check`)")
-    row = _readme_json_row("`check` (and `inspect --for`, under `check`)")
+    row = _json_docs_row("`check` (and `inspect --for`, under `check`)")
     assert checked["findings"] and not [k for k in checked["findings"][0] if f"`{k}`" not in row]
     stats = run_cli(["inspect", adapter, "--stats", "--json"])
     _assert_documented(json.loads(stats.stdout)["stats"], "`inspect --stats`")
     diffed = json.loads(run_cli(["diff", base, merged, "--json", "-q"]).stdout)
     changed = next(t for t in diffed["tensors"] if t["status"] == "changed")
-    assert not [k for k in changed if f"`{k}`" not in _readme_json_row("`diff`")]
+    assert not [k for k in changed if f"`{k}`" not in _json_docs_row("`diff`")]
