@@ -14,11 +14,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import InvalidInputError
 from ..io.checkpoint import open_checkpoint
-from .model import Adapter, LoraModule, read_scalar, safetensors_names
+from .model import Adapter, LoraModule, ModuleFactors, read_scalar, safetensors_names
 
 if TYPE_CHECKING:
-    import torch
-
     from ..io.spool import Spool
 
 __all__ = ["COMPONENT_PREFIXES", "detect", "read", "spool_module"]
@@ -112,12 +110,11 @@ def read(path: Path, *, alpha: float | None = None):
 # --- writing ------------------------------------------------------------------
 
 
-def spool_module(
-    spool: Spool, key: str, down: torch.Tensor, up: torch.Tensor, alpha: float, magnitude: torch.Tensor | None = None
-) -> None:
-    """Spool one module under diffusers' keys (`{key}.lora_A.weight` …), its scale alpha/r folded into B."""
-    scale = alpha / down.shape[0]
+def spool_module(spool: Spool, factors: ModuleFactors) -> None:
+    """Spool one module under diffusers' keys (`{name}.lora_A.weight` …), its scale alpha/r folded into B."""
+    key, down, up = factors.name, factors.down, factors.up
+    scale = factors.alpha / down.shape[0]
     spool.add(f"{key}.lora_A.weight", down)
     spool.add(f"{key}.lora_B.weight", up if scale == 1 else (up.double() * scale).to(up.dtype))
-    if magnitude is not None:
-        spool.add(f"{key}.lora_magnitude_vector", magnitude.reshape(-1))
+    if factors.magnitude is not None:
+        spool.add(f"{key}.lora_magnitude_vector", factors.magnitude.reshape(-1))

@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError
 from ..io.checkpoint import open_checkpoint
-from .model import Adapter, LoraModule, read_scalar, safetensors_names
+from .model import Adapter, LoraModule, ModuleFactors, read_scalar, safetensors_names
 
 if TYPE_CHECKING:
-    import torch
-
     from ..io.spool import Spool
 
 __all__ = ["KOHYA_PREFIXES", "KOHYA_PREFIX_FOR", "detect", "read", "kohya_name", "spool_module", "kohya_metadata"]
@@ -198,14 +196,13 @@ def kohya_name(prefix: str, module: str) -> str:
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def spool_module(
-    spool: Spool, name: str, down: torch.Tensor, up: torch.Tensor, alpha: float, dora_scale: torch.Tensor | None = None
-) -> None:
+def spool_module(spool: Spool, factors: ModuleFactors) -> None:
     """Spool one LoRA module under kohya's keys: down, up, alpha (fp32) and LyCORIS' per-output `dora_scale`."""
     import torch
 
-    spool.add(f"{name}.lora_down.weight", down)
-    spool.add(f"{name}.lora_up.weight", up)
-    spool.add(f"{name}.alpha", torch.tensor(alpha, dtype=torch.float32))
-    if dora_scale is not None:
-        spool.add(f"{name}.dora_scale", dora_scale.reshape(-1, 1))
+    name = factors.name
+    spool.add(f"{name}.lora_down.weight", factors.down)
+    spool.add(f"{name}.lora_up.weight", factors.up)
+    spool.add(f"{name}.alpha", torch.tensor(factors.alpha, dtype=torch.float32))
+    if factors.magnitude is not None:
+        spool.add(f"{name}.dora_scale", factors.magnitude.reshape(-1, 1))

@@ -19,7 +19,16 @@ from ..io.safetensors_header import TensorInfo, read_header
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LoraModule", "Replacement", "Adapter", "MAX_RANK", "MAX_ALPHA", "safetensors_names", "read_scalar"]
+__all__ = [
+    "LoraModule",
+    "ModuleFactors",
+    "Replacement",
+    "Adapter",
+    "MAX_RANK",
+    "MAX_ALPHA",
+    "safetensors_names",
+    "read_scalar",
+]
 
 #: Largest rank and alpha a config may give: beyond them a value is a typo or a hostile file.
 MAX_RANK = 1 << 16
@@ -76,6 +85,24 @@ class LoraModule:
     @property
     def weight_name(self) -> str:
         return f"{self.name}.weight"
+
+
+@dataclass(frozen=True)
+class ModuleFactors:
+    """One LoRA module's factors as an adapter format writes them (`AdapterFormat.write_module`).
+
+    `name` is the module's key in the target format's spelling (a dotted path for PEFT and
+    diffusers, a kohya name for kohya); `down` is A (r × in …), `up` is B (out × r …), the
+    module's scale is `alpha / r`; `magnitude` is DoRA's per-output magnitude, if any; `kind`
+    is the layer kind PEFT spells its keys by (embeddings differ).
+    """
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    magnitude: torch.Tensor | None = None
+    kind: str = "linear"
 
 
 @dataclass(frozen=True)

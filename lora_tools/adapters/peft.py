@@ -21,11 +21,9 @@ from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError
 from ..io.checkpoint import Checkpoint, open_checkpoint, read_json
 from ..io.derived import DerivedCheckpoint
 from ..layouts.vocab import is_saved_embedding, is_wrapper_copy
-from .model import MAX_ALPHA, MAX_RANK, Adapter, LoraModule, Replacement, safetensors_names
+from .model import MAX_ALPHA, MAX_RANK, Adapter, LoraModule, ModuleFactors, Replacement, safetensors_names
 
 if TYPE_CHECKING:
-    import torch
-
     from ..io.spool import Spool
 
 __all__ = [
@@ -334,15 +332,16 @@ def magnitude_key(module: str) -> str:
     return f"{PEFT_PREFIX}{module}.lora_magnitude_vector"
 
 
-def spool_module(
-    spool: Spool, module: str, kind: str, down: torch.Tensor, up: torch.Tensor, magnitude: torch.Tensor | None = None
-) -> None:
-    """Spool one module's A (`down`), B (`up`) and DoRA magnitude under PEFT's keys for a `kind` layer."""
-    key_a, key_b = lora_keys(module, kind)
-    spool.add(key_a, down)
-    spool.add(key_b, up)
-    if magnitude is not None:
-        spool.add(magnitude_key(module), magnitude.reshape(-1))
+def spool_module(spool: Spool, factors: ModuleFactors) -> None:
+    """Spool one module's A, B and DoRA magnitude under PEFT's keys for its layer kind.
+
+    PEFT keeps alpha out of the tensors: `peft_adapter_config` records it (`lora_alpha`, `alpha_pattern`).
+    """
+    key_a, key_b = lora_keys(factors.name, factors.kind)
+    spool.add(key_a, factors.down)
+    spool.add(key_b, factors.up)
+    if factors.magnitude is not None:
+        spool.add(magnitude_key(factors.name), factors.magnitude.reshape(-1))
 
 
 def as_peft(adapter: Adapter) -> Adapter:

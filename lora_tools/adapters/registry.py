@@ -14,42 +14,63 @@ from pathlib import Path
 
 from ..errors import InvalidInputError, UnknownFormatError
 from ..io.checkpoint import PICKLE_SUFFIXES, read_json
+from ..io.spool import Spool
 from . import diffusers, gguf, kohya, mlx, peft
-from .model import Adapter
+from .model import Adapter, ModuleFactors
 
-__all__ = ["AdapterFormat", "FORMATS", "format_named", "is_adapter", "read_adapter", "fit_to_base"]
+__all__ = [
+    "AdapterFormat",
+    "FORMATS",
+    "format_named",
+    "module_writer",
+    "is_adapter",
+    "read_adapter",
+    "fit_to_base",
+]
 
 
 @dataclass(frozen=True)
 class AdapterFormat:
     """One adapter format: `detect(path)` says whether `read` applies.
 
-    `write` is the format module's writer (None for a format read only); `bind_base`
-    tells an adapter what only its base's config knows (GGUF's q/k head counts).
+    `write_module` spools one module's factors under the format's keys (`ModuleFactors`);
+    it is None for a format read only, and for GGUF and mlx-lm, whose files are written
+    whole from an adapter (`gguf.write_gguf`, `mlx.write_mlx`: they need the base's layout
+    or config). `bind_base` tells an adapter what only its base's config knows (GGUF's q/k
+    head counts).
     """
 
     name: str
     detect: Callable[[Path], bool]
     read: Callable[..., Adapter]
-    write: Callable | None = None
+    write_module: Callable[[Spool, ModuleFactors], None] | None = None
     bind_base: Callable[[Adapter, dict | None], Adapter] | None = None
 
 
 #: In detection order: mlx-lm folders before PEFT folders (they hold an adapter_config.json too), diffusers
 #: files before lone PEFT files (both spell lora_A / lora_B; diffusers adds component prefixes).
 FORMATS: tuple[AdapterFormat, ...] = (
-    AdapterFormat("mlx", mlx.detect, mlx.read, write=mlx.write_mlx),
-    AdapterFormat("peft", peft.detect_folder, peft.read_folder, write=peft.spool_module),
-    AdapterFormat("diffusers", diffusers.detect, diffusers.read, write=diffusers.spool_module),
-    AdapterFormat("peft-safetensors", peft.detect_file, peft.read_file),
-    AdapterFormat("kohya", kohya.detect, kohya.read, write=kohya.spool_module),
-    AdapterFormat("gguf", gguf.detect, gguf.read, write=gguf.write_gguf, bind_base=gguf.bind_base_config),
+    AdapterFormat("mlx", mlx.detect, mlx.read),
+    AdapterFormat("peft", peft.detect_folder, peft.read_folder, write_module=peft.spool_module),
+    AdapterFormat("diffusers", diffusers.detect, diffusers.read, write_module=diffusers.spool_module),
+    AdapterFormat("peft-safetensors", peft.detect_file, peft.read_file, write_module=peft.spool_module),
+    AdapterFormat("kohya", kohya.detect, kohya.read, write_module=kohya.spool_module),
+    AdapterFormat("gguf", gguf.detect, gguf.read, bind_base=gguf.bind_base_config),
 )
 
 
 def format_named(name: str) -> AdapterFormat | None:
     """The registered format called `name`, or None."""
     return next((fmt for fmt in FORMATS if fmt.name == name), None)
+
+
+def module_writer(name: str) -> Callable[[Spool, ModuleFactors], None]:
+    """The function that spools one module under format `name`'s keys."""
+    fmt = format_named(name)
+    if fmt is None or fmt.write_module is None:
+        writable = ", ".join(f.name for f in FORMATS if f.write_module is not None)
+        raise InvalidInputError(f"no module writer for adapter format {name!r} (formats written by module: {writable})")
+    return fmt.write_module
 
 
 def is_adapter(path: str | os.PathLike) -> bool:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..adapters import kohya, peft
-from ..adapters.model import Adapter, LoraModule
-from ..adapters.registry import read_adapter
+from ..adapters.model import Adapter, LoraModule, ModuleFactors
+from ..adapters.registry import module_writer, read_adapter
 from ..combining.groups import GroupReader, GroupResult, combine_group
 from ..combining.options import PEFT_EQUIVALENT, TARGET_FORMATS, CombineOptions
 from ..combining.plan import ModuleGroup, plan_combination
@@ -123,13 +123,13 @@ def _write_module(spool: Spool, group: ModuleGroup, result: GroupResult, to: str
     rank = result.up.shape[1]
     up = result.up.reshape(group.shape[0], rank, *([1] * (len(group.shape) - 2))).contiguous()
     down = result.down.reshape(rank, *group.shape[1:]).contiguous()
+    name = group.name
     if to == "kohya":
         prefix = kohya.KOHYA_PREFIX_FOR.get(group.component or "")
         if prefix is None:
             raise InvalidInputError(f"{group.name}: pass --component (unet, text_encoder, …) to name kohya modules")
-        kohya.spool_module(spool, kohya.kohya_name(prefix, group.name), down, up, float(rank))
-        return rank
-    peft.spool_module(spool, group.name, group.kind, down, up)
+        name = kohya.kohya_name(prefix, group.name)
+    module_writer(to)(spool, ModuleFactors(name, down, up, float(rank), kind=group.kind))
     return rank
 
 

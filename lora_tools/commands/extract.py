@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .. import trace
+from ..adapters.model import ModuleFactors
 from ..adapters.peft import PEFT_PREFIX, WEIGHTS_NAME, peft_adapter_config, spool_module, write_adapter_config
 from ..adapters.report import ExtractReport, ModuleExtraction
 from ..compute.device import device_names, resolve_devices
@@ -152,8 +153,9 @@ def extract(
                 modules_to_save.append(task.module)
             else:
                 b_out, a_out = result.factors
-                spool_module(spool, task.module, task.kind, a_out, b_out)
                 ranks[task.module] = a_out.shape[0] // (task.shape[0] if task.kind == "experts" else 1)
+                # alpha = rank: the config records it (extract writes scale 1)
+                spool_module(spool, ModuleFactors(task.module, a_out, b_out, float(ranks[task.module]), kind=task.kind))
                 parameters += a_out.numel() + b_out.numel()
                 full_delta += result.numel
                 error = result.error

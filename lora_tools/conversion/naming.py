@@ -9,8 +9,9 @@ import os
 import time
 from pathlib import Path
 
-from ..adapters import diffusers, kohya
-from ..adapters.registry import read_adapter
+from ..adapters import kohya
+from ..adapters.model import ModuleFactors
+from ..adapters.registry import module_writer, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
 from ..errors import InvalidInputError, UnsupportedError
 from ..io.checkpoint import open_checkpoint
@@ -76,8 +77,7 @@ def _dotted_names(base: Path, layout, component: str) -> dict[str, str]:
 
 def _write(spool, to: str, key: str, tensors: tuple, dora) -> None:
     down, up, alpha = tensors
-    writer = kohya.spool_module if to == "kohya" else diffusers.spool_module
-    writer(spool, key, down, up, alpha, dora)
+    module_writer(to)(spool, ModuleFactors(key, down, up, alpha, dora))
 
 
 def _key(target: Target, to: str, naming: str, family: str, dotted) -> str:

@@ -9,10 +9,11 @@ which is an approximation, and the report says how close.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..adapters import kohya, peft
-from ..adapters.model import Adapter, LoraModule
+from ..adapters.model import Adapter, LoraModule, ModuleFactors
 from ..adapters.report import ModuleExtraction
 from ..errors import IncompatibleError, InvalidInputError, UnsupportedError
 from ..io.checkpoint import open_checkpoint
@@ -71,7 +72,7 @@ def to_kohya(adapter: Adapter, component: str | None, spool: Spool, bake_alpha: 
         if module.magnitude_key is not None and module.dora_axis != "out":
             raise UnsupportedError(f"{module.name}: per-input DoRA scales cannot be converted")
         dora = adapter.read(module.magnitude_key) if module.magnitude_key is not None else None
-        kohya.spool_module(spool, name, down, up, alpha, dora)
+        kohya.spool_module(spool, ModuleFactors(name, down, up, alpha, dora))
         modules_out.append(
             ModuleExtraction(name, module.rank, 1.0, 0.0, "copied", tuple(up.shape[:1]) + tuple(down.shape[1:]))
         )
@@ -131,7 +132,7 @@ def to_peft(
         for module, (path, down, up, alpha, module_rank, error, method) in zip(
             adapter.modules, pool.map(factors, adapter.modules), strict=True
         ):
-            _spool_peft_module(adapter, module, path, spool, down, up)
+            _spool_peft_module(adapter, module, spool, ModuleFactors(path, down, up, float(alpha), kind=module.kind))
             use_dora = use_dora or module.magnitude_key is not None
             ranks[path], alphas[path] = module_rank, float(alpha)
             modules_out.append(
@@ -142,11 +143,11 @@ def to_peft(
     return any(m.fan_in_fan_out for m in adapter.modules), use_dora
 
 
-def _spool_peft_module(adapter: Adapter, module: LoraModule, path: str, spool: Spool, down, up) -> None:
+def _spool_peft_module(adapter: Adapter, module: LoraModule, spool: Spool, factors: ModuleFactors) -> None:
     if module.magnitude_key is not None and module.dora_axis != "out":
         raise UnsupportedError(f"{module.name}: per-input dora_scale has no PEFT equivalent")
     magnitude = adapter.read(module.magnitude_key) if module.magnitude_key is not None else None
-    peft.spool_module(spool, path, module.kind, down, up, magnitude)
+    peft.spool_module(spool, replace(factors, magnitude=magnitude))
 
 
 def parameter_count(module: ModuleExtraction) -> int:
