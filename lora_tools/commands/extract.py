@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import trace
@@ -22,10 +23,16 @@ from ..adapters.peft import PEFT_PREFIX, WEIGHTS_NAME, peft_adapter_config, spoo
 from ..adapters.report import ExtractReport, ModuleExtraction
 from ..compute.device import device_names, resolve_devices
 from ..errors import InvalidInputError
-from ..extraction.modules import ModuleExtractor, changed_one_dimensional, changed_skipped_embeddings, traced
-from ..extraction.plan import METHODS, plan_extraction
+from ..extraction.modules import (
+    ModuleExtractor,
+    ModuleResult,
+    changed_one_dimensional,
+    changed_skipped_embeddings,
+    traced,
+)
+from ..extraction.plan import METHODS, ExtractPlan, plan_extraction
 from ..io.card import display_name, write_adapter_card
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.hub import resolve_input
 from ..io.output import atomic_output, checksums
 from ..io.spool import Spool
@@ -102,147 +109,177 @@ def extract(
     factor_dtype = to_torch_dtype(dtype_name)
     devices = resolve_devices(device)
     return_freed_memory_to_os()
-    (base_local, base_repo), (tuned_local, tuned_repo) = (
-        resolve_input(base, revision=revision, token=token),
-        resolve_input(tuned, revision=revision, token=token),
-    )
-    base_checkpoint, tuned_checkpoint = (
-        dequantized(open_checkpoint(base_local)),
-        dequantized(open_checkpoint(tuned_local)),
-    )
+    inputs = _Inputs.open(base, tuned, revision, token)
     plan = plan_extraction(
-        base_checkpoint.tensors,
-        tuned_checkpoint.tensors,
-        base_config=base_checkpoint.config,
-        tuned_config=tuned_checkpoint.config,
+        inputs.base.tensors,
+        inputs.tuned.tensors,
+        base_config=inputs.base.config,
+        tuned_config=inputs.tuned.config,
         include=include,
         exclude=exclude,
         embeddings=embeddings,
         skip_mismatched=skip_mismatched,
     )
-    plan = plan_in_memory_names(plan, base_checkpoint.config, base_checkpoint.tensors)  # PEFT's in-memory names
+    plan = plan_in_memory_names(plan, inputs.base.config, inputs.base.tensors)  # PEFT's in-memory names
     output = Path(output)
-    modules: list[ModuleExtraction] = []
-    unchanged: list[str] = []
-    ranks: dict[str, int] = {}
-    modules_to_save: list[str] = []
-    notes: list[str] = []
-    full_delta = 0
-    parameters = 0
-    total = sum(task_info.numel for task_info in (base_checkpoint.tensors[t.tensor] for t in plan.tasks))
-    done = 0
-
-    extractor = ModuleExtractor(base_checkpoint, tuned_checkpoint, rule, method, factor_dtype, embeddings)
+    total = sum(inputs.base.tensors[t.tensor].numel for t in plan.tasks)
+    extractor = ModuleExtractor(inputs.base, inputs.tuned, rule, method, factor_dtype, embeddings)
 
     with (
-        atomic_output(output, is_dir=True, force=force, inputs=[base_checkpoint.path, tuned_checkpoint.path]) as target,
+        atomic_output(output, is_dir=True, force=force, inputs=[inputs.base.path, inputs.tuned.path]) as target,
         ModuleWorkers(devices, workers) as pool,
         ExitStack() as stack,
     ):
-        spool = Spool(target / ".factors.spool")
+        found = _Collected(Spool(target / ".factors.spool"))
         skipped_compared = stack.enter_context(ThreadPoolExecutor(1, "loratool-compare", one_torch_thread)).submit(
-            changed_skipped_embeddings, plan.skipped, base_checkpoint, tuned_checkpoint
+            changed_skipped_embeddings, plan.skipped, inputs.base, inputs.tuned
         )  # while the workers decompose
         for result in pool.map(traced(extractor), plan.tasks):
-            task = result.task
-            done += result.numel
-            if result.unchanged:
-                unchanged.append(task.tensor)
-            elif result.whole is not None:
-                spool.add(f"{PEFT_PREFIX}{task.tensor}", result.whole)
-                modules_to_save.append(task.module)
-            else:
-                b_out, a_out = result.factors
-                ranks[task.module] = a_out.shape[0] // (task.shape[0] if task.kind == "experts" else 1)
-                # alpha = rank: the config records it (extract writes scale 1)
-                spool_module(spool, ModuleFactors(task.module, a_out, b_out, float(ranks[task.module]), kind=task.kind))
-                parameters += a_out.numel() + b_out.numel()
-                full_delta += result.numel
-                error = result.error
-                modules.append(
-                    ModuleExtraction(
-                        task.module, ranks[task.module], max(0.0, 1 - error * error), error, result.method, task.shape
-                    )
-                )
+            found.add(result)
             if progress is not None:
-                progress(done, total)
+                progress(found.done, total)
         trace.mark("modules done")
-        changed_1d = changed_one_dimensional(plan.one_dimensional, base_checkpoint, tuned_checkpoint)
-        if changed_1d:
-            targeted = set(ranks)
-            if save_1d:
-                for item in changed_1d:
-                    module = item["name"].rpartition(".")[0]
-                    if module in targeted:
-                        notes.append(f"{item['name']} changed but its module is a LoRA target; it is not stored")
-                        continue
-                    spool.add(f"{PEFT_PREFIX}{item['name']}", tuned_checkpoint.read(item["name"]))
-                    modules_to_save.append(module)
-            else:
-                largest = max(changed_1d, key=lambda i: i["max_abs_change"])
-                notes.append(
-                    f"{len(changed_1d)} 1-D tensors (norms, biases) changed, the largest {largest['name']} by "
-                    f"{largest['max_abs_change']:.3g}; not stored (pass --save-1d to keep norms in modules_to_save)"
-                )
-        changed_embeddings = skipped_compared.result()
-        if changed_embeddings:
-            notes.append(
-                f"{', '.join(changed_embeddings)} changed but were skipped (serving engines reject adapters "
-                "carrying full embeddings); pass --embeddings lora or --embeddings full to keep them"
-            )
-        if not ranks and not modules_to_save:
+        changed_1d = changed_one_dimensional(plan.one_dimensional, inputs.base, inputs.tuned)
+        found.one_dimensional(changed_1d, save_1d, inputs.tuned)
+        found.skipped_embeddings(skipped_compared.result())
+        if not found.ranks and not found.modules_to_save:
             raise InvalidInputError(
                 "BASE and TUNED are identical on every selected weight; there is nothing to extract"
             )
         trace.mark("embeddings compared")
-        size = spool.finish(target / WEIGHTS_NAME)
+        size = found.spool.finish(target / WEIGHTS_NAME)
         trace.mark("spool written")
-        base_name = display_name(base, base_repo)
-        base_model = base_repo or (base_checkpoint.config or {}).get("_name_or_path") or base_name
-        _, layout = layout_for(base_checkpoint.config)  # fused experts and routers: target_parameters
-        config_ranks, targets = peft_expert_fields(plan.tasks, ranks, layout)
-        write_adapter_config(
-            target,
-            peft_adapter_config(
-                config_ranks,
-                {m: float(r) for m, r in config_ranks.items()},
-                base_model=base_model,
-                fan_in_fan_out=any(t.fan_in_fan_out for t in plan.tasks if t.module in ranks),
-                modules_to_save=sorted(set(modules_to_save)),
-                extra=targets,
-            ),
-        )
-        command = [
-            "loratool",
-            "extract",
-            base_name,
-            display_name(tuned, tuned_repo),
-            "--output",
-            "OUTPUT",
-            *rule.words(),
-        ]
-        for flag, value in (("--include", include), ("--exclude", exclude)):
-            if value is not None:
-                command += [flag, value]
-        if embeddings != "skip":
-            command += ["--embeddings", embeddings]
-        write_adapter_card(
-            target, base_model, f"LoRA extracted from {display_name(tuned, tuned_repo)}", modules, command
-        )
+        command = _command(inputs, rule, include, exclude, embeddings)
+        base_model = _write_config(target, inputs, plan, found)
+        write_adapter_card(target, base_model, f"LoRA extracted from {inputs.tuned_name}", found.modules, command)
         digests = checksums(target) if checksum else None
     return ExtractReport(
         operation="extract",
         output=str(output),
         device=device_names(devices),
-        modules=modules,
+        modules=found.modules,
         skipped=plan.skipped,
-        unchanged=unchanged,
+        unchanged=found.unchanged,
         changed_1d=changed_1d,
-        modules_to_save=sorted(set(modules_to_save)),
-        parameters=parameters,
+        modules_to_save=sorted(set(found.modules_to_save)),
+        parameters=found.parameters,
         bytes=size,
-        full_delta_parameters=full_delta,
+        full_delta_parameters=found.full_delta,
         seconds=time.perf_counter() - started,
-        notes=notes,
+        notes=found.notes,
         checksums=digests,
     )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """BASE and TUNED opened (Hub ids fetched, quantized weights read as fp32), with their display names."""
+
+    base: Checkpoint
+    tuned: Checkpoint
+    base_repo: str | None
+    base_name: str
+    tuned_name: str
+
+    @classmethod
+    def open(cls, base, tuned, revision: str | None, token: str | None) -> _Inputs:
+        base_local, base_repo = resolve_input(base, revision=revision, token=token)
+        tuned_local, tuned_repo = resolve_input(tuned, revision=revision, token=token)
+        return cls(
+            dequantized(open_checkpoint(base_local)),
+            dequantized(open_checkpoint(tuned_local)),
+            base_repo,
+            display_name(base, base_repo),
+            display_name(tuned, tuned_repo),
+        )
+
+
+@dataclass
+class _Collected:
+    """The workers' results as they arrive: factors spooled, per-module reports, what was left out and why."""
+
+    spool: Spool
+    modules: list[ModuleExtraction] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    full_delta: int = 0
+    parameters: int = 0
+    done: int = 0
+
+    def add(self, result: ModuleResult) -> None:
+        task = result.task
+        self.done += result.numel
+        if result.unchanged:
+            self.unchanged.append(task.tensor)
+        elif result.whole is not None:
+            self.spool.add(f"{PEFT_PREFIX}{task.tensor}", result.whole)
+            self.modules_to_save.append(task.module)
+        else:
+            b_out, a_out = result.factors
+            rank = a_out.shape[0] // (task.shape[0] if task.kind == "experts" else 1)
+            self.ranks[task.module] = rank
+            # alpha = rank: the config records it (extract writes scale 1)
+            spool_module(self.spool, ModuleFactors(task.module, a_out, b_out, float(rank), kind=task.kind))
+            self.parameters += a_out.numel() + b_out.numel()
+            self.full_delta += result.numel
+            error = result.error
+            self.modules.append(
+                ModuleExtraction(task.module, rank, max(0.0, 1 - error * error), error, result.method, task.shape)
+            )
+
+    def one_dimensional(self, changed: list[dict], save: bool, tuned: Checkpoint) -> None:
+        """Changed norms and biases: kept in modules_to_save with --save-1d (not under a LoRA target), else a note."""
+        if not changed:
+            return
+        if not save:
+            largest = max(changed, key=lambda i: i["max_abs_change"])
+            self.notes.append(
+                f"{len(changed)} 1-D tensors (norms, biases) changed, the largest {largest['name']} by "
+                f"{largest['max_abs_change']:.3g}; not stored (pass --save-1d to keep norms in modules_to_save)"
+            )
+            return
+        targeted = set(self.ranks)
+        for item in changed:
+            module = item["name"].rpartition(".")[0]
+            if module in targeted:
+                self.notes.append(f"{item['name']} changed but its module is a LoRA target; it is not stored")
+                continue
+            self.spool.add(f"{PEFT_PREFIX}{item['name']}", tuned.read(item["name"]))
+            self.modules_to_save.append(module)
+
+    def skipped_embeddings(self, changed: list[str]) -> None:
+        if changed:
+            self.notes.append(
+                f"{', '.join(changed)} changed but were skipped (serving engines reject adapters "
+                "carrying full embeddings); pass --embeddings lora or --embeddings full to keep them"
+            )
+
+
+def _write_config(target: Path, inputs: _Inputs, plan: ExtractPlan, found: _Collected) -> str:
+    """Write adapter_config.json (alpha = rank everywhere; fused experts as target_parameters); return base_model."""
+    base_model = inputs.base_repo or (inputs.base.config or {}).get("_name_or_path") or inputs.base_name
+    _, layout = layout_for(inputs.base.config)
+    config_ranks, targets = peft_expert_fields(plan.tasks, found.ranks, layout)
+    config = peft_adapter_config(
+        config_ranks,
+        {m: float(r) for m, r in config_ranks.items()},
+        base_model=base_model,
+        fan_in_fan_out=any(t.fan_in_fan_out for t in plan.tasks if t.module in found.ranks),
+        modules_to_save=sorted(set(found.modules_to_save)),
+        extra=targets,
+    )
+    write_adapter_config(target, config)
+    return base_model
+
+
+def _command(inputs: _Inputs, rule: RankRule, include, exclude, embeddings: str) -> list[str]:
+    """The command line the model card shows (the output folder spelled OUTPUT)."""
+    command = ["loratool", "extract", inputs.base_name, inputs.tuned_name, "--output", "OUTPUT", *rule.words()]
+    for flag, value in (("--include", include), ("--exclude", exclude)):
+        if value is not None:
+            command += [flag, value]
+    if embeddings != "skip":
+        command += ["--embeddings", embeddings]
+    return command
