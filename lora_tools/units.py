@@ -1,12 +1,16 @@
-"""Byte sizes as people write them ("500MB", "5GB", "10GiB") and back."""
+"""Byte sizes as people write them ("500MB", "5GB", "10GiB") and back; the progress callback's shape."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .errors import InvalidInputError
 
-__all__ = ["parse_size", "format_bytes"]
+__all__ = ["parse_size", "format_bytes", "Progress"]
+
+#: A progress callback, called with (done, total): bytes for merges, module elements for the rest.
+Progress = Callable[[int, int], None]
 
 _UNITS = {
     "": 1, "B": 1,

@@ -28,10 +28,9 @@ from ..io.output import atomic_output, checksums
 from ..io.spool import Spool
 from ..lowrank.rank import RankRule
 from ..planning.targets import Targets
+from ..units import Progress
 
 __all__ = ["combine"]
-
-Progress = Callable[[int, int], None]
 
 
 def _check_supported(adapter: Adapter, to: str) -> None:

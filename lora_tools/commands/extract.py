@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -42,10 +41,9 @@ from ..lowrank.rank import RankRule
 from ..planning.disk_names import plan_in_memory_names
 from ..planning.merge_plan import OUTPUT_DTYPES
 from ..quant.dequantize import dequantized
+from ..units import Progress
 
 __all__ = ["extract"]
-
-Progress = Callable[[int, int], None]
 
 
 def extract(

@@ -6,7 +6,8 @@ import os
 from collections.abc import Sequence
 
 from ..merging.report import MergeReport
-from ..merging.run import MergeOptions, Progress, run
+from ..merging.run import MergeOptions, run
+from ..units import Progress
 
 __all__ = ["merge"]
 

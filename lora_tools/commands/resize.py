@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..adapters.model import Adapter, LoraModule
@@ -19,10 +18,9 @@ from ..io.hub import resolve_input
 from ..io.output import atomic_output, checksums
 from ..io.spool import Spool
 from ..lowrank.rank import RankRule, choose_rank
+from ..units import Progress
 
 __all__ = ["resize"]
-
-Progress = Callable[[int, int], None]
 
 
 def resize(

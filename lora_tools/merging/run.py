@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +31,14 @@ from ..planning.shards import shard_file_names
 from ..quant.dequantize import DequantizedCheckpoint
 from ..quant.layout import detect, planning_view
 from ..quant.refuse import refuse_gguf
-from ..units import parse_size
+from ..units import Progress, parse_size
 from .checks import check_adapters_finite
 from .components import assign_components, copy_pipeline_files, single_file_output
 from .record import adapter_identity, recorded_dora_norms, write_folder_extras, write_merge_card, write_record
 from .report import MergeReport, TensorChange, describe_terms, qualified_name
 from .writer import MergeWriter
 
-__all__ = ["MergeOptions", "run", "Progress"]
-
-
-Progress = Callable[[int, int], None]
+__all__ = ["MergeOptions", "run"]
 
 
 @dataclass(frozen=True)
