@@ -15,6 +15,7 @@ import click
 from ..errors import EXIT_INTERNAL, Interrupted, LoraToolError, os_error_problem
 from ..version import __version__
 from . import adapters, hub, inspecting, merging
+from .ci.outcome import ci_outputs
 from .console import set_color
 from .help import GroupedCommand
 from .running import fail
@@ -35,6 +36,10 @@ class LoraToolGroup(click.Group):
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
         _ignore_file_size_signal()
         _debug_log()
+        with ci_outputs(ctx):
+            return self._invoke_mapping_errors(ctx, previous)
+
+    def _invoke_mapping_errors(self, ctx: click.Context, previous):
         try:
             return super().invoke(ctx)
         except LoraToolError as exc:

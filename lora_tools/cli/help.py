@@ -31,7 +31,7 @@ OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "max_ulp",
         ),
     ),
-    ("Reporting", ("as_json", "quiet")),
+    ("Reporting", ("as_json", "quiet", "junit_xml")),
     ("Hub", ("revision", "token", "push_to_hub", "private", "push_branch", "create_pr", "commit_message")),
 )
 
@@ -118,6 +118,10 @@ class GroupedCommand(click.Command):
             if heading in rows:
                 with formatter.section(heading):
                     formatter.write_dl([record for _, record in sorted(rows[heading], key=lambda row: row[0])])
+
+    def invoke(self, ctx: click.Context):
+        ctx.meta.setdefault("lora_tools.arguments", {}).update(ctx.params)  # the inputs CI annotations point at
+        return super().invoke(ctx)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from ..errors import EXIT_INVALID
+from .ci.outcome import annotate_findings, record_report
 from .console import count_progress, stderr_console
 from .help import GroupedCommand
-from .options import engine_options, hub_input_options, json_option, plot_option
+from .options import engine_options, hub_input_options, json_option, junit_option, plot_option
 from .render.reports import print_json, render_adapter, render_checkpoint, render_environment
 from .running import fail
 
@@ -47,6 +48,7 @@ def _adapter_statistics(
 @plot_option
 @engine_options
 @json_option
+@junit_option
 @hub_input_options
 def inspect(
     path: str, base: str | None, show_all: bool, alpha: float | None, renames: tuple, stats: bool, plot: str | None,
@@ -92,9 +94,11 @@ def _run_check(path: str, base: str | None, alpha: float | None, as_json: bool, 
     from ..serving.findings import report_lines
 
     report = check(path, engine=serving["engine"], base=base, max_lora_rank=serving["max_lora_rank"], alpha=alpha)
+    annotate_findings(report)
     if as_json:
         print_json({**inspected, "check": report.to_dict()} if inspected is not None else report.to_dict())
     else:
+        record_report(report.to_dict(), key="check")
         for line in report_lines(report):
             click.echo(line, err=True)
     return report.ready
@@ -106,6 +110,7 @@ def _run_check(path: str, base: str | None, alpha: float | None, as_json: bool, 
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @engine_options
 @json_option
+@junit_option
 def check(adapter: str, base: str | None, alpha: float | None, as_json: bool, **serving) -> None:
     """Check ADAPTER for a serving engine (--for vllm|sglang|llama.cpp|mlx): exit 0 ready, 3 not.
 
@@ -125,6 +130,7 @@ def check(adapter: str, base: str | None, alpha: float | None, as_json: bool, **
 @click.option("--no-spectrum", is_flag=True, help="Skip the rank-for-90/99 %-energy of changed 2-D tensors.")
 @plot_option
 @json_option
+@junit_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @hub_input_options
 def diff(first: str, second: str, expect_identical: bool, max_ulp: int | None, no_spectrum: bool, plot: str | None,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .console import byte_progress, stderr_console
+from .ci.outcome import warning
+from .console import byte_progress
 from .help import GroupedCommand
 from .options import merge_options
 from .render.reports import print_json, render_merge
@@ -26,9 +27,8 @@ def _run_merge(operation: str, base: str, adapters: tuple[str, ...], options: di
     output = options.pop("output")
     with byte_progress(quiet or options["dry_run"], operation) as progress:
         report = run(base, list(adapters), output, progress=progress, **options)
-    console = stderr_console()
-    for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+    for message in report.warnings:
+        warning(message)
     pushed = publish(output, push_settings, options["token"], as_json)
     if as_json:
         print_json({**report.to_dict(), "push": pushed} if pushed else report.to_dict())

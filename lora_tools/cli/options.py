@@ -23,6 +23,7 @@ __all__ = [
     "rank_options",
     "plot_option",
     "merge_options",
+    "junit_option",
 ]
 
 
@@ -145,4 +146,15 @@ def merge_options(f: Callable) -> Callable:
     f = click.option(
         "--weight", "-w", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1)."
     )(f)
+    f = junit_option(f)
     return push_options(hub_input_options(json_option(dtype_option(device_option(output_options(f))))))
+
+
+def junit_option(f: Callable) -> Callable:
+    """`--junit-xml FILE`: the run as a JUnit report (one testcase per module, rule or tensor checked)."""
+    from .ci.outcome import set_junit_path
+
+    return click.option(
+        "--junit-xml", type=click.Path(dir_okay=False), metavar="FILE", expose_value=False, callback=set_junit_path,
+        help="Also write the checks as JUnit XML (one testcase per module, rule or tensor) for CI test reports.",
+    )(f)  # fmt: skip

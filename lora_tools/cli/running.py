@@ -13,7 +13,10 @@ __all__ = ["fail", "silence_hub_progress", "before_computing", "PUSH_KEYS", "pop
 
 
 def fail(ctx: click.Context, message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    """Print `error: message` (annotated inside GitHub Actions) and end the command with `code`."""
+    from .ci.outcome import error
+
+    error(message)
     ctx.exit(code)
 
 

@@ -86,6 +86,9 @@ def render_diff(console, report) -> None:
     """The changed tensors, what exists on one side only, and one summary line fit for a CI log."""
     from rich.table import Table
 
+    from ..ci.outcome import record_report
+
+    record_report(report.to_dict())
     if report.changed:
         table = Table(show_edge=False)
         for column in ("tensor", "status", "max |Δ|", "rel. change", "max ulp", "changed", "r90", "r99"):

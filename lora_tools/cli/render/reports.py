@@ -8,6 +8,7 @@ from collections import Counter
 import click
 
 from ...units import format_bytes
+from ..ci.outcome import record_report, warning
 from ..console import stderr_console
 
 __all__ = [
@@ -27,12 +28,14 @@ JSON_SCHEMA = 1
 
 
 def print_json(data: dict) -> None:
+    record_report(data)
     click.echo(json.dumps({"schema": JSON_SCHEMA, **data}, indent=2, default=str))
 
 
 def render_adapter(report, show_all: bool) -> None:
     from rich.table import Table
 
+    record_report(report.to_dict())
     console = stderr_console()
     flags = [f for f, on in (("rsLoRA", report.use_rslora), ("DoRA", report.use_dora)) if on]
     console.print(
@@ -69,9 +72,7 @@ def render_adapter(report, show_all: bool) -> None:
         rows = f" rows {item['rows']}" if item["rows"] else ""
         console.print(f"replaces {item['target']}{rows} ({item['origin']})")
     if report.unknown_keys:
-        console.print(
-            f"[yellow]{len(report.unknown_keys)} keys not understood:[/yellow] {', '.join(report.unknown_keys[:10])}"
-        )
+        warning(f"{len(report.unknown_keys)} keys not understood: {', '.join(report.unknown_keys[:10])}")
     for key, value in report.metadata.items():
         console.print(f"metadata {key} = {value}")
     if report.validation is not None:
@@ -83,6 +84,7 @@ def render_adapter(report, show_all: bool) -> None:
 
 
 def render_checkpoint(report) -> None:
+    record_report(report.to_dict())
     console = stderr_console()
     console.print(
         f"[bold]{report.path}[/bold]: checkpoint"
@@ -103,6 +105,7 @@ def render_checkpoint(report) -> None:
 
 def render_merge(report, operation: str) -> None:
     """A merge or un-merge report: the plan of a dry run, or what was written."""
+    record_report(report.to_dict())
     console = stderr_console()
     if report.dry_run:
         for change in report.changes:
@@ -137,6 +140,7 @@ def render_extraction(report, as_json: bool, pushed: dict | None = None) -> None
         return
     from rich.table import Table
 
+    record_report(report.to_dict())
     console = stderr_console()
     table = Table(show_edge=False)
     for column in ("module", "rank", "energy kept", "rel. error", "method"):
@@ -161,6 +165,7 @@ def render_combination(report, as_json: bool, pushed: dict | None) -> None:
         return
     from rich.table import Table
 
+    record_report(report.to_dict())
     console = stderr_console()
     table = Table(show_edge=False)
     for column in ("module", "adapters", "rank in", "rank out", "rel. error", "route"):

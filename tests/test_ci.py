@@ -1,0 +1,203 @@
+"""loratool in CI: GitHub Actions annotations and job summary, JUnit XML, the composite action, the pre-commit hook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_tools.cli import cli
+from lora_tools.cli.ci.github import workflow_command
+
+# The runner's own escaping (actions/runner src/Runner.Common/ActionCommand.cs), in the order it unescapes.
+_RUNNER_DATA = (("\r", "%0D"), ("\n", "%0A"), ("%", "%25"))
+_RUNNER_PROPERTY = (("\r", "%0D"), ("\n", "%0A"), (":", "%3A"), (",", "%2C"), ("%", "%25"))
+
+
+def _runner_unescape(text: str, table) -> str:
+    for token, replacement in table:
+        text = text.replace(replacement, token)
+    return text
+
+
+def parse_workflow_command(line: str) -> tuple[str, dict[str, str], str] | None:
+    """A line as the runner's `ActionCommand.TryParseV2` reads it: (command, properties, message), or None."""
+    line = line.lstrip()
+    if not line.startswith("::"):
+        return None
+    end = line.find("::", 2)
+    if end < 0:
+        return None
+    info = line[2:end]
+    name, _, properties = info.partition(" ")
+    parsed = {}
+    for item in filter(None, properties.strip().split(",")):
+        key, sep, value = item.partition("=")
+        if sep and key and value:
+            parsed[key] = _runner_unescape(value, _RUNNER_PROPERTY)
+    return name, parsed, _runner_unescape(line[end + 2 :], _RUNNER_DATA)
+
+
+def commands_in(stream: str) -> list[tuple[str, dict[str, str], str]]:
+    return [c for c in map(parse_workflow_command, stream.splitlines()) if c is not None]
+
+
+def invoke(args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+@pytest.fixture
+def mismatched(adapters, llama_base):
+    """A GPT-2 adapter against a Llama base: every module is missing from the base."""
+    return adapters["gpt2_fan_in_fan_out"][1], llama_base
+
+
+def actions_env(tmp_path: Path, workspace: Path) -> dict[str, str]:
+    return {
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+        "GITHUB_WORKSPACE": str(workspace),
+    }
+
+
+def test_workflow_command_escaping_round_trips_through_the_runners_parser():
+    message = "50% of a\r\nb: c, d :: e"
+    title = "loratool inspect: a, b% :: c\nd"
+    line = workflow_command("error", message, title=title, file="dir,x/a:b.json")
+    assert "\n" not in line and "\r" not in line
+    assert parse_workflow_command(line) == ("error", {"title": title, "file": "dir,x/a:b.json"}, message)
+    assert workflow_command("warning", "plain") == "::warning::plain"
+
+
+def test_mismatched_adapter_in_actions_annotates_and_summarises(mismatched, tmp_path):
+    adapter, base = mismatched
+    env = actions_env(tmp_path, adapter.parent)
+    result = invoke(["inspect", adapter, "--base", base, "--json"], env)
+    assert result.exit_code == 3
+    report = json.loads(result.stdout)  # stdout stays one JSON object
+    assert report["validation"]["compatible"] is False
+    errors = [c for c in commands_in(result.stderr) if c[0] == "error"]
+    assert len(errors) == 1
+    _, properties, message = errors[0]
+    assert properties == {"title": "loratool inspect", "file": f"{adapter.name}/adapter_config.json"}
+    assert "no such module in the base" in message and "transformer.h.0.attn.c_attn" in message
+    summary = (tmp_path / "summary.md").read_text()
+    assert "loratool inspect: failed (exit 3)" in summary
+    assert "| name | target | type |" in summary  # the modules table
+    assert summary.count("| transformer.h.") == len(report["modules"])
+    assert "### validation" in summary and "no such module in the base" in summary
+
+
+def test_no_workflow_commands_outside_actions(mismatched, tmp_path):
+    adapter, base = mismatched
+    env = {**actions_env(tmp_path, adapter.parent), "GITHUB_ACTIONS": ""}
+    result = invoke(["inspect", adapter, "--base", base], env)
+    assert result.exit_code == 3 and "error: " in result.stderr
+    assert commands_in(result.stderr) == [] and commands_in(result.stdout) == []
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_passing_run_summary_and_check_findings_as_annotations(adapters, llama_base, tmp_path):
+    adapter = adapters["plain"][1]
+    env = actions_env(tmp_path, tmp_path)
+    passed = invoke(["inspect", adapter, "--base", llama_base], env)
+    assert passed.exit_code == 0 and commands_in(passed.stderr) == []
+    summary = (tmp_path / "summary.md").read_text()
+    assert "✅ loratool inspect: passed" in summary and "| num_parameters |" in summary
+    refused = invoke(["check", adapter, "--for", "vllm", "--max-lora-rank", "2"], env)
+    assert refused.exit_code == 3
+    commands = commands_in(refused.stderr)
+    assert [(c[0], c[1]["title"]) for c in commands] == [
+        ("error", "loratool check: rank_limit"),
+        ("error", "loratool check"),
+    ]
+    assert "rank 4 > 2" in commands[0][2] and "not ready for vllm" in commands[1][2]
+    assert "loratool check: failed (exit 3)" in (tmp_path / "summary.md").read_text()  # appended, not replaced
+    assert summary in (tmp_path / "summary.md").read_text()
+
+
+def test_usage_error_is_annotated(tmp_path):
+    result = invoke(["check", tmp_path], actions_env(tmp_path, tmp_path))
+    assert result.exit_code == 2
+    assert [(c[0], c[1]["title"]) for c in commands_in(result.stderr)] == [("error", "loratool check")]
+
+
+def read_junit(path: Path):
+    """The testcases of a JUnit file, read by junitparser (the PyPI parser CI tools share): {name: failure or None}."""
+    from junitparser import Failure, JUnitXml
+
+    document = JUnitXml.fromfile(str(path))
+    cases = {}
+    for suite in document:
+        for case in suite:
+            failures = [r for r in case.result if isinstance(r, Failure)]
+            assert len(failures) <= 1
+            cases[case.name] = failures[0].message if failures else None
+    return cases
+
+
+def test_junit_inspect_one_testcase_per_module(mismatched, adapters, llama_base, tmp_path):
+    adapter, base = mismatched
+    result = invoke(["inspect", adapter, "--base", base, "--json", "--junit-xml", tmp_path / "bad.xml"])
+    assert result.exit_code == 3
+    modules = [m["name"] for m in json.loads(result.stdout)["modules"]]
+    cases = read_junit(tmp_path / "bad.xml")
+    assert sorted(cases) == sorted(modules)
+    assert all("no such module in the base" in cases[name] and name in cases[name] for name in modules)
+    good = invoke(["inspect", adapters["plain"][1], "--base", llama_base, "--junit-xml", tmp_path / "good.xml"])
+    assert good.exit_code == 0
+    cases = read_junit(tmp_path / "good.xml")
+    assert len(cases) == 2 * 7 and set(cases.values()) == {None}  # 2 layers × 7 targets, all passing
+
+
+def test_junit_check_one_testcase_per_rule(adapters, tmp_path):
+    from lora_tools.serving.rules import RULES
+
+    result = invoke(["check", adapters["plain"][1], "--for", "vllm", "--max-lora-rank", "2", "--junit-xml", tmp_path / "c.xml"])  # fmt: skip
+    assert result.exit_code == 3
+    cases = read_junit(tmp_path / "c.xml")
+    assert sorted(cases) == sorted(rule.id for rule in RULES if "vllm" in rule.effects)
+    assert [name for name, failure in cases.items() if failure] == ["rank_limit"]
+    assert "rank 4 > 2" in cases["rank_limit"]
+
+
+def test_junit_diff_one_testcase_per_tensor(llama_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for file in llama_base.iterdir():
+        (changed / file.name).write_bytes(file.read_bytes())
+    weights = next(changed.glob("*.safetensors"))
+    state = load_file(weights)
+    name = sorted(n for n in state if n.endswith("q_proj.weight"))[0]
+    state[name] = state[name] + 1
+    save_file(state, weights, metadata={"format": "pt"})
+    result = invoke(["diff", llama_base, changed, "--expect-identical", "--junit-xml", tmp_path / "d.xml", "-q"])
+    assert result.exit_code == 3
+    cases = read_junit(tmp_path / "d.xml")
+    assert sorted(cases) == sorted(state)
+    assert [n for n, failure in cases.items() if failure] == [name] and "changed" in cases[name]
+
+
+def test_junit_merge_dry_run(adapters, mismatched, llama_base, tmp_path):
+    planned = invoke(["merge", llama_base, adapters["plain"][1], "-o", tmp_path / "m", "--dry-run", "--json",
+                      "--junit-xml", tmp_path / "plan.xml"])  # fmt: skip
+    assert planned.exit_code == 0
+    changes = [c["tensor"] for c in json.loads(planned.stdout)["changes"]]
+    assert sorted(read_junit(tmp_path / "plan.xml")) == sorted(changes) and len(changes) == 14
+    adapter, base = mismatched
+    refused = invoke(["merge", base, adapter, "-o", tmp_path / "m", "--dry-run", "--junit-xml", tmp_path / "no.xml"])
+    assert refused.exit_code == 3
+    cases = read_junit(tmp_path / "no.xml")
+    assert list(cases) == ["merge"] and "no such module in the base" in cases["merge"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_junit_unwritable_path_is_an_error(adapters, llama_base, tmp_path):
+    target = tmp_path / "missing-folder" / "report.xml"
+    result = invoke(["inspect", adapters["plain"][1], "--base", llama_base, "--junit-xml", target])
+    assert result.exit_code == 4 and "cannot write the JUnit report" in result.stderr
+    assert not target.parent.exists()
