@@ -201,3 +201,31 @@ def test_junit_unwritable_path_is_an_error(adapters, llama_base, tmp_path):
     result = invoke(["inspect", adapters["plain"][1], "--base", llama_base, "--junit-xml", target])
     assert result.exit_code == 4 and "cannot write the JUnit report" in result.stderr
     assert not target.parent.exists()
+
+
+def _with_reader_gone(arguments: list[str]):
+    """Run loratool with a stdout pipe whose reader closed before the first byte (`loratool … | head -0`)."""
+    import os
+    import subprocess
+    import sys
+
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "lora_tools", *map(str, arguments)],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("arguments", [["env"], ["--version"]])
+def test_closed_stdout_is_a_quiet_end_with_141(arguments):
+    done = _with_reader_gone(arguments)
+    assert done.returncode == 141 and done.stderr == ""
+
+
+def test_closed_stdout_does_not_hide_errors(tmp_path):
+    done = _with_reader_gone(["inspect", tmp_path / "missing"])
+    assert done.returncode == 3 and "no such file or folder" in done.stderr

@@ -16,7 +16,7 @@ from ..errors import EXIT_INTERNAL, Interrupted, LoraToolError, os_error_problem
 from ..version import __version__
 from . import adapters, hub, inspecting, merging
 from .ci.outcome import ci_outputs
-from .console import set_color
+from .console import EXIT_STDOUT_CLOSED, detach_stdout, set_color, stdout_reader_gone
 from .help import GroupedCommand
 from .running import fail
 
@@ -53,6 +53,9 @@ class LoraToolGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:  # the machine (full disk, read-only folder …) or a bug: say which
+            if isinstance(exc, BrokenPipeError) and stdout_reader_gone():  # `loratool env | head -1`
+                detach_stdout()
+                ctx.exit(EXIT_STDOUT_CLOSED)
             problem = os_error_problem(exc)
             if problem is not None:
                 if os.environ.get("LORATOOL_DEBUG"):
@@ -137,8 +140,8 @@ def main() -> None:
     """
     try:
         cli.main(prog_name="loratool")
-    except SystemExit as done:
-        _end_process(done.code)
+    except SystemExit as done:  # click ends a --help or --version cut short by `| head` with 1: say 141 too
+        _end_process(EXIT_STDOUT_CLOSED if done.code == 1 and stdout_reader_gone() else done.code)
 
 
 def _end_process(code) -> None:

@@ -13,12 +13,25 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-__all__ = ["set_color", "stderr_console", "is_interactive", "byte_progress", "count_progress", "plain_progress"]
+__all__ = [
+    "set_color",
+    "stderr_console",
+    "is_interactive",
+    "byte_progress",
+    "count_progress",
+    "plain_progress",
+    "stdout_reader_gone",
+    "EXIT_STDOUT_CLOSED",
+    "detach_stdout",
+]
 
 #: "auto" (rich decides from the terminal and NO_COLOR / FORCE_COLOR), "always" or "never".
 _COLOR = {"mode": "auto"}
 #: Width used off a terminal: wide enough that no summary or table is ever folded.
 _UNWRAPPED_WIDTH = 100_000
+#: Exit status when the reader of stdout went away (`loratool env | head -1`): 128 + SIGPIPE, the status
+#: a shell reports for `seq`, `cat` or git ended by that signal, so `set -o pipefail` sees the same.
+EXIT_STDOUT_CLOSED = 141
 
 
 def set_color(mode: str) -> None:
@@ -53,6 +66,34 @@ def stderr_console():
         highlight=False,
         emoji=False,
     )
+
+
+def stdout_reader_gone() -> bool:
+    """True when stdout is a pipe or socket whose reader has closed it (writing there fails with EPIPE).
+
+    Asked of the descriptor itself (poll reports POLLERR on a pipe with no reader), so a broken pipe
+    elsewhere (a network connection) is never mistaken for the end of our own output.
+    """
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
+
+
+def detach_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing still buffered fails again at exit."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def plain_progress(description: str, render: Callable[[int, int | None], str], *, every: float = 30.0):
