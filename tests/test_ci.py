@@ -229,3 +229,94 @@ def test_closed_stdout_is_a_quiet_end_with_141(arguments):
 def test_closed_stdout_does_not_hide_errors(tmp_path):
     done = _with_reader_gone(["inspect", tmp_path / "missing"])
     assert done.returncode == 3 and "no such file or folder" in done.stderr
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def adapter_repo(adapters, llama_base, tmp_path) -> Path:
+    """A git repository of adapters that name their base by a relative path: one fits it, one does not."""
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(llama_base, root / "base")
+    for name, variant in (("good", "plain"), ("bad", "gpt2_fan_in_fan_out")):
+        shutil.copytree(adapters[variant][1], root / name)
+        config = json.loads((root / name / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "../base"
+        (root / name / "adapter_config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_validate_checks_each_touched_adapter_against_its_base(adapter_repo, tmp_path):
+    files = [adapter_repo / "good" / "adapter_model.safetensors", adapter_repo / "good" / "adapter_config.json",
+             adapter_repo / "bad" / "adapter_config.json", adapter_repo / "base" / "config.json"]  # fmt: skip
+    result = invoke(["validate", *files, "--json", "--junit-xml", tmp_path / "v.xml"])
+    assert result.exit_code == 3
+    report = json.loads(result.stdout)
+    assert [a["path"] for a in report["adapters"]] == [str(adapter_repo / "good"), str(adapter_repo / "bad")]
+    assert report["skipped"] == [str(adapter_repo / "base" / "config.json")]
+    good, bad = report["adapters"]
+    assert good["base"] == bad["base"] == str(adapter_repo / "base") and not good["problems"]
+    assert bad["problems"] and all("no such module in the base" in p for p in bad["problems"])
+    cases = read_junit(tmp_path / "v.xml")
+    assert (
+        cases[str(adapter_repo / "good")] is None and "transformer.h.0.attn.c_attn" in cases[str(adapter_repo / "bad")]
+    )
+    assert len(cases) == 2
+    assert invoke(["validate", adapter_repo / "good"]).exit_code == 0
+    explicit = invoke(["validate", adapter_repo / "good", "--base", adapter_repo / "bad"])
+    assert explicit.exit_code == 3 and "error: 1 of 1 adapter(s) invalid" in explicit.stderr
+
+
+def test_validate_never_imports_torch(adapter_repo):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom lora_tools.cli import cli\n"
+        "try:\n    cli.main(sys.argv[1:], prog_name='loratool')\nexcept SystemExit as done:\n    code = done.code\n"
+        "print(code, sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])\n"
+    )
+    for adapter in ("good", "bad"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, "validate", adapter_repo / adapter / "adapter_config.json"],
+            capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert done.stdout.strip() == f"{0 if adapter == 'good' else 3} []", done.stderr
+
+
+def test_pre_commit_try_repo_passes_a_matching_adapter_and_fails_a_mismatched_one(adapter_repo, tmp_path):
+    """The hook as pre-commit runs it: `.pre-commit-hooks.yaml` of this repository, on a scratch git repository."""
+    import os
+    import subprocess
+    import sys
+
+    if not (REPO / ".git").exists():
+        pytest.skip("pre-commit try-repo needs this project as a git checkout")
+    shim = tmp_path / "bin" / "loratool"  # `language: system`: the loratool installed where pre-commit runs
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m lora_tools "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull}  # fmt: skip
+
+    def git(*words):
+        subprocess.run(["git", *words], cwd=adapter_repo, env=env, check=True, capture_output=True)
+
+    def try_repo():
+        command = [sys.executable, "-m", "pre_commit", "try-repo", str(REPO), "loratool-check"]
+        return subprocess.run(command, cwd=adapter_repo, env=env, capture_output=True, text=True, timeout=300)
+
+    git("init", "-q")
+    git("add", "base", "good")
+    passed = try_repo()
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "Passed" in passed.stdout
+    git("commit", "-qm", "base and a fitting adapter")
+    git("add", "bad")
+    failed = try_repo()
+    assert failed.returncode == 1 and "Failed" in failed.stdout
+    assert "✗ " in failed.stdout and "no such module in the base" in failed.stdout and "exit code: 3" in failed.stdout

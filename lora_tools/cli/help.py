@@ -75,6 +75,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "loratool check my-lora --for llama.cpp --json",
         "loratool check my-lora --for vllm --max-lora-rank 64",
     ),
+    "validate": (
+        "loratool validate fixtures/tiny-llama-lora --base fixtures/tiny-llama",
+        "loratool validate adapters/*/adapter_config.json --base base --junit-xml validate.xml",
+    ),
     "combine": (
         "loratool combine style character -w 1 -w -0.5 -o mix",
         "loratool combine style character -w 0.6 -w 0.4 --method svd --rank 4 -o mix-r4",

@@ -1,18 +1,18 @@
-"""The commands that only read: `inspect`, `check`, `diff`, `env`."""
+"""The commands that only read: `inspect`, `check`, `validate`, `diff`, `env`."""
 
 from __future__ import annotations
 
 import click
 
 from ..errors import EXIT_INVALID
-from .ci.outcome import annotate_findings, record_report
+from .ci.outcome import annotate, annotate_findings, record_report
 from .console import count_progress, stderr_console
 from .help import GroupedCommand
 from .options import engine_options, hub_input_options, json_option, junit_option, plot_option
 from .render.reports import print_json, render_adapter, render_checkpoint, render_environment
 from .running import fail
 
-__all__ = ["inspect", "check", "diff", "env"]
+__all__ = ["inspect", "check", "validate", "diff", "env"]
 
 
 def _adapter_statistics(
@@ -120,6 +120,44 @@ def check(adapter: str, base: str | None, alpha: float | None, as_json: bool, **
         raise click.UsageError("Missing option '--for' (vllm, sglang, llama.cpp or mlx).")
     if not _run_check(adapter, base, alpha, as_json, serving):
         fail(click.get_current_context(), f"{adapter} is not ready for {serving['engine']}", EXIT_INVALID)
+
+
+@click.command(cls=GroupedCommand)
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--base", type=click.Path(), help="Also check every module against this base checkpoint's shapes.")
+@click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
+@json_option
+@junit_option
+def validate(paths: tuple[str, ...], base: str | None, alpha: float | None, as_json: bool) -> None:
+    """Validate adapters from their headers alone: readable, and fitting --base when given.
+
+    PATHS are adapter folders or files, or any files inside adapter folders
+    (as a pre-commit hook passes them); files of no adapter are skipped.
+    Reads no tensor data and never imports torch. Exit 3 when any adapter is invalid.
+    """
+    from ..commands.validate import validate as run_validate
+    from ..errors import IncompatibleError
+
+    report = run_validate(paths, base=base, alpha=alpha)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        record_report(report.to_dict())
+        for adapter in report.adapters:
+            fits = f" and fits {adapter.base}" if adapter.base else ""
+            verdict = "; ".join(adapter.problems) if adapter.problems else f"{len(adapter.modules)} modules{fits}"
+            click.echo(f"{'✗' if adapter.problems else '✓'} {adapter.path}: {verdict}", err=True)
+            for note in adapter.notes:
+                click.echo(f"  note: {note}", err=True)
+        if not report.adapters:
+            click.echo(f"no adapter among the {len(report.skipped)} path(s) given: nothing to validate", err=True)
+    for adapter in report.adapters:
+        for problem in adapter.problems:
+            annotate("error", problem, file=adapter.path)
+    invalid = [adapter for adapter in report.adapters if adapter.problems]
+    if invalid:
+        problems = [problem for adapter in invalid for problem in adapter.problems]
+        raise IncompatibleError(f"{len(invalid)} of {len(report.adapters)} adapter(s) invalid", problems)
 
 
 @click.command(cls=GroupedCommand)

@@ -1,6 +1,6 @@
 """A command's report as JUnit XML, the test-report format GitLab, Jenkins, Buildkite and GitHub's reporters read.
 
-One testcase per thing checked: each adapter module (`inspect --base`), each serving rule that
+One testcase per thing checked: each adapter module (`inspect --base`), each adapter (`validate`), each serving rule that
 applies to the engine (`check`), each tensor compared (`diff`), each tensor a merge would
 change (`merge`/`unmerge --dry-run`). A problem becomes a failure of the testcase its subject
 names (problems read `subject: what is wrong`); a problem or error naming nothing checked fails
@@ -40,6 +40,8 @@ def _checked(report: Mapping, rules: Sequence[str]) -> list[str]:
     """The names of what the report checked, in its order."""
     if "findings" in report:
         return list(rules)
+    if "adapters" in report and "skipped" in report:
+        return [adapter["path"] for adapter in report["adapters"]]
     if "modules" in report and report.get("validation") is not None:
         return [module["name"] for module in report["modules"]]
     if "tensors" in report and "only_in_a" in report:
@@ -62,9 +64,15 @@ def testcases(
     cases = {name: TestCase(name) for name in _checked(report, rules)}
     for finding in report.get("findings", ()):
         cases.setdefault(finding["rule"], TestCase(finding["rule"])).failures.append(_finding_message(finding))
+    if "skipped" in report:  # validate: each adapter's problems are its own
+        for adapter in report.get("adapters", ()):
+            cases[adapter["path"]].failures += adapter["problems"]
+    placed = {failure for case in cases.values() for failure in case.failures}
     validation = report.get("validation") or {}
     unplaced = []
     for problem in dict.fromkeys([*validation.get("problems", ()), *problems]):  # once each, in order
+        if problem in placed:
+            continue
         owners = [case for name, case in cases.items() if _belongs(problem, name)]
         for case in owners[:1]:
             case.failures.append(problem)

@@ -25,6 +25,7 @@ __all__ = [
     "record_report",
     "error",
     "warning",
+    "annotate",
     "annotate_findings",
     "set_junit_path",
     "ci_outputs",
@@ -103,6 +104,11 @@ def warning(message: str, *, file: str | None = None, level: str = "warning", sh
         stderr_console().print(f"[yellow]warning:[/yellow] {message}", markup=True)
     outcome.warnings.append(message)
     github.annotate(level, message, title=f"loratool {outcome.command}".strip(), file=file or _input_file(outcome))
+
+
+def annotate(level: str, message: str, *, file: str | None = None, title: str | None = None) -> None:
+    """Inside Actions, annotate a problem printed in another form than `error:` (a ✗ line of a report)."""
+    github.annotate(level, message, title=title or f"loratool {current().command}".strip(), file=file)
 
 
 def annotate_findings(report) -> None:
