@@ -320,3 +320,87 @@ def test_pre_commit_try_repo_passes_a_matching_adapter_and_fails_a_mismatched_on
     failed = try_repo()
     assert failed.returncode == 1 and "Failed" in failed.stdout
     assert "✗ " in failed.stdout and "no such module in the base" in failed.stdout and "exit code: 3" in failed.stdout
+
+
+def _action() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "action.yml").read_text())
+
+
+def test_action_yml_runs_its_scripts_with_the_inputs_they_read():
+    action = _action()
+    assert action["runs"]["using"] == "composite"
+    steps = action["runs"]["steps"]
+    assert steps[0]["uses"].startswith("actions/setup-python@")
+    cache = next(step for step in steps if step.get("uses", "").startswith("actions/cache@"))
+    assert "${{ inputs.torch-version }}" in cache["with"]["key"] and "pip-cache" in cache["with"]["path"]
+    scripts = {step["id"] if "id" in step else step["name"]: step for step in steps if "ci/" in step.get("run", "")}
+    for step in scripts.values():
+        script = REPO / step["run"].split('"$GITHUB_ACTION_PATH/')[1].split('"')[0]
+        text = script.read_text()
+        for name, value in step["env"].items():  # every input a script reads is passed, and from that input
+            input_name = name.removeprefix("INPUT_").lower().replace("_", "-")
+            assert name in text and value == "${{ inputs." + input_name + " }}"
+    assert action["inputs"]["torch-version"]["default"] == "2.13.0"
+    assert set(action["outputs"]) == {"report", "exit-code"}
+
+
+def _recorded_install(tmp_path: Path, **inputs: str):
+    import os
+    import subprocess
+
+    log = tmp_path / "pip.log"
+    log.unlink(missing_ok=True)
+    recorder = tmp_path / "pip"
+    recorder.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    recorder.chmod(0o755)
+    env = {**os.environ, "LORATOOL_PIP": str(recorder), "GITHUB_ACTION_PATH": str(REPO), **inputs}
+    done = subprocess.run(["bash", str(REPO / "ci" / "install.sh")], env=env, capture_output=True, text=True)
+    return done, (log.read_text().splitlines() if log.exists() else [])
+
+
+def test_action_install_step_pins_a_cpu_torch_before_loratool(tmp_path):
+    done, commands = _recorded_install(tmp_path, INPUT_TORCH="cpu", INPUT_TORCH_VERSION="2.13.0", INPUT_PACKAGE="")
+    assert done.returncode == 0, done.stderr
+    assert commands == ["install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu", f"install {REPO}"]
+    done, commands = _recorded_install(tmp_path, INPUT_TORCH="skip", INPUT_PACKAGE="lora-tools==0.1.0")
+    assert done.returncode == 0 and commands == ["install lora-tools==0.1.0"]
+    done, commands = _recorded_install(tmp_path, INPUT_TORCH="cuda")
+    assert done.returncode == 2 and commands == [] and "::error title=loratool action::" in done.stdout
+
+
+def _run_step(tmp_path: Path, command: str, **inputs: str):
+    import os
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "runner"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "GITHUB_ACTIONS": "true", "GITHUB_OUTPUT": str(scratch / "output"),
+           "GITHUB_STEP_SUMMARY": str(scratch / "summary.md"), "RUNNER_TEMP": str(scratch), "GITHUB_RUN_ID": "7",
+           "INPUT_COMMAND": command, "INPUT_JSON": "true", "INPUT_FAIL": "true", **inputs,
+           "LORATOOL": f"{sys.executable} -m lora_tools", "PYTHONPATH": str(REPO)}  # fmt: skip
+    done = subprocess.run([sys.executable, str(REPO / "ci" / "run_loratool.py")], cwd=scratch, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    outputs = dict(line.split("=", 1) for line in (scratch / "output").read_text().splitlines())
+    return done, outputs, scratch
+
+
+def test_action_run_step_sets_outputs_keeps_the_report_and_annotates(mismatched, tmp_path):
+    adapter, base = mismatched
+    done, outputs, scratch = _run_step(tmp_path, f"loratool inspect '{adapter}' --base '{base}'")
+    assert done.returncode == 3 and outputs["exit-code"] == "3"
+    report = json.loads(Path(outputs["report"]).read_text())
+    assert Path(outputs["report"]).parent == scratch and report["validation"]["compatible"] is False
+    assert [c[0] for c in commands_in(done.stderr)] == ["error"]
+    assert "loratool inspect: failed (exit 3)" in (scratch / "summary.md").read_text()
+    kept, outputs, _ = _run_step(tmp_path, f"inspect '{adapter}' --base '{base}'", INPUT_FAIL="false")
+    assert kept.returncode == 0 and outputs["exit-code"] == "3"
+
+
+def test_action_run_step_without_a_report(tmp_path):
+    done, outputs, _ = _run_step(tmp_path, f"inspect '{tmp_path / 'missing'}'")
+    assert done.returncode == 3 and outputs == {"exit-code": "3", "report": ""}
+    plain, outputs, _ = _run_step(tmp_path, "env", INPUT_JSON="false")
+    assert plain.returncode == 0 and outputs == {"exit-code": "0", "report": ""} and "lora_tools" in plain.stdout
