@@ -27,6 +27,7 @@ __all__ = [
     "combine",
     "convert",
     "diff",
+    "validate",
     "push",
     "open_checkpoint",
     "read_adapter",
@@ -42,6 +43,7 @@ _LAZY = {
     "combine": ".commands.combine",
     "convert": ".commands.convert",
     "diff": ".commands.diff",
+    "validate": ".commands.validate",
     "push": ".commands.push",
     "open_checkpoint": ".io.checkpoint",
     "read_adapter": ".adapters.registry",
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from .commands.push import push
     from .commands.resize import resize
     from .commands.unmerge import unmerge
+    from .commands.validate import validate
     from .io.checkpoint import open_checkpoint
 
 

@@ -21,6 +21,8 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("LORATOOL_DEBUG", raising=False)
+    for name in ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_WORKSPACE"):  # run in Actions, tests see no runner
+        monkeypatch.delenv(name, raising=False)
 
 
 def llama_config(**overrides):

@@ -260,6 +260,10 @@ def test_validate_checks_each_touched_adapter_against_its_base(adapter_repo, tmp
     good, bad = report["adapters"]
     assert good["base"] == bad["base"] == str(adapter_repo / "base") and not good["problems"]
     assert bad["problems"] and all("no such module in the base" in p for p in bad["problems"])
+    row = next(
+        line for line in (REPO / "docs/pages/json.md").read_text().splitlines() if line.startswith("| `validate`")
+    )
+    assert not [key for key in [*report, *good] if key != "schema" and f"`{key}`" not in row]
     cases = read_junit(tmp_path / "v.xml")
     assert (
         cases[str(adapter_repo / "good")] is None and "transformer.h.0.attn.c_attn" in cases[str(adapter_repo / "bad")]

@@ -136,7 +136,6 @@ def validate(paths: tuple[str, ...], base: str | None, alpha: float | None, as_j
     Reads no tensor data and never imports torch. Exit 3 when any adapter is invalid.
     """
     from ..commands.validate import validate as run_validate
-    from ..errors import IncompatibleError
 
     report = run_validate(paths, base=base, alpha=alpha)
     if as_json:
@@ -144,20 +143,27 @@ def validate(paths: tuple[str, ...], base: str | None, alpha: float | None, as_j
     else:
         record_report(report.to_dict())
         for adapter in report.adapters:
-            fits = f" and fits {adapter.base}" if adapter.base else ""
-            verdict = "; ".join(adapter.problems) if adapter.problems else f"{len(adapter.modules)} modules{fits}"
-            click.echo(f"{'✗' if adapter.problems else '✓'} {adapter.path}: {verdict}", err=True)
-            for note in adapter.notes:
-                click.echo(f"  note: {note}", err=True)
+            _print_adapter_check(adapter)
         if not report.adapters:
             click.echo(f"no adapter among the {len(report.skipped)} path(s) given: nothing to validate", err=True)
-    for adapter in report.adapters:
-        for problem in adapter.problems:
-            annotate("error", problem, file=adapter.path)
     invalid = [adapter for adapter in report.adapters if adapter.problems]
+    for adapter in invalid:  # one annotation per adapter: GitHub shows only the first ten of a step
+        annotate("error", "\n".join([f"{len(adapter.problems)} problem(s):", *adapter.problems]), file=adapter.path)
     if invalid:
-        problems = [problem for adapter in invalid for problem in adapter.problems]
-        raise IncompatibleError(f"{len(invalid)} of {len(report.adapters)} adapter(s) invalid", problems)
+        fail(click.get_current_context(), f"{len(invalid)} of {len(report.adapters)} adapter(s) invalid", EXIT_INVALID)
+
+
+def _print_adapter_check(adapter) -> None:
+    """✓ or ✗ and the adapter, then each problem and note on its own line."""
+    if adapter.problems:
+        click.echo(f"✗ {adapter.path}: {len(adapter.problems)} problem(s)", err=True)
+        for problem in adapter.problems:
+            click.echo(f"  {problem}", err=True)
+    else:
+        fits = f" and fits {adapter.base}" if adapter.base else ""
+        click.echo(f"✓ {adapter.path}: {len(adapter.modules)} modules{fits}", err=True)
+    for note in adapter.notes:
+        click.echo(f"  note: {note}", err=True)
 
 
 @click.command(cls=GroupedCommand)
