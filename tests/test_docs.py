@@ -40,7 +40,8 @@ import pytest
 from conftest import REPO
 
 PAGES = REPO / "docs" / "pages"
-COMMANDS = ["inspect", "merge", "unmerge", "extract", "resize", "combine", "convert", "check", "validate", "diff", "push", "env"]
+COMMANDS = ["inspect", "merge", "unmerge", "extract", "resize", "combine", "convert", "check", "validate", "diff",
+            "push", "env"]  # fmt: skip
 PUBLIC_FUNCTIONS = ["merge", "unmerge", "extract", "resize", "combine", "convert", "inspect", "check", "push",
                     "open_checkpoint", "read_adapter"]  # fmt: skip
 HUB_TOKEN = "hf_docsLoopbackToken"
