@@ -118,6 +118,13 @@ def test_passing_run_summary_and_check_findings_as_annotations(adapters, llama_b
     assert summary in (tmp_path / "summary.md").read_text()
 
 
+def test_unwritable_summary_is_a_warning(adapters, llama_base, tmp_path):
+    env = {**actions_env(tmp_path, tmp_path), "GITHUB_STEP_SUMMARY": str(tmp_path / "no-such-folder" / "summary.md")}
+    result = invoke(["inspect", adapters["plain"][1], "--base", llama_base], env)
+    assert result.exit_code == 0 and "warning: cannot append to GITHUB_STEP_SUMMARY" in result.stderr
+    assert [c[0] for c in commands_in(result.stderr)] == ["warning"]
+
+
 def test_usage_error_is_annotated(tmp_path):
     result = invoke(["check", tmp_path], actions_env(tmp_path, tmp_path))
     assert result.exit_code == 2
@@ -272,6 +279,14 @@ def test_validate_checks_each_touched_adapter_against_its_base(adapter_repo, tmp
     assert invoke(["validate", adapter_repo / "good"]).exit_code == 0
     explicit = invoke(["validate", adapter_repo / "good", "--base", adapter_repo / "bad"])
     assert explicit.exit_code == 3 and "error: 1 of 1 adapter(s) invalid" in explicit.stderr
+
+
+def test_validate_names_a_git_lfs_pointer(adapter_repo):
+    weights = adapter_repo / "good" / "adapter_model.safetensors"
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 16384\n")
+    result = invoke(["validate", weights])
+    assert result.exit_code == 3
+    assert f"{weights}: a Git LFS pointer, not the weights; run `git lfs pull`" in result.stderr
 
 
 def test_validate_never_imports_torch(adapter_repo):

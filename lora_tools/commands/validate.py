@@ -97,11 +97,30 @@ class _Bases:
         return self._opened[key]
 
 
+#: How a Git LFS pointer file begins (a checkout without `git lfs pull` holds these instead of the weights).
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _lfs_pointers(path: Path) -> list[Path]:
+    """The files of an adapter that are Git LFS pointers, not the files they point to."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    found = []
+    for file in files:
+        if file.is_file() and file.stat().st_size < 1024:
+            with open(file, "rb") as handle:
+                if handle.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                    found.append(file)
+    return found
+
+
 def _check(path: Path, base: Path | None, bases: _Bases, alpha: float | None) -> AdapterCheck:
     try:
         adapter = read_adapter(path, alpha=alpha)
     except InvalidInputError as exc:
+        pointers = _lfs_pointers(path)
         message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        if pointers:
+            message = f"{pointers[0]}: a Git LFS pointer, not the weights; run `git lfs pull` (in Actions: lfs: true)"
         return AdapterCheck(str(path), None, None, [], [message], [])
     notes = []
     against = base or recorded_base(adapter)

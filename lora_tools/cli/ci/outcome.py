@@ -187,7 +187,10 @@ def _finish(outcome: Outcome, code: int) -> int:
             code = code or EXIT_ENVIRONMENT
     if outcome.report is not None or outcome.errors:
         markdown = github.summary_markdown(outcome.command, outcome.report, code, outcome.errors, outcome.warnings)
-        github.append_summary(markdown)
+        try:
+            github.append_summary(markdown)
+        except OSError as exc:  # the job's summary is a report about the run, not its result: say so, go on
+            warning(f"cannot append to GITHUB_STEP_SUMMARY: {exc.strerror or exc}")
     return code
 
 
