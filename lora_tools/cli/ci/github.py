@@ -67,6 +67,8 @@ def annotation_file(path: str | os.PathLike | None, environ: Mapping[str, str] |
         return None
     environ = os.environ if environ is None else environ
     target = Path(path)
+    if not target.exists():  # a Hub repo id, or a path that is not there: nothing on the diff to point at
+        return None
     if target.is_dir() and (target / "adapter_config.json").is_file():
         target = target / "adapter_config.json"
     workspace = environ.get("GITHUB_WORKSPACE")
