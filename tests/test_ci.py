@@ -375,7 +375,9 @@ def _recorded_install(tmp_path: Path, **inputs: str):
     recorder.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
     recorder.chmod(0o755)
     env = {**os.environ, "LORATOOL_PIP": str(recorder), "GITHUB_ACTION_PATH": str(REPO), **inputs}
-    done = subprocess.run(["bash", str(REPO / "ci" / "install.sh")], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", str(REPO / ".ci" / "action" / "install.sh")], env=env, capture_output=True, text=True
+    )
     return done, (log.read_text().splitlines() if log.exists() else [])
 
 
@@ -400,7 +402,7 @@ def _run_step(tmp_path: Path, command: str, **inputs: str):
            "GITHUB_STEP_SUMMARY": str(scratch / "summary.md"), "RUNNER_TEMP": str(scratch), "GITHUB_RUN_ID": "7",
            "INPUT_COMMAND": command, "INPUT_JSON": "true", "INPUT_FAIL": "true", **inputs,
            "LORATOOL": f"{sys.executable} -m lora_tools", "PYTHONPATH": str(REPO)}  # fmt: skip
-    done = subprocess.run([sys.executable, str(REPO / "ci" / "run_loratool.py")], cwd=scratch, env=env,
+    done = subprocess.run([sys.executable, str(REPO / ".ci" / "action" / "run_loratool.py")], cwd=scratch, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     outputs = dict(line.split("=", 1) for line in (scratch / "output").read_text().splitlines())
     return done, outputs, scratch
