@@ -384,3 +384,20 @@ def test_bad_init_field_is_named(built, bases, tmp_path):
     result = run_cli(["merge", bases["fp32"], bad, "-o", tmp_path / "out"])
     assert result.exit_code == 3, result.output
     assert "init_lora_weights" in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["convert", "--to", "peft"], ["convert", "--to", "mlx"], ["resize", "-r", "2"], ["combine"]],
+    ids=lambda c: "-".join(c[:3:2]),
+)
+@pytest.mark.parametrize("init", ["pissa", "corda"])
+def test_writing_a_rewriting_init_as_plain_lora_is_refused(init, command, built, tmp_path):
+    """convert, resize and combine write adapters that mean W + s·B·A: a PiSSA or CorDA adapter is refused."""
+    adapter, _ = built(init)
+    out = tmp_path / "out"
+    inputs = [adapter, built(True)[0]] if command == ["combine"] else [adapter]
+    result = run_cli([command[0], *inputs, *command[1:], "-o", out])
+    assert result.exit_code == 3, result.output
+    assert f"init_lora_weights={init!r}" in result.output and "W_res" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".*"))

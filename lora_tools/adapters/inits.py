@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from ..errors import UnsupportedError
+
 __all__ = [
     "Init",
     "INITS",
@@ -203,3 +205,24 @@ def describe_init(config: dict) -> dict:
     merge = "refused" if refusal else "residual" if init.redo else "plain"
     return {"name": init.name, "method": init.title, "rewrites_base": init.rewrites_base, "merge": merge,
             "refusal": refusal}  # fmt: skip
+
+
+def refuse_rewritten_base(adapter, operation: str) -> None:
+    """Refuse to write an adapter whose init rewrote the base (PiSSA, OLoRA, CorDA, …) as a plain LoRA.
+
+    `convert`, `resize` and `combine` write adapters that mean W + s·B·A; this one means
+    W_res + s·B·A, W_res depending on W and on the rank, so the written adapter would be silently wrong.
+
+    Raises:
+        UnsupportedError: naming the adapter, the init and what to do instead.
+    """
+    init = init_of(adapter.config) if "peft_type" in adapter.config else None
+    if init is None or not init.rewrites_base:
+        return
+    raise UnsupportedError(
+        f"{adapter.path}: cannot {operation} an adapter initialised with init_lora_weights={init.name!r} "
+        f"({init.title}): it means W_res + s*B*A on the base PEFT rewrote at init (W_res = W - s*B0*A0), and "
+        "the output would mean W + s*B*A; merge it with `loratool merge`"
+        + (" (which recomputes W_res)" if init.redo else "")
+        + ", or convert it to a plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+    )
