@@ -401,3 +401,39 @@ def test_writing_a_rewriting_init_as_plain_lora_is_refused(init, command, built,
     assert result.exit_code == 3, result.output
     assert f"init_lora_weights={init!r}" in result.output and "W_res" in result.output
     assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("init", ["corda", "pissa_niter_4", "pissa"])
+def test_residual_base_flag_merges_onto_the_saved_residual(init, tmp_path):
+    """--residual-base: BASE is the model PEFT left after init (W_res), saved then; the merge is plain and
+    equals PEFT's in-memory merge of the trained model, and un-merging gives that residual back."""
+    import copy
+
+    adapter, residual = tmp_path / "adapter", tmp_path / "residual"
+    model = build_model("llama")
+    config = dict(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=init)
+    if init == "corda":
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        config["corda_config"] = CordaConfig()
+        preprocess_corda(model, LoraConfig(**config), run_model=lambda: model(TOKENS))
+    peft_model = get_peft_model(model, LoraConfig(**config))
+    _nudge(peft_model, seed=11)
+    peft_model.save_pretrained(adapter)
+    copy.deepcopy(peft_model).unload().save_pretrained(residual)
+    expected = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+    out = tmp_path / "merged"
+    result = run_cli(["merge", residual, adapter, "-o", out, "--residual-base"])
+    assert result.exit_code == 0, result.output
+    ours = load_state(out)
+    assert all(max_ulp(t, expected[n]) <= 1 for n, t in ours.items())
+
+    back = tmp_path / "back"
+    result = run_cli(["unmerge", out, adapter, "-o", back, "--residual-base"])
+    assert result.exit_code == 0, result.output
+    restored, saved = load_state(back), load_state(residual)
+    for name, tensor in restored.items():  # one quantum of the merged value: the merge rounded there
+        quantum = torch.finfo(tensor.dtype).eps * float(ours[name].abs().max())
+        assert float((tensor - saved[name]).abs().max()) <= quantum, name

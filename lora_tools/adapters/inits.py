@@ -32,7 +32,7 @@ __all__ = [
 _CONVERT = (
     "convert it to a plain LoRA when saving it (PEFT: save_pretrained(..., "
     "path_initial_model_for_weight_conversion=<the adapter saved right after init>)) and merge that, "
-    "or merge with PEFT into the residual base saved at init"
+    "or, if BASE is the residual model saved right after init, pass --residual-base"
 )
 
 
@@ -153,24 +153,25 @@ def config_features(config: dict) -> list[str]:
     return found
 
 
-def merge_refusal(config: dict, operation: str) -> str | None:
+def merge_refusal(config: dict, operation: str, residual_base: bool = False) -> str | None:
     """Why `operation` ("merge" or "unmerge") must refuse an adapter with this config, or None.
 
     Base-rewriting inits: a merge recomputes W_res for PiSSA and OLoRA and refuses the others; an
     un-merge refuses them all (W cannot be recovered from W_res: the part of W that was subtracted
-    is what the init computed from W).
+    is what the init computed from W). With `residual_base` (the base given is the W_res PEFT saved at
+    init) no init is refused.
     """
     features = config_features(config)
     if features:
         return f"cannot {operation} this adapter: {features[0]}"
     init = init_of(config)
-    if not init.rewrites_base:
+    if not init.rewrites_base or residual_base:
         return None
     if operation == "unmerge":
         return (
             f"cannot un-merge an adapter initialised with init_lora_weights={init.name!r} ({init.title}): that "
             "init replaced the base W by W - s*B0*A0 computed from W, which a merged model no longer holds; "
-            "un-merge gives W_res, not W (keep the original base instead)"
+            "un-merge gives W_res, not W (keep the original base instead, or pass --residual-base to get W_res)"
         )
     if init.redo is None:
         return (

@@ -9,6 +9,7 @@ sum starts from W_res itself, the very tensor PEFT's loaded model holds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,18 +29,25 @@ __all__ = ["refuse_unmergeable", "refuse_unrewritable", "rewritten_base"]
 _STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def refuse_unmergeable(adapters: Sequence[Adapter], operation: str) -> None:
+def refuse_unmergeable(adapters: Sequence[Adapter], operation: str, residual_base: bool = False) -> list[Adapter]:
     """Refuse, before planning, adapters `operation` ("merge", "unmerge") cannot apply faithfully: aLoRA,
     layer_replication, inits that cannot be recomputed from files, any un-merge of a base-rewriting init
     (`adapters.inits.merge_refusal`).
+
+    With `residual_base` the base given is the residual PEFT saved at init (W_res, not W): every init
+    is then applied as plain s·B·A onto it, and the adapters come back without `base_init`.
 
     Raises:
         UnsupportedError: naming the adapter, the feature or init, and what to do.
     """
     for adapter in adapters:
-        why = merge_refusal(adapter.config, operation)
+        why = merge_refusal(adapter.config, operation, residual_base)
         if why is not None:
             raise UnsupportedError(f"{adapter.path}: {why}")
+    if not residual_base:
+        return list(adapters)
+    return [dataclasses.replace(a, modules=[dataclasses.replace(m, base_init=None) for m in a.modules])
+            for a in adapters]  # fmt: skip
 
 
 def refuse_unrewritable(adapters: Sequence[Adapter], plans: Mapping[str | None, MergePlan]) -> None:

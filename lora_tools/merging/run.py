@@ -59,6 +59,7 @@ class MergeOptions:
     revision: str | None = None
     token: str | None = None
     renames: Sequence[str] = ()
+    residual_base: bool = False
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _plan(
     base_local, base_repo = resolve_input(base, revision=options.revision, token=options.token)
     adapter_inputs = [resolve_input(p, revision=options.revision, token=options.token) for p in adapter_paths]
     adapters = [fit_to_base(read_adapter(local, alpha=options.alpha), base_local) for local, _ in adapter_inputs]
-    refuse_unmergeable(adapters, operation)  # aLoRA, layer_replication, inits that rewrote the base
+    adapters = refuse_unmergeable(adapters, operation, options.residual_base)  # aLoRA, inits that rewrote the base
     refuse_gguf(base_local)
     components = open_components(base_local)
     layouts = {name: detect(c.path, c.tensors, c.config) for name, c in components.items()}
