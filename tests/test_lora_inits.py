@@ -437,3 +437,27 @@ def test_residual_base_flag_merges_onto_the_saved_residual(init, tmp_path):
     for name, tensor in restored.items():  # one quantum of the merged value: the merge rounded there
         quantum = torch.finfo(tensor.dtype).eps * float(ours[name].abs().max())
         assert float((tensor - saved[name]).abs().max()) <= quantum, name
+
+
+@pytest.mark.parametrize(
+    ("init", "extra"),
+    [
+        ("pissa", dict(use_dora=True)),
+        (
+            "olora",
+            dict(use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 5}),
+        ),
+        ("pissa", dict(rank_pattern={"v_proj": 6}, alpha_pattern={"down_proj": 3})),
+    ],
+    ids=["pissa-dora", "olora-rslora-patterns", "pissa-patterns"],
+)
+def test_residual_inits_with_dora_and_patterns(init, extra, bases, tmp_path):
+    """Per-module rank and scale (patterns, rsLoRA) reach W_res as PEFT uses them; DoRA's norm is of W_res + s·B·A."""
+    adapter = tmp_path / "adapter"
+    assert _build(init, torch.float32, adapter, **extra)
+    out = tmp_path / "merged"
+    lora_tools.merge(bases["fp32"], [adapter], out, device="cpu")
+    expected = _peft_merged(bases["fp32"], adapter, torch.float32)
+    for name, tensor in load_state(out).items():  # within PEFT's fp32 factorisation noise
+        noise = 64 * torch.finfo(torch.float32).eps * float(expected[name].abs().max())
+        assert float((tensor - expected[name]).abs().max()) <= noise, name
