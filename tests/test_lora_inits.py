@@ -461,3 +461,42 @@ def test_residual_inits_with_dora_and_patterns(init, extra, bases, tmp_path):
     for name, tensor in load_state(out).items():  # within PEFT's fp32 factorisation noise
         noise = 64 * torch.finfo(torch.float32).eps * float(expected[name].abs().max())
         assert float((tensor - expected[name]).abs().max()) <= noise, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_inits_on_cuda(init, bases, built, tmp_path):
+    """On a GPU the residual comes from the same fp64 factorisation (staged base or not): as on the CPU."""
+    adapter, _ = built(init)
+    lora_tools.merge(bases["fp32"], [adapter], tmp_path / "cpu", device="cpu")
+    lora_tools.merge(bases["fp32"], [adapter], tmp_path / "cuda", device="cuda")
+    cpu, cuda = load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda")
+    for name, tensor in cuda.items():
+        torch.testing.assert_close(tensor, cpu[name], rtol=1e-5, atol=1e-6)
+
+
+def _with_init(adapter, folder, value):
+    """A copy of `adapter` whose config says init_lora_weights=value (as a hand-edited or future config)."""
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": value}))
+    return folder
+
+
+def test_residual_init_bad_inputs_are_refused_before_writing(bases, built, tmp_path):
+    """fp64 base (PEFT refuses PiSSA there), OLoRA on GPT-2's in×out Conv1D, an init PEFT does not know."""
+    fp64 = tmp_path / "fp64"
+    build_model("llama", torch.float64).save_pretrained(fp64)
+    gpt2 = tmp_path / "gpt2_adapter"
+    _build(True, torch.float32, gpt2, arch="gpt2", target_modules=["c_attn"], fan_in_fan_out=True)
+    cases = [
+        (fp64, built("pissa")[0], "F64"),
+        (bases["gpt2"], _with_init(gpt2, tmp_path / "olora_gpt2", "olora"), "fan_in_fan_out"),
+        (bases["fp32"], _with_init(built(True)[0], tmp_path / "unknown", "pissa_fast"), "'pissa_fast'"),
+    ]
+    for base, adapter, named in cases:
+        out = tmp_path / "out"
+        result = run_cli(["merge", base, adapter, "-o", out])
+        assert result.exit_code == 3, result.output
+        assert named in result.output, result.output
+        assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -52,7 +52,8 @@ def refuse_unmergeable(adapters: Sequence[Adapter], operation: str, residual_bas
 
 def refuse_unrewritable(adapters: Sequence[Adapter], plans: Mapping[str | None, MergePlan]) -> None:
     """Refuse PiSSA/OLoRA modules on base tensors PEFT could not have rewritten: a dtype other than
-    fp32/fp16/bf16, a row block of a fused tensor, OLoRA on an in×out (Conv1D) weight.
+    fp32/fp16/bf16, a tensor that is not 2-D, a row block of a fused tensor, OLoRA on an in×out (Conv1D)
+    weight.
 
     Raises:
         UnsupportedError: listing every such module.
@@ -72,6 +73,9 @@ def _task_problems(task: TensorTask, adapters: Sequence[Adapter]) -> list[str]:
         if _STORED.get(task.in_dtype) not in REWRITABLE_DTYPES:
             problems.append(f"{where}: base tensor {task.name!r} is {task.in_dtype}; PEFT initialises {init} only in "
                             "fp32, fp16 or bf16")  # fmt: skip
+        elif len(task.shape) != 2:
+            problems.append(f"{where}: base tensor {task.name!r} has shape {list(task.shape)}; W_res is defined "
+                            "for a 2-D weight")  # fmt: skip
         elif term.piece is not None:
             problems.append(f"{where}: lands in part of the fused base tensor {task.name!r}; W_res is defined for "
                             "the module's own weight")  # fmt: skip
