@@ -26,6 +26,7 @@ __all__ = [
     "with_base_init",
     "check_init_field",
     "describe_init",
+    "refuse_rewritten_base",
 ]
 
 #: What to do with an adapter whose init cannot be recomputed from files.
