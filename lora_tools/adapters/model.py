@@ -55,6 +55,8 @@ class LoraModule:
         component: the pipeline component the module belongs to ("unet", "text_encoder", …).
         kohya_name: True when `name` is a kohya-style underscored path, matched against the base by
             turning the base's own dotted paths into underscores.
+        base_init: for a PiSSA or OLoRA module, the init ("pissa", "olora") whose residual
+            W − s·B₀A₀ replaces the base weight before ΔW is added (see `adapters.inits`).
     """
 
     name: str
@@ -74,6 +76,7 @@ class LoraModule:
     dora_axis: str = "out"
     component: str | None = None
     kohya_name: bool = False
+    base_init: str | None = None
 
     @property
     def dora(self) -> bool:

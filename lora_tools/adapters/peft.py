@@ -21,6 +21,7 @@ from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError
 from ..io.checkpoint import Checkpoint, open_checkpoint, read_json
 from ..io.derived import DerivedCheckpoint
 from ..layouts.vocab import is_saved_embedding, is_wrapper_copy
+from .inits import check_init_field, with_base_init
 from .model import MAX_ALPHA, MAX_RANK, Adapter, LoraModule, ModuleFactors, Replacement, safetensors_names
 
 if TYPE_CHECKING:
@@ -131,6 +132,9 @@ def _check_peft_config(path: Path, config: dict) -> None:
     tokens = config.get("trainable_token_indices")
     if tokens is not None and not isinstance(tokens, list | dict):
         raise bad("trainable_token_indices", f"must be a list or an object, found {type(tokens).__name__}")
+    init_problem = check_init_field(config)
+    if init_problem is not None:
+        raise bad("init_lora_weights", init_problem)
 
 
 def _token_indices(config: dict, module: str) -> tuple[int, ...] | None:
@@ -219,6 +223,7 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
             )
         )
     modules.sort(key=lambda m: _natural_key(m.name))
+    modules = with_base_init(config, modules)  # PiSSA/OLoRA: the merge recomputes the residual base
     return Adapter(
         path=path,
         format=format_name,

@@ -14,7 +14,7 @@ __all__ = ["OPTION_GROUPS", "EXAMPLES", "GroupedCommand", "group_of"]
 #: Headings in the order help shows them, each with the option names (Click's parameter names) under it.
 OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Output", ("output", "force", "to", "naming", "dtype", "max_shard_size", "bake_alpha", "plot")),
-    ("Input", ("base", "component", "alpha", "renames", "engine", "max_lora_rank")),
+    ("Input", ("base", "component", "alpha", "renames", "residual_base", "engine", "max_lora_rank")),
     ("Rank", ("rank", "energy", "sv_ratio", "max_rank")),
     ("Arithmetic", ("weights", "method", "density", "majority_sign", "seed", "embeddings", "save_1d")),
     ("Selection", ("include", "exclude", "skip_mismatched", "show_all", "stats", "no_spectrum")),

@@ -129,6 +129,10 @@ def plot_option(f: Callable) -> Callable:
 
 
 def merge_options(f: Callable) -> Callable:
+    f = click.option(
+        "--residual-base", is_flag=True,
+        help="BASE is the residual model PEFT saved at a PiSSA/OLoRA/CorDA/LoftQ init: add s·B·A to it as is.",
+    )(f)  # fmt: skip
     f = click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results instead of refusing them.")(f)
     f = click.option(
         "--allow-unmatched", is_flag=True, help="Merge what matches; leave out (and count) modules matching nothing."

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..adapters import kohya, peft
+from ..adapters.inits import refuse_rewritten_base
 from ..adapters.model import Adapter, LoraModule, ModuleFactors
 from ..adapters.registry import module_writer, read_adapter
 from ..combining.groups import GroupReader, GroupResult, combine_group
@@ -86,6 +87,7 @@ def _load_inputs(
     for spec in specs:
         local, repo = resolve_input(spec, revision=revision, token=token)
         adapter = _restrict(read_adapter(local, alpha=alpha), component)
+        refuse_rewritten_base(adapter, "combine")  # PiSSA/OLoRA/…: its ΔW is not s·B·A alone
         _check_supported(adapter, to)
         if not adapter.modules:
             raise InvalidInputError(f"{adapter.path}: no LoRA module to combine" + (

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..adapters.inits import refuse_rewritten_base
 from ..adapters.kohya import kohya_metadata
 from ..adapters.peft import WEIGHTS_NAME, peft_adapter_config, write_adapter_config
 from ..adapters.registry import fit_to_base, read_adapter
@@ -87,6 +88,7 @@ def convert(
     adapter_local, _ = resolve_input(adapter, revision=revision, token=token)
     base_local = resolve_input(base, revision=revision, token=token)[0] if base is not None else None
     source = fit_to_base(read_adapter(adapter_local, alpha=alpha), base_local)
+    refuse_rewritten_base(source, f"convert to {to}")  # PiSSA/OLoRA/…: a plain LoRA would mean W + s·B·A
     if source.unknown_keys:
         raise InvalidInputError(
             f"{source.path}: keys lora_tools does not understand: {', '.join(source.unknown_keys[:5])}"

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from ..adapters.inits import describe_init
 from ..adapters.model import Adapter
 from ..adapters.registry import is_adapter, read_adapter
 from ..io.checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
@@ -60,6 +61,8 @@ class AdapterReport:
     metadata: dict[str, str]
     validation: Validation | None = None
     kind: str = field(default="adapter")
+    #: PEFT adapters: `init_lora_weights` and what it means for a merge (`adapters.inits.describe_init`)
+    init: dict | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -161,6 +164,7 @@ def _adapter_report(
         unknown_keys=list(adapter.unknown_keys),
         metadata=dict(adapter.metadata),
         validation=validation,
+        init=describe_init(adapter.config) if "peft_type" in adapter.config else None,
     )
 
 

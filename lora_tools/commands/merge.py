@@ -31,6 +31,7 @@ def merge(
     token: str | None = None,
     progress: Progress | None = None,
     renames: Sequence[str] = (),
+    residual_base: bool = False,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed tensor by tensor.
 
@@ -51,6 +52,8 @@ def merge(
         revision, token: for inputs given as Hub repo ids (`org/name`, or `org/name@revision`).
         progress: called with (bytes done, bytes total) after each tensor.
         renames: `REGEX=REPLACEMENT` rules applied to adapter module paths before matching.
+        residual_base: `base` is the residual model PEFT saved right after a base-rewriting init (PiSSA,
+            OLoRA, CorDA, LoftQ, …): add s·B·A to it as it is, instead of recomputing or refusing.
 
     Returns:
         A `MergeReport`.
@@ -65,5 +68,5 @@ def merge(
     return run("merge", base, adapters, output, MergeOptions(
         weights=weights, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
         alpha=alpha, allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum,
-        revision=revision, token=token, renames=renames,
+        revision=revision, token=token, renames=renames, residual_base=residual_base,
     ), progress)  # fmt: skip

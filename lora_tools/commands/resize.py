@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from ..adapters.inits import refuse_rewritten_base
 from ..adapters.model import Adapter, LoraModule
 from ..adapters.peft import WEIGHTS_NAME, as_peft, peft_adapter_config, write_adapter_config
 from ..adapters.registry import read_adapter
@@ -54,6 +55,7 @@ def resize(
     rule = RankRule(rank, energy, sv_ratio, max_rank)
     adapter_local, adapter_repo = resolve_input(adapter, revision=revision, token=token)
     source = as_peft(read_adapter(adapter_local))  # GGUF / mlx-lm adapters resize into PEFT folders too
+    refuse_rewritten_base(source, "resize")  # PiSSA/OLoRA/…: W_res depends on the rank
     if source.format != "peft":
         raise UnsupportedError(f"{source.path}: resize writes PEFT folders; convert this {source.format} adapter first")
     devices = resolve_devices(device)

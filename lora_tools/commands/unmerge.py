@@ -31,14 +31,16 @@ def unmerge(
     token: str | None = None,
     progress: Progress | None = None,
     renames: Sequence[str] = (),
+    residual_base: bool = False,
 ) -> MergeReport:
     """Undo a merge: W = W' − Σ wᵢ·ΔWᵢ, with the same arithmetic and options as `merge`.
 
     DoRA modules are undone exactly only for folders merged by loratool, whose
-    `loratool_merge.json` keeps the norms the merge divided by.
+    `loratool_merge.json` keeps the norms the merge divided by. An adapter whose init rewrote the
+    base is refused unless `residual_base`: the result is then that residual base, not W.
     """
     return run("unmerge", merged, adapters, output, MergeOptions(
         weights=weights, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
         alpha=alpha, allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum,
-        revision=revision, token=token, renames=renames,
+        revision=revision, token=token, renames=renames, residual_base=residual_base,
     ), progress)  # fmt: skip

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..adapters import gguf, mlx
+from ..adapters.inits import refuse_rewritten_base
 from ..adapters.model import Adapter, LoraModule
 from ..adapters.registry import read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
@@ -94,6 +95,7 @@ def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     )
     config = _base_config(base_local, options.to)
     source = read_adapter(adapter_local, alpha=options.alpha)
+    refuse_rewritten_base(source, f"convert to {options.to}")  # PiSSA/OLoRA/…: would mean W + s·B·A
     if source.format == "gguf":
         gguf.bind_base_config(source, config)
     modules, dropped = _unsupported(source, options.to)

@@ -22,6 +22,7 @@ from ..io.rows import RowSink
 from ..ops import dora_norm, low_rank_pair, per_output, variant_delta
 from ..planning.merge_plan import TensorTask
 from ..quant.float8_casts import is_fp8, rounding_error
+from .inits import rewritten_base
 
 __all__ = ["Fetch", "TaskResult", "BlockedTask", "blockwise", "compute_task", "overflow_limit"]
 
@@ -96,6 +97,7 @@ def blockwise(task: TensorTask, base_dim: int, out_dtype: torch.dtype, device: t
         and base_dim >= 2
         and out_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
         and all(not t.bias and not t.module.dora and t.module.variant == "lora" and t.piece is None for t in task.terms)
+        and not any(t.module.base_init for t in task.terms)  # PiSSA/OLoRA: the whole W for its residual
     )
 
 
@@ -270,6 +272,8 @@ def compute_task(
         NonFiniteError: the result holds NaN or Inf (unless `allow_nonfinite`).
     """
     device = workspace.device
+    if not unmerge:
+        base = rewritten_base(task, base)  # PiSSA/OLoRA: W_res, as PEFT recomputes it on load
     if blockwise(task, base.dim(), destination.dtype, device):
         return _run_blocked(BlockedTask(task, base, fetch, workspace, destination, allow_nonfinite), pool)
     if isinstance(destination, RowSink):

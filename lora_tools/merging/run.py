@@ -34,6 +34,7 @@ from ..quant.refuse import refuse_gguf
 from ..units import Progress, parse_size
 from .checks import check_adapters_finite
 from .components import assign_components, copy_pipeline_files, single_file_output
+from .inits import refuse_unmergeable, refuse_unrewritable
 from .record import adapter_identity, recorded_dora_norms, write_folder_extras, write_merge_card, write_record
 from .report import MergeReport, TensorChange, describe_terms, qualified_name
 from .writer import MergeWriter
@@ -58,6 +59,7 @@ class MergeOptions:
     revision: str | None = None
     token: str | None = None
     renames: Sequence[str] = ()
+    residual_base: bool = False
 
 
 @dataclass
@@ -155,6 +157,7 @@ def _plan(
     base_local, base_repo = resolve_input(base, revision=options.revision, token=options.token)
     adapter_inputs = [resolve_input(p, revision=options.revision, token=options.token) for p in adapter_paths]
     adapters = [fit_to_base(read_adapter(local, alpha=options.alpha), base_local) for local, _ in adapter_inputs]
+    adapters = refuse_unmergeable(adapters, operation, options.residual_base)  # aLoRA, inits that rewrote the base
     refuse_gguf(base_local)
     components = open_components(base_local)
     layouts = {name: detect(c.path, c.tensors, c.config) for name, c in components.items()}
@@ -181,6 +184,7 @@ def _plan(
     }
     adapted = {n: adapt_plan(p, layouts[n], out_dtype, shard_size) for n, p in plans.items()}
     plans = {name: plan for name, (plan, _) in adapted.items()}
+    refuse_unrewritable(adapters, plans)  # PiSSA/OLoRA onto base tensors PEFT could not have rewritten
     recorded = recorded_dora_norms(base_local, adapters, plans) if operation == "unmerge" else {}
     warnings = left_out + carried_not + [w for plan in plans.values() for w in plan.warnings]
     return _Planned(

@@ -32,6 +32,16 @@ def print_json(data: dict) -> None:
     click.echo(json.dumps({"schema": JSON_SCHEMA, **data}, indent=2, default=str))
 
 
+def _init_line(init: dict) -> str:
+    """One line on an init that rewrote the base, or on why the adapter cannot be merged."""
+    from rich.markup import escape
+
+    if init["refusal"]:
+        return f"[yellow]{escape(init['refusal'])}[/yellow]"
+    return escape(f"init {init['name']!r} ({init['method']}): the base was rewritten at init (W_res = W - s*B0*A0); "
+            "merge recomputes W_res from W, as PEFT does on load")  # fmt: skip
+
+
 def render_adapter(report, show_all: bool) -> None:
     from rich.table import Table
 
@@ -43,6 +53,8 @@ def render_adapter(report, show_all: bool) -> None:
         + (f" for {report.base_model}" if report.base_model else "")
         + (f" ({', '.join(flags)})" if flags else "")
     )
+    if report.init is not None and (report.init["rewrites_base"] or report.init["refusal"]):
+        console.print(_init_line(report.init))
     console.print(
         f"{report.num_parameters:,} parameters, {format_bytes(report.total_bytes)}, "
         f"dtypes {', '.join(f'{k}×{v}' for k, v in report.dtypes.items())}, {len(report.modules)} modules"
