@@ -17,7 +17,7 @@ from ..version import __version__
 from . import adapters, hub, inspecting, merging
 from .console import set_color
 from .help import GroupedCommand
-from .running import fail
+from .running import fail, print_hub_notes
 
 __all__ = ["cli", "main"]
 
@@ -35,6 +35,7 @@ class LoraToolGroup(click.Group):
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
         _ignore_file_size_signal()
         _debug_log()
+        print_hub_notes()
         try:
             return super().invoke(ctx)
         except LoraToolError as exc:

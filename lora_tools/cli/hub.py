@@ -8,7 +8,7 @@ from .console import stderr_console
 from .help import GroupedCommand
 from .options import json_option
 from .render.reports import print_json
-from .running import silence_hub_progress
+from .running import pushed_line, silence_hub_progress
 
 __all__ = ["push"]
 
@@ -40,4 +40,4 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
     if as_json:
         print_json(report.to_dict())
     else:
-        stderr_console().print(f"pushed {folder} to {report.repo_id}: {report.pull_request_url or report.commit_url}")
+        stderr_console().print(pushed_line(folder, report))
