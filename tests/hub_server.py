@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
@@ -61,6 +62,7 @@ class FakeHub:
         self.forbidden: set[str] = set()
         self.missing_namespaces: set[str] = set()
         self.requests: list[tuple[str, str, dict]] = []
+        self.times: list[float] = []  # time.monotonic() of each request, in step with `requests`
         self.lock = threading.Lock()
         hub = self
 
@@ -171,6 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = unquote(parsed.path), parse_qs(parsed.query)
         with self.state.lock:
             self.state.requests.append((method, self.path, dict(self.headers)))
+            self.state.times.append(time.monotonic())
             if self._injected_fault(method, path):
                 return None
         for pattern, handler in self.ROUTES.get(method, ()):

@@ -135,6 +135,22 @@ def hub_problem(exc: BaseException, where: str, *, writing: bool = False, suffix
     to is an access problem); 429 and 5xx once retries ran out (4); connection and DNS errors (4); offline with
     a cold cache (4). A full or read-only download cache is the disk's problem (`os_error_problem`).
     """
+    for cause in _causes(exc):  # huggingface_hub wraps some failures (an LFS upload: RuntimeError from ours)
+        problem = _hub_problem(cause, where, writing=writing, suffix=suffix)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _hub_problem(exc: BaseException, where: str, *, writing: bool, suffix: str) -> LoraToolError | None:
     from huggingface_hub import errors as hub
 
     def said(kind: type[LoraToolError], message: str) -> LoraToolError:

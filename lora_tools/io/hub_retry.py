@@ -43,6 +43,9 @@ RETRY_SECONDS_VARIABLE = "LORATOOL_HUB_RETRY_SECONDS"
 RETRY_BASE_VARIABLE = "LORATOOL_HUB_RETRY_BASE_SECONDS"
 _DEFAULT_SECONDS, _DEFAULT_BASE, _LONGEST_WAIT = 300.0, 1.0, 60.0
 
+#: Requests huggingface_hub makes on its own, best effort (it ignores their failure): tried once.
+BEST_EFFORT_PATHS = frozenset({"/api/agent-harnesses"})
+
 _gave_up = threading.Event()  # set when a request has used its whole bound; cleared by any success
 _report: list[Callable[[str], None]] = []
 
@@ -133,8 +136,10 @@ def _retrying_client():
 
 
 def _send_with_retries(send: Callable, request, retryable: tuple[type[BaseException], ...]):
-    """Send until a response that is not 429/5xx, or the bound; a body that cannot be re-read is sent once."""
-    policy, rewind = RetryPolicy.from_environment(), _rewinder(request)
+    """Send until a response that is not 429/5xx, or the bound; a body that cannot be re-read is sent once,
+    and so is a best-effort request."""
+    policy = RetryPolicy.from_environment()
+    rewind = None if request.url.path in BEST_EFFORT_PATHS else _rewinder(request)
     first_failure, attempt = None, 0
     while True:
         attempt += 1
