@@ -5,7 +5,7 @@ LFS objects by sha256) and implements what `huggingface_hub` calls for:
 repo create, validate-yaml, preupload, LFS batch + PUT, commit (with create_pr),
 branch create, repo info, tree, and resolve (HEAD/GET). Requests need a bearer
 token matching `token` for writes and for private repos; repos named in
-`forbidden` answer 403, and namespaces in `missing_namespaces` 404 on create. Every request is logged in `requests` (headers included)
+`forbidden` answer 403 (`gated` 403 GatedRepo), and namespaces in `missing_namespaces` 404 on create. Every request is logged in `requests` (headers included)
 so tests can assert what the client sent. `faults` makes it misbehave as the Hub does at times (see `Faults`);
 `missing_files` are listed by repo info but answer 404 when fetched.
 """
@@ -60,6 +60,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.forbidden: set[str] = set()
+        self.gated: set[str] = set()
         self.missing_namespaces: set[str] = set()
         self.requests: list[tuple[str, str, dict]] = []
         self.times: list[float] = []  # time.monotonic() of each request, in step with `requests`
@@ -158,6 +159,9 @@ class _Handler(BaseHTTPRequestHandler):
         """The repo, or None after answering 401/403/404 as the Hub does."""
         if repo_id in self.state.forbidden:
             self._error(403, "", f"You don't have the rights to access {repo_id}")
+            return None
+        if repo_id in self.state.gated:
+            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted")
             return None
         repo = self.state.repos.get(repo_id)
         if repo is None or (repo.private and not self._authorized()):

@@ -10,7 +10,10 @@ import hashlib
 import json
 import os
 import re
+import socket
+import threading
 import time
+from contextlib import contextmanager, suppress
 from urllib.parse import unquote, urlparse
 
 import pytest
@@ -204,9 +207,46 @@ def test_every_hub_message(hub, tmp_path, sharded):
     code, line = run(["inspect", "org/tiny-lora"], endpoint="http://hub.invalid", retry_seconds=0.2)
     assert code == 4 and line.startswith("error: org/tiny-lora: network unreachable: cannot connect to hub.invalid "
                                          "(ConnectError) after ") and "HF_HUB_OFFLINE=1" in line, line  # fmt: skip
+    with _hangs_up() as endpoint:
+        code, line = run(["inspect", "org/tiny-lora"], endpoint=endpoint, retry_seconds=0.2)
+    assert code == 4 and re.fullmatch(r"error: org/tiny-lora: the connection to the Hub \(127.0.0.1:\d+\) kept "
+                                      r"failing \(RemoteProtocolError\) after \d+ attempts over 0 s; check the "
+                                      r"network", line), line  # fmt: skip
     code, line = run(["inspect", "org/tiny-lora"], offline=True)
     assert code == 4 and "not in the local Hugging Face cache" in line
+    hub.gated.add("org/tiny-lora")
+    assert run(["inspect", "org/tiny-lora"]) == (4, "error: org/tiny-lora: the repo is gated; accept its terms on the "
+                                                    "Hub and pass --token")  # fmt: skip
+    hub.faults.everything = 400
+    since = len(hub.requests)
+    assert run(["inspect", "org/tiny-lora"]) == (4, "error: org/tiny-lora: the Hub answered HTTP 400 (injected HTTP "
+                                                    "400); rerun with LORATOOL_DEBUG=1 for details")  # fmt: skip
+    assert len(hub.requests) - since == 1
     assert not (tmp_path / "out").exists()
+
+
+@contextmanager
+def _hangs_up():
+    """An endpoint that accepts each connection and closes it without answering."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                connection, _ = listener.accept()
+                connection.recv(65536)
+                connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
 
 
 def test_retry_settings_are_checked(hub, tmp_path, monkeypatch):
