@@ -9,7 +9,16 @@ import click
 
 from .console import stderr_console
 
-__all__ = ["fail", "print_hub_notes", "pushed_line", "silence_hub_progress", "before_computing", "PUSH_KEYS", "pop_push_settings", "publish"]
+__all__ = [
+    "fail",
+    "print_hub_notes",
+    "pushed_line",
+    "silence_hub_progress",
+    "before_computing",
+    "PUSH_KEYS",
+    "pop_push_settings",
+    "publish",
+]
 
 
 def fail(ctx: click.Context, message: str, code: int) -> None:

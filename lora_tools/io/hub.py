@@ -228,12 +228,15 @@ def _download_one_weight_set(repo_id: str, revision: str | None, token: str | No
         listing = hub_client(token).model_info(repo_id, revision=revision, files_metadata=True)
     except (OfflineModeIsEnabled, HubRetriesExhausted, *transport_errors()) as unreachable:
         try:
-            return snapshot_download(repo_id, revision=revision, token=token, local_files_only=True,
-                                     allow_patterns=[], library_name="loratool")  # fmt: skip
+            cached = snapshot_download(repo_id, revision=revision, token=token, local_files_only=True,
+                                       allow_patterns=[], library_name="loratool")  # fmt: skip
         except LocalEntryNotFoundError:
             if isinstance(unreachable, OfflineModeIsEnabled):
                 raise
             raise unreachable from None
+        if not isinstance(unreachable, OfflineModeIsEnabled):
+            hub_note(f"hub: {where}: the Hub cannot be reached ({unreachable}); using the cached snapshot")
+        return cached
     files, indexes = repo_files_to_fetch(sibling.rfilename for sibling in listing.siblings or [])
     folder = snapshot_download(
         repo_id, revision=revision, token=token, allow_patterns=_exactly(files), library_name="loratool"
