@@ -44,6 +44,7 @@ class Faults:
     retry_after: str = "1"
     cut_downloads: set[str] = field(default_factory=set)  # files whose next GET body stops half-way
     commit_500: int = 0  # commit calls answered 500 (nothing committed)
+    commit_answers_lost: int = 0  # commit calls applied, then the connection closed without an answer
     cut_uploads: int = 0  # LFS PUTs whose connection is closed after half the body
     fail_uploads: set[str] = field(default_factory=set)  # LFS oids whose PUT answers 500 every time
     everything: int | None = None  # every request answered this status (a Hub that is down)
@@ -371,6 +372,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if value["oid"] not in self.state.lfs:
                     return self._error(422, "", f"LFS object {value['oid']} was never uploaded")
                 changes[value["path"]] = self.state.lfs[value["oid"]]
+        parent = header.get("parentCommit")
+        if parent and query.get("create_pr") is None and parent != found.branches.get(rev):
+            return self._error(412, "", "A commit has happened since. Please refresh and try again.")
         branch = rev
         pr_url = None
         if query.get("create_pr") in (["1"], ["true"], ["True"]):
@@ -382,6 +386,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif rev not in found.branches:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         sha = self.state._commit(found, branch, changes, header.get("summary", ""))
+        if self.state.faults.commit_answers_lost:
+            self.state.faults.commit_answers_lost -= 1
+            self.close_connection = True  # committed, but the client never hears of it
+            return None
         self._send(200, {"commitUrl": f"{self.state.url}/{repo}/commit/{sha}", "commitOid": sha,
                          "commitMessage": header.get("summary", ""), "pullRequestUrl": pr_url})  # fmt: skip
 

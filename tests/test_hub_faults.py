@@ -93,14 +93,15 @@ def test_429_with_retry_after_on_repo_info_is_waited_out(hub, tmp_path, sharded)
     assert hub.times[asked[1]] - hub.times[asked[0]] >= 1.0  # Retry-After: 1, with a base wait of 0.01 s
 
 
-def test_push_survives_a_commit_failing_once_and_an_lfs_upload_cut_once(hub, tmp_path):
+def test_push_survives_a_failed_commit_a_lost_commit_answer_and_a_cut_lfs_upload(hub, tmp_path):
     out = tmp_path / "merged"
     hub.faults.commit_500 = 1
+    hub.faults.commit_answers_lost = 1  # the retry of a commit that landed must not land twice
     hub.faults.cut_uploads = 1
     result = loratool(["merge", FIXTURE_BASE, FIXTURE_ADAPTER, "-o", out, "-q", *SHARDS, "--push-to-hub", "me/merged",
                        "--json"], hub.url, tmp_path / "hf", token_env=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert hub.faults.commit_500 == hub.faults.cut_uploads == 0
+    assert hub.faults.commit_500 == hub.faults.cut_uploads == hub.faults.commit_answers_lost == 0
     local = _folder_files(out)
     assert {k: v for k, v in hub.files("me/merged").items() if k != ".gitattributes"} == local
     notes = _notes(result.stderr)
@@ -108,8 +109,13 @@ def test_push_survives_a_commit_failing_once_and_an_lfs_upload_cut_once(hub, tmp
         re.fullmatch(r"hub: HTTP 500 on POST /api/models/me/merged/commit/main, .*\(attempt 2\)", n) for n in notes
     )
     assert any(re.fullmatch(r"hub: \w+ on PUT /lfs-upload/[0-9a-f]{64}, .*\(attempt 2\)", n) for n in notes), notes
-    trees = _commits(hub, "me/merged")
+    assert any(
+        re.fullmatch(r"hub: RemoteProtocolError on POST /api/models/me/merged/commit/main, .*", n) for n in notes
+    )
     weights = [name for name in local if name.endswith(".safetensors")]
+    commit_calls = [path for verb, path, _ in hub.requests if verb == "POST" and "/commit/" in path]
+    assert len(commit_calls) == len(weights) + 1 + 2  # one per shard, the rest, the 500 and the 412 refused
+    trees = _commits(hub, "me/merged")
     assert len(weights) >= 3 and len(trees) == 1 + len(weights) + 1  # initial, one per shard, the rest
     _assert_no_duplicate_commits(trees)
 

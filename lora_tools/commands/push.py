@@ -79,8 +79,10 @@ def push(
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         head = api.model_info(repo_id, revision=branch, files_metadata=True)
         changed, unchanged = _changed_files(folder, head)
-        urls = [_commit(api, repo_id, branch, create_pr, batch, title)
-                for batch, title in _batches(changed, message, create_pr)]  # fmt: skip
+        parent, urls = head.sha, []
+        for batch, title in _batches(changed, message, create_pr):
+            parent, commit_url, pr_url = _commit(api, repo_id, branch, create_pr, batch, title, parent)
+            urls.append((commit_url, pr_url))
     commit_url = urls[-1][0] if urls else f"{api.endpoint}/{repo_id}/commit/{head.sha}"
     pr_url = urls[-1][1] if urls else None
     sent = sorted(op.path_in_repo for op in changed)
@@ -128,8 +130,25 @@ def _batches(changed: list, message: str, create_pr: bool) -> list[tuple[list, s
     return batches + ([(rest, message)] if rest else [])
 
 
-def _commit(api, repo_id: str, branch: str, create_pr: bool, operations: list, title: str) -> tuple[str, str | None]:
-    commit = api.create_commit(
-        repo_id, operations=operations, commit_message=title, revision=branch, create_pr=create_pr
-    )
-    return str(commit.commit_url), commit.pr_url
+def _commit(api, repo_id: str, branch: str, create_pr: bool, operations: list, title: str,
+            parent: str) -> tuple[str, str, str | None]:  # fmt: skip
+    """Commit `operations` on top of `parent`; return (new head, commit URL, pull request URL).
+
+    The commit names its parent, so a commit call that landed but whose answer was lost, then sent
+    again by the retries, is refused (HTTP 412) instead of landing twice; the branch is then asked
+    whether it holds these files, and if it does the commit counts as made.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        commit = api.create_commit(repo_id, operations=operations, commit_message=title, revision=branch,
+                                   create_pr=create_pr, parent_commit=None if create_pr else parent)  # fmt: skip
+    except HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", None) != 412:
+            raise
+        head = api.model_info(repo_id, revision=branch, files_metadata=True)
+        remote = {sibling.rfilename: sibling for sibling in head.siblings or []}
+        if not all(_same(op, Path(op.path_or_fileobj), remote.get(op.path_in_repo)) for op in operations):
+            raise
+        return head.sha, f"{api.endpoint}/{repo_id}/commit/{head.sha}", None
+    return commit.oid, str(commit.commit_url), commit.pr_url
