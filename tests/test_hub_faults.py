@@ -296,5 +296,5 @@ def test_budget_of_zero_means_one_try(hub, tmp_path, sharded):
     hub.faults.everything = 502
     started = time.monotonic()
     result = loratool(["inspect", "org/tiny-lora"], hub.url, tmp_path / "hf", retry_seconds=0)
-    assert result.returncode == 4 and "HTTP 502 after 1 attempts over 0 s" in result.stderr, result.stderr
+    assert result.returncode == 4 and "HTTP 502 after 1 attempt over 0 s" in result.stderr, result.stderr
     assert len(hub.requests) == 1 and not _notes(result.stderr) and time.monotonic() - started < 60

@@ -115,15 +115,15 @@ def hub_errors(where: str, *, writing: bool = False, suffix: str = "") -> Iterat
         raise problem from exc
 
 
-#: What each failure means, worded once: (exit-4 class or exit-3 class, message after "<repo>: ").
+#: Retries that ran out, by the last answer (429, 5xx) or the connection error's class: the message after "REPO: ".
 _GAVE_UP = {
-    "429": "rate limited by the Hub (HTTP 429) after {attempts} attempts over {seconds} s; wait and run it "
+    "429": "rate limited by the Hub (HTTP 429) after {attempts} over {seconds} s; wait and run it "
     f"again, or retry for longer with {RETRY_SECONDS_VARIABLE}",
-    "5xx": "the Hub ({host}) is unavailable: HTTP {status} after {attempts} attempts over {seconds} s; try "
+    "5xx": "the Hub ({host}) is unavailable: HTTP {status} after {attempts} over {seconds} s; try "
     f"again later, or retry for longer with {RETRY_SECONDS_VARIABLE}",
-    "ConnectError": "network unreachable: cannot connect to {host} ({cause}) after {attempts} attempts over "
+    "ConnectError": "network unreachable: cannot connect to {host} ({cause}) after {attempts} over "
     "{seconds} s; check the network and HF_ENDPOINT{offline}",
-    "other": "the connection to the Hub ({host}) kept failing ({cause}) after {attempts} attempts over {seconds} s; "
+    "other": "the connection to the Hub ({host}) kept failing ({cause}) after {attempts} over {seconds} s; "
     "check the network",
 }
 
@@ -147,7 +147,7 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__  # `raise … from`, as huggingface_hub wraps; never what was merely being handled
 
 
 def _hub_problem(exc: BaseException, where: str, *, writing: bool, suffix: str) -> LoraToolError | None:
@@ -157,11 +157,7 @@ def _hub_problem(exc: BaseException, where: str, *, writing: bool, suffix: str) 
         return kind(f"{where}: {message}{suffix}")
 
     if isinstance(exc, HubRetriesExhausted):
-        key = "429" if exc.status == 429 else "5xx" if exc.status else exc.cause
-        text = _GAVE_UP.get(key, _GAVE_UP["other"])
-        return said(HubError, text.format(attempts=exc.attempts, seconds=f"{exc.seconds:.0f}", host=exc.host,
-                                          status=exc.status, cause=exc.cause,
-                                          offline="" if writing else ", or set HF_HUB_OFFLINE=1 to use the cache"))  # fmt: skip
+        return said(HubError, _gave_up(exc, writing))
     if isinstance(exc, hub.RevisionNotFoundError):
         return said(RepoNotFoundError, "no such revision on the Hub; check the branch, tag or commit")
     if isinstance(exc, hub.GatedRepoError):
@@ -193,6 +189,19 @@ def _hub_problem(exc: BaseException, where: str, *, writing: bool, suffix: str) 
             return problem
         return said(HubError, f"cannot reach the Hub ({type(exc).__name__}); check the network")
     return None
+
+
+def _gave_up(exc: HubRetriesExhausted, writing: bool) -> str:
+    key = "429" if exc.status == 429 else "5xx" if exc.status else exc.cause
+    offline = "" if writing else ", or set HF_HUB_OFFLINE=1 to use the cache"
+    return _GAVE_UP.get(key, _GAVE_UP["other"]).format(
+        attempts=f"{exc.attempts} attempt{'' if exc.attempts == 1 else 's'}",
+        seconds=f"{exc.seconds:.0f}",
+        host=exc.host,
+        status=exc.status,
+        cause=exc.cause,
+        offline=offline,
+    )
 
 
 def _file_of(exc: BaseException) -> str:
