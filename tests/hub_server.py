@@ -5,8 +5,9 @@ LFS objects by sha256) and implements what `huggingface_hub` calls for:
 repo create, validate-yaml, preupload, LFS batch + PUT, commit (with create_pr),
 branch create, repo info, tree, and resolve (HEAD/GET). Requests need a bearer
 token matching `token` for writes and for private repos; repos named in
-`forbidden` answer 403, and namespaces in `missing_namespaces` 404 on create. Every request is logged in `requests` (headers included)
-so tests can assert what the client sent.
+`forbidden` answer 403 (`gated` 403 GatedRepo), and namespaces in `missing_namespaces` 404 on create. Every request is logged in `requests` (headers included)
+so tests can assert what the client sent. `faults` makes it misbehave as the Hub does at times (see `Faults`);
+`missing_files` are listed by repo info but answer 404 when fetched.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
@@ -33,16 +35,36 @@ class Repo:
     pull_requests: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Faults:
+    """Failures to inject; each counter is used up as it fires, sets fire every time until emptied."""
+
+    first_request_status: int | None = None  # the first request for each (method, path) gets this status
+    repo_info_429: int = 0  # repo-info requests answered 429 with `Retry-After: retry_after`
+    retry_after: str = "1"
+    cut_downloads: set[str] = field(default_factory=set)  # files whose next GET body stops half-way
+    commit_500: int = 0  # commit calls answered 500 (nothing committed)
+    commit_answers_lost: int = 0  # commit calls applied, then the connection closed without an answer
+    cut_uploads: int = 0  # LFS PUTs whose connection is closed after half the body
+    fail_uploads: set[str] = field(default_factory=set)  # LFS oids whose PUT answers 500 every time
+    everything: int | None = None  # every request answered this status (a Hub that is down)
+    seen: set[tuple[str, str]] = field(default_factory=set)
+
+
 class FakeHub:
     """The server's state and lifecycle: `with FakeHub(token) as hub: hub.url ...`."""
 
     def __init__(self, token: str) -> None:
         self.token = token
+        self.faults = Faults()
+        self.missing_files: set[str] = set()
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.forbidden: set[str] = set()
+        self.gated: set[str] = set()
         self.missing_namespaces: set[str] = set()
         self.requests: list[tuple[str, str, dict]] = []
+        self.times: list[float] = []  # time.monotonic() of each request, in step with `requests`
         self.lock = threading.Lock()
         hub = self
 
@@ -90,6 +112,19 @@ def _is_lfs(path: str, content: bytes) -> bool:
     return path.endswith((".safetensors", ".bin")) or len(content) > 1_000_000
 
 
+def _git_blob_id(content: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def _file_entry(name: str, content: bytes) -> dict:
+    """What the Hub says of a file with its metadata: size, git blob id, and LFS sha256 for LFS files."""
+    entry = {"size": len(content), "oid": _git_blob_id(content)}
+    if _is_lfs(name, content):
+        entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "sha256": hashlib.sha256(content).hexdigest(),
+                        "size": len(content), "pointerSize": 130}  # fmt: skip
+    return entry
+
+
 class _Handler(BaseHTTPRequestHandler):
     state: FakeHub
     protocol_version = "HTTP/1.1"
@@ -126,6 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
         if repo_id in self.state.forbidden:
             self._error(403, "", f"You don't have the rights to access {repo_id}")
             return None
+        if repo_id in self.state.gated:
+            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted")
+            return None
         repo = self.state.repos.get(repo_id)
         if repo is None or (repo.private and not self._authorized()):
             self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
@@ -140,12 +178,44 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = unquote(parsed.path), parse_qs(parsed.query)
         with self.state.lock:
             self.state.requests.append((method, self.path, dict(self.headers)))
+            self.state.times.append(time.monotonic())
+            if self._injected_fault(method, path):
+                return None
         for pattern, handler in self.ROUTES.get(method, ()):
             match = re.fullmatch(pattern, path)
             if match:
                 with self.state.lock:
                     return handler(self, query=query, **match.groupdict())
         self._error(404, "", f"no fake-hub route for {method} {path}")
+
+    def _injected_fault(self, method: str, path: str) -> bool:
+        """Answer with an injected failure instead of the endpoint; True when one fired."""
+        faults = self.state.faults
+        if faults.everything is not None:
+            return self._fail(faults.everything)
+        if faults.first_request_status is not None and (method, path) not in faults.seen:
+            faults.seen.add((method, path))
+            return self._fail(faults.first_request_status)
+        if method == "GET" and faults.repo_info_429 and re.fullmatch(rf"/api/models/{REPO}(/revision/{REV})?", path):
+            faults.repo_info_429 -= 1
+            return self._fail(429, {"Retry-After": faults.retry_after})
+        if method == "POST" and faults.commit_500 and re.fullmatch(rf"/api/models/{REPO}/commit/{REV}", path):
+            faults.commit_500 -= 1
+            return self._fail(500)
+        if method == "PUT" and path.startswith("/lfs-upload/"):
+            if path.rsplit("/", 1)[1] in faults.fail_uploads:
+                return self._fail(500)
+            if faults.cut_uploads:
+                faults.cut_uploads -= 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)
+                self.close_connection = True  # no answer: the connection just ends
+                return True
+        return False
+
+    def _fail(self, status: int, headers: dict | None = None) -> bool:
+        self._body()
+        self._send(status, {"error": f"injected HTTP {status}"}, headers)
+        return True
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -202,8 +272,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         found, sha = resolved
         files = found.commits[sha]
-        self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": found.private,
-                         "siblings": [{"rfilename": name} for name in sorted(files)]})  # fmt: skip
+        siblings = [{"rfilename": name} for name in sorted(files)]
+        if query.get("blobs") in (["true"], ["True"], ["1"]):
+            for sibling in siblings:
+                entry = _file_entry(sibling["rfilename"], files[sibling["rfilename"]])
+                sibling.update(
+                    size=entry["size"], blobId=entry["oid"], **({"lfs": entry["lfs"]} if "lfs" in entry else {})
+                )
+        self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": found.private, "siblings": siblings})
 
     def tree(self, query, repo, rev, subpath="") -> None:
         resolved = self._revision(repo, rev)
@@ -212,10 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
         found, sha = resolved
         entries = []
         for name, content in sorted(found.commits[sha].items()):
-            entry = {"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
-            if _is_lfs(name, content):
-                entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 130}
-            entries.append(entry)
+            entries.append({"type": "file", "path": name, **_file_entry(name, content)})
         self._send(200, entries)
 
     def resolve(self, query, repo, rev, filename) -> None:
@@ -224,13 +297,33 @@ class _Handler(BaseHTTPRequestHandler):
             return
         found, sha = resolved
         content = found.commits[sha].get(filename)
-        if content is None:
+        if content is None or filename in self.state.missing_files:
             return self._error(404, "EntryNotFound", f"{filename} does not exist")
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(content).hexdigest()}"'}
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{_git_blob_id(content)}"'}
         if _is_lfs(filename, content):
             headers["X-Linked-Etag"] = f'"{hashlib.sha256(content).hexdigest()}"'
             headers["X-Linked-Size"] = str(len(content))
+        start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if start and self.command == "GET":
+            offset = int(start.group(1))
+            headers["Content-Range"] = f"bytes {offset}-{len(content) - 1}/{len(content)}"
+            return self._send(206, headers=headers, body=content[offset:])
+        if self.command == "GET" and filename in self.state.faults.cut_downloads:
+            self.state.faults.cut_downloads.discard(filename)
+            return self._send_cut(headers, content)
         self._send(200, headers=headers, body=content)
+
+    def _send_cut(self, headers: dict, content: bytes) -> None:
+        """Announce the whole body, send half of it, and end the connection."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(content)))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(content[: len(content) // 2])
+        self.wfile.flush()
+        self.close_connection = True
 
     def preupload(self, query, repo, rev) -> None:
         found = self._repo(repo, write=True)
@@ -279,6 +372,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if value["oid"] not in self.state.lfs:
                     return self._error(422, "", f"LFS object {value['oid']} was never uploaded")
                 changes[value["path"]] = self.state.lfs[value["oid"]]
+        parent = header.get("parentCommit")
+        if parent and query.get("create_pr") is None and parent != found.branches.get(rev):
+            return self._error(412, "", "A commit has happened since. Please refresh and try again.")
         branch = rev
         pr_url = None
         if query.get("create_pr") in (["1"], ["true"], ["True"]):
@@ -290,6 +386,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif rev not in found.branches:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         sha = self.state._commit(found, branch, changes, header.get("summary", ""))
+        if self.state.faults.commit_answers_lost:
+            self.state.faults.commit_answers_lost -= 1
+            self.close_connection = True  # committed, but the client never hears of it
+            return None
         self._send(200, {"commitUrl": f"{self.state.url}/{repo}/commit/{sha}", "commitOid": sha,
                          "commitMessage": header.get("summary", ""), "pullRequestUrl": pr_url})  # fmt: skip
 

@@ -18,7 +18,7 @@ from . import adapters, hub, inspecting, merging
 from .ci.outcome import ci_outputs
 from .console import EXIT_STDOUT_CLOSED, detach_stdout, set_color, stdout_reader_gone
 from .help import GroupedCommand
-from .running import fail
+from .running import fail, print_hub_notes
 
 __all__ = ["cli", "main"]
 
@@ -36,6 +36,7 @@ class LoraToolGroup(click.Group):
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
         _ignore_file_size_signal()
         _debug_log()
+        print_hub_notes()
         with ci_outputs(ctx):
             return self._invoke_mapping_errors(ctx, previous)
 

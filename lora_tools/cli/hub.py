@@ -1,4 +1,4 @@
-"""`push`: publish a folder to the Hugging Face Hub."""
+"""`push`: publish a folder to the Hugging Face Hub, resuming where a failed push stopped."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from .console import stderr_console
 from .help import GroupedCommand
 from .options import json_option
 from .render.reports import print_json
-from .running import silence_hub_progress
+from .running import pushed_line, silence_hub_progress
 
 __all__ = ["push"]
 
@@ -25,10 +25,13 @@ __all__ = ["push"]
 @json_option
 def push(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
          commit_message: str | None, token: str | None, quiet: bool, as_json: bool) -> None:  # fmt: skip
-    """Publish FOLDER (made earlier by loratool or not) to the Hub repo REPO_ID as one commit.
+    """Publish FOLDER (made earlier by loratool or not) to the Hub repo REPO_ID.
 
-    Creates the repo if needed. The token comes from --token, HF_TOKEN or the
-    huggingface_hub login file and is never printed.
+    Creates the repo if needed and sends only the files the branch does not
+    already hold: running a push that failed again finishes it. Two or more
+    weight files go one commit each, then the rest. Hub requests are retried
+    for up to LORATOOL_HUB_RETRY_SECONDS (default 300). The token comes from
+    --token, HF_TOKEN or the huggingface_hub login file and is never printed.
     """
     from ..commands.push import push as run_push
 
@@ -40,4 +43,4 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
     if as_json:
         print_json(report.to_dict())
     else:
-        stderr_console().print(f"pushed {folder} to {report.repo_id}: {report.pull_request_url or report.commit_url}")
+        stderr_console().print(pushed_line(folder, report))

@@ -100,7 +100,7 @@ def push_options(f: Callable) -> Callable:
     f = click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")(f)
     f = click.option("--push-branch", help="Branch to push to (default: main).")(f)
     f = click.option("--private", is_flag=True, help="Create the repo private.")(f)
-    return click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Publish the output as one commit.")(f)
+    return click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Publish the output (resumable).")(f)
 
 
 def rank_options(f: Callable) -> Callable:

@@ -9,7 +9,16 @@ import click
 
 from .console import stderr_console
 
-__all__ = ["fail", "silence_hub_progress", "before_computing", "PUSH_KEYS", "pop_push_settings", "publish"]
+__all__ = [
+    "fail",
+    "print_hub_notes",
+    "pushed_line",
+    "silence_hub_progress",
+    "before_computing",
+    "PUSH_KEYS",
+    "pop_push_settings",
+    "publish",
+]
 
 
 def fail(ctx: click.Context, message: str, code: int) -> None:
@@ -18,6 +27,13 @@ def fail(ctx: click.Context, message: str, code: int) -> None:
 
     error(message)
     ctx.exit(code)
+
+
+def print_hub_notes() -> None:
+    """Each Hub retry (and cached file downloaded again) is one line on stderr, --quiet or not: never silent."""
+    from ..io.hub_retry import set_retry_reporter
+
+    set_retry_reporter(lambda line: click.echo(line, err=True))
 
 
 def silence_hub_progress(quiet: bool) -> None:
@@ -65,6 +81,15 @@ def publish(output: str, options: dict, token: str | None, as_json: bool) -> dic
         output, repo_id, private=private, revision=branch, create_pr=create_pr, commit_message=message, token=token
     )
     if not as_json:
-        where = report.pull_request_url or report.commit_url
-        stderr_console().print(f"pushed {output} to {report.repo_id}: {where}")
+        stderr_console().print(pushed_line(output, report))
     return report.to_dict()
+
+
+def pushed_line(folder, report) -> str:
+    """`pushed X to org/name: URL`, with what was sent when a push sent less than everything or made several commits."""
+    where = report.pull_request_url or report.commit_url
+    if report.commits == 0:
+        return f"{folder} is already on {report.repo_id} (nothing sent): {where}"
+    sent = f"{len(report.files_sent)} file(s) in {report.commits} commit(s)"
+    unchanged = f", {report.files_unchanged} already there" if report.files_unchanged else ""
+    return f"pushed {folder} to {report.repo_id} ({sent}{unchanged}): {where}"
