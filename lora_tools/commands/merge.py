@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ..compute.executor import Executor
 from ..merging.report import MergeReport
 from ..merging.run import MergeOptions, run
 from ..units import Progress
@@ -31,6 +32,7 @@ def merge(
     token: str | None = None,
     progress: Progress | None = None,
     renames: Sequence[str] = (),
+    executor: str | Executor = "local",
 ) -> MergeReport:
     """Merge adapters into a base checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed tensor by tensor.
 
@@ -51,6 +53,8 @@ def merge(
         revision, token: for inputs given as Hub repo ids (`org/name`, or `org/name@revision`).
         progress: called with (bytes done, bytes total) after each tensor.
         renames: `REGEX=REPLACEMENT` rules applied to adapter module paths before matching.
+        executor: "local", or "ray" to write the output shards as tasks on a Ray cluster (inputs and
+            output on paths every node sees); the same bytes either way.
 
     Returns:
         A `MergeReport`.
@@ -65,5 +69,5 @@ def merge(
     return run("merge", base, adapters, output, MergeOptions(
         weights=weights, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
         alpha=alpha, allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum,
-        revision=revision, token=token, renames=renames,
+        revision=revision, token=token, renames=renames, executor=executor,
     ), progress)  # fmt: skip
