@@ -198,11 +198,11 @@ def main() -> None:
     print(f"optimal (Eckart–Young) mean relative error on {sampled['sample_modules']} sampled modules: "
           f"{sampled['sample_optimal_mean_relative_error']:.5f}")  # fmt: skip
     print(
-        f"{"tool":34} {"wall s":>8} {'load':>5} {'peak RSS MB':>12} {'modules':>8} {'mean rel. error':>16} {'on sample':>10}"
+        f"{'tool':34} {'wall s':>8} {'load':>5} {'peak RSS MB':>12} {'modules':>8} {'mean rel. error':>16} {'on sample':>10}"
     )
     for r in results:
         e = evaluated[r["label"]]
-        print(f"{r["label"]:34} {r["seconds"]:8.1f} {r['load']:5.1f} {r['peak_rss_mb']:12.0f} {e['modules']:8d} "
+        print(f"{r['label']:34} {r['seconds']:8.1f} {r['load']:5.1f} {r['peak_rss_mb']:12.0f} {e['modules']:8d} "
               f"{e['mean_relative_error']:16.5f} {e['sample_mean_relative_error']:10.5f}")  # fmt: skip
     by_label = {r["label"]: r for r in results}
     first = f"loratool --workers {args.workers[0]}"
