@@ -283,7 +283,7 @@ def _write_shards(writing: MergeWriter, planned: _Planned, target: Path, options
         shards += [(name, index, sum(plan.tasks[i].nbytes for i in shard)) for index, shard in enumerate(plan.shards)]
     task = ShardTask(
         planned.adapters, writing.unmerge, writing.allow_nonfinite, planned.recorded, planned.components, planned.plans,
-        target, planned.single_file, options.device,
+        target, planned.single_file, devices[0].type,  # each task resolves it on its node
     )  # fmt: skip
     with executor_for(options.executor, devices) as pool:
         results = pool.map(lambda shard, workspace: task(shard[:2], workspace), shards, size=lambda shard: shard[2])
