@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import EnvironmentProblem, InvalidInputError, LoraToolError
+from ..errors import EnvironmentProblem, InvalidInputError, LoraToolError, os_error_problem
 
 __all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RayExecutor", "executor_for", "batches"]
 
@@ -136,7 +136,12 @@ class RayExecutor(Executor):
         except ImportError:
             raise EnvironmentProblem(f"--executor ray needs Ray, which is not installed: {_INSTALL}") from None
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level="ERROR")
+            address = os.environ.get("RAY_ADDRESS")
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
+                raise EnvironmentProblem(f"cannot start or reach {where}: {error}") from None
             self._started_here = True
         self._ray = ray
         return self
@@ -217,6 +222,11 @@ def _run_batch(fn, tasks: list, device: str) -> tuple[str, list | _Failure]:
                 results.append(fn(task, workspace))
             except LoraToolError as error:
                 return node, _Failure(type(error), str(error))
+            except OSError as error:  # the node's disk or files (full, read-only …): reported as locally
+                problem = os_error_problem(error)
+                if problem is None:
+                    raise
+                return node, _Failure(type(problem), str(problem))
     return node, results
 
 
