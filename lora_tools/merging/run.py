@@ -218,7 +218,7 @@ def _write(
         ) as target,
         closing(writing),
     ):
-        if options.executor != "local":
+        if getattr(options.executor, "name", options.executor) != "local":  # "ray", or a ready-made executor
             written, devices, ran = _write_shards(writing, planned, target, options)
         else:
             (written, devices), ran = _write_here(writing, planned, target, options), None
