@@ -15,6 +15,13 @@ mergekit lives in its own environment (its pins are not ours):
 
     python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install torch==2.13.0 mergekit
     .venv/bin/python benchmarks/extract.py --mergekit /work/bench-venv/bin/mergekit-extract-lora [--workers 1 2]
+
+`--executor ray` adds a run through Ray beside the `--workers` runs: a local cluster of `--ray-nodes`
+nodes (default 2) of one CPU each, started once in a helper process (`ray.cluster_utils.Cluster`), each
+run a fresh driver connected through RAY_ADDRESS; its time includes connecting and starting the
+workers, which is the overhead of the Ray path on one machine. Its adapter must be byte-identical:
+
+    .venv/bin/python benchmarks/extract.py --skip-mergekit --workers 2 --executor ray
 """
 
 from __future__ import annotations
@@ -30,6 +37,33 @@ import tempfile
 from pathlib import Path
 
 from contender import run_contender
+
+CLUSTER = """
+import signal, sys, time
+from ray.cluster_utils import Cluster
+node = {"num_cpus": 1, "object_store_memory": 200 << 20}
+cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+for _ in range(int(sys.argv[1]) - 1):
+    cluster.add_node(**node)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+try:
+    while True:
+        time.sleep(1)
+finally:
+    cluster.shutdown()
+"""
+
+
+def start_cluster(nodes: int) -> tuple[subprocess.Popen, str]:
+    """A local Ray cluster of `nodes` one-CPU nodes in a helper process; (the process, its address)."""
+    helper = subprocess.Popen([sys.executable, "-c", CLUSTER, str(nodes)], stdout=subprocess.PIPE, text=True)
+    address = helper.stdout.readline().strip()
+    if not address:
+        raise SystemExit("the local Ray cluster did not start")
+    return helper, address
+
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=32)
@@ -108,6 +142,8 @@ def main() -> None:
     parser.add_argument("--sample", default="layers.0.", help="tensors whose optimal error is computed (by name part)")
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--layers", type=int, default=SHAPE["layers"], help="8: a 1.1 GB pair")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local", help="ray: also a run through Ray")
+    parser.add_argument("--ray-nodes", type=int, default=2, help="nodes of the local Ray cluster (one CPU each)")
     args = parser.parse_args()
     SHAPE["layers"] = args.layers
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-extract-bench-"))
@@ -116,16 +152,27 @@ def main() -> None:
         subprocess.run([python, "-c", BUILD, work, REPO / "tests", json.dumps(SHAPE)], check=True)
     runs: dict[str, list[dict]] = {}
     outputs, digests = [], {}
-    for _ in range(args.repeat):  # interleaved, so a burst of load hits every worker count alike
-        for workers in args.workers:
-            label, folder = f"loratool --workers {workers}", work / f"ours-{workers}"
-            ours = [python, "-m", "lora_tools", "extract", work / "base", work / "tuned", "-o", folder,
-                    "--rank", RANK, "-q", "--device", args.device, "--workers", workers]  # fmt: skip
-            runs.setdefault(label, []).append(run_contender(label, ours, folder))
-            digests.setdefault(label, set()).add(
-                hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
-            )
-    outputs = [item for w in args.workers for item in (f"loratool --workers {w}", work / f"ours-{w}")]
+    contenders = [(f"loratool --workers {w}", work / f"ours-{w}", ["--workers", w]) for w in args.workers]
+    helper = None
+    if args.executor == "ray":
+        helper, address = start_cluster(args.ray_nodes)
+        os.environ["RAY_ADDRESS"] = address  # the contenders' drivers connect to it
+        label = f"loratool --executor ray ({args.ray_nodes} nodes)"
+        contenders.append((label, work / "ours-ray", ["--executor", "ray"]))
+    try:
+        for _ in range(args.repeat):  # interleaved, so a burst of load hits every contender alike
+            for label, folder, options in contenders:
+                ours = [python, "-m", "lora_tools", "extract", work / "base", work / "tuned", "-o", folder,
+                        "--rank", RANK, "-q", "--device", args.device, *options]  # fmt: skip
+                runs.setdefault(label, []).append(run_contender(label, ours, folder))
+                digests.setdefault(label, set()).add(
+                    hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+                )
+    finally:
+        if helper is not None:
+            helper.terminate()
+            helper.wait(60)
+    outputs = [item for label, folder, _ in contenders for item in (label, folder)]
     if args.mergekit and not args.skip_mergekit:
         theirs = [args.mergekit, "--model", work / "tuned", "--base-model", work / "base", "--out-path", work / "mergekit",
                   "--max-rank", RANK, "-e", "embed_tokens|lm_head|norm", "--skip-undecomposable", "--quiet"]  # fmt: skip
@@ -151,19 +198,18 @@ def main() -> None:
     print(f"optimal (Eckart–Young) mean relative error on {sampled['sample_modules']} sampled modules: "
           f"{sampled['sample_optimal_mean_relative_error']:.5f}")  # fmt: skip
     print(
-        f"{'tool':24} {'wall s':>8} {'load':>5} {'peak RSS MB':>12} {'modules':>8} {'mean rel. error':>16} {'on sample':>10}"
+        f"{'tool':34} {'wall s':>8} {'load':>5} {'peak RSS MB':>12} {'modules':>8} {'mean rel. error':>16} {'on sample':>10}"
     )
     for r in results:
         e = evaluated[r["label"]]
-        print(f"{r['label']:24} {r['seconds']:8.1f} {r['load']:5.1f} {r['peak_rss_mb']:12.0f} {e['modules']:8d} "
+        print(f"{r['label']:34} {r['seconds']:8.1f} {r['load']:5.1f} {r['peak_rss_mb']:12.0f} {e['modules']:8d} "
               f"{e['mean_relative_error']:16.5f} {e['sample_mean_relative_error']:10.5f}")  # fmt: skip
     by_label = {r["label"]: r for r in results}
     first = f"loratool --workers {args.workers[0]}"
-    for workers in args.workers[1:]:
-        label = f"loratool --workers {workers}"
-        speedup = by_label[first]["seconds"] / by_label[label]["seconds"]
+    for label, _, _ in contenders[1:]:
+        ratio = by_label[label]["seconds"] / by_label[first]["seconds"]
         same = "byte-identical" if len(digests[label] | digests[first]) == 1 else "DIFFERENT BYTES"
-        print(f"{label} is {speedup:.2f}× faster than {first}; adapters {same}")
+        print(f"{label}: {ratio:.2f}× the time of {first}; adapters {same}")
     if "mergekit-extract-lora" in by_label:
         fastest = min((r for r in results if r["label"].startswith("loratool")), key=lambda r: r["seconds"])
         print(

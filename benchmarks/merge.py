@@ -11,6 +11,14 @@ their own (Linux reports a forked child's RSS high-water mark across exec).
     .venv/bin/python benchmarks/merge.py [--workdir DIR] [--repeat N] [--device cpu|cuda] [--layers 8|16]
                                          [--skip-peft] [--skip-fp8]
 
+At the sizes users have (`--size`, `--cold`, `--memory-limit`; see `sized_main`): a checkpoint shaped
+like Llama-3-8B (hidden 4096, intermediate 14336, 32/8 heads, vocabulary 128256, 2 GB shards; layers,
+and below one layer plus embeddings the vocabulary, chosen to reach SIZE), r=16 on all seven
+projections; `cp -r` of the same folder, loratool merge and transformers + PEFT each in a memory cgroup
+of their own (`limits.py`), caches dropped before each with `--cold` (root):
+
+    .venv/bin/python benchmarks/merge.py --size 8GB --cold --memory-limit 2GiB --repeat 2
+
 Contenders run interleaved (one of each, then again), and each run records the
 machine's load average: on a shared machine, compare runs taken at the same load.
 `LORATOOL_TRACE=1` on a loratool run shows where its time goes (see README).
@@ -28,9 +36,12 @@ import tempfile
 from pathlib import Path
 
 from contender import run_contender
+from limits import parse_bytes, run_limited
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden=2048, intermediate=5632, layers=8, heads=32)
+LLAMA3_8B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8)
+LLAMA3_VOCAB = 128256
 
 BUILD = f"""
 import json, sys
@@ -38,7 +49,8 @@ sys.path.insert(0, {str(REPO / "tests")!r})
 from pathlib import Path
 from synthetic import write_llama_checkpoint, write_lora_adapter
 work, shape = Path(sys.argv[1]), json.loads(sys.argv[2])
-write_llama_checkpoint(work / "base", vocab=32000, max_shard_bytes=5_000_000_000, **shape)
+vocab, shard = shape.pop("vocab", 32000), shape.pop("shard", 5_000_000_000)
+write_llama_checkpoint(work / "base", vocab=vocab, max_shard_bytes=shard, **shape)
 write_lora_adapter(work / "lora", rank=16, **shape)
 """
 
@@ -97,6 +109,61 @@ def _print_rounds(bf16_runs: list[dict], fp8_runs: list[dict]) -> None:
         )
 
 
+def sized_shape(size: int) -> dict:
+    """Llama-3-8B's shape with the layers (and, below one layer plus the embeddings, the vocabulary) for `size` bytes."""
+    hidden, intermediate, kv = LLAMA3_8B["hidden"], LLAMA3_8B["intermediate"], 1024
+    layer = 2 * (2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate + 2 * hidden)  # bf16 bytes
+    embeddings = 2 * 2 * LLAMA3_VOCAB * hidden  # embed_tokens and lm_head, untied
+    layers = max(1, round((size - embeddings) / layer))
+    vocab = LLAMA3_VOCAB if size >= embeddings + layer else max(1024, (size - layer) // (4 * hidden))
+    return {**LLAMA3_8B, "layers": layers, "vocab": vocab, "shard": 2_000_000_000}
+
+
+def sized_main(args) -> None:
+    """`--size`/`--cold`/`--memory-limit`: cp -r, loratool merge and PEFT, each in a memory cgroup of its own."""
+    shape = sized_shape(parse_bytes(args.size or "8GB"))
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-bench-"))
+    python = sys.executable
+    if not (work / "base").exists():
+        subprocess.run([python, "-c", BUILD, work, json.dumps(shape)], check=True)
+    size = sum(f.stat().st_size for f in (work / "base").iterdir())
+    subprocess.run([python, "-m", "compileall", "-q", REPO / "lora_tools"], check=True)
+    contenders = [
+        ("cp -r", ["cp", "-r", work / "base", work / "cp"], work / "cp"),
+        ("loratool merge", [python, "-m", "lora_tools", "merge", work / "base", work / "lora", "-o", work / "ours", "-q", "--device", args.device], work / "ours"),
+    ]  # fmt: skip
+    if not args.skip_peft:
+        contenders.append(
+            ("transformers + PEFT", [python, "-c", PEFT, work / "base", work / "lora", work / "peft"], work / "peft")
+        )
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeat):  # interleaved rounds: each contender meets the same machine
+        for label, command, out in contenders:
+            runs.setdefault(label, []).append(run_limited(label, command, out, limit=limit, cold=args.cold))
+    for _, _, out in contenders:
+        subprocess.run(["rm", "-rf", out], check=True)
+    best = {label: min(r, key=lambda run: (run["outcome"] != "ok", run["seconds"])) for label, r in runs.items()}
+    floor = best["cp -r"]["seconds"]
+    conditions = f"{'cold' if args.cold else 'warm'} page cache, memory limit {args.memory_limit or 'none'}"
+    print(f"checkpoint: {size / 1e9:.2f} GB bf16, {shape}, adapter r=16 on 7 projections")
+    print(f"{conditions}; best of {args.repeat} interleaved round(s); load average (1 min) shown per run")
+    print(
+        f"{'contender':22} {'wall s':>7} {'× cp -r':>8} {'GB/s':>6} {'peak anon MB':>13} {'peak RSS MB':>12} {'load':>5}  outcome"
+    )
+    for label, r in best.items():
+        anon = f"{r['peak_anon_mb']:13.0f}" if r["peak_anon_mb"] is not None else f"{'-':>13}"
+        print(
+            f"{label:22} {r['seconds']:7.2f} {r['seconds'] / floor:8.2f} {size / 1e9 / r['seconds']:6.2f} {anon} "
+            f"{r['peak_rss_mb']:12.0f} {r['load']:5.1f}  {r['outcome']}"
+        )
+    print(json.dumps({"size_bytes": size, "shape": shape, "runs": runs}))
+    if not args.keep:  # the generated checkpoint and adapter (and the folder, when this run made it)
+        subprocess.run(["rm", "-rf", work / "base", work / "lora"], check=True)
+        if args.workdir is None:
+            work.rmdir()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -105,7 +172,14 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--layers", type=int, default=SHAPE["layers"], help="8: 1.1 GB, 16: 2.1 GB")
+    parser.add_argument("--size", help="A Llama-3-8B-shaped checkpoint of about this size (8GB, 16GB...)")
+    parser.add_argument("--cold", action="store_true", help="Drop the page cache before each contender (root).")
+    parser.add_argument("--memory-limit", help="Run each contender in a memory cgroup of this size (2GiB; root).")
+    parser.add_argument("--keep", action="store_true", help="With --size: keep the generated checkpoint.")
     args = parser.parse_args()
+    if args.size or args.cold or args.memory_limit:
+        sized_main(args)
+        return
     SHAPE["layers"] = args.layers
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-bench-"))
     python = sys.executable

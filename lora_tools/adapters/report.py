@@ -40,6 +40,8 @@ class ExtractReport:
     notes: list[str] = field(default_factory=list)
     checksums: dict[str, str] | None = None
     block_diagonal: list[str] = field(default_factory=list)  # convert --naming: modules fused at summed rank
+    executor: str = "local"  # where the modules ran: "local" or "ray"
+    nodes: int = 1  # machines that ran them
 
     @property
     def mean_relative_error(self) -> float:

@@ -83,6 +83,8 @@ class StatsReport:
     resize_parameters: int
     lora_parameters: int
     flagged: dict[str, list[str]]
+    executor: str = "local"  # where the modules were measured: "local" or "ray"
+    nodes: int = 1  # machines that measured them
 
     @property
     def resize_saving(self) -> float:

@@ -9,6 +9,7 @@ from .help import GroupedCommand
 from .options import (
     device_option,
     dtype_option,
+    executor_option,
     hub_input_options,
     json_option,
     output_options,
@@ -39,6 +40,7 @@ __all__ = ["extract", "resize", "combine", "convert"]
 @plot_option
 @device_option
 @workers_option
+@executor_option
 @dtype_option
 @output_options
 @json_option
@@ -70,6 +72,7 @@ def extract(base: str, tuned: str, **options) -> None:
 @rank_options
 @device_option
 @workers_option
+@executor_option
 @output_options
 @json_option
 @hub_input_options
@@ -114,6 +117,8 @@ def resize(adapter: str, **options) -> None:
 @click.option("--component", help="Take only this pipeline component (unet, text_encoder, …).")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @device_option
+@workers_option
+@executor_option
 @output_options
 @json_option
 @hub_input_options

@@ -18,7 +18,7 @@ OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Rank", ("rank", "energy", "sv_ratio", "max_rank")),
     ("Arithmetic", ("weights", "method", "density", "majority_sign", "seed", "embeddings", "save_1d")),
     ("Selection", ("include", "exclude", "skip_mismatched", "show_all", "stats", "no_spectrum")),
-    ("Compute", ("device", "workers")),
+    ("Compute", ("device", "workers", "executor")),
     (
         "Checks",
         (

@@ -8,7 +8,7 @@ from ..errors import EXIT_INVALID
 from .ci.outcome import annotate, annotate_findings, record_report
 from .console import count_progress, stderr_console
 from .help import GroupedCommand
-from .options import engine_options, hub_input_options, json_option, junit_option, plot_option
+from .options import engine_options, executor_option, hub_input_options, json_option, junit_option, plot_option
 from .render.reports import print_json, render_adapter, render_checkpoint, render_environment
 from .running import fail
 
@@ -46,13 +46,14 @@ def _adapter_statistics(
 )  # fmt: skip
 @click.option("--stats", is_flag=True, help="Per-module ‖ΔW‖, σ₁, stable rank, ranks for 90/99 % energy, flags.")
 @plot_option
+@executor_option
 @engine_options
 @json_option
 @junit_option
 @hub_input_options
 def inspect(
     path: str, base: str | None, show_all: bool, alpha: float | None, renames: tuple, stats: bool, plot: str | None,
-    as_json: bool, engine: str | None, max_lora_rank: int | None, **hub,
+    as_json: bool, engine: str | None, max_lora_rank: int | None, executor: str, **hub,
 ) -> None:  # fmt: skip
     """Describe an adapter or checkpoint at PATH (detected from its files).
 
@@ -66,7 +67,7 @@ def inspect(
     from ..errors import IncompatibleError
 
     report = run_inspect(path, base=base, alpha=alpha, renames=renames, **hub)
-    statistics = _adapter_statistics(report, path, base, alpha, stats, plot, hub)
+    statistics = _adapter_statistics(report, path, base, alpha, stats, plot, {**hub, "executor": executor})
     inspected = {**report.to_dict(), "stats": statistics.to_dict()} if statistics else report.to_dict()
     serving = {"engine": engine, "max_lora_rank": max_lora_rank}
     checking = engine is not None

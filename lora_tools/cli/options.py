@@ -14,6 +14,7 @@ __all__ = [
     "PlotPath",
     "device_option",
     "workers_option",
+    "executor_option",
     "dtype_option",
     "json_option",
     "engine_options",
@@ -56,6 +57,16 @@ def workers_option(f: Callable) -> Callable:
         type=click.IntRange(min=1),
         default=None,
         help="Modules computed at once, one core each (default: the usable cores; one per device for a list).",
+    )(f)
+
+
+def executor_option(f: Callable) -> Callable:
+    return click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="local: this machine; ray: tasks on the Ray cluster at RAY_ADDRESS (a local Ray when unset).",
     )(f)
 
 
@@ -151,6 +162,7 @@ def merge_options(f: Callable) -> Callable:
         "--weight", "-w", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1)."
     )(f)
     f = junit_option(f)
+    f = executor_option(f)
     return push_options(hub_input_options(json_option(dtype_option(device_option(output_options(f))))))
 
 

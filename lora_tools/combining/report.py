@@ -43,6 +43,8 @@ class CombineReport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     checksums: dict[str, str] | None = None
+    executor: str = "local"  # where the modules ran: "local" or "ray"
+    nodes: int = 1  # machines that ran them
 
     @property
     def mean_relative_error(self) -> float:

@@ -7,6 +7,7 @@ folder or a kohya file) appears atomically. The methods are `combining`'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -21,6 +22,7 @@ from ..combining.groups import GroupReader, GroupResult, combine_group
 from ..combining.options import PEFT_EQUIVALENT, TARGET_FORMATS, CombineOptions
 from ..combining.plan import ModuleGroup, plan_combination
 from ..combining.report import CombineReport, ModuleCombination
+from ..compute.executor import Executor, executor_for
 from ..errors import IncompatibleError, InvalidInputError, UnsupportedError
 from ..io.card import display_name, write_card
 from ..io.checkpoint import open_checkpoint
@@ -194,6 +196,8 @@ def combine(
     revision: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
+    executor: str | Executor = "local",
 ) -> CombineReport:
     """Combine adapters into one adapter whose ΔW is (or approximates) Σ wᵢ·ΔWᵢ per module.
 
@@ -211,6 +215,9 @@ def combine(
         base: the base model (or pipeline), to match kohya names to dotted module paths.
         component: take only this pipeline component (and name PEFT modules with it for kohya output).
         alpha: lora_alpha for lone adapter files that do not record it.
+        workers: modules combined at once, one core each (default: the usable cores).
+        executor: "local" (worker threads here) or "ray" (modules as tasks on a Ray cluster, inputs
+            and output on paths every node sees); the same bytes for any number of workers or nodes.
 
     Returns:
         A `CombineReport`: per module the adapters that fed it, rank in and out, relative errors.
@@ -255,12 +262,15 @@ def combine(
     modules: list[ModuleCombination] = []
     ranks: dict[str, int] = {}
     inputs = [a.path for a in loaded] + ([base_local] if base_local is not None else [])
-    with atomic_output(output, is_dir=to == "peft", force=force, inputs=inputs) as target:
+    with (
+        atomic_output(output, is_dir=to == "peft", force=force, inputs=inputs) as target,
+        executor_for(executor, [torch_device], workers) as pool,
+    ):
         scratch = target / ".factors.spool" if to == "peft" else target.parent / f".{target.name}.spool"
         spool = Spool(scratch)
         try:
-            for number, group in enumerate(groups, 1):
-                result = combine_group(group, factor_weights, reader, options)
+            combined = pool.map(functools.partial(_combine, factor_weights, reader, options), groups, size=_group_bytes)
+            for number, (group, result) in enumerate(zip(groups, combined, strict=True), 1):
                 ranks[group.name] = _write_module(spool, group, result, to)
                 modules.append(
                     ModuleCombination(
@@ -278,7 +288,18 @@ def combine(
         digests = checksums(target) if checksum else None
         if digests is not None and to == "kohya":
             digests = {output.name: digests[target.name]}
-    return _report(output, to, torch_device, loaded, shown, factor_weights, options, modules, size, started, digests)
+    report = _report(output, to, torch_device, loaded, shown, factor_weights, options, modules, size, started, digests)
+    return dataclasses.replace(report, executor=pool.name, nodes=pool.nodes)
+
+
+def _combine(weights: list[float], reader: GroupReader, options: CombineOptions, group: ModuleGroup, workspace):
+    """One output module, on a worker (the reader's device is the driver's choice)."""
+    return combine_group(group, weights, reader, options)
+
+
+def _group_bytes(group: ModuleGroup) -> int:
+    """The members' factor bytes (about), to size the executor's tasks."""
+    return sum(4 * m.module.rank * (group.shape[0] + math.prod(group.shape[1:])) for m in group.members)
 
 
 def _finish(spool, target: Path, to, loaded, shown, weights, options, modules, ranks) -> int:

@@ -32,6 +32,7 @@ LIBRARIES = (
     "mlx-lm",
     "lycoris-lora",
     "matplotlib",
+    "ray",
 )
 
 

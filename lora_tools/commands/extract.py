@@ -21,6 +21,7 @@ from ..adapters.model import ModuleFactors
 from ..adapters.peft import PEFT_PREFIX, WEIGHTS_NAME, peft_adapter_config, spool_module, write_adapter_config
 from ..adapters.report import ExtractReport, ModuleExtraction
 from ..compute.device import device_names, resolve_devices
+from ..compute.executor import Executor, executor_for
 from ..errors import InvalidInputError
 from ..extraction.modules import (
     ModuleExtractor,
@@ -69,6 +70,7 @@ def extract(
     token: str | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    executor: str | Executor = "local",
 ) -> ExtractReport:
     """Extract a LoRA adapter approximating TUNED − BASE, as a PEFT folder.
 
@@ -87,6 +89,8 @@ def extract(
         revision, token: for inputs given as Hub repo ids.
         workers: modules decomposed at once, each single-threaded (default: the usable cores, or one
             per device for a device list); the output is byte-identical for any number.
+        executor: "local" (worker threads here) or "ray" (modules as tasks on the Ray cluster at
+            RAY_ADDRESS, inputs and output on paths every node sees); the same bytes either way.
 
     Returns:
         An `ExtractReport` with per-module rank, energy kept and relative error.
@@ -94,7 +98,6 @@ def extract(
     from ..compute.pool import import_torch, one_torch_thread
 
     import_torch()  # a fifth faster without cyclic GC during the import
-    from ..compute.workers import ModuleWorkers
     from ..io.tensors import return_freed_memory_to_os, to_torch_dtype
 
     started = time.perf_counter()
@@ -125,14 +128,14 @@ def extract(
 
     with (
         atomic_output(output, is_dir=True, force=force, inputs=[inputs.base.path, inputs.tuned.path]) as target,
-        ModuleWorkers(devices, workers) as pool,
+        executor_for(executor, devices, workers) as pool,
         ExitStack() as stack,
     ):
         found = _Collected(Spool(target / ".factors.spool"))
         skipped_compared = stack.enter_context(ThreadPoolExecutor(1, "loratool-compare", one_torch_thread)).submit(
             changed_skipped_embeddings, plan.skipped, inputs.base, inputs.tuned
         )  # while the workers decompose
-        for result in pool.map(traced(extractor), plan.tasks):
+        for result in pool.map(traced(extractor), plan.tasks, size=lambda t: 2 * inputs.base.tensors[t.tensor].nbytes):
             found.add(result)
             if progress is not None:
                 progress(found.done, total)
@@ -166,6 +169,8 @@ def extract(
         seconds=time.perf_counter() - started,
         notes=found.notes,
         checksums=digests,
+        executor=pool.name,
+        nodes=pool.nodes,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ..compute.executor import Executor
 from ..merging.report import MergeReport
 from ..merging.run import MergeOptions, run
 from ..units import Progress
@@ -32,6 +33,7 @@ def merge(
     progress: Progress | None = None,
     renames: Sequence[str] = (),
     residual_base: bool = False,
+    executor: str | Executor = "local",
 ) -> MergeReport:
     """Merge adapters into a base checkpoint: W' = W + Σ wᵢ·ΔWᵢ, streamed tensor by tensor.
 
@@ -54,6 +56,8 @@ def merge(
         renames: `REGEX=REPLACEMENT` rules applied to adapter module paths before matching.
         residual_base: `base` is the residual model PEFT saved right after a base-rewriting init (PiSSA,
             OLoRA, CorDA, LoftQ, …): add s·B·A to it as it is, instead of recomputing or refusing.
+        executor: "local", or "ray" to write the output shards as tasks on a Ray cluster (inputs and
+            output on paths every node sees); the same bytes either way.
 
     Returns:
         A `MergeReport`.
@@ -68,5 +72,5 @@ def merge(
     return run("merge", base, adapters, output, MergeOptions(
         weights=weights, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
         alpha=alpha, allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum,
-        revision=revision, token=token, renames=renames, residual_base=residual_base,
+        revision=revision, token=token, renames=renames, residual_base=residual_base, executor=executor,
     ), progress)  # fmt: skip

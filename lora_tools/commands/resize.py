@@ -13,6 +13,7 @@ from ..adapters.peft import WEIGHTS_NAME, as_peft, peft_adapter_config, write_ad
 from ..adapters.registry import read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
 from ..compute.device import device_names, resolve_devices
+from ..compute.executor import Executor, executor_for
 from ..errors import UnsupportedError
 from ..io.card import display_name, write_adapter_card
 from ..io.hub import resolve_input
@@ -39,6 +40,7 @@ def resize(
     token: str | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    executor: str | Executor = "local",
 ) -> ExtractReport:
     """Re-factorise an adapter's ΔW = s·B·A to a new rank, exactly and without forming ΔW.
 
@@ -47,9 +49,8 @@ def resize(
     (alpha is set to s·k, or s·√k for rsLoRA). Modules already at or below the new
     rank are re-balanced at their rank; DoRA magnitudes, lora_B.bias and
     modules_to_save are copied unchanged. `workers` modules are re-factorised at
-    once (see `extract`); the output is byte-identical for any number.
+    once (see `extract`); the output is byte-identical for any number, and with `executor="ray"`.
     """
-    from ..compute.workers import ModuleWorkers
 
     started = time.perf_counter()
     rule = RankRule(rank, energy, sv_ratio, max_rank)
@@ -68,11 +69,11 @@ def resize(
 
     with (
         atomic_output(output, is_dir=True, force=force, inputs=[source.path]) as target,
-        ModuleWorkers(devices, workers) as pool,
+        executor_for(executor, devices, workers) as pool,
     ):
         spool = Spool(target / ".factors.spool")
         for number, (module, a, b, new_a, new_b, kept) in enumerate(
-            pool.map(functools.partial(_resize_module, source, rule), source.modules), 1
+            pool.map(functools.partial(_resize_module, source, rule), source.modules, size=_module_bytes(source)), 1
         ):
             new_rank = new_a.shape[0]
             spool.add(module.a_key, new_a)
@@ -123,7 +124,14 @@ def resize(
         full_delta_parameters=full,
         seconds=time.perf_counter() - started,
         checksums=digests,
+        executor=pool.name,
+        nodes=pool.nodes,
     )
+
+
+def _module_bytes(source: Adapter):
+    """A module's stored bytes (its factors), to size the executor's tasks."""
+    return lambda module: sum(source.tensors[key].nbytes for key in (module.a_key, module.b_key))
 
 
 def _resize_module(source: Adapter, rule: RankRule, module: LoraModule, workspace):

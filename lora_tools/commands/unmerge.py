@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ..compute.executor import Executor
 from ..merging.report import MergeReport
 from ..merging.run import MergeOptions, run
 from ..units import Progress
@@ -32,6 +33,7 @@ def unmerge(
     progress: Progress | None = None,
     renames: Sequence[str] = (),
     residual_base: bool = False,
+    executor: str | Executor = "local",
 ) -> MergeReport:
     """Undo a merge: W = W' − Σ wᵢ·ΔWᵢ, with the same arithmetic and options as `merge`.
 
@@ -42,5 +44,5 @@ def unmerge(
     return run("unmerge", merged, adapters, output, MergeOptions(
         weights=weights, dtype=dtype, device=device, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
         alpha=alpha, allow_nonfinite=allow_nonfinite, allow_unmatched=allow_unmatched, checksum=checksum,
-        revision=revision, token=token, renames=renames, residual_base=residual_base,
+        revision=revision, token=token, renames=renames, residual_base=residual_base, executor=executor,
     ), progress)  # fmt: skip

@@ -42,6 +42,8 @@ class MergeReport:
     checksums: dict[str, str] | None = None
     #: per quantized format: merged tensors, max and mean ‖Q(W+ΔW) − (W+ΔW)‖/‖ΔW‖ (see lora_tools.quant)
     quantization: dict[str, dict] = field(default_factory=dict)
+    executor: str = "local"  # where the output shards were written: "local" or "ray"
+    nodes: int = 1  # machines that wrote them
 
     @property
     def max_abs_delta(self) -> float:

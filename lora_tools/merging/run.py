@@ -19,7 +19,7 @@ from .. import trace
 from ..adapters.model import Adapter
 from ..adapters.registry import fit_to_base, read_adapter
 from ..compute.device import device_names
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnsupportedError
 from ..io.card import display_name
 from ..io.checkpoint import Checkpoint, open_components
 from ..io.hub import resolve_input
@@ -37,7 +37,7 @@ from .components import assign_components, copy_pipeline_files, single_file_outp
 from .inits import refuse_unmergeable, refuse_unrewritable
 from .record import adapter_identity, recorded_dora_norms, write_folder_extras, write_merge_card, write_record
 from .report import MergeReport, TensorChange, describe_terms, qualified_name
-from .writer import MergeWriter
+from .writer import MergeWriter, ShardTask
 
 __all__ = ["MergeOptions", "run"]
 
@@ -60,6 +60,7 @@ class MergeOptions:
     token: str | None = None
     renames: Sequence[str] = ()
     residual_base: bool = False
+    executor: object = "local"  # "local", "ray", or a `compute.executor.Executor`
 
 
 @dataclass
@@ -221,20 +222,10 @@ def _write(
         ) as target,
         closing(writing),
     ):
-        written: dict[str | None, list[str]] = {}
-        for name, checkpoint in components.items():
-            folder = target / name if name else target
-            if name:
-                folder.mkdir()
-            written[name] = writing.prepare(
-                checkpoint, planned.plans[name], target if single_file else folder, single_file, name
-            )
-        if not single_file:  # the record names the adapters by digest: hashed after the copies, off the main thread
-            writing.checks += [writing.copier.submit(adapter_identity, a) for a in planned.adapters]
-        trace.mark("copies queued")
-        devices = writing.start(options.device)
-        trace.mark("ready to compute")
-        writing.run()
+        if getattr(options.executor, "name", options.executor) != "local":  # "ray", or a ready-made executor
+            written, devices, ran = _write_shards(writing, planned, target, options)
+        else:
+            (written, devices), ran = _write_here(writing, planned, target, options), None
         files: list[str] = []
         for name in components:
             files += [output.name] if single_file else [qualified_name(name, f) for f in written[name]]
@@ -250,8 +241,64 @@ def _write(
         trace.mark("output complete")
     trace.mark("renamed into place")
     return dict(
-        device=device_names(devices), files=files, changes=writing.changes, checksums=digests, quantization=quantization
-    )
+        device=device_names(devices), files=files, changes=writing.changes, checksums=digests, quantization=quantization,
+        executor=ran.name if ran else "local", nodes=ran.nodes if ran else 1,
+    )  # fmt: skip
+
+
+def _write_here(writing: MergeWriter, planned: _Planned, target: Path, options: MergeOptions) -> tuple[dict, list]:
+    """Write every shard in this process (copies on a helper thread, compute on every core); (names, devices)."""
+    written: dict[str | None, list[str]] = {}
+    for name, checkpoint in planned.components.items():
+        folder = target / name if name else target
+        if name:
+            folder.mkdir()
+        written[name] = writing.prepare(
+            checkpoint, planned.plans[name], target if planned.single_file else folder, planned.single_file, name
+        )
+    if not planned.single_file:  # the record names the adapters by digest: hashed after the copies, off the main thread
+        writing.checks += [writing.copier.submit(adapter_identity, a) for a in planned.adapters]
+    trace.mark("copies queued")
+    devices = writing.start(options.device)
+    trace.mark("ready to compute")
+    writing.run()
+    return written, devices
+
+
+def _write_shards(writing: MergeWriter, planned: _Planned, target: Path, options: MergeOptions):
+    """Write every shard as a task of `options.executor` (`ShardTask`), in shard order; (names, devices, executor).
+
+    The tasks write into `target`; the executor is left (every task stopped) before `atomic_output` may remove it.
+    """
+    from ..compute.device import resolve_devices
+    from ..compute.executor import executor_for
+
+    if any(planned.produced.values()):
+        raise UnsupportedError("--executor ray does not merge into quantized bases yet; leave out --executor ray")
+    devices = resolve_devices(options.device)
+    written, shards = {}, []
+    for name, checkpoint in planned.components.items():
+        if name:
+            (target / name).mkdir()
+        plan = planned.plans[name]
+        written[name] = (
+            [target.name] if planned.single_file else shard_file_names(len(plan.shards), checkpoint.weight_prefix)
+        )
+        shards += [(name, index, sum(plan.tasks[i].nbytes for i in shard)) for index, shard in enumerate(plan.shards)]
+    task = ShardTask(
+        planned.adapters, writing.unmerge, writing.allow_nonfinite, planned.recorded, planned.components, planned.plans,
+        target, planned.single_file, devices[0].type,  # each task resolves it on its node
+    )  # fmt: skip
+    with executor_for(options.executor, devices) as pool:
+        results = pool.map(lambda shard, workspace: task(shard[:2], workspace), shards, size=lambda shard: shard[2])
+        for (_, _, nbytes), (changes, norms) in zip(shards, results, strict=True):
+            writing.changes += changes
+            writing.norms.update(norms)
+            writing.advance(nbytes)
+    if not planned.single_file:
+        for adapter in planned.adapters:
+            adapter_identity(adapter)
+    return written, devices, pool
 
 
 def _write_extras(

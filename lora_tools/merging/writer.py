@@ -24,7 +24,7 @@ from .checks import check_adapters_finite, checked_alone
 from .lanes import Lane, deal, no_cyclic_gc
 from .report import TensorChange, describe_terms, qualified_name
 
-__all__ = ["MergeWriter", "Shard"]
+__all__ = ["MergeWriter", "Shard", "ShardTask"]
 
 
 @dataclass
@@ -76,15 +76,21 @@ class MergeWriter:
     def fetch(self, index: int, key: str):
         return self.adapters[index].read(key)
 
-    def prepare(self, base: Checkpoint, plan: MergePlan, target: Path, single_file: bool, component: str | None):
-        """Create one checkpoint's shard files in `target` (a folder, or the file itself) and start their copies.
+    def prepare(
+        self, base: Checkpoint, plan: MergePlan, target: Path, single_file: bool, component: str | None,
+        only: int | None = None,
+    ):  # fmt: skip
+        """Create one checkpoint's shard files in `target` (a folder, or the file itself) and start their copies
+        (`only`: just that shard, as a task of `ShardTask`).
 
         Returns the shard file names.
         """
         names = [target.name] if single_file else shard_file_names(len(plan.shards), base.weight_prefix)
         paths = [target] if single_file else [target / n for n in names]
         quantized = self.quant.get(component)
-        for shard, path in zip(plan.shards, paths, strict=True):
+        for index, (shard, path) in enumerate(zip(plan.shards, paths, strict=True)):
+            if only is not None and index != only:
+                continue
             tasks = [plan.tasks[i] for i in shard]
             writer = SafetensorsWriter(path, [(t.name, t.out_dtype, t.shape) for t in tasks], {"format": "pt"})
             job = Shard(base, component, writer)
@@ -98,8 +104,11 @@ class MergeWriter:
                     job.copies.append((task, self.copier.submit(_copy, writer, task.name, base.tensors[task.source])))
         return names
 
-    def start(self, device: str):
-        """Import torch, resolve the device(s) and check what must be checked before computing; return the devices."""
+    def start(self, device: str, threads: int | None = None):
+        """Import torch, resolve the device(s) and check what must be checked before computing; return the devices.
+
+        `threads`: a CPU lane's row workers (default: the usable cores).
+        """
         from ..compute.pool import single_threaded_torch, usable_cores
 
         with trace.span("import torch"):
@@ -118,7 +127,8 @@ class MergeWriter:
             for job in self.shards:
                 for task, _ in job.copies:
                     self.checks.append(self.copier.submit(checked_alone, job.base.tensors[task.source]))
-        self.lanes = [Lane(d, usable_cores() if len(devices) == 1 else 1) for d in devices]
+        row_workers = (threads or usable_cores()) if len(devices) == 1 else 1
+        self.lanes = [Lane(d, row_workers) for d in devices]
         return devices
 
     def run(self) -> None:
@@ -291,3 +301,38 @@ def _copy(writer: SafetensorsWriter, name: str, info) -> None:
 
 def _needs_compute(task: TensorTask, base: Checkpoint) -> bool:
     return task.changed or task.out_dtype != task.in_dtype or base.tensors[task.source].offset is None
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Writes one output shard of a planned merge, as an executor's task (`compute.executor`), on any node.
+
+    The driver planned the merge and created the output's folders; each task opens the base and the
+    adapters from their paths (which every node sees), writes its shard file into the temporary output
+    with one core, and returns the shard's tensor changes and DoRA norms for the driver's report and
+    record. A retried task rewrites its file from the start.
+    """
+
+    adapters: list
+    unmerge: bool
+    allow_nonfinite: bool
+    recorded: dict
+    components: dict
+    plans: dict
+    target: Path
+    single_file: bool
+    device: str
+
+    def __call__(self, shard: tuple[str | None, int], workspace) -> tuple[list[TensorChange], dict]:
+        from contextlib import closing
+
+        component, index = shard
+        writing = MergeWriter(self.adapters, self.unmerge, self.allow_nonfinite, self.recorded, lambda nbytes: None)
+        folder = self.target / component if component else self.target
+        with closing(writing):
+            writing.prepare(
+                self.components[component], self.plans[component], folder, self.single_file, component, index
+            )
+            writing.start(self.device, threads=1)
+            writing.run()
+        return writing.changes, writing.norms
