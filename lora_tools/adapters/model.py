@@ -55,6 +55,7 @@ class LoraModule:
         component: the pipeline component the module belongs to ("unet", "text_encoder", …).
         kohya_name: True when `name` is a kohya-style underscored path, matched against the base by
             turning the base's own dotted paths into underscores.
+        params: a PEFT tuner's per-module settings (`adapters.tuners`), as sorted (name, value) pairs.
     """
 
     name: str
@@ -74,6 +75,7 @@ class LoraModule:
     dora_axis: str = "out"
     component: str | None = None
     kohya_name: bool = False
+    params: tuple[tuple[str, object], ...] = ()
 
     @property
     def dora(self) -> bool:
