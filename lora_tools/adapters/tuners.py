@@ -143,11 +143,6 @@ def _no_check(params: dict, shapes: dict, weight: tuple[int, ...]) -> str:
 
 
 def _vera_params(config: dict, module: str, shapes: dict) -> dict:
-    if not config["save_projection"]:
-        raise UnsupportedError(
-            f"{module}: this VeRA adapter was saved with save_projection=false, so vera_A/vera_B are not in the "
-            "file; save it again with save_projection=True (PEFT regenerates them only inside PEFT)"
-        )
     return {"fan_in_fan_out": bool(config["fan_in_fan_out"])}
 
 
@@ -314,7 +309,7 @@ TUNERS: dict[str, Tuner] = {
               ("linear",), "additive", "subtract", _miss_params, _miss_problems),
         Tuner("RANDLORA", "randlora", {".randlora_lambda": "lambda", ".randlora_gamma": "gamma",
                                        ".randlora_A": "A", ".randlora_B": "B"}, ("lambda", "gamma"),
-              {"randlora_alpha": 640, "fan_in_fan_out": False}, ("linear", "conv1d"), "additive", "subtract",
+              {"randlora_alpha": 640, "fan_in_fan_out": False, "save_projection": True}, ("linear", "conv1d"), "additive", "subtract",
               _randlora_params, _randlora_problems, shared={"randlora_A": "A", "randlora_B": "B"}),
         Tuner("SHIRA", "shira", {".shira_weight": "weight", ".shira_indices": "indices"}, ("weight", "indices"),
               {"fan_in_fan_out": False}, ("linear",), "additive", "subtract", _shira_params, _shira_problems),
@@ -401,6 +396,13 @@ def build_tuner_adapter(path: Path, weights: Checkpoint, config: dict) -> Adapte
     """
     tuner = TUNERS[config["peft_type"]]
     config = _with_defaults(tuner, config)
+    if tuner.shared and not config["save_projection"]:
+        shared = "/".join(f"{_SHARED_PREFIX}{key}" for key in tuner.shared)
+        raise UnsupportedError(
+            f"{path}: this {tuner.peft_type} adapter was saved with save_projection=false, so its shared random "
+            f"projections ({shared}) are not in the file and only PEFT's own generator makes them again; "
+            "save it with save_projection=True to merge it from files"
+        )
     grouped: dict[str, dict[str, str]] = {}
     shared: dict[str, str] = {}
     replacements: list[Replacement] = []
@@ -410,6 +412,10 @@ def build_tuner_adapter(path: Path, weights: Checkpoint, config: dict) -> Adapte
         name = key.removeprefix(_SHARED_PREFIX)
         if key.startswith(_SHARED_PREFIX) and name in tuner.shared:
             shared[tuner.shared[name]] = key
+            continue
+        if key.startswith(_PREFIX) and key.endswith(".base_layer.weight"):  # PEFT saves a targeted embedding's
+            target = key[len(_PREFIX) : -len(".base_layer.weight")] + ".weight"
+            replacements.append(Replacement(target, key, origin="saved base layer"))
             continue
         split = _split(tuner, key)
         if split is not None:
