@@ -208,3 +208,37 @@ def test_tuner_that_does_not_fit_the_base_names_the_module(tuner_files, tmp_path
     state[key] = state[key][:, :1].contiguous()
     save_file(state, adapter / "adapter_model.safetensors")
     _refused(run_cli(["merge", base, adapter, "-o", tmp_path / "out.safetensors"]), "lin", "c3a_kernel")
+
+
+@pytest.mark.parametrize("case", ["oft-cayley", "ia3", "vera"])
+def test_inspect_names_the_tuner_and_its_settings(tuner_files, case):
+    _, adapter = tuner_files(case)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    report = json.loads(run_cli(["inspect", adapter, "--json"]).stdout)
+    assert report["tuner"] == config["peft_type"]
+    assert {m["variant"] for m in report["modules"]} == {TUNERS[config["peft_type"]].variant}
+    if case == "oft-cayley":
+        assert report["modules"][0]["params"]["coft"] is True
+        assert report["modules"][0]["params"]["use_cayley_neumann"] is False
+    if case == "ia3":
+        assert {m["name"]: m["params"]["feedforward"] for m in report["modules"]} == {
+            "conv": False, "ff": True, "lin": False}  # fmt: skip
+    assert f"tuner {config['peft_type']}" in run_cli(["inspect", adapter]).stderr
+
+
+@pytest.mark.parametrize("case", ["adalora", "vera", "fourierft", "randlora", "shira", "c3a", "miss", "loha", "oft"])
+def test_stats_measure_peft_delta(tuner_files, case):
+    """`inspect --stats --base`: ‖ΔW‖_F of each module equals ‖W' − W‖_F of PEFT's own merge (fp64)."""
+    base, adapter = tuner_files(case)
+    report = json.loads(run_cli(["inspect", adapter, "--stats", "--base", base, "--json"]).stdout)
+    merged, original = peft_merged(base, adapter, torch.float64), load_file(base)
+    for module in report["stats"]["modules"]:
+        name = f"{module['name']}.weight"
+        expected = float((merged[name] - original[name].double()).norm())
+        assert module["frobenius"] == pytest.approx(expected, rel=1e-5), name
+
+
+def test_stats_without_base_say_what_they_need(tuner_files):
+    _, adapter = tuner_files("adalora")
+    assert run_cli(["inspect", adapter, "--stats", "--json"]).exit_code == 0  # AdaLoRA's ΔW shape is its own
+    _refused(run_cli(["inspect", tuner_files("vera")[1], "--stats"]), "VERA module", "pass --base")

@@ -35,6 +35,7 @@ __all__ = [
     "tuner_problems",
     "MULTIPLICATIVE",
     "transforms_weight",
+    "tuner_delta_shape",
 ]
 
 _PREFIX = "base_model.model."
@@ -477,3 +478,16 @@ def tuner_problems(module: LoraModule, shapes: Mapping[str, tuple[int, ...]], we
     except (KeyError, IndexError, ValueError):
         found = ", ".join(f"{role} {list(shape)}" for role, shape in sorted(shapes.items()))
         return f"its tensors ({found}) do not make a {tuner.peft_type} module"
+
+
+def tuner_delta_shape(module: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """ΔW's shape from a tuner module's own tensors, or None where only the base weight says it
+    (VeRA, FourierFT, MiSS, RandLoRA and SHiRA slice or place into the layer; the transforms act on W)."""
+    params = dict(module.params)
+    if module.variant == "adalora":
+        out, inp = shapes["B"][0], shapes["A"][1]
+        return (inp, out) if params["fan_in_fan_out"] else (out, inp)
+    if module.variant == "c3a":
+        rows, cols, size = shapes["kernel"]
+        return rows * size, cols * size
+    return None

@@ -30,6 +30,7 @@ class ModuleReport:
     dora: bool
     bias: bool
     rule: str = ""
+    params: dict = field(default_factory=dict)  # a PEFT tuner's per-module settings (OFT's coft, IA3's feedforward…)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class AdapterReport:
     metadata: dict[str, str]
     validation: Validation | None = None
     kind: str = field(default="adapter")
+    tuner: str | None = None  # PEFT's peft_type for its tuners other than LoRA (IA3, OFT, VERA…)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -124,6 +126,7 @@ def _adapter_report(
                 dora=module.dora,
                 bias=module.bias_key is not None,
                 rule=disk.rules.get(module.name, ""),
+                params=dict(module.params),
             )
         )
     validation = None
@@ -161,7 +164,13 @@ def _adapter_report(
         unknown_keys=list(adapter.unknown_keys),
         metadata=dict(adapter.metadata),
         validation=validation,
+        tuner=_tuner(adapter),
     )
+
+
+def _tuner(adapter: Adapter) -> str | None:
+    peft_type = adapter.config.get("peft_type") if adapter.format == "peft" else None
+    return peft_type if peft_type not in (None, "LORA") else None
 
 
 def _nonfinite_problems(adapter: Adapter) -> list[str]:

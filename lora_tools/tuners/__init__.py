@@ -13,10 +13,11 @@ from collections.abc import Callable
 import torch
 
 from ..adapters.model import LoraModule
-from ..adapters.tuners import transforms_weight
+from ..adapters.tuners import TUNERS, transforms_weight, tuner_delta_shape
+from ..errors import InvalidInputError
 from . import additive, transforms
 
-__all__ = ["DELTAS", "TRANSFORMS", "is_tuner_delta", "is_transform", "tuner_delta", "transform"]
+__all__ = ["DELTAS", "TRANSFORMS", "is_tuner_delta", "is_transform", "tuner_delta", "transform", "tuner_change"]
 
 #: variant → ΔW(factor by role, params, base weight shape).
 DELTAS: dict[str, Callable] = {
@@ -72,3 +73,27 @@ def transform(
     if module.variant == "oft":
         return transforms.oft(factor, params, weight, inverse=inverse, embedding=module.kind == "embedding")
     return TRANSFORMS[module.variant](factor, params, weight, inverse=inverse)
+
+
+def tuner_change(
+    module: LoraModule, fetch: Callable[[str], torch.Tensor], weight: torch.Tensor | None, shapes: dict
+) -> torch.Tensor:
+    """W' − W of a tuner module in fp64, for statistics: ΔW for additive tuners, the transform's effect
+    on `weight` for the others.
+
+    Raises:
+        InvalidInputError: the change depends on the base weight (a transform, or a ΔW whose shape only
+            the layer gives) and `weight` is None.
+    """
+    if weight is None:
+        shape = None if is_transform(module) else tuner_delta_shape(module, shapes)
+        if shape is None:
+            peft_type = next(t.peft_type for t in TUNERS.values() if t.variant == module.variant)
+            raise InvalidInputError(
+                f"{module.name}: a {peft_type} module's change depends on the base layer it adapts; pass --base"
+            )
+        return tuner_delta(module, fetch, torch.Size(shape))
+    weight = weight.to(torch.float64)
+    if is_transform(module):
+        return transform(module, fetch, weight, inverse=False) - weight
+    return tuner_delta(module, fetch, weight.shape)
