@@ -242,3 +242,45 @@ def test_stats_without_base_say_what_they_need(tuner_files):
     _, adapter = tuner_files("adalora")
     assert run_cli(["inspect", adapter, "--stats", "--json"]).exit_code == 0  # AdaLoRA's ΔW shape is its own
     _refused(run_cli(["inspect", tuner_files("vera")[1], "--stats"]), "VERA module", "pass --base")
+
+
+def _converted_merge(tuner_files, tmp_path, case, *options):
+    base, adapter = tuner_files(case)
+    result = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / "lora", "--base", base, "--json", *options])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    return base, adapter, json.loads(result.stdout), peft_merged(base, tmp_path / "lora", torch.float64)
+
+
+@pytest.mark.parametrize("case", ["adalora", "adalora-conv1d", "vera", "vera-conv1d"])
+def test_convert_to_lora_is_exact_for_low_rank_tuners(tuner_files, tmp_path, case):
+    """AdaLoRA and VeRA are rank-r LoRAs: PEFT merges the converted LoRA as it merges the tuner (fp32 rounding)."""
+    base, adapter, report, converted = _converted_merge(tuner_files, tmp_path, case)
+    assert {m["method"] for m in report["modules"]} == {"copied (exact)"}
+    original = peft_merged(base, adapter, torch.float64)
+    for name in _adapted(adapter):
+        delta = original[name] - load_file(base)[name].double()
+        error = (converted[name] - original[name]).abs().max() / delta.abs().max()
+        assert error < 1e-6, (name, float(error))
+
+
+@pytest.mark.parametrize("case", ["c3a", "oft", "fourierft", "hra"])
+def test_convert_to_lora_refactorises_at_the_eckart_young_error(tuner_files, tmp_path, case):
+    """Other tuners: the best rank-k LoRA of W' − W, its error the tail of ΔW's singular values."""
+    base, adapter, report, converted = _converted_merge(tuner_files, tmp_path, case, "--rank", "6")
+    original, weights = peft_merged(base, adapter, torch.float64), load_file(base)
+    errors = {m["name"]: m["relative_error"] for m in report["modules"]}
+    for name in _adapted(adapter):
+        delta = (original[name] - weights[name].double()).reshape(original[name].shape[0], -1)
+        values = torch.linalg.svdvals(delta if "emb" not in name else delta.T)
+        tail = float(values[6:].norm() / values.norm())
+        assert errors[name.removesuffix(".weight")] == pytest.approx(tail, rel=1e-4, abs=1e-7), name
+        found = (converted[name] - original[name]).norm() / delta.norm()
+        assert float(found) == pytest.approx(tail, rel=1e-4, abs=1e-6), name
+
+
+def test_convert_says_what_a_tuner_needs(tuner_files, tmp_path):
+    _, adapter = tuner_files("oft")
+    result = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / "lora"])
+    _refused(result, "OFT", "--rank N and --base")
+    assert not (tmp_path / "lora").exists()

@@ -24,6 +24,7 @@ from ..ops import variant_delta
 from ..planning.compatibility import compatibility_problems
 from ..planning.shapes import module_delta_shape
 from ..planning.targets import Targets
+from .tuners import is_tuner, tuner_factors
 
 __all__ = ["component_of", "refuse_extras", "to_kohya", "to_peft", "parameter_count"]
 
@@ -44,7 +45,7 @@ def refuse_extras(adapter: Adapter, target: str) -> None:
     """Refuse what a LoRA file of `target` cannot carry: replacements, lora_B biases, kohya embeddings."""
     if adapter.replacements:
         raise UnsupportedError(f"{adapter.path}: modules_to_save / trainable tokens cannot be carried by {target} LoRA")
-    bias = [m.name for m in adapter.modules if m.bias_key is not None]
+    bias = [m.name for m in adapter.modules if m.bias_key is not None and m.variant != "ia3"]  # IA3: conversion.tuners
     if bias:
         raise UnsupportedError(f"{adapter.path}: lora_B.bias ({bias[0]}) has no {target} spelling")
     embeddings = [m.name for m in adapter.modules if m.kind == "embedding"]
@@ -89,7 +90,7 @@ def to_peft(
 
     needs_names = any(m.kohya_name for m in adapter.modules)
     targets = base = None
-    if needs_names:
+    if needs_names or (base_path is not None and any(is_tuner(m) for m in adapter.modules)):
         if base_path is None:
             raise InvalidInputError(
                 f"{adapter.path}: kohya names are underscored module paths; pass --base so they can be matched "
@@ -106,6 +107,8 @@ def to_peft(
     def factors(module: LoraModule, workspace) -> tuple:
         """(path, A, B, alpha, rank, error, method) of one module (re-factorising runs on a worker)."""
         path = targets.find(module) if targets is not None else module.name
+        if is_tuner(module):  # PEFT's other tuners: exact where they are LoRAs, else their change re-factorised
+            return path, *tuner_factors(adapter, module, base, path, rank)
         if module.variant == "lora":
             down, up, alpha = adapter.read(module.a_key), adapter.read(module.b_key), module.alpha
             if adapter.use_rslora:
