@@ -284,3 +284,14 @@ def test_convert_says_what_a_tuner_needs(tuner_files, tmp_path):
     result = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / "lora"])
     _refused(result, "OFT", "--rank N and --base")
     assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "llama.cpp", "mlx"])
+def test_check_names_tuners_an_engine_cannot_serve(tuner_files, engine):
+    _, adapter = tuner_files("adalora")
+    report = json.loads(run_cli(["check", adapter, "--for", engine, "--json"]).stdout)
+    found = {f["rule"]: f for f in report["findings"]}
+    assert found["peft_tuner"]["effect"] == "rejects"
+    assert found["peft_tuner"]["items"] == ["ff (ADALORA)", "lin (ADALORA)"]
+    assert "loratool convert ADAPTER --to peft" in found["peft_tuner"]["fix"]
+    assert "not_lora" not in found
