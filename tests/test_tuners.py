@@ -295,3 +295,27 @@ def test_check_names_tuners_an_engine_cannot_serve(tuner_files, engine):
     assert found["peft_tuner"]["items"] == ["ff (ADALORA)", "lin (ADALORA)"]
     assert "loratool convert ADAPTER --to peft" in found["peft_tuner"]["fix"]
     assert "not_lora" not in found
+
+
+def test_readme_and_docs_show_the_registry_table():
+    """The support table in the README and on the tuners page is the one the registry makes (it cannot drift)."""
+    from conftest import REPO
+
+    from lora_tools.adapters.tuners import support_table
+
+    table = "\n".join(support_table())
+    assert table in (REPO / "README.md").read_text()
+    assert table in (REPO / "docs" / "pages" / "tuners.md").read_text()
+
+
+_LAYER_OF = {"lin": "linear", "ff": "linear", "conv": "conv2d", "emb": "embedding", "c1d": "conv1d"}
+
+
+def test_every_layer_kind_the_registry_claims_is_tested_against_peft():
+    covered: dict[str, set] = {}
+    for make in CASES.values():
+        config = make()
+        targets = config.target_modules
+        covered.setdefault(str(config.peft_type.value), set()).update(_LAYER_OF[t] for t in targets)
+    for peft_type, tuner in TUNERS.items():
+        assert set(tuner.layers) <= covered.get(peft_type, set()), peft_type

@@ -36,6 +36,8 @@ __all__ = [
     "MULTIPLICATIVE",
     "transforms_weight",
     "tuner_delta_shape",
+    "EXACT_LORA",
+    "support_table",
 ]
 
 _PREFIX = "base_model.model."
@@ -185,6 +187,8 @@ def _boft_params(config: dict, module: str, shapes: dict) -> dict:
 
 
 def _boft_problems(params: dict, shapes: dict, weight: tuple[int, ...]) -> str:
+    if len(weight) != 2:
+        return "BOFT on convolutions is not supported yet (PEFT's conv merge scales by boft_s differently)"
     out, inp = _two_d(weight)
     _, blocks, size, _ = shapes["R"]
     if blocks * size != inp or math.prod(shapes["s"]) != out:
@@ -300,7 +304,7 @@ TUNERS: dict[str, Tuner] = {
                "num_cayley_neumann_terms": 5}, ("linear", "conv2d", "embedding"), "multiplicative", "inverse",
               _oft_params, _oft_problems),
         Tuner("BOFT", "boft", {".boft_R": "R", ".boft_s": "s"}, ("R", "s"), {"fan_in_fan_out": False},
-              ("linear", "conv2d"), "multiplicative", "inverse", _boft_params, _boft_problems),
+              ("linear",), "multiplicative", "inverse", _boft_params, _boft_problems),
         Tuner("HRA", "hra", {".hra_u": "u"}, ("u",), {"apply_GS": False}, ("linear", "conv2d"),
               "multiplicative", "inverse", _hra_params, _hra_problems),
         Tuner("FOURIERFT", "fourierft", {".fourierft_spectrum": "spectrum"}, ("spectrum",),
@@ -318,6 +322,9 @@ TUNERS: dict[str, Tuner] = {
               _c3a_params, _c3a_problems),
     )
 }  # fmt: skip
+
+#: Tuners whose modules are rank-r LoRAs already: `convert --to peft` writes them exactly.
+EXACT_LORA = frozenset({"adalora", "vera"})
 
 #: Variants whose merge transforms W instead of adding ΔW (MiSS' "bat" init is one too: `LoraModule.params`).
 MULTIPLICATIVE = frozenset(t.variant for t in TUNERS.values() if t.merge == "multiplicative")
@@ -491,3 +498,29 @@ def tuner_delta_shape(module: LoraModule, shapes: Mapping[str, tuple[int, ...]])
         rows, cols, size = shapes["kernel"]
         return rows * size, cols * size
     return None
+
+
+_LAYER_NAMES = {"linear": "Linear", "conv1d": "Conv1D", "conv2d": "Conv2d", "embedding": "Embedding"}
+_UNMERGE = {"subtract": "W' − ΔW", "divide": "W' ÷ l (refused for zero scales)", "inverse": "inverse rotation"}
+
+
+def support_table() -> list[str]:
+    """What lora_tools does with each tuner, as the markdown table the README and the docs show."""
+    lines = ["| tuner | layers | merge | unmerge | `convert --to peft` | `--stats` |", "|---|---|---|---|---|---|"]
+    for tuner in TUNERS.values():
+        probe = LoraModule("m", "linear", "", "", (), (), 0, 0.0, 1.0, variant=tuner.variant)
+        merge = "W → W'" if transforms_weight(probe) else "W + ΔW"
+        if tuner.variant == "miss":
+            merge += " (`bat`: W → W')"
+        if tuner.variant in EXACT_LORA:
+            convert = "exact, rank r" + (" (`--base`)" if tuner.shared else "")
+        else:
+            convert = "`--rank N --base`" if tuner.merge == "multiplicative" else "`--rank N`"
+        self_shaped = tuner.merge == "additive" and tuner.variant in ("adalora", "c3a", "loha", "lokr")
+        stats = "yes" if self_shaped else "with `--base`"
+        layers = ", ".join(_LAYER_NAMES[layer] for layer in tuner.layers)
+        unmerge = _UNMERGE[tuner.unmerge] if tuner.unmerge else "refused"
+        if tuner.variant == "miss":
+            unmerge += " (`bat`: inverse)"
+        lines.append(f"| {tuner.peft_type} | {layers} | {merge} | {unmerge} | {convert} | {stats} |")
+    return lines

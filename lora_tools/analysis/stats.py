@@ -20,7 +20,7 @@ import torch
 from ..adapters.model import Adapter, LoraModule
 from ..adapters.tuners import tuner_of_variant
 from ..ops import dora_norm, low_rank_pair, per_output, variant_delta
-from ..planning.shapes import variant_delta_shape
+from ..planning.shapes import module_delta_shape
 from ..planning.targets import Targets, with_tied_head
 from ..tuners import tuner_change
 from .spectrum import Spectrum, dense_spectrum, low_rank_spectrum
@@ -119,11 +119,7 @@ def _dense_delta(adapter: Adapter, module: LoraModule, weight: torch.Tensor | No
         shapes = {role: adapter.tensors[key].shape for role, key in module.factors}
         return tuner_change(module, factor, weight, shapes)
     if module.variant != "lora":
-        shape = (
-            weight.shape
-            if weight is not None
-            else variant_delta_shape(module, {k: i.shape for k, i in adapter.tensors.items()})
-        )
+        shape = weight.shape if weight is not None else module_delta_shape(adapter, module)  # factor shapes by role
         delta = module.scale * variant_delta(module, factor, torch.Size(shape))
     else:
         left, right = low_rank_pair(module, factor(module.a_key), factor(module.b_key))

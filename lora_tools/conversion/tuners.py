@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.model import Adapter, LoraModule
-from ..adapters.tuners import TUNERS, tuner_of_variant
+from ..adapters.tuners import EXACT_LORA, TUNERS, tuner_of_variant
 from ..errors import InvalidInputError, UnsupportedError
 from ..io.checkpoint import Checkpoint
 from ..lowrank.rank import RankRule
@@ -32,6 +32,8 @@ def _peft_type(module: LoraModule) -> str:
 
 def _exact(module: LoraModule, read, weight_shape: tuple[int, ...] | None):
     """(A, B, alpha) of the rank-r LoRA that AdaLoRA and VeRA modules are, or None for other tuners."""
+    if module.variant not in EXACT_LORA:
+        return None
     roles = dict(module.factors)
     params = dict(module.params)
     if module.variant == "adalora":
