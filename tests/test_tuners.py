@@ -319,3 +319,25 @@ def test_every_layer_kind_the_registry_claims_is_tested_against_peft():
         covered.setdefault(str(config.peft_type.value), set()).update(_LAYER_OF[t] for t in targets)
     for peft_type, tuner in TUNERS.items():
         assert set(tuner.layers) <= covered.get(peft_type, set()), peft_type
+
+
+def test_adalora_with_pruned_ranks_keeps_its_initial_ranknum(tuner_files, tmp_path):
+    """AdaLoRA's training prunes ranks (`rank_pattern`): PEFT saves the kept ones and still divides by init_r."""
+    import warnings
+
+    import peft
+    from tuner_models import LINEARS, tiny
+
+    base, _ = tuner_files("adalora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(tiny(), peft.AdaLoraConfig(init_r=4, total_step=10, target_modules=LINEARS))
+        randomize(model, 5)
+        model.peft_config["default"].rank_pattern = {"lin.lora_E.default": [True, False, True, False],
+                                                     "ff.lora_E.default": [False, True, True, True]}  # fmt: skip
+        model.save_pretrained(tmp_path / "adapter")
+    assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")["base_model.model.lin.lora_A"].shape[0] == 2
+    lora_tools.merge(base, [tmp_path / "adapter"], tmp_path / "out.safetensors", device="cpu")
+    ours, expected = load_file(tmp_path / "out.safetensors"), peft_merged(base, tmp_path / "adapter", torch.float32)
+    for name in ("lin.weight", "ff.weight"):
+        torch.testing.assert_close(ours[name], expected[name], rtol=0, atol=4e-8)
