@@ -318,7 +318,28 @@ def test_every_layer_kind_the_registry_claims_is_tested_against_peft():
         targets = config.target_modules
         covered.setdefault(str(config.peft_type.value), set()).update(_LAYER_OF[t] for t in targets)
     for peft_type, tuner in TUNERS.items():
-        assert set(tuner.layers) <= covered.get(peft_type, set()), peft_type
+        if peft_type != "BONE":  # PEFT 0.21 no longer loads it: test_bone_merges_as_miss
+            assert set(tuner.layers) <= covered.get(peft_type, set()), peft_type
+
+
+@pytest.mark.parametrize("case", ["miss", "miss-bat"])
+def test_bone_merges_as_miss(tuner_files, tmp_path, case):
+    """BONE (MiSS' name before PEFT 0.18, `bone_block`) has MiSS' arithmetic: a MiSS adapter re-spelled as
+    BONE merges as PEFT merges the MiSS one."""
+    base, saved = tuner_files(case)
+    adapter = tmp_path / "bone"
+    adapter.mkdir()
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config = {**{k: v for k, v in config.items() if k != "mini_r"}, "peft_type": "BONE"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    state = load_file(saved / "adapter_model.safetensors")
+    save_file(
+        {k.replace("miss_block", "bone_block"): v for k, v in state.items()}, adapter / "adapter_model.safetensors"
+    )
+    lora_tools.merge(base, [adapter], tmp_path / "out.safetensors", device="cpu")
+    ours, expected = load_file(tmp_path / "out.safetensors"), peft_merged(base, saved, torch.float32)
+    for name in ("lin.weight", "ff.weight"):
+        torch.testing.assert_close(ours[name], expected[name], rtol=0, atol=4e-7)
 
 
 def test_adalora_with_pruned_ranks_keeps_its_initial_ranknum(tuner_files, tmp_path):
@@ -341,3 +362,19 @@ def test_adalora_with_pruned_ranks_keeps_its_initial_ranknum(tuner_files, tmp_pa
     ours, expected = load_file(tmp_path / "out.safetensors"), peft_merged(base, tmp_path / "adapter", torch.float32)
     for name in ("lin.weight", "ff.weight"):
         torch.testing.assert_close(ours[name], expected[name], rtol=0, atol=4e-8)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["resize", "ADAPTER", "--rank", "2", "-o", "OUT"],
+        ["combine", "ADAPTER", "ADAPTER", "--method", "cat", "-o", "OUT"],
+        ["convert", "ADAPTER", "--to", "kohya", "-o", "OUT.safetensors"],
+        ["convert", "ADAPTER", "--to", "mlx", "-o", "OUT"],
+    ],
+)
+def test_lora_only_commands_point_a_tuner_to_convert(tuner_files, tmp_path, command):
+    _, adapter = tuner_files("oft")
+    args = [adapter if a == "ADAPTER" else str(tmp_path / "out") + a[3:] if a.startswith("OUT") else a for a in command]
+    _refused(run_cli(args), "OFT adapter cannot be", "loratool convert ADAPTER --to peft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

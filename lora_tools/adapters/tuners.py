@@ -38,6 +38,7 @@ __all__ = [
     "tuner_delta_shape",
     "EXACT_LORA",
     "support_table",
+    "refuse_tuner",
 ]
 
 _PREFIX = "base_model.model."
@@ -312,6 +313,8 @@ TUNERS: dict[str, Tuner] = {
               "additive", "subtract", _fourierft_params, _fourierft_problems),
         Tuner("MISS", "miss", {".miss_block": "block"}, ("block",), {"init_weights": True, "mini_r": 1},
               ("linear",), "additive", "subtract", _miss_params, _miss_problems),
+        Tuner("BONE", "miss", {".bone_block": "block"}, ("block",), {"init_weights": True, "mini_r": 1},
+              ("linear",), "additive", "subtract", _miss_params, _miss_problems),
         Tuner("RANDLORA", "randlora", {".randlora_lambda": "lambda", ".randlora_gamma": "gamma",
                                        ".randlora_A": "A", ".randlora_B": "B"}, ("lambda", "gamma"),
               {"randlora_alpha": 640, "fan_in_fan_out": False, "save_projection": True}, ("linear", "conv1d"), "additive", "subtract",
@@ -328,7 +331,10 @@ EXACT_LORA = frozenset({"adalora", "vera"})
 
 #: Variants whose merge transforms W instead of adding ΔW (MiSS' "bat" init is one too: `LoraModule.params`).
 MULTIPLICATIVE = frozenset(t.variant for t in TUNERS.values() if t.merge == "multiplicative")
-_BY_VARIANT = {t.variant: t for t in TUNERS.values() if t.variant not in ("loha", "lokr")}
+_BY_VARIANT: dict[str, Tuner] = {}
+for _row in TUNERS.values():  # BONE, MiSS' former name, shares MiSS' arithmetic and row
+    if _row.variant not in ("loha", "lokr"):
+        _BY_VARIANT.setdefault(_row.variant, _row)
 
 
 def transforms_weight(module: LoraModule) -> bool:
@@ -524,3 +530,14 @@ def support_table() -> list[str]:
             unmerge += " (`bat`: inverse)"
         lines.append(f"| {tuner.peft_type} | {layers} | {merge} | {unmerge} | {convert} | {stats} |")
     return lines
+
+
+def refuse_tuner(adapter: Adapter, action: str) -> None:
+    """Refuse an operation defined for LoRA factors (resize, combine, kohya/GGUF/mlx files) on another tuner,
+    naming the conversion that makes it a LoRA first."""
+    peft_type = adapter.config.get("peft_type") if adapter.format == "peft" else None
+    if peft_type in TUNERS and peft_type not in ("LOHA", "LOKR"):
+        raise UnsupportedError(
+            f"{adapter.path}: a {peft_type} adapter cannot be {action} as it is; write it as a LoRA first: "
+            "loratool convert ADAPTER --to peft --base BASE -o LORA (add --rank N unless it is AdaLoRA or VeRA)"
+        )

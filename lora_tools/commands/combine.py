@@ -16,6 +16,7 @@ from pathlib import Path
 from ..adapters import kohya, peft
 from ..adapters.model import Adapter, LoraModule, ModuleFactors
 from ..adapters.registry import module_writer, read_adapter
+from ..adapters.tuners import refuse_tuner
 from ..combining.groups import GroupReader, GroupResult, combine_group
 from ..combining.options import PEFT_EQUIVALENT, TARGET_FORMATS, CombineOptions
 from ..combining.plan import ModuleGroup, plan_combination
@@ -86,6 +87,7 @@ def _load_inputs(
     for spec in specs:
         local, repo = resolve_input(spec, revision=revision, token=token)
         adapter = _restrict(read_adapter(local, alpha=alpha), component)
+        refuse_tuner(adapter, "combined")
         _check_supported(adapter, to)
         if not adapter.modules:
             raise InvalidInputError(f"{adapter.path}: no LoRA module to combine" + (

@@ -17,6 +17,7 @@ from ..adapters.kohya import kohya_metadata
 from ..adapters.peft import WEIGHTS_NAME, peft_adapter_config, write_adapter_config
 from ..adapters.registry import fit_to_base, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
+from ..adapters.tuners import refuse_tuner
 from ..conversion.export import ExportOptions, export
 from ..conversion.naming import convert_naming
 from ..conversion.spelling import component_of, parameter_count, refuse_extras, to_kohya, to_peft
@@ -91,6 +92,8 @@ def convert(
         raise InvalidInputError(
             f"{source.path}: keys lora_tools does not understand: {', '.join(source.unknown_keys[:5])}"
         )
+    if to == "kohya":
+        refuse_tuner(source, "written as kohya")
     refuse_extras(source, to)
     chosen = component_of(source, component)
     if len({m.component for m in source.modules}) > 1:
