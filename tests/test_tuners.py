@@ -282,7 +282,7 @@ def test_convert_to_lora_refactorises_at_the_eckart_young_error(tuner_files, tmp
 def test_convert_says_what_a_tuner_needs(tuner_files, tmp_path):
     _, adapter = tuner_files("oft")
     result = run_cli(["convert", adapter, "--to", "peft", "-o", tmp_path / "lora"])
-    _refused(result, "OFT", "--rank N and --base")
+    _refused(result, "OFT", "--rank N (or --energy F) and --base")
     assert not (tmp_path / "lora").exists()
 
 
@@ -378,3 +378,15 @@ def test_lora_only_commands_point_a_tuner_to_convert(tuner_files, tmp_path, comm
     args = [adapter if a == "ADAPTER" else str(tmp_path / "out") + a[3:] if a.startswith("OUT") else a for a in command]
     _refused(run_cli(args), "OFT adapter cannot be", "loratool convert ADAPTER --to peft")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_convert_by_energy_keeps_the_fewest_ranks_that_hold_it(tuner_files, tmp_path):
+    base, adapter, report, _ = _converted_merge(tuner_files, tmp_path, "hra", "--energy", "0.9")
+    original, weights = peft_merged(base, adapter, torch.float64), load_file(base)
+    for module in report["modules"]:
+        name = f"{module['name']}.weight"
+        delta = original[name] - weights[name].double()
+        values = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))
+        kept = float(values[: module["rank"]].square().sum() / values.square().sum())
+        fewer = float(values[: module["rank"] - 1].square().sum() / values.square().sum())
+        assert kept >= 0.9 > fewer, (name, module["rank"], kept, fewer)

@@ -51,7 +51,7 @@ def _exact(module: LoraModule, read, weight_shape: tuple[int, ...] | None):
     return None
 
 
-def tuner_factors(adapter: Adapter, module: LoraModule, base: Checkpoint | None, path: str, rank: int | None):
+def tuner_factors(adapter: Adapter, module: LoraModule, base: Checkpoint | None, path: str, rule: RankRule | None):
     """(A, B, alpha, rank, relative error, method) of a PEFT LoRA that serves this tuner module.
 
     Raises:
@@ -70,16 +70,17 @@ def tuner_factors(adapter: Adapter, module: LoraModule, base: Checkpoint | None,
         return down.float(), up.float(), alpha, down.shape[0], 0.0, "copied (exact)"
     if module.variant == "ia3" and base is not None and f"{path}.bias" in base.tensors and module.bias_key:
         raise UnsupportedError(f"{module.name}: IA3 scales {path}.bias too, which a LoRA cannot carry")
-    if rank is None:
+    if rule is None:
         needs = " and --base" if is_transform(module) and base is None else ""
         raise InvalidInputError(
-            f"{module.name} is {_peft_type(module)}: pass --rank N{needs} to write the best rank-N LoRA of its change"
+            f"{module.name} is {_peft_type(module)}: pass --rank N (or --energy F){needs} to write the best "
+            "rank-N LoRA of its change"
         )
     shapes = {role: adapter.tensors[key].shape for role, key in module.factors}
     delta = tuner_change(module, read, weight, shapes)
     transposed = module.fan_in_fan_out or module.kind == "embedding"  # PEFT's LoRA keeps these as (B·A)ᵀ
     matrix = delta.T if transposed else delta.reshape(delta.shape[0], -1)
-    b, a, method = factorize(matrix, RankRule(rank=rank), "auto")
+    b, a, method = factorize(matrix, rule, "auto")
     error = float((matrix - b @ a).norm() / matrix.norm()) if matrix.norm() > 0 else 0.0
     kept = a.shape[0]
     if not transposed and delta.dim() > 2:  # conv: A as r×in×kh×kw, B as out×r×1×1
