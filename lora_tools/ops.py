@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .adapters.model import LoraModule
+from .tuners import is_tuner_delta, tuner_delta
 
 __all__ = ["dora_norm", "per_output", "variant_delta", "low_rank_pair"]
 
@@ -42,6 +43,8 @@ def variant_delta(module: LoraModule, factor: Callable[[str], torch.Tensor], sha
     The α/r scale is applied once, by the caller (LyCORIS' merge script applies it twice for
     these variants; its forward pass, which inference uses, applies it once).
     """
+    if is_tuner_delta(module):  # PEFT's other additive tuners (AdaLoRA, VeRA, FourierFT, …), scale included
+        return tuner_delta(module, factor, shape)
     roles = dict(module.factors)
     if module.variant == "experts":
         from .layouts.experts import fused_delta

@@ -72,7 +72,7 @@ def test_bad_adapter_config_json(plain, tmp_path):
         ("r", "8", "'r' must be an integer"),
         ("lora_alpha", -1, "'lora_alpha' must be a number"),
         ("lora_alpha", 1e12, "'lora_alpha' must be a number"),
-        ("peft_type", "IA3", "peft_type 'IA3' is not supported"),
+        ("peft_type", "PREFIX_TUNING", "peft_type 'PREFIX_TUNING' is not supported"),
         ("rank_pattern", {"q_proj[": 2}, "not a valid regular expression"),
         ("use_rslora", "yes", "'use_rslora' must be true or false"),
     ],

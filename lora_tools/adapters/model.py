@@ -57,6 +57,7 @@ class LoraModule:
             turning the base's own dotted paths into underscores.
         base_init: for a PiSSA or OLoRA module, the init ("pissa", "olora") whose residual
             W − s·B₀A₀ replaces the base weight before ΔW is added (see `adapters.inits`).
+        params: a PEFT tuner's per-module settings (`adapters.tuners`), as sorted (name, value) pairs.
     """
 
     name: str
@@ -77,6 +78,7 @@ class LoraModule:
     component: str | None = None
     kohya_name: bool = False
     base_init: str | None = None
+    params: tuple[tuple[str, object], ...] = ()
 
     @property
     def dora(self) -> bool:

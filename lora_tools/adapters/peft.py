@@ -17,12 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError
+from ..errors import CorruptFileError, InvalidInputError
 from ..io.checkpoint import Checkpoint, open_checkpoint, read_json
 from ..io.derived import DerivedCheckpoint
 from ..layouts.vocab import is_saved_embedding, is_wrapper_copy
 from .inits import check_init_field, with_base_init
 from .model import MAX_ALPHA, MAX_RANK, Adapter, LoraModule, ModuleFactors, Replacement, safetensors_names
+from .tuners import build_tuner_adapter, check_tuner_config
 
 if TYPE_CHECKING:
     from ..io.spool import Spool
@@ -97,9 +98,9 @@ def _peft_weights_file(folder: Path) -> Path:
 
 def _check_peft_config(path: Path, config: dict) -> None:
     """Reject configs whose values PEFT would misread or that make no sense, naming the field."""
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise UnknownFormatError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
+    if config.get("peft_type", "LORA") != "LORA":
+        check_tuner_config(path, config)  # the other tuners: their own rows (`tuners.TUNERS`)
+        return
 
     def bad(field_name: str, why: str) -> CorruptFileError:
         return CorruptFileError(path, f"adapter_config.json field {field_name!r} {why}")
@@ -248,6 +249,8 @@ def detect_folder(path: Path) -> bool:
 def read_folder(path: Path, *, alpha: float | None = None) -> Adapter:
     config = read_json(path / CONFIG_NAME, CONFIG_NAME)
     _check_peft_config(path / CONFIG_NAME, config)
+    if config.get("peft_type", "LORA") != "LORA":
+        return build_tuner_adapter(path, open_checkpoint(_peft_weights_file(path)), config)
     if alpha is not None:
         config = {**config, "lora_alpha": alpha, "alpha_pattern": {}}
     return build_peft_adapter(path, open_checkpoint(_peft_weights_file(path)), config)

@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..adapters.model import Adapter, LoraModule
+from ..adapters.tuners import tuner_of_variant
 from ..ops import dora_norm, low_rank_pair, per_output, variant_delta
-from ..planning.shapes import variant_delta_shape
+from ..planning.shapes import module_delta_shape
 from ..planning.targets import Targets, with_tied_head
+from ..tuners import tuner_change
 from .spectrum import Spectrum, dense_spectrum, low_rank_spectrum
 
 __all__ = [
@@ -115,12 +117,11 @@ def _dense_delta(adapter: Adapter, module: LoraModule, weight: torch.Tensor | No
     def factor(key: str) -> torch.Tensor:
         return adapter.read(key).to(torch.float64)
 
+    if tuner_of_variant(module.variant) is not None:  # PEFT's other tuners (IA3, OFT: the effect on W)
+        shapes = {role: adapter.tensors[key].shape for role, key in module.factors}
+        return tuner_change(module, factor, weight, shapes)
     if module.variant != "lora":
-        shape = (
-            weight.shape
-            if weight is not None
-            else variant_delta_shape(module, {k: i.shape for k, i in adapter.tensors.items()})
-        )
+        shape = weight.shape if weight is not None else module_delta_shape(adapter, module)  # factor shapes by role
         delta = module.scale * variant_delta(module, factor, torch.Size(shape))
     else:
         left, right = low_rank_pair(module, factor(module.a_key), factor(module.b_key))

@@ -155,6 +155,7 @@ def combine(adapters: tuple[str, ...], **options) -> None:
 )
 @click.option("--component", help="Pipeline component to take or to name (unet, text_encoder, …).")
 @click.option("--rank", "-r", type=int, help="Rank for re-factorising LoHa / LoKr / Tucker modules as LoRA.")
+@click.option("--energy", type=float, help="Instead of --rank: keep this fraction of each re-factorised ΔW's energy.")
 @click.option("--bake-alpha", is_flag=True, help="Fold the scale into B and set alpha = rank.")
 @click.option("--alpha", type=float, help="lora_alpha for adapter files that do not record it.")
 @click.option("--checksum", is_flag=True, help="Add the sha256 of every output file to the report.")

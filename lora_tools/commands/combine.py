@@ -18,6 +18,7 @@ from ..adapters import kohya, peft
 from ..adapters.inits import refuse_rewritten_base
 from ..adapters.model import Adapter, LoraModule, ModuleFactors
 from ..adapters.registry import module_writer, read_adapter
+from ..adapters.tuners import refuse_tuner
 from ..combining.groups import GroupReader, GroupResult, combine_group
 from ..combining.options import PEFT_EQUIVALENT, TARGET_FORMATS, CombineOptions
 from ..combining.plan import ModuleGroup, plan_combination
@@ -90,6 +91,7 @@ def _load_inputs(
         local, repo = resolve_input(spec, revision=revision, token=token)
         adapter = _restrict(read_adapter(local, alpha=alpha), component)
         refuse_rewritten_base(adapter, "combine")  # PiSSA/OLoRA/…: its ΔW is not s·B·A alone
+        refuse_tuner(adapter, "combined")
         _check_supported(adapter, to)
         if not adapter.modules:
             raise InvalidInputError(f"{adapter.path}: no LoRA module to combine" + (

@@ -18,6 +18,7 @@ from ..adapters.kohya import kohya_metadata
 from ..adapters.peft import WEIGHTS_NAME, peft_adapter_config, write_adapter_config
 from ..adapters.registry import fit_to_base, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
+from ..adapters.tuners import refuse_tuner
 from ..conversion.export import ExportOptions, export
 from ..conversion.naming import convert_naming
 from ..conversion.spelling import component_of, parameter_count, refuse_extras, to_kohya, to_peft
@@ -25,6 +26,7 @@ from ..errors import InvalidInputError
 from ..io.hub import resolve_input
 from ..io.output import atomic_output, checksums
 from ..io.spool import Spool
+from ..lowrank.rank import RankRule
 
 __all__ = ["convert", "TARGET_FORMATS"]
 
@@ -39,6 +41,7 @@ def convert(
     base: str | os.PathLike | None = None,
     component: str | None = None,
     rank: int | None = None,
+    energy: float | None = None,
     bake_alpha: bool = False,
     alpha: float | None = None,
     force: bool = False,
@@ -57,7 +60,9 @@ def convert(
         output: a PEFT folder (`to="peft"`) or a `.safetensors` file (`to="kohya"`).
         base: needed to turn kohya's underscored names into PEFT's dotted ones.
         component: which pipeline component to take (or to name, for kohya output).
-        rank: LoHa / LoKr / Tucker modules are re-factorised to this rank (an approximation).
+        rank: LoHa / LoKr / Tucker modules (and PEFT tuners other than AdaLoRA and VeRA) are re-factorised
+            to this rank (an approximation).
+        energy: instead of `rank`, each module's rank keeps this fraction of ‖ΔW‖² (as `resize --energy`).
         bake_alpha: fold the scale into B and set alpha = rank, instead of carrying alpha.
         drop_unsupported: for `to="gguf"|"mlx"`, leave out (and report) what the target cannot carry.
         workers: modules re-factorised at once, one core each (default: the usable cores);
@@ -74,6 +79,7 @@ def convert(
         raise InvalidInputError(f"--to must be one of {', '.join(TARGET_FORMATS)}, got {to!r}")
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"--rank must be a positive integer, got {rank}")
+    rule = RankRule(rank=rank, energy=energy) if rank is not None or energy is not None else None
     if naming is not None or to == "diffusers":
         return convert_naming(adapter, output, to=to, naming=naming or "diffusers", base=base, alpha=alpha,
                               force=force, checksum=checksum, revision=revision, token=token)  # fmt: skip
@@ -93,6 +99,8 @@ def convert(
         raise InvalidInputError(
             f"{source.path}: keys lora_tools does not understand: {', '.join(source.unknown_keys[:5])}"
         )
+    if to == "kohya":
+        refuse_tuner(source, "written as kohya")
     refuse_extras(source, to)
     chosen = component_of(source, component)
     if len({m.component for m in source.modules}) > 1:
@@ -110,7 +118,7 @@ def convert(
                 ranks: dict[str, int] = {}
                 alphas: dict[str, float] = {}
                 fan_in_fan_out, use_dora = to_peft(
-                    source, base_local, chosen, spool, rank, bake_alpha, modules, ranks, alphas, workers
+                    source, base_local, chosen, spool, rule, bake_alpha, modules, ranks, alphas, workers
                 )
                 size = spool.finish(target / WEIGHTS_NAME)
                 config = peft_adapter_config(

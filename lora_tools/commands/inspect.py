@@ -31,6 +31,7 @@ class ModuleReport:
     dora: bool
     bias: bool
     rule: str = ""
+    params: dict = field(default_factory=dict)  # a PEFT tuner's per-module settings (OFT's coft, IA3's feedforward…)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class AdapterReport:
     kind: str = field(default="adapter")
     #: PEFT adapters: `init_lora_weights` and what it means for a merge (`adapters.inits.describe_init`)
     init: dict | None = None
+    tuner: str | None = None  # PEFT's peft_type for its tuners other than LoRA (IA3, OFT, VERA…)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -127,6 +129,7 @@ def _adapter_report(
                 dora=module.dora,
                 bias=module.bias_key is not None,
                 rule=disk.rules.get(module.name, ""),
+                params=dict(module.params),
             )
         )
     validation = None
@@ -165,7 +168,13 @@ def _adapter_report(
         metadata=dict(adapter.metadata),
         validation=validation,
         init=describe_init(adapter.config) if "peft_type" in adapter.config else None,
+        tuner=_tuner(adapter),
     )
+
+
+def _tuner(adapter: Adapter) -> str | None:
+    peft_type = adapter.config.get("peft_type") if adapter.format == "peft" else None
+    return peft_type if peft_type not in (None, "LORA") else None
 
 
 def _nonfinite_problems(adapter: Adapter) -> list[str]:

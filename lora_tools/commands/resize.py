@@ -12,6 +12,7 @@ from ..adapters.model import Adapter, LoraModule
 from ..adapters.peft import WEIGHTS_NAME, as_peft, peft_adapter_config, write_adapter_config
 from ..adapters.registry import read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
+from ..adapters.tuners import refuse_tuner
 from ..compute.device import device_names, resolve_devices
 from ..compute.executor import Executor, executor_for
 from ..errors import UnsupportedError
@@ -57,6 +58,7 @@ def resize(
     adapter_local, adapter_repo = resolve_input(adapter, revision=revision, token=token)
     source = as_peft(read_adapter(adapter_local))  # GGUF / mlx-lm adapters resize into PEFT folders too
     refuse_rewritten_base(source, "resize")  # PiSSA/OLoRA/…: W_res depends on the rank
+    refuse_tuner(source, "resized")
     if source.format != "peft":
         raise UnsupportedError(f"{source.path}: resize writes PEFT folders; convert this {source.format} adapter first")
     devices = resolve_devices(device)

@@ -16,6 +16,7 @@ from ..adapters.inits import refuse_rewritten_base
 from ..adapters.model import Adapter, LoraModule
 from ..adapters.registry import read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
+from ..adapters.tuners import refuse_tuner
 from ..errors import InvalidInputError, UnsupportedError
 from ..io.checkpoint import read_json
 from ..io.hub import resolve_input
@@ -96,6 +97,7 @@ def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     config = _base_config(base_local, options.to)
     source = read_adapter(adapter_local, alpha=options.alpha)
     refuse_rewritten_base(source, f"convert to {options.to}")  # PiSSA/OLoRA/…: would mean W + s·B·A
+    refuse_tuner(source, f"written as {options.to}")
     if source.format == "gguf":
         gguf.bind_base_config(source, config)
     modules, dropped = _unsupported(source, options.to)

@@ -24,6 +24,7 @@ from ..ops import variant_delta
 from ..planning.compatibility import compatibility_problems
 from ..planning.shapes import module_delta_shape
 from ..planning.targets import Targets
+from .tuners import is_tuner, tuner_factors
 
 __all__ = ["component_of", "refuse_extras", "to_kohya", "to_peft", "parameter_count"]
 
@@ -44,7 +45,7 @@ def refuse_extras(adapter: Adapter, target: str) -> None:
     """Refuse what a LoRA file of `target` cannot carry: replacements, lora_B biases, kohya embeddings."""
     if adapter.replacements:
         raise UnsupportedError(f"{adapter.path}: modules_to_save / trainable tokens cannot be carried by {target} LoRA")
-    bias = [m.name for m in adapter.modules if m.bias_key is not None]
+    bias = [m.name for m in adapter.modules if m.bias_key is not None and m.variant != "ia3"]  # IA3: conversion.tuners
     if bias:
         raise UnsupportedError(f"{adapter.path}: lora_B.bias ({bias[0]}) has no {target} spelling")
     embeddings = [m.name for m in adapter.modules if m.kind == "embedding"]
@@ -79,7 +80,7 @@ def to_kohya(adapter: Adapter, component: str | None, spool: Spool, bake_alpha: 
 
 
 def to_peft(
-    adapter: Adapter, base_path: Path | None, component: str | None, spool: Spool, rank: int | None,
+    adapter: Adapter, base_path: Path | None, component: str | None, spool: Spool, rule: RankRule | None,
     bake_alpha: bool, modules_out: list, ranks: dict, alphas: dict, workers: int | None = None,
 ) -> tuple[bool, bool]:  # fmt: skip
     """Write PEFT keys for every module; return (fan_in_fan_out, use_dora)."""
@@ -89,7 +90,7 @@ def to_peft(
 
     needs_names = any(m.kohya_name for m in adapter.modules)
     targets = base = None
-    if needs_names:
+    if needs_names or (base_path is not None and any(is_tuner(m) for m in adapter.modules)):
         if base_path is None:
             raise InvalidInputError(
                 f"{adapter.path}: kohya names are underscored module paths; pass --base so they can be matched "
@@ -106,6 +107,8 @@ def to_peft(
     def factors(module: LoraModule, workspace) -> tuple:
         """(path, A, B, alpha, rank, error, method) of one module (re-factorising runs on a worker)."""
         path = targets.find(module) if targets is not None else module.name
+        if is_tuner(module):  # PEFT's other tuners: exact where they are LoRAs, else their change re-factorised
+            return path, *tuner_factors(adapter, module, base, path, rule)
         if module.variant == "lora":
             down, up, alpha = adapter.read(module.a_key), adapter.read(module.b_key), module.alpha
             if adapter.use_rslora:
@@ -113,7 +116,7 @@ def to_peft(
             if bake_alpha:
                 up, alpha = (up.double() * module.scale).to(up.dtype), float(module.rank)
             return path, down, up, alpha, module.rank, 0.0, "copied"
-        if rank is None:
+        if rule is None:
             raise InvalidInputError(f"{module.name} is {module.variant}: pass --rank to re-factorise it as LoRA")
         # a LoHa on a conv weight builds ΔW flattened; the base says the real layout
         weight_shape = (
@@ -121,7 +124,7 @@ def to_peft(
         )
         delta = variant_delta(module, lambda key: adapter.read(key).double(), torch.Size(weight_shape)) * module.scale
         matrix = delta.reshape(delta.shape[0], -1)
-        b, a, method = factorize(matrix, RankRule(rank=rank), "auto")
+        b, a, method = factorize(matrix, rule, "auto")
         error = float((matrix - b @ a).norm() / matrix.norm()) if matrix.norm() > 0 else 0.0
         module_rank = a.shape[0]
         down = a.reshape(module_rank, *weight_shape[1:]).float()

@@ -22,6 +22,7 @@ from ..io.rows import RowSink
 from ..ops import dora_norm, low_rank_pair, per_output, variant_delta
 from ..planning.merge_plan import TensorTask
 from ..quant.float8_casts import is_fp8, rounding_error
+from ..tuners import is_transform, transform
 from .inits import rewritten_base
 
 __all__ = ["Fetch", "TaskResult", "BlockedTask", "blockwise", "compute_task", "overflow_limit"]
@@ -245,6 +246,14 @@ def _piece(term, weight: torch.Tensor, get) -> tuple[torch.Tensor, torch.Tensor]
     return target, piece_delta(term.module, term.piece, fetch, tuple(target.shape), bias=term.bias, full_delta=full)
 
 
+def _transform_in_place(term, weight: torch.Tensor, get) -> float:
+    """Apply a multiplicative tuner's module to `weight`; the largest change it made."""
+    new = transform(term.module, lambda key: get(term.adapter, key), weight, inverse=term.weight < 0, bias=term.bias)
+    change = _largest_magnitude(new - weight) if weight.numel() else 0.0
+    weight.copy_(new)
+    return change
+
+
 def compute_task(
     task: TensorTask,
     base: torch.Tensor,
@@ -307,6 +316,9 @@ def compute_task(
     norm_used = None
     for term in task.terms:
         module = term.module
+        if is_transform(module):  # IA3, OFT, BOFT, HRA: W → W' (back with a negative weight: un-merge)
+            max_abs = max(max_abs, _transform_in_place(term, weight, get))
+            continue
         target = weight
         if term.piece is not None:  # a row block of this tensor, or of the module's ΔW (fused projections)
             target, delta = _piece(term, weight, get)

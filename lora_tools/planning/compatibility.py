@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from ..adapters.model import Adapter, LoraModule, Replacement
+from ..adapters.tuners import tuner_of_variant, tuner_problems
 from ..io.safetensors_header import TensorInfo
 from ..layouts.relayout import Located
 from ..quant.float8_casts import fp8_problems, mergeable_dtype
@@ -25,6 +26,9 @@ def module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, Ten
         return [f"{module.name}: base weight is {weight.dtype}, not a float tensor"]
     if module.variant == "full":
         return _full_problems(adapter, module, base, target)
+    if tuner_of_variant(module.variant) is not None:  # PEFT's other tuners: their own rows
+        found = tuner_problems(module, {role: adapter.tensors[key].shape for role, key in module.factors}, weight.shape)
+        return [f"{module.name}: does not fit base {target}.weight {list(weight.shape)}: {found}"] if found else []
     if module.variant != "lora":
         shapes = {role: adapter.tensors[key].shape for role, key in module.factors}
         shapes.update({"up": module.b_shape, "down": module.a_shape} if module.variant == "tucker" else {})

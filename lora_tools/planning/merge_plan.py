@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..adapters.model import Adapter, LoraModule, Replacement
+from ..adapters.tuners import transforms_weight
 from ..errors import IncompatibleError, InvalidInputError, UnsupportedError
 from ..io.safetensors_header import DTYPE_SIZES, TensorInfo
 from ..layouts.relayout import Piece
@@ -196,6 +197,10 @@ def _check_combinations(adapters: Sequence[Adapter], terms: dict, replaced: dict
         dora = [t for t in items if t.module.dora and not t.bias]
         if dora and (len(items) > 1 or abs(dora[0].weight) != 1.0):
             problems.append(f"{name}: a DoRA module merges alone with weight 1 (DoRA is not additive)")
+        transformed = [t for t in items if transforms_weight(t.module)]
+        if transformed and (len(items) > 1 or abs(transformed[0].weight) != 1.0):
+            variant = transformed[0].module.variant
+            problems.append(f"{name}: a {variant} module transforms W, so it merges alone with weight 1")
     for name, items in replaced.items():
         whole = [i for i in items if i[1].rows is None and i[1].origin != "saved base layer"]
         if len(whole) > 1:

@@ -105,7 +105,19 @@ def _over_rank(facts: Facts) -> list[str]:
 
 
 def _not_lora(facts: Facts) -> list[str]:
-    return [f"{m.name} ({m.variant})" for m in facts.adapter.modules if m.variant != "lora" or m.kind == "conv"]
+    return [f"{m.name} ({m.variant})" for m in facts.adapter.modules
+            if (m.variant != "lora" or m.kind == "conv") and not _is_tuner(m)]  # fmt: skip
+
+
+def _is_tuner(module) -> bool:
+    from ..adapters.tuners import tuner_of_variant
+
+    return tuner_of_variant(module.variant) is not None
+
+
+def _peft_tuner(facts: Facts) -> list[str]:
+    peft_type = facts.adapter.config.get("peft_type")
+    return [f"{m.name} ({peft_type})" for m in facts.adapter.modules if _is_tuner(m)]
 
 
 def _unsupported_targets(facts: Facts) -> list[str]:
@@ -192,6 +204,10 @@ RULES: tuple[Rule, ...] = (
     Rule("rank_limit", _over_rank, _every("rejects", "vllm", "sglang"),
          "rank above the engine's max_lora_rank",
          "raise --max-lora-rank on the server, or loratool resize --rank N"),
+    Rule("peft_tuner", _peft_tuner, _every("rejects"),
+         "a PEFT tuner other than LoRA (AdaLoRA, IA3, OFT, VeRA, …): engines serve LoRA only",
+         "loratool convert ADAPTER --to peft --base BASE -o LORA (exact for AdaLoRA and VeRA; add --rank N for "
+         "the other tuners), then serve LORA; or loratool merge"),
     Rule("not_lora", _not_lora, _every("rejects"),
          "LoHa / LoKr / Tucker / conv modules are not LoRA on linear layers",
          "loratool convert --to peft --rank N (re-factorise), or merge"),

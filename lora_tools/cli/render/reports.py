@@ -50,6 +50,7 @@ def render_adapter(report, show_all: bool) -> None:
     flags = [f for f, on in (("rsLoRA", report.use_rslora), ("DoRA", report.use_dora)) if on]
     console.print(
         f"[bold]{report.path}[/bold]: {report.format} adapter"
+        + (f", tuner {report.tuner}" if report.tuner else "")
         + (f" for {report.base_model}" if report.base_model else "")
         + (f" ({', '.join(flags)})" if flags else "")
     )
@@ -77,6 +78,9 @@ def render_adapter(report, show_all: bool) -> None:
         for (target, kind, rank, alpha, scale, dora), count in groups.items():
             table.add_row(target, kind, str(count), str(rank), f"{alpha:g}", f"{scale:g}", "yes" if dora else "")
     console.print(table)
+    settings = Counter(", ".join(f"{k}={v}" for k, v in m.params.items()) for m in report.modules if m.params)
+    for line, count in settings.items():
+        console.print(f"{report.tuner or 'tuner'} settings ({count} module(s)): {line}")
     rules = Counter(m.rule for m in report.modules if m.rule)
     for rule, count in rules.items():
         console.print(f"name map: {count} module(s) by {rule}")
