@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..adapters import gguf, mlx
 from ..adapters.model import Adapter, LoraModule
-from ..adapters.registry import read_adapter
+from ..adapters.registry import fit_to_base, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
 from ..errors import InvalidInputError, UnsupportedError
 from ..io.checkpoint import read_json
@@ -95,7 +95,7 @@ def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     config = _base_config(base_local, options.to)
     source = read_adapter(adapter_local, alpha=options.alpha)
     if source.format == "gguf":
-        gguf.bind_base_config(source, config)
+        fit_to_base(source, base_local)
     modules, dropped = _unsupported(source, options.to)
     lines = [f"{item['name']}: {item['reason']}" for item in dropped]
     if dropped and not options.drop_unsupported:

