@@ -145,3 +145,30 @@ def test_every_layout_row_is_tested_against_llama_cpp():
     """Each HF architecture of the table has a case here (Gemma 3's multimodal class shares Gemma3Model)."""
     tested = {case.architecture for case in CASES} | {"Gemma3ForConditionalGeneration"}
     assert set(GGUF_LAYOUTS) == tested
+
+
+_README_START, _README_END = "<!-- gguf-architectures: generated from layouts.gguf -->", "<!-- /gguf-architectures -->"
+
+
+def readme_table() -> list[str]:
+    """The README's table of GGUF architectures, rendered from GGUF_LAYOUTS (rows sharing a layout merged)."""
+    import gguf
+
+    from lora_tools.layouts.gguf import describe
+
+    rows: dict[tuple[str, str], list[str]] = {}
+    for layout in GGUF_LAYOUTS.values():
+        arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, layout.arch)]
+        families = rows.setdefault((arch, describe(layout)), [])
+        if layout.family not in families:
+            families.append(layout.family)
+    lines = ["| base | GGUF `general.architecture` | what llama.cpp's converter does to the LoRA |", "|---|---|---|"]
+    return lines + [f"| {', '.join(families)} | `{arch}` | {text} |" for (arch, text), families in rows.items()]
+
+
+def test_readme_architecture_table_is_the_layout_table():
+    """README.md's GGUF table is GGUF_LAYOUTS rendered; on a drift the message holds the table to paste."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    found = readme.split(_README_START, 1)[1].split(_README_END, 1)[0].strip().splitlines()
+    expected = readme_table()
+    assert found == expected, "README.md's GGUF table is out of date; paste:\n" + "\n".join(expected)

@@ -48,6 +48,7 @@ __all__ = [
     "expert_count",
     "expert_groups",
     "gguf_problems",
+    "describe",
 ]
 
 #: The llama.cpp the table was read from and is tested against (tests/llama_cpp_converter.py restores it).
@@ -79,6 +80,7 @@ class ExpertStack:
     pattern: str
     stacked: str
     count: tuple[str, ...]
+    label: str
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Refusal:
     """Modules (regex on the HF module path) whose LoRA llama.cpp's `convert_lora_to_gguf.py` does not convert."""
 
     pattern: str
+    what: str
     reason: str
 
 
@@ -113,6 +116,7 @@ _ROTARY = (RowOrder("q_proj", "rotary"), RowOrder("k_proj", "rotary", kv=True))
 #: come ("Unprocessed experts").
 _FUSED_EXPERTS = Refusal(
     r"\.experts(\.base_layer)*$",
+    "LoRA on fused experts",
     "a LoRA on fused expert parameters (PEFT target_parameters), which llama.cpp's convert_lora_to_gguf.py "
     "cannot convert ('Unprocessed experts'); train the LoRA on the attention/dense layers, or merge it",
 )
@@ -120,14 +124,17 @@ _MIXTRAL_EXPERTS = ExpertStack(
     r"^model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<projection>w[123])$",
     "layers.{layer}.feed_forward.experts.{projection}",
     ("num_local_experts",),
+    "w1/w2/w3",
 )
 _QWEN_EXPERTS = ExpertStack(
     r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<projection>gate_proj|up_proj|down_proj)$",
     "model.layers.{layer}.mlp.experts.{projection}",
     ("num_local_experts", "num_experts"),
+    "gate/up/down_proj",
 )
 _DEEPSEEK_KV_B = Refusal(
     r"\.self_attn\.kv_b_proj$",
+    "kv_b_proj",
     "DeepSeek's kv_b_proj, which llama.cpp splits into attn_k_b/attn_v_b through a per-head transpose its "
     "convert_lora_to_gguf.py cannot apply to LoRA factors (NotImplementedError)",
 )
@@ -148,7 +155,7 @@ GGUF_LAYOUTS: dict[str, GgufLayout] = {
     "GemmaForCausalLM": GgufLayout("GEMMA", "Gemma"),
     "Gemma2ForCausalLM": GgufLayout("GEMMA2", "Gemma 2"),
     "Gemma3ForCausalLM": GgufLayout("GEMMA3", "Gemma 3 (text)"),
-    "Gemma3ForConditionalGeneration": GgufLayout("GEMMA3", "Gemma 3 (its language model)"),
+    "Gemma3ForConditionalGeneration": GgufLayout("GEMMA3", "Gemma 3 (text)"),
     "PhiForCausalLM": GgufLayout("PHI2", "Phi-2"),
     "Phi3ForCausalLM": GgufLayout("PHI3", "Phi-3"),
     "Starcoder2ForCausalLM": GgufLayout("STARCODER2", "StarCoder2"),
@@ -340,3 +347,16 @@ def gguf_problems(layout: GgufLayout, ranks: dict[str, int], config: dict) -> li
         elif len({ranks[m] for m in members.values()}) > 1:
             problems.append(f"{stacked}: llama.cpp stacks the experts into one tensor; their LoRA ranks differ")
     return problems
+
+
+_ORDERS = {"rotary": "rotary row permutation", "kv_groups": "rows regrouped from kv groups into q, k, v"}
+
+
+def describe(layout: GgufLayout) -> str:
+    """What llama.cpp's converter does to this architecture's LoRA factors, in a line (the README's table)."""
+    parts = [f"{'/'.join(r.projection for r in layout.rows if r.order == order)}: {text} of B"
+             for order, text in _ORDERS.items() if any(r.order == order for r in layout.rows)]  # fmt: skip
+    if layout.experts is not None:
+        parts.append(f"per-expert {layout.experts.label} LoRAs stacked into `*_exps`")
+    parts += [f"refuses {r.what}" for r in layout.refusals]
+    return "; ".join(parts) or "renames only"
