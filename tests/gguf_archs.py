@@ -88,10 +88,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
-def save_adapter(model: torch.nn.Module, targets, folder: Path, seed: int = 1) -> Path:
+def save_adapter(model: torch.nn.Module, targets, folder: Path, seed: int = 1, parameters=None) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, target_parameters=parameters, lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
     randomize(peft_model, seed)
     peft_model.save_pretrained(folder)
     return folder
@@ -136,3 +137,35 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[str, torch.Tensor]]]:
     reader = gguf.GGUFReader(str(path))
     fields = {name: reader.get_field(name).contents() for name in reader.fields if not name.startswith("GGUF.")}
     return fields, {t.name: (t.tensor_type.name, torch.from_numpy(t.data.copy())) for t in reader.tensors}
+
+
+#: transformers 5's fused expert parameters, as PEFT's target_parameters name them.
+FUSED_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def per_expert_equivalent(fused: Path, folder: Path, layout: str, experts: int, hidden: int) -> Path:
+    """The per-expert PEFT adapter (transformers-4 module names) holding the same ΔW as a target_parameters LoRA
+    on fused experts, for llama.cpp's converter, which takes only the former. Expert e of PEFT's ParamWrapper:
+    A rows [e·r, (e+1)·r), B columns e::E; gate_up_proj ([E, 2I, H], A reads H) has gate rows, then up rows.
+    The test checks these ΔW against PEFT's own merge."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((fused / "adapter_config.json").read_text())
+    names = {"mixtral": ("block_sparse_moe.experts.{}.", ("w1", "w3"), "w2"),
+             "qwen": ("mlp.experts.{}.", ("gate_proj", "up_proj"), "down_proj")}[layout]  # fmt: skip
+    loaded, rank = load_file(fused / "adapter_model.safetensors"), config["r"]
+    state = {k: v for k, v in loaded.items() if ".mlp.experts." not in k}
+    for key, a in loaded.items():
+        if ".mlp.experts." not in key or ".lora_A." not in key:
+            continue
+        b, prefix = loaded[key.replace("lora_A", "lora_B")], key.split(".mlp.experts.")[0] + "."
+        for e in range(experts):
+            a_e, b_e = a[e * rank : (e + 1) * rank], b[:, e::experts]
+            parts = zip(names[1], b_e.chunk(2), strict=True) if a.shape[1] == hidden else [(names[2], b_e)]
+            for projection, rows in parts:
+                module = prefix + names[0].format(e) + projection
+                state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a_e.clone(), rows.clone()
+    folder.mkdir(parents=True)
+    save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(dict(config, target_parameters=None)))
+    return folder

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from gguf_archs import CASES, build_base, read_gguf, save_adapter, save_expert_adapter
+from gguf_archs import (
+    CASES,
+    FUSED_EXPERTS,
+    build_base,
+    per_expert_equivalent,
+    read_gguf,
+    save_adapter,
+    save_expert_adapter,
+)
 from llama_cpp_converter import convert_loras, restore
 from safetensors.torch import load_file
 
@@ -23,7 +31,12 @@ from lora_tools.layouts.gguf import GGUF_LAYOUTS
 _LOADER_KEYS = ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")
 _BY_NAME = {case.name: case for case in CASES}
 #: Every architecture, plus per-expert LoRAs that llama.cpp stacks into *_exps (Mixtral's w1/w2/w3, Qwen-MoE's).
-_CONVERTED = [case.name for case in CASES] + ["mixtral_experts", "qwen3_moe_experts"]
+_CONVERTED = [case.name for case in CASES] + [
+    "mixtral_experts",
+    "qwen3_moe_experts",
+    "mixtral_fused",
+    "qwen3_moe_fused",
+]
 
 
 @pytest.fixture(scope="session")
@@ -36,31 +49,36 @@ def llama_cpp():
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, llama_cpp):
-    """Every case's base, PEFT adapter and llama.cpp's GGUF of it, plus the expert and refusal cases: one batch."""
+    """name → (base, PEFT adapter, llama.cpp's GGUF, its result), every case in one llama.cpp batch.
+
+    Besides the architectures: per-expert LoRAs (stacked by llama.cpp), LoRAs on transformers 5's fused
+    experts (llama.cpp is given the per-expert equivalent, which is what it can take), and refusals.
+    """
     root = tmp_path_factory.mktemp("gguf_archs")
-    made, jobs = {}, []
+    made = {}  # name → (base, adapter we convert, adapter llama.cpp converts)
     for case in CASES:
         folder = root / case.name
         model = build_base(case, folder / "base")
-        made[case.name] = (folder / "base", save_adapter(model, case.targets, folder / "adapter"))
+        adapter = save_adapter(model, case.targets, folder / "adapter")
+        made[case.name] = (folder / "base", adapter, adapter)
     mixtral, qwen3_moe = made["mixtral"][0], made["qwen3_moe"][0]
-    extra = {
-        "mixtral_experts": (mixtral, save_expert_adapter(root / "mx-experts", "mixtral", 2, 4, 64, 96)),
-        "qwen3_moe_experts": (qwen3_moe, save_expert_adapter(root / "q3-experts", "qwen", 2, 4, 64, 32)),
-        "mixtral_missing_expert": (mixtral, save_expert_adapter(root / "mx-missing", "mixtral", 2, 4, 64, 96, skip=3)),
-        "mixtral_fused_experts": (
-            mixtral,
-            save_adapter(build_base(_BY_NAME["mixtral"], root / "mx-b"), "all-linear", root / "mx-fused"),
-        ),  # fmt: skip
-        "deepseek_kv_b": (
-            made["deepseek_v2"][0],
-            save_adapter(build_base(_BY_NAME["deepseek_v2"], root / "ds-b"), ["kv_b_proj", "o_proj"], root / "ds-kv"),
-        ),  # fmt: skip
-    }
-    made.update(extra)
-    jobs = [(adapter, base, root / f"{name}.theirs.gguf") for name, (base, adapter) in made.items()]
+    for name, base, layout, hidden in (("mixtral", mixtral, "mixtral", 64), ("qwen3_moe", qwen3_moe, "qwen", 64)):
+        fused = save_adapter(build_base(_BY_NAME[name], root / f"{name}-b"), ["q_proj", "v_proj"],
+                             root / f"{name}-fused", parameters=FUSED_EXPERTS)  # fmt: skip
+        made[f"{name}_fused"] = (base, fused, per_expert_equivalent(fused, root / f"{name}-eq", layout, 4, hidden))
+    for name, base, adapter in (
+        ("mixtral_experts", mixtral, save_expert_adapter(root / "mx-experts", "mixtral", 2, 4, 64, 96)),
+        ("qwen3_moe_experts", qwen3_moe, save_expert_adapter(root / "q3-experts", "qwen", 2, 4, 64, 32)),
+        ("mixtral_missing_expert", mixtral, save_expert_adapter(root / "mx-miss", "mixtral", 2, 4, 64, 96, skip=3)),
+        ("gpt_oss_fused_experts", made["gpt_oss"][0], save_adapter(build_base(_BY_NAME["gpt_oss"], root / "go-b"),
+                                                                   ["q_proj"], root / "go-fused", parameters=FUSED_EXPERTS)),
+        ("deepseek_kv_b", made["deepseek_v2"][0], save_adapter(build_base(_BY_NAME["deepseek_v2"], root / "ds-b"),
+                                                               ["kv_b_proj", "o_proj"], root / "ds-kv")),
+    ):  # fmt: skip
+        made[name] = (base, adapter, adapter)
+    jobs = [(theirs, base, root / f"{name}.theirs.gguf") for name, (base, _, theirs) in made.items()]
     results = convert_loras(llama_cpp, jobs, root)
-    return {name: (base, adapter, out, result) for (name, (base, adapter)), (_, _, out), result
+    return {name: (base, ours, out, result) for (name, (base, ours, _)), (_, _, out), result
             in zip(made.items(), jobs, results, strict=True)}  # fmt: skip
 
 
@@ -104,7 +122,7 @@ def test_gguf_matches_llama_cpp(built, name, tmp_path):
     _same_file(_ours(built, name, tmp_path), theirs)
 
 
-@pytest.mark.parametrize("name", _CONVERTED)
+@pytest.mark.parametrize("name", [n for n in _CONVERTED if not n.endswith("_fused")])
 def test_gguf_reads_back_to_the_same_delta(built, name, tmp_path):
     """--to peft of our GGUF and of llama.cpp's (given --base) gives back every module's ΔW (fp64, 1e-6 relative)."""
     base, adapter, theirs, _ = built[name]
@@ -120,10 +138,55 @@ def test_gguf_reads_back_to_the_same_delta(built, name, tmp_path):
             assert error <= 1e-6, (source, module, float(error))
 
 
+def _merged_expert_deltas(base: Path, adapter: Path, names: tuple[str, tuple[str, str], str]) -> dict:
+    """Per-expert ΔW (fp64) from PEFT's own merge of a LoRA on fused experts: merged − base, split per expert."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    original = {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(base).state_dict().items()}
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    deltas = {}
+    for key, value in merged.state_dict().items():
+        if ".mlp.experts." not in key:
+            continue
+        prefix, delta = key.split(".mlp.experts.")[0] + "." + names[0], value.double() - original[key]
+        for e in range(delta.shape[0]):
+            if key.endswith("gate_up_proj"):
+                for projection, rows in zip(names[1], delta[e].chunk(2), strict=True):
+                    deltas[f"{prefix.format(e)}{projection}"] = rows
+            else:
+                deltas[f"{prefix.format(e)}{names[2]}"] = delta[e]
+    return deltas
+
+
+@pytest.mark.parametrize(
+    ("name", "names"),
+    [
+        ("mixtral_fused", ("block_sparse_moe.experts.{}.", ("w1", "w3"), "w2")),
+        ("qwen3_moe_fused", ("mlp.experts.{}.", ("gate_proj", "up_proj"), "down_proj")),
+    ],
+)
+def test_gguf_fused_experts_read_back_to_peft_merge(built, name, names, tmp_path):
+    """A LoRA on transformers 5's fused experts, written as llama.cpp's stacked expert LoRA, reads back as
+    per-expert modules whose ΔW is PEFT's own merge of the fused LoRA (and the attention's, PEFT's factors)."""
+    base, adapter, theirs, _ = built[name]
+    expected = {m: d for m, d in _peft_deltas(adapter).items() if ".experts" not in m}
+    expected.update(_merged_expert_deltas(base, adapter, names))
+    for source, extra in ((_ours(built, name, tmp_path), []), (theirs, ["--base", base])):
+        back = tmp_path / f"back-{source.stem}"
+        result = run_cli(["convert", source, "--to", "peft", "-o", back, *extra])
+        assert result.exit_code == 0, result.output
+        returned = _peft_deltas(back)
+        assert returned.keys() == expected.keys(), source
+        for module, delta in expected.items():
+            error = (returned[module] - delta).abs().max() / delta.abs().max()
+            assert error <= 1e-6, (source, module, float(error))
+
+
 @pytest.mark.parametrize(
     ("name", "ours", "theirs"),
     [
-        ("mixtral_fused_experts", "fused expert parameters", "Unprocessed experts|Can not map tensor"),
+        ("gpt_oss_fused_experts", "fused expert parameters", "Unprocessed experts|Can not map tensor"),
         ("deepseek_kv_b", "kv_b_proj", "NotImplementedError"),
         ("mixtral_missing_expert", "needs a LoRA on each of the 4 experts; found 3", "Unprocessed experts"),
     ],
@@ -162,7 +225,7 @@ def readme_table() -> list[str]:
         families = rows.setdefault((arch, describe(layout)), [])
         if layout.family not in families:
             families.append(layout.family)
-    lines = ["| base | GGUF `general.architecture` | what llama.cpp's converter does to the LoRA |", "|---|---|---|"]
+    lines = ["| base | GGUF `general.architecture` | what `convert --to gguf` does to the LoRA, as llama.cpp does |", "|---|---|---|"]
     return lines + [f"| {', '.join(families)} | `{arch}` | {text} |" for (arch, text), families in rows.items()]
 
 

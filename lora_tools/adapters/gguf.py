@@ -8,6 +8,7 @@ names and transformations are `layouts.gguf`'s table.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError, UnsupportedError
 from ..io.derived import DerivedCheckpoint
 from ..layouts.gguf import (
+    ExpertPart,
     GgufLayout,
     block_count,
     expert_slot,
+    fused_parts,
     gguf_module,
     gguf_names,
     gguf_problems,
@@ -52,40 +55,73 @@ _GGUF_FLOATS = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 # --- writing ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """One GGUF factor pair, or one expert's slice of a stacked pair: the module it reads, the HF module it is."""
+
+    module: LoraModule
+    name: str
+    scale: float
+    part: ExpertPart | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.module.rank // self.part.experts if self.part else self.module.rank
+
+
 @dataclass
 class GgufPlan:
-    """What goes into the file: per GGUF base tensor its module(s) (experts in index order), the B factors."""
+    """What goes into the file: per GGUF base tensor its pieces (experts in index order), the B factors."""
 
     layout: GgufLayout
     alpha: float
-    tensors: dict[str, list[LoraModule]]
+    tensors: dict[str, list[_Piece]]
     heads: dict[str, int]
     b_factors: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-def plan_gguf(modules: list[LoraModule], config: dict, where: object) -> GgufPlan:
-    """Pure: names, expert stacks, the global alpha, and the modules whose scale must be folded into B."""
+def _pieces(layout: GgufLayout, module: LoraModule, config: dict, expert_scale: Callable | None) -> list[_Piece]:
+    parts = fused_parts(layout, module.name, module.a_shape, module.b_shape, config)
+    if not isinstance(parts, list):
+        return [_Piece(module, module.name, module.scale)]
+    # PEFT scales a fused-experts LoRA by its per-expert rank r (A holds E·r rows), alpha per parameter
+    rank = module.rank // parts[0].experts
+    scales = {p.param: expert_scale(f"{module.name}.{p.param}", rank) if expert_scale else module.alpha / rank
+              for p in parts}  # fmt: skip
+    return [_Piece(module, p.name, scales[p.param], p) for p in parts]
+
+
+def plan_gguf(
+    modules: list[LoraModule], config: dict, where: object, expert_scale: Callable[[str, int], float] | None = None
+) -> GgufPlan:
+    """Pure: names, expert stacks, the global alpha, and the modules whose scale must be folded into B.
+
+    `expert_scale(parameter path, per-expert rank)`: PEFT's scale of a LoRA on fused experts (its
+    alpha_pattern / rsLoRA); alpha / r when not given.
+    """
     layout = layout_for(config, where)
-    problems = gguf_problems(layout, {m.name: m.rank for m in modules}, config)
+    problems = gguf_problems(layout, {m.name: (m.a_shape, m.b_shape) for m in modules}, config)
     if problems:
         raise UnsupportedError(
             f"{where}: llama.cpp's GGUF LoRA cannot carry {'; '.join(problems[:4])}"
             + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
             + " — merge those modules instead (loratool merge)"
         )
-    names, _ = gguf_names([m.name for m in modules], layout, block_count(config))
-    tensors: dict[str, list[LoraModule]] = {}
-    for module in sorted(modules, key=lambda m: (expert_slot(layout, m.name) or ("", 0))[1]):
-        tensors.setdefault(names[module.name], []).append(module)
-    effective = [m.scale * m.rank for m in modules]
-    alpha = max(set(effective), key=effective.count) if effective else 1.0
+    pieces = [piece for module in modules for piece in _pieces(layout, module, config, expert_scale)]
+    names, _ = gguf_names([p.name for p in pieces], layout, block_count(config))
+    tensors: dict[str, list[_Piece]] = {}
+    for piece in sorted(pieces, key=lambda p: (expert_slot(layout, p.name) or ("", 0))[1]):
+        tensors.setdefault(names[piece.name], []).append(piece)
+    effective = {p.name: p.scale * p.rank for p in pieces}
+    values = list(effective.values())
+    alpha = max(set(values), key=values.count) if values else 1.0
     plan = GgufPlan(layout, alpha, tensors, head_counts(layout, config))
-    for module, value in zip(modules, effective, strict=True):
-        if value != alpha:
-            plan.b_factors[module.name] = value / alpha
+    for piece in pieces:
+        if (value := effective[piece.name]) != alpha:
+            plan.b_factors[piece.name] = value / alpha
             plan.notes.append(
-                f"{module.name}: scale {module.scale:g} differs from alpha/r = {alpha:g}/{module.rank}; "
+                f"{piece.name}: scale {piece.scale:g} differs from alpha/r = {alpha:g}/{piece.rank}; "
                 "folded into lora_b (one rounding)"
             )
     return plan
@@ -99,13 +135,17 @@ def _numpy(tensor: torch.Tensor):
     return tensor.contiguous().numpy()
 
 
-def _factors(adapter: Adapter, module: LoraModule, plan: GgufPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """One module's (lora_a, lora_b) as llama.cpp's converter writes them."""
-    a, b = adapter.read(module.a_key), adapter.read(module.b_key)
-    if module.name in plan.b_factors:
-        b = (b.double() * plan.b_factors[module.name]).to(b.dtype)
+def _factors(read: Callable, piece: _Piece, plan: GgufPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """One piece's (lora_a, lora_b) as llama.cpp's converter writes them (an expert's A rows e·r…, B columns e::E)."""
+    module = piece.module
+    a, b = read(module.a_key), read(module.b_key)
+    if piece.part is not None:
+        part, rank = piece.part, piece.rank
+        a, b = a[part.expert * rank : (part.expert + 1) * rank], b[part.start : part.stop, part.expert :: part.experts]
+    if piece.name in plan.b_factors:
+        b = (b.double() * plan.b_factors[piece.name]).to(b.dtype)
     try:
-        b = reorder_rows(b, row_order(plan.layout, module.name, b.shape[0], plan.heads))
+        b = reorder_rows(b, row_order(plan.layout, piece.name, b.shape[0], plan.heads))
     except KeyError as exc:
         raise InvalidInputError(f"{module.name}: llama.cpp reorders its rows by head count; the base's config.json "
                                 f"has no {' / '.join(plan.layout.heads)}") from exc  # fmt: skip
@@ -127,11 +167,12 @@ def write_gguf(adapter: Adapter, modules: list[LoraModule], plan: GgufPlan, targ
         writer.add_head_count(plan.heads["heads"])
     if "kv_heads" in plan.heads:
         writer.add_head_count_kv(plan.heads["kv_heads"])
-    recorded = {name: [m.name for m in group] if len(group) > 1 else group[0].name
+    recorded = {name: [p.name for p in group] if len(group) > 1 else group[0].name
                 for name, group in plan.tensors.items()}  # fmt: skip
     writer.add_string(HF_NAMES_KEY, json.dumps(recorded, sort_keys=True))
+    read = functools.lru_cache(maxsize=2)(adapter.read)  # a fused-experts module is sliced once per expert
     for name, group in plan.tensors.items():
-        pairs = [_factors(adapter, module, plan) for module in group]
+        pairs = [_factors(read, piece, plan) for piece in group]
         a, b = pairs[0] if len(group) == 1 else (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
         dtype = torch.float16 if a.dtype == b.dtype == torch.float16 else torch.float32
         writer.add_tensor(f"{name}.lora_a", _numpy(a.to(dtype)))

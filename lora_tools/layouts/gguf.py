@@ -48,6 +48,9 @@ __all__ = [
     "expert_count",
     "expert_groups",
     "gguf_problems",
+    "FusedExperts",
+    "ExpertPart",
+    "fused_parts",
     "describe",
 ]
 
@@ -84,6 +87,25 @@ class ExpertStack:
 
 
 @dataclass(frozen=True)
+class FusedExperts:
+    """PEFT's LoRA on transformers 5's fused experts, split into the per-expert modules llama.cpp stacks.
+
+    transformers 5 keeps `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] as parameters; PEFT's
+    `target_parameters` LoRA on them has A [E·r, in] and B [out, E·r] (expert e: A rows e·r…, B columns
+    e::E; layouts.experts). llama.cpp's converter refuses such a LoRA, but its loader applies stacked
+    3-D factors to `*_exps` (llama-graph.cpp `build_lora_mm_id`), so each expert's B_e·A_e is written as
+    the per-expert modules `gate`, `up` (the halves of gate_up_proj's rows) and `down` would be.
+
+    module: regex over the HF module path (group `layer`); gate/up/down: per-expert module templates.
+    """
+
+    module: str
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
 class Refusal:
     """Modules (regex on the HF module path) whose LoRA llama.cpp's `convert_lora_to_gguf.py` does not convert."""
 
@@ -106,6 +128,7 @@ class GgufLayout:
     rows: tuple[RowOrder, ...] = ()
     experts: ExpertStack | None = None
     refusals: tuple[Refusal, ...] = ()
+    fused: FusedExperts | None = None
     heads: tuple[str, ...] = ("num_attention_heads", "n_head")
     kv_heads: tuple[str, ...] = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 
@@ -132,6 +155,13 @@ _QWEN_EXPERTS = ExpertStack(
     ("num_local_experts", "num_experts"),
     "gate/up/down_proj",
 )
+_FUSED_MODULE = r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts(\.base_layer)*$"
+_MIXTRAL_FUSED = FusedExperts(
+    _FUSED_MODULE, *(f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{w}" for w in ("w1", "w3", "w2"))
+)
+_QWEN_FUSED = FusedExperts(
+    _FUSED_MODULE, *(f"model.layers.{{layer}}.mlp.experts.{{expert}}.{p}_proj" for p in ("gate", "up", "down"))
+)
 _DEEPSEEK_KV_B = Refusal(
     r"\.self_attn\.kv_b_proj$",
     "kv_b_proj",
@@ -142,16 +172,17 @@ _DEEPSEEK_KV_B = Refusal(
 # fmt: off
 #: HF architecture → layout, read from the per-model classes of llama.cpp's `conversion/` package
 #: (`LLAMA_CPP_REFERENCE`): LlamaModel (Llama, Mistral, Mixtral; GraniteModel is one) and OlmoModel permute
-#: q/k rows; FalconModel regroups query_key_value; Qwen2Moe/Qwen3Moe and LlamaModel stack per-expert
-#: weights; the others only rename (fused qkv_proj/gate_up_proj stay fused, as in the base GGUF).
+#: q/k rows; FalconModel regroups query_key_value; Qwen2Moe/Qwen3Moe and LlamaModel (Mixtral) stack per-expert
+#: weights; the others only rename (fused qkv_proj/gate_up_proj stay fused, as in the base GGUF). `fused` is
+#: ours: llama.cpp's converter refuses PEFT's LoRA on fused experts, its loader applies what we write for it.
 GGUF_LAYOUTS: dict[str, GgufLayout] = {
-    "LlamaForCausalLM": GgufLayout("LLAMA", "Llama 2/3/3.x", _ROTARY, _MIXTRAL_EXPERTS, (_FUSED_EXPERTS,)),
-    "MistralForCausalLM": GgufLayout("LLAMA", "Mistral", _ROTARY, _MIXTRAL_EXPERTS, (_FUSED_EXPERTS,)),
-    "MixtralForCausalLM": GgufLayout("LLAMA", "Mixtral", _ROTARY, _MIXTRAL_EXPERTS, (_FUSED_EXPERTS,)),
+    "LlamaForCausalLM": GgufLayout("LLAMA", "Llama 2/3/3.x", _ROTARY),
+    "MistralForCausalLM": GgufLayout("LLAMA", "Mistral", _ROTARY),
+    "MixtralForCausalLM": GgufLayout("LLAMA", "Mixtral", _ROTARY, _MIXTRAL_EXPERTS, fused=_MIXTRAL_FUSED),
     "Qwen2ForCausalLM": GgufLayout("QWEN2", "Qwen2 / Qwen2.5"),
-    "Qwen2MoeForCausalLM": GgufLayout("QWEN2MOE", "Qwen2-MoE", (), _QWEN_EXPERTS, (_FUSED_EXPERTS,)),
+    "Qwen2MoeForCausalLM": GgufLayout("QWEN2MOE", "Qwen2-MoE", (), _QWEN_EXPERTS, fused=_QWEN_FUSED),
     "Qwen3ForCausalLM": GgufLayout("QWEN3", "Qwen3"),
-    "Qwen3MoeForCausalLM": GgufLayout("QWEN3MOE", "Qwen3-MoE", (), _QWEN_EXPERTS, (_FUSED_EXPERTS,)),
+    "Qwen3MoeForCausalLM": GgufLayout("QWEN3MOE", "Qwen3-MoE", (), _QWEN_EXPERTS, fused=_QWEN_FUSED),
     "GemmaForCausalLM": GgufLayout("GEMMA", "Gemma"),
     "Gemma2ForCausalLM": GgufLayout("GEMMA2", "Gemma 2"),
     "Gemma3ForCausalLM": GgufLayout("GEMMA3", "Gemma 3 (text)"),
@@ -201,7 +232,8 @@ def layout_for(config: dict, where: object) -> GgufLayout:
 
 def layout_of_arch(arch: str) -> GgufLayout:
     """The first layout for a `gguf.MODEL_ARCH` member (reading a file that names only its GGUF architecture)."""
-    return next((v for v in GGUF_LAYOUTS.values() if v.arch == arch), GgufLayout(arch, arch))
+    layouts = [v for v in GGUF_LAYOUTS.values() if v.arch == arch] or [GgufLayout(arch, arch)]
+    return next((v for v in layouts if v.experts is not None), layouts[0])  # Mixtral's row over Llama's
 
 
 def _first(config: dict, fields: tuple[str, ...]) -> int | None:
@@ -325,13 +357,63 @@ def expert_groups(layout: GgufLayout, modules: list[str]) -> dict[str, dict[int,
     return groups
 
 
-def gguf_problems(layout: GgufLayout, ranks: dict[str, int], config: dict) -> list[str]:
-    """Pure: why llama.cpp could not carry these modules (module → rank), one line each; empty when it can.
+@dataclass(frozen=True)
+class ExpertPart:
+    """Expert `expert` of a fused-experts module (on parameter `param`), rows [start, stop) of its B_e·A_e,
+    written as module `name`."""
 
-    Refused modules (the layout's `refusals`), modules with no GGUF tensor, and expert stacks that
-    are not one LoRA of one rank on every expert (llama.cpp stacks them with `torch.stack`).
+    name: str
+    param: str
+    expert: int
+    experts: int
+    start: int
+    stop: int
+
+
+def fused_parts(
+    layout: GgufLayout, module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], config: dict
+) -> list[ExpertPart] | str | None:
+    """Pure: the per-expert pieces of a LoRA on fused experts (None: not one; a string: why it cannot be split)."""
+    if layout.fused is None or (found := re.match(layout.fused.module, module)) is None:
+        return None
+    text = _text(config)
+    experts = expert_count(layout, config)
+    hidden, inner = text.get("hidden_size"), text.get("moe_intermediate_size") or text.get("intermediate_size")
+    if not experts or not hidden or not inner or a_shape[0] % experts or b_shape[1] != a_shape[0]:
+        return f"A {list(a_shape)} / B {list(b_shape)} are not [E·r, in] / [out, E·r] with E={experts}"
+    if (a_shape[1], b_shape[0]) == (hidden, 2 * inner):  # gate_up_proj [E, 2I, H]: gate rows first
+        param, parts = "gate_up_proj", ((layout.fused.gate, 0, inner), (layout.fused.up, inner, 2 * inner))
+    elif (a_shape[1], b_shape[0]) == (inner, hidden):  # down_proj [E, H, I]
+        param, parts = "down_proj", ((layout.fused.down, 0, hidden),)
+    else:
+        return f"A {list(a_shape)} / B {list(b_shape)} fit neither gate_up_proj [E, 2I, H] nor down_proj [E, H, I]"
+    return [
+        ExpertPart(template.format(layer=found["layer"], expert=e), param, e, experts, start, stop)
+        for e in range(experts)
+        for template, start, stop in parts
+    ]
+
+
+def gguf_problems(
+    layout: GgufLayout, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], config: dict
+) -> list[str]:
+    """Pure: why llama.cpp could not carry these modules (module → (A shape, B shape)), one line each; empty
+    when it can.
+
+    Refused modules (the layout's `refusals`), fused experts that do not split, modules with no GGUF
+    tensor, and expert stacks that are not one LoRA of one rank on every expert (llama.cpp stacks them
+    with `torch.stack`).
     """
-    problems = refused(layout, list(ranks))
+    problems, ranks = [], {}
+    for module, (a_shape, b_shape) in shapes.items():
+        parts = fused_parts(layout, module, a_shape, b_shape, config)
+        if isinstance(parts, str):
+            problems.append(f"{module}: fused experts whose {parts}")
+        elif parts is not None:
+            ranks.update({p.name: a_shape[0] // p.experts for p in parts})
+        else:
+            ranks[module] = a_shape[0]
+    problems += refused(layout, list(ranks))
     taken = {p.split(":", 1)[0] for p in problems}
     rest = [m for m in ranks if m not in taken]
     missing = gguf_names(rest, layout, block_count(config))[1]
@@ -357,6 +439,7 @@ def describe(layout: GgufLayout) -> str:
     parts = [f"{'/'.join(r.projection for r in layout.rows if r.order == order)}: {text} of B"
              for order, text in _ORDERS.items() if any(r.order == order for r in layout.rows)]  # fmt: skip
     if layout.experts is not None:
-        parts.append(f"per-expert {layout.experts.label} LoRAs stacked into `*_exps`")
+        fused = " (also split from a LoRA on fused experts)" if layout.fused is not None else ""
+        parts.append(f"per-expert {layout.experts.label} LoRAs stacked into `*_exps`{fused}")
     parts += [f"refuses {r.what}" for r in layout.refusals]
     return "; ".join(parts) or "renames only"

@@ -127,7 +127,7 @@ def _no_gguf_name(facts: Facts) -> list[str]:
     except UnsupportedError:
         architectures = facts.base_config.get("architectures") or ["(none)"]
         return [f"architecture {architectures[0]}"]
-    return gguf_problems(layout, {m.name: m.rank for m in facts.adapter.modules}, facts.base_config)
+    return gguf_problems(layout, {m.name: (m.a_shape, m.b_shape) for m in facts.adapter.modules}, facts.base_config)
 
 
 def _unmatched(facts: Facts) -> list[str]:
