@@ -29,6 +29,10 @@ from lora_tools.layouts.gguf import GGUF_LAYOUTS
 
 #: Keys llama.cpp's loader reads from a LoRA GGUF (llama-adapter.cpp); both files must agree on them.
 _LOADER_KEYS = ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")
+#: What llama.cpp adds from the adapter's model card (its folder name, tags); no loader reads them.
+_INFORMATIONAL_KEYS = {
+    "general.name", "general.finetune", "general.base_model.count", "general.tags", "general.quantization_version"
+}  # fmt: skip
 _BY_NAME = {case.name: case for case in CASES}
 #: Every architecture, plus per-expert LoRAs that llama.cpp stacks into *_exps (Mixtral's w1/w2/w3, Qwen-MoE's).
 _CONVERTED = [case.name for case in CASES] + [
@@ -74,6 +78,8 @@ def built(tmp_path_factory, llama_cpp):
                                                                    ["q_proj"], root / "go-fused", parameters=FUSED_EXPERTS)),
         ("deepseek_kv_b", made["deepseek_v2"][0], save_adapter(build_base(_BY_NAME["deepseek_v2"], root / "ds-b"),
                                                                ["kv_b_proj", "o_proj"], root / "ds-kv")),
+        ("gemma2_lm_head", made["gemma2"][0], save_adapter(build_base(_BY_NAME["gemma2"], root / "g2-b"),
+                                                           ["q_proj", "lm_head"], root / "g2-head")),
     ):  # fmt: skip
         made[name] = (base, adapter, adapter)
     jobs = [(theirs, base, root / f"{name}.theirs.gguf") for name, (base, _, theirs) in made.items()]
@@ -107,6 +113,7 @@ def _same_file(ours: Path, theirs: Path) -> None:
     our_fields, our_tensors = read_gguf(ours)
     their_fields, their_tensors = read_gguf(theirs)
     assert {k: our_fields.get(k) for k in _LOADER_KEYS} == {k: their_fields.get(k) for k in _LOADER_KEYS}
+    assert set(their_fields) - set(our_fields) <= _INFORMATIONAL_KEYS, set(their_fields) - set(our_fields)
     assert sorted(our_tensors) == sorted(their_tensors)
     for name, (kind, tensor) in their_tensors.items():
         assert our_tensors[name][0] == kind, name
@@ -204,6 +211,37 @@ def test_gguf_refuses_what_llama_cpp_refuses(built, name, ours, theirs, tmp_path
     assert ours in checked.stdout
 
 
+def test_gguf_refuses_what_llama_cpp_leaves_out_silently(built, tmp_path):
+    """Gemma 2: llama.cpp's converter drops an lm_head LoRA without a word; we refuse it (exit 3), naming it."""
+    base, adapter, theirs, result = built["gemma2_lm_head"]
+    assert result["rc"] == 0 and "output.weight.lora_a" not in read_gguf(theirs)[1]
+    # --drop-unsupported leaves out the tied base layer PEFT saves beside it, not the LoRA llama.cpp would drop
+    args = ["convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "a.gguf", "--drop-unsupported"]
+    refused = run_cli(args)
+    assert refused.exit_code == 3 and "lm_head, which llama.cpp's Gemma" in refused.stderr, refused.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_gguf_bad_bases(built, tmp_path):
+    """A base config that does not fit: fused experts of other widths, no head count for the rotary rows."""
+    cases = [
+        ("mixtral_fused", {"intermediate_size": 80}, "fit neither gate_up_proj [E, 2I, H] nor down_proj [E, H, I]"),
+        ("llama", {"num_attention_heads": None}, "llama.cpp reorders its rows by head count"),
+    ]
+    for name, change, message in cases:
+        base, adapter, _, _ = built[name]
+        folder = tmp_path / name
+        folder.mkdir()
+        config = json.loads((base / "config.json").read_text())
+        (folder / "config.json").write_text(
+            json.dumps({k: v for k, v in {**config, **change}.items() if v is not None})
+        )
+        out = tmp_path / f"{name}.gguf"
+        result = run_cli(["convert", adapter, "--to", "gguf", "--base", folder, "-o", out])
+        assert result.exit_code == 3 and message in result.stderr, result.output
+        assert not out.exists() and not list(tmp_path.glob(f".{name}.gguf*"))
+
+
 def test_every_layout_row_is_tested_against_llama_cpp():
     """Each HF architecture of the table has a case here (Gemma 3's multimodal class shares Gemma3Model)."""
     tested = {case.architecture for case in CASES} | {"Gemma3ForConditionalGeneration"}
@@ -225,7 +263,10 @@ def readme_table() -> list[str]:
         families = rows.setdefault((arch, describe(layout)), [])
         if layout.family not in families:
             families.append(layout.family)
-    lines = ["| base | GGUF `general.architecture` | what `convert --to gguf` does to the LoRA, as llama.cpp does |", "|---|---|---|"]
+    lines = [
+        "| base | GGUF `general.architecture` | what `convert --to gguf` does to the LoRA, as llama.cpp does |",
+        "|---|---|---|",
+    ]
     return lines + [f"| {', '.join(families)} | `{arch}` | {text} |" for (arch, text), families in rows.items()]
 
 

@@ -162,6 +162,12 @@ _MIXTRAL_FUSED = FusedExperts(
 _QWEN_FUSED = FusedExperts(
     _FUSED_MODULE, *(f"model.layers.{{layer}}.mlp.experts.{{expert}}.{p}_proj" for p in ("gate", "up", "down"))
 )
+_GEMMA_LM_HEAD = Refusal(
+    r"^lm_head$",
+    "lm_head",
+    "lm_head, which llama.cpp's Gemma / Gemma 2 converters skip (the output is the tied embedding): its "
+    "convert_lora_to_gguf.py leaves this LoRA out without a word",
+)
 _DEEPSEEK_KV_B = Refusal(
     r"\.self_attn\.kv_b_proj$",
     "kv_b_proj",
@@ -183,8 +189,8 @@ GGUF_LAYOUTS: dict[str, GgufLayout] = {
     "Qwen2MoeForCausalLM": GgufLayout("QWEN2MOE", "Qwen2-MoE", (), _QWEN_EXPERTS, fused=_QWEN_FUSED),
     "Qwen3ForCausalLM": GgufLayout("QWEN3", "Qwen3"),
     "Qwen3MoeForCausalLM": GgufLayout("QWEN3MOE", "Qwen3-MoE", (), _QWEN_EXPERTS, fused=_QWEN_FUSED),
-    "GemmaForCausalLM": GgufLayout("GEMMA", "Gemma"),
-    "Gemma2ForCausalLM": GgufLayout("GEMMA2", "Gemma 2"),
+    "GemmaForCausalLM": GgufLayout("GEMMA", "Gemma", refusals=(_GEMMA_LM_HEAD,)),
+    "Gemma2ForCausalLM": GgufLayout("GEMMA2", "Gemma 2", refusals=(_GEMMA_LM_HEAD,)),
     "Gemma3ForCausalLM": GgufLayout("GEMMA3", "Gemma 3 (text)"),
     "Gemma3ForConditionalGeneration": GgufLayout("GEMMA3", "Gemma 3 (text)"),
     "PhiForCausalLM": GgufLayout("PHI2", "Phi-2"),
