@@ -110,7 +110,8 @@ def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     config = _base_config(base_local, options.to)
     source = read_adapter(adapter_local, alpha=options.alpha)
     if source.format == "gguf":
-        fit_to_base(source, base_local)
+        fit_to_base(source, base_local)  # the base's own module names, when its weights are there
+        gguf.bind_base_config(source, config)  # head counts, also from a lone config.json
     modules, dropped = _unsupported(source, options.to)
     lines = [f"{item['name']}: {item['reason']}" for item in dropped]
     if dropped and not options.drop_unsupported:
