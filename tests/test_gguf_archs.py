@@ -39,6 +39,7 @@ _CONVERTED = [case.name for case in CASES] + [
     "mixtral_experts",
     "qwen3_moe_experts",
     "mixtral_fused",
+    "qwen2_moe_fused",
     "qwen3_moe_fused",
 ]
 
@@ -66,10 +67,11 @@ def built(tmp_path_factory, llama_cpp):
         adapter = save_adapter(model, case.targets, folder / "adapter")
         made[case.name] = (folder / "base", adapter, adapter)
     mixtral, qwen3_moe = made["mixtral"][0], made["qwen3_moe"][0]
-    for name, base, layout, hidden in (("mixtral", mixtral, "mixtral", 64), ("qwen3_moe", qwen3_moe, "qwen", 64)):
+    for name, layout in (("mixtral", "mixtral"), ("qwen2_moe", "qwen"), ("qwen3_moe", "qwen")):
+        base = made[name][0]
         fused = save_adapter(build_base(_BY_NAME[name], root / f"{name}-b"), ["q_proj", "v_proj"],
                              root / f"{name}-fused", parameters=FUSED_EXPERTS)  # fmt: skip
-        made[f"{name}_fused"] = (base, fused, per_expert_equivalent(fused, root / f"{name}-eq", layout, 4, hidden))
+        made[f"{name}_fused"] = (base, fused, per_expert_equivalent(fused, root / f"{name}-eq", layout, 4, 64))
     for name, base, adapter in (
         ("mixtral_experts", mixtral, save_expert_adapter(root / "mx-experts", "mixtral", 2, 4, 64, 96)),
         ("qwen3_moe_experts", qwen3_moe, save_expert_adapter(root / "q3-experts", "qwen", 2, 4, 64, 32)),
@@ -170,6 +172,7 @@ def _merged_expert_deltas(base: Path, adapter: Path, names: tuple[str, tuple[str
     ("name", "names"),
     [
         ("mixtral_fused", ("block_sparse_moe.experts.{}.", ("w1", "w3"), "w2")),
+        ("qwen2_moe_fused", ("mlp.experts.{}.", ("gate_proj", "up_proj"), "down_proj")),
         ("qwen3_moe_fused", ("mlp.experts.{}.", ("gate_proj", "up_proj"), "down_proj")),
     ],
 )
