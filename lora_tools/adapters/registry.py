@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidInputError, UnknownFormatError
-from ..io.checkpoint import PICKLE_SUFFIXES, read_json
+from ..errors import InvalidInputError, LoraToolError, UnknownFormatError
+from ..io.checkpoint import PICKLE_SUFFIXES, open_checkpoint, read_json
 from ..io.spool import Spool
 from . import diffusers, gguf, kohya, mlx, peft
 from .model import Adapter, ModuleFactors
@@ -44,7 +44,7 @@ class AdapterFormat:
     detect: Callable[[Path], bool]
     read: Callable[..., Adapter]
     write_module: Callable[[Spool, ModuleFactors], None] | None = None
-    bind_base: Callable[[Adapter, dict | None], Adapter] | None = None
+    bind_base: Callable[[Adapter, dict | None, set[str] | None], Adapter] | None = None
 
 
 #: In detection order: mlx-lm folders before PEFT folders (they hold an adapter_config.json too), diffusers
@@ -109,4 +109,12 @@ def fit_to_base(adapter: Adapter, base: str | os.PathLike | None) -> Adapter:
     if fmt is None or fmt.bind_base is None or base is None:
         return adapter
     config = Path(base) / "config.json"
-    return fmt.bind_base(adapter, read_json(config, "config.json") if config.is_file() else None)
+    return fmt.bind_base(adapter, read_json(config, "config.json") if config.is_file() else None, _weight_names(base))
+
+
+def _weight_names(base: str | os.PathLike) -> set[str] | None:
+    """The base's tensor names when its weights are there (headers only); None for a config-only folder."""
+    try:
+        return set(open_checkpoint(base).tensors)
+    except LoraToolError:
+        return None

@@ -7,6 +7,8 @@ representable part is written and the report's `skipped` lists what was left out
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +16,8 @@ from pathlib import Path
 from ..adapters import gguf, mlx
 from ..adapters.inits import refuse_rewritten_base
 from ..adapters.model import Adapter, LoraModule
-from ..adapters.registry import read_adapter
+from ..adapters.peft import pattern_key
+from ..adapters.registry import fit_to_base, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
 from ..adapters.tuners import refuse_tuner
 from ..errors import InvalidInputError, UnsupportedError
@@ -76,6 +79,18 @@ def _base_config(base: Path | None, to: str) -> dict | None:
     return read_json(config, "config.json")
 
 
+def _expert_scale(adapter: Adapter):
+    """PEFT's scale of a LoRA on a fused expert parameter: its alpha (alpha_pattern by parameter) over r (or √r)."""
+    patterns = adapter.config.get("alpha_pattern") or {}
+
+    def scale(parameter: str, rank: int) -> float:
+        key = pattern_key(patterns, re.sub(r"(\.base_layer)+\.", ".", parameter))
+        alpha = float(patterns[key] if key is not None else adapter.config.get("lora_alpha", 8))
+        return alpha / math.sqrt(rank) if adapter.use_rslora else alpha / rank
+
+    return scale
+
+
 def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     """Convert `adapter` to a GGUF LoRA file or an mlx-lm adapter folder.
 
@@ -99,7 +114,8 @@ def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     refuse_rewritten_base(source, f"convert to {options.to}")  # PiSSA/OLoRA/…: would mean W + s·B·A
     refuse_tuner(source, f"written as {options.to}")
     if source.format == "gguf":
-        gguf.bind_base_config(source, config)
+        fit_to_base(source, base_local)  # the base's own module names, when its weights are there
+        gguf.bind_base_config(source, config)  # head counts, also from a lone config.json
     modules, dropped = _unsupported(source, options.to)
     lines = [f"{item['name']}: {item['reason']}" for item in dropped]
     if dropped and not options.drop_unsupported:
@@ -113,7 +129,7 @@ def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     inputs = [source.path] + ([base_local] if base_local is not None else [])
     with atomic_output(output_path, is_dir=options.to == "mlx", force=options.force, inputs=inputs) as target:
         if options.to == "gguf":
-            plan = gguf.plan_gguf(modules, config, base_local)
+            plan = gguf.plan_gguf(modules, config, base_local, _expert_scale(source))
             size = gguf.write_gguf(source, modules, plan, target)
             notes = plan.notes
         else:

@@ -14,7 +14,7 @@ Checked against (source read 2026-11):
               LoRA layers exist only for q/k/v/o, qkv, gate/up/down, gate_up).
   llama.cpp   convert_lora_to_gguf.py (non-lora_A/B tensors: "Not a lora_A or lora_B tensor",
               exit), src/llama-adapter.cpp (one alpha, scale = alpha / r; tensors must exist in
-              the base GGUF); no rank limit.
+              the base GGUF); no rank limit; per-architecture layouts and refusals: layouts/gguf.py.
   mlx-lm 0.32 mlx_lm/tuner/utils.py linear_to_lora_layers / load_adapters (one rank and one
               scale in lora_parameters; shape mismatches raise; only lora_a, lora_b, m load).
 """
@@ -132,14 +132,14 @@ def _no_gguf_name(facts: Facts) -> list[str]:
     if facts.base_config is None:
         return []
     from ..errors import UnsupportedError
-    from ..layouts.gguf import block_count, gguf_names, layout_for
+    from ..layouts.gguf import gguf_problems, layout_for
 
     try:
         layout = layout_for(facts.base_config, "base")
     except UnsupportedError:
         architectures = facts.base_config.get("architectures") or ["(none)"]
         return [f"architecture {architectures[0]}"]
-    return gguf_names([m.name for m in facts.adapter.modules], layout, block_count(facts.base_config))[1]
+    return gguf_problems(layout, {m.name: (m.a_shape, m.b_shape) for m in facts.adapter.modules}, facts.base_config)
 
 
 def _unmatched(facts: Facts) -> list[str]:
@@ -215,7 +215,7 @@ RULES: tuple[Rule, ...] = (
          "the engine has no LoRA layer for these target modules",
          "retrain targeting q/k/v/o and gate/up/down projections, or merge"),
     Rule("no_gguf_tensor", _no_gguf_name, _every("rejects", "llama.cpp"),
-         "llama.cpp's layout for this architecture has no tensor for these modules",
+         "llama.cpp's converter has no tensor for these modules, or refuses them (layouts.gguf's table)",
          "merge the adapter (loratool merge) and convert the merged model"),
     Rule("mixed_ranks", _mixed_ranks, _every("rejects", "mlx"),
          "mlx-lm adapters have one rank for every layer",
