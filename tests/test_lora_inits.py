@@ -16,7 +16,8 @@ import typing
 import pytest
 import torch
 from conftest import build_model, load_state, run_cli
-from peft import LoraConfig, PeftModel, get_peft_model
+from gguf import GGUFReader
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 from ulp import max_ulp
@@ -304,16 +305,29 @@ def test_alora_is_not_merged(alora, bases, tmp_path):
         assert not out.exists()
 
 
-def test_alora_still_inspects_and_converts(alora, tmp_path):
+def test_alora_still_inspects_and_converts(alora, bases, tmp_path):
     result = run_cli(["inspect", alora, "--json"])
     assert result.exit_code == 0, result.output
     init = json.loads(result.stdout)["init"]
     assert init["merge"] == "refused" and "aLoRA" in init["refusal"]
     assert "aLoRA" in run_cli(["inspect", alora]).output
-    out = tmp_path / "mlx"
-    result = run_cli(["convert", alora, "--to", "mlx", "-o", out])
-    assert result.exit_code == 0, result.output
-    assert (out / "adapters.safetensors").is_file()
+    # PEFT folders and GGUF files keep the invocation tokens: the converted adapter is still an aLoRA
+    peft_out = tmp_path / "peft"
+    assert run_cli(["convert", alora, "--to", "peft", "-o", peft_out]).exit_code == 0
+    assert PeftConfig.from_pretrained(peft_out).alora_invocation_tokens == [5, 9]  # PEFT reads it back as one
+    gguf_out = tmp_path / "a.gguf"
+    assert run_cli(["convert", alora, "--to", "gguf", "--base", bases["fp32"], "-o", gguf_out]).exit_code == 0
+    field = GGUFReader(str(gguf_out)).get_field("adapter.alora.invocation_tokens")  # llama.cpp's key
+    assert field is not None and [int(t) for t in field.contents()] == [5, 9]
+    for converted in (peft_out, gguf_out):
+        result = run_cli(["merge", bases["fp32"], converted, "-o", tmp_path / "merged"])
+        assert result.exit_code == 3 and "aLoRA" in result.output, result.output
+    # formats with no place for them: refused, never a plain LoRA that acts on every token
+    for target, out in (("mlx", tmp_path / "mlx"), ("kohya", tmp_path / "k.safetensors")):
+        result = run_cli(["convert", alora, "--to", target, "-o", out])
+        assert result.exit_code == 3 and "aLoRA" in result.output and "invocation" in result.output, result.output
+        assert not out.exists()
+    assert not (tmp_path / "merged").exists()
 
 
 def test_layer_replication_is_refused_by_name(bases, tmp_path):

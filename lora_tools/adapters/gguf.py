@@ -37,6 +37,7 @@ from ..layouts.gguf import (
 )
 from ..layouts.transformers import layout_for as transformers_layout
 from ..layouts.transformers import to_memory_path
+from .inits import ALORA_TOKENS, invocation_tokens
 from .model import Adapter, LoraModule
 
 if TYPE_CHECKING:
@@ -163,6 +164,9 @@ def write_gguf(adapter: Adapter, modules: list[LoraModule], plan: GgufPlan, targ
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
+    tokens = invocation_tokens(adapter.config)
+    if tokens is not None:  # an activated LoRA, as llama.cpp's converter records it
+        writer.add_array(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, tokens)
     if "heads" in plan.heads:
         writer.add_head_count(plan.heads["heads"])
     if "kv_heads" in plan.heads:
@@ -310,6 +314,9 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
     weights = DerivedCheckpoint.build(path, path, entries, metadata)
     modules.sort(key=lambda m: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", m.name)])
     config = {"gguf_heads": heads, "gguf_alternatives": alternatives}
+    tokens = _field(reader, gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS)
+    if tokens:  # an activated LoRA: merge refuses it, as for PEFT's
+        config[ALORA_TOKENS] = [int(t) for t in tokens]
     return Adapter(path, "gguf", modules, [], unknown, weights, config=config)
 
 

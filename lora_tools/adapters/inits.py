@@ -27,7 +27,13 @@ __all__ = [
     "check_init_field",
     "describe_init",
     "refuse_rewritten_base",
+    "ALORA_TOKENS",
+    "invocation_tokens",
+    "refuse_alora",
 ]
+
+#: The PEFT config field of an activated LoRA; GGUF carries it as `adapter.alora.invocation_tokens`.
+ALORA_TOKENS = "alora_invocation_tokens"
 
 #: What to do with an adapter whose init cannot be recomputed from files.
 _CONVERT = (
@@ -227,4 +233,30 @@ def refuse_rewritten_base(adapter, operation: str) -> None:
         "the output would mean W + s*B*A; merge it with `loratool merge`"
         + (" (which recomputes W_res)" if init.redo else "")
         + ", or convert it to a plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+    )
+
+
+def invocation_tokens(config: dict) -> list[int] | None:
+    """An activated LoRA's invocation token ids (`alora_invocation_tokens`), or None for any other adapter."""
+    tokens = config.get(ALORA_TOKENS)
+    return [int(t) for t in tokens] if tokens else None
+
+
+def refuse_alora(adapter, target: str) -> None:
+    """Refuse to write an activated LoRA (aLoRA) into a format that cannot carry its invocation tokens.
+
+    A kohya, diffusers or mlx-lm file has no field for them: the written adapter would act on every
+    token, a different model from the one trained. PEFT folders keep the field; GGUF files carry it as
+    llama.cpp's `adapter.alora.invocation_tokens`.
+
+    Raises:
+        UnsupportedError: naming the adapter, its tokens and the formats that keep them.
+    """
+    tokens = invocation_tokens(adapter.config)
+    if tokens is None:
+        return
+    raise UnsupportedError(
+        f"{adapter.path}: cannot convert an activated LoRA (aLoRA, alora_invocation_tokens={tokens}) to {target}: "
+        f"{target} has no place for the invocation tokens, so the adapter would act on every token; convert it "
+        "to peft or gguf (llama.cpp reads adapter.alora.invocation_tokens), or serve it with PEFT or vLLM"
     )

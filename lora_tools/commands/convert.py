@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..adapters.inits import refuse_rewritten_base
+from ..adapters.inits import ALORA_TOKENS, invocation_tokens, refuse_alora, refuse_rewritten_base
 from ..adapters.kohya import kohya_metadata
 from ..adapters.peft import WEIGHTS_NAME, peft_adapter_config, write_adapter_config
 from ..adapters.registry import fit_to_base, read_adapter
@@ -101,6 +101,7 @@ def convert(
         )
     if to == "kohya":
         refuse_tuner(source, "written as kohya")
+        refuse_alora(source, "kohya")
     refuse_extras(source, to)
     chosen = component_of(source, component)
     if len({m.component for m in source.modules}) > 1:
@@ -123,7 +124,7 @@ def convert(
                 size = spool.finish(target / WEIGHTS_NAME)
                 config = peft_adapter_config(
                     ranks, alphas, base_model=source.base_model, fan_in_fan_out=fan_in_fan_out, modules_to_save=[],
-                    extra={"use_dora": use_dora},
+                    extra={"use_dora": use_dora, **_alora_fields(source.config)},
                 )  # fmt: skip
                 write_adapter_config(target, config)
         finally:
@@ -153,3 +154,9 @@ def convert(
         ],
         checksums=digests,
     )
+
+
+def _alora_fields(config: dict) -> dict:
+    """An activated LoRA's invocation tokens, kept in the PEFT config written (without them it acts on every token)."""
+    tokens = invocation_tokens(config)
+    return {} if tokens is None else {ALORA_TOKENS: tokens}

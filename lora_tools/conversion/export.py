@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..adapters import gguf, mlx
-from ..adapters.inits import refuse_rewritten_base
+from ..adapters.inits import refuse_alora, refuse_rewritten_base
 from ..adapters.model import Adapter, LoraModule
 from ..adapters.peft import pattern_key
 from ..adapters.registry import fit_to_base, read_adapter
@@ -113,6 +113,8 @@ def export(adapter: str, output: str, options: ExportOptions) -> ExtractReport:
     source = read_adapter(adapter_local, alpha=options.alpha)
     refuse_rewritten_base(source, f"convert to {options.to}")  # PiSSA/OLoRA/…: would mean W + s·B·A
     refuse_tuner(source, f"written as {options.to}")
+    if options.to == "mlx":
+        refuse_alora(source, "mlx")
     if source.format == "gguf":
         fit_to_base(source, base_local)  # the base's own module names, when its weights are there
         gguf.bind_base_config(source, config)  # head counts, also from a lone config.json

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..adapters import kohya
+from ..adapters.inits import refuse_alora
 from ..adapters.model import ModuleFactors
 from ..adapters.registry import module_writer, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
@@ -120,6 +121,7 @@ def convert_naming(
     if source.unknown_keys:
         raise InvalidInputError(f"{source.path}: keys lora_tools does not understand: {', '.join(source.unknown_keys[:5])}")  # fmt: skip
     refuse_extras(source, to)
+    refuse_alora(source, f"{to} with {naming} names")
     layout, shapes = _base_layout(base_local)
     targets = plan_renaming(source, layout, link_spans(layout, shapes), naming)
     dotted_cache: dict = {}
