@@ -9,6 +9,7 @@ from ..adapters.model import Adapter, LoraModule, Replacement
 from ..io.safetensors_header import TensorInfo
 from ..layouts.relayout import Located
 from ..quant.float8_casts import fp8_problems, mergeable_dtype
+from .orientation import oriented
 from .shapes import expected_factor_shapes, fits, out_features, variant_delta_shape
 from .targets import Targets, resolve_tensor, weight_tensor, with_tied_head
 
@@ -93,9 +94,10 @@ def compatibility_problems(
     With `allow_unmatched`, modules that match no base module are not problems
     (the merge leaves them out and says how many).
     """
+    adapter, problems = oriented(adapter, base, config)  # Conv1D or nn.Linear: the base decides
     base = with_tied_head(base, config)
     targets = Targets(base)
-    problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
+    problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys] + problems
     for module in adapter.modules:
         located = targets.located(module)
         if located is not None and located.whole is None:

@@ -18,6 +18,7 @@ from ..layouts.relayout import Piece
 from ..layouts.vocab import resized_base
 from ..quant.float8_casts import mergeable_dtype
 from .compatibility import compatibility_problems
+from .orientation import oriented
 from .shards import plan_shards
 from .targets import TIED, Targets, head_name, resolve_tensor, tied_embedding, weight_tensor, with_tied_head
 
@@ -116,6 +117,7 @@ def plan_merge(
     if problems:
         hint = "" if allow_unmatched else " (--allow-unmatched merges the rest when names match nothing)"
         raise IncompatibleError(f"{len(problems)} problem(s) between adapter and base{hint}", problems)
+    adapters = [oriented(adapter, base, config)[0] for adapter in adapters]  # checked above: no problems left
     targets = Targets(with_tied_head(base, config))
 
     sign = -1.0 if unmerge else 1.0
