@@ -138,3 +138,113 @@ def test_linear_named_like_conv1d_is_not_transposed(tmp_path):
     )  # fmt: skip
     _edit_config(adapter, fan_in_fan_out=True)
     _assert_matches_peft(base, adapter, tmp_path / "merged", "AutoModelForCausalLM")
+
+
+# --- heads PEFT saves without the config saying so, and whole sub-module trees --------------------------------------
+
+_BERTISH = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, vocab_size=99,
+                max_position_embeddings=40, num_labels=3)  # fmt: skip
+_DISTIL = dict(dim=32, hidden_dim=37, n_layers=1, n_heads=4, vocab_size=99, max_position_embeddings=40, num_labels=3)
+_LLAMA = dict(hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=99, max_position_embeddings=40, num_labels=3, pad_token_id=0)  # fmt: skip
+
+#: (model type, Auto class, config values, LoRA targets, task type, config as the wild wrote it)
+HEADS = {
+    # Llama SEQ_CLS from PEFT ≤ 0.5-era configs: `score` saved, modules_to_save null
+    "llama_score": ("llama", "AutoModelForSequenceClassification", _LLAMA, ["q_proj", "v_proj"], "SEQ_CLS", {}),
+    # DistilBERT: `classifier` also covers `pre_classifier` (PEFT matches by string suffix)
+    "distilbert_pre_classifier": (
+        "distilbert", "AutoModelForSequenceClassification", _DISTIL, ["q_lin", "v_lin"], "SEQ_CLS", {},
+    ),
+    # RoBERTa: the classifier is a tree (dense, out_proj); `bias: all` saves every bias and wrapper copies
+    "roberta_tree_bias_all": (
+        "roberta", "AutoModelForSequenceClassification", _BERTISH, ["query", "value"], "SEQ_CLS", {"bias": "all"},
+    ),
+    "roberta_bias_lora_only": (
+        "roberta", "AutoModelForSequenceClassification", _BERTISH, ["query", "value"], "SEQ_CLS",
+        {"bias": "lora_only"},
+    ),
+    "bert_token_cls": ("bert", "AutoModelForTokenClassification", _BERTISH, ["query", "value"], "TOKEN_CLS", {}),
+    "bert_qa_outputs": ("bert", "AutoModelForQuestionAnswering", _BERTISH, ["query", "key"], "QUESTION_ANS", {}),
+    # GPT-2 classifier: Conv1D targets with fan_in_fan_out false, the `score` head implicit
+    "gpt2_score_conv1d": (
+        "gpt2", "AutoModelForSequenceClassification", dict(_GPT2, num_labels=3, pad_token_id=0), ["c_attn", "c_proj"],
+        "SEQ_CLS", {"fan_in_fan_out": False},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HEADS))
+def test_heads_peft_saves_implicitly_merge_as_peft_does(case, tmp_path):
+    model_type, auto, values, targets, task_type, written = HEADS[case]
+    base = tmp_path / "base"
+    _tiny(model_type, auto, **values).save_pretrained(base)
+    config = dict(r=4, lora_alpha=8, target_modules=targets, **{k: v for k, v in written.items() if k == "bias"})
+    adapter = _save_peft(_tiny(model_type, auto, **values), config, tmp_path / "adapter", task_type=task_type)
+    _edit_config(adapter, modules_to_save=None, **written)  # as older PEFT wrote it: the heads are implicit
+    ours = _assert_matches_peft(base, adapter, tmp_path / "merged", auto)
+    heads = [n for n in ours if n.rsplit(".", 2)[-2] in ("score", "classifier", "pre_classifier", "qa_outputs",
+                                                          "dense", "out_proj")]  # fmt: skip
+    before = load_state(base)
+    assert any(not torch.equal(ours[n], before[n]) for n in heads if n.startswith(("score", "classifier", "qa")))
+
+
+def test_roberta_tree_is_read_as_replacements(tmp_path):
+    """inspect lists the sub-modules of the implicit `classifier` as modules_to_save, and finds no problem."""
+    model_type, auto, values, targets, task_type, written = HEADS["roberta_tree_bias_all"]
+    base = tmp_path / "base"
+    _tiny(model_type, auto, **values).save_pretrained(base)
+    adapter = _save_peft(
+        _tiny(model_type, auto, **values), dict(r=4, lora_alpha=8, target_modules=targets, bias="all"),
+        tmp_path / "adapter", task_type=task_type,
+    )  # fmt: skip
+    _edit_config(adapter, modules_to_save=None)
+    result = run_cli(["inspect", adapter, "--base", base, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    origins = {r["target"]: r["origin"] for r in report["replacements"]}
+    assert origins["classifier.out_proj.weight"] == "modules_to_save"
+    assert origins["roberta.encoder.layer.0.attention.self.query.bias"] == "trained bias (bias: all)"
+    assert report["validation"]["problems"] == []
+
+
+# --- PEFT 0.2 MergedLinear: refused by inspect and merge alike, as PEFT 0.21 refuses it ------------------------------
+
+_PEFT_02_CONFIG = {
+    "base_model_name_or_path": "gpt2", "bias": "none", "enable_lora": [True, False, True], "fan_in_fan_out": True,
+    "inference_mode": True, "lora_alpha": 16, "lora_dropout": 0.05, "merge_weights": False, "modules_to_save": None,
+    "peft_type": "LORA", "r": 8, "target_modules": ["c_attn"], "task_type": "CAUSAL_LM",
+}  # fmt: skip
+
+
+def _merged_linear_adapter(folder: Path) -> Path:
+    """c_attn (q, k, v of 32 each) with enable_lora [q, v]: lora_A [2r, in], lora_B a grouped conv [2·32, r, 1]."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(_PEFT_02_CONFIG))
+    state = {}
+    for layer in range(2):
+        prefix = f"base_model.model.transformer.h.{layer}.attn.c_attn"
+        state[f"{prefix}.lora_A.weight"] = torch.randn(16, 32)
+        state[f"{prefix}.lora_B.weight"] = torch.randn(64, 8, 1)
+    torch.save(state, folder / "adapter_model.bin")
+    return folder
+
+
+def test_peft_02_merged_linear_is_refused_by_inspect_and_merge(gpt2_base, tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    adapter = _merged_linear_adapter(tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT 0.21 cannot load it either
+        PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_base), adapter)
+    why = "is a PEFT 0.2 MergedLinear adapter (enable_lora, lora_B as a grouped conv [out, r, 1])"
+    for args in (
+        ["inspect", adapter],
+        ["inspect", adapter, "--base", gpt2_base],
+        ["merge", gpt2_base, adapter, "-o", tmp_path / "merged"],
+    ):
+        result = run_cli(args)
+        assert result.exit_code == 3, result.output
+        assert "transformer.h.0.attn.c_attn (lora_A [16, 32], lora_B [64, 8, 1] and 1 more)" in result.output
+        assert why in result.output
+    assert not (tmp_path / "merged").exists()

@@ -17,11 +17,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError
+from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError, UnsupportedError
 from ..io.checkpoint import Checkpoint, open_checkpoint, read_json
 from ..io.derived import DerivedCheckpoint
-from ..layouts.vocab import is_saved_embedding, is_wrapper_copy
+from ..layouts.vocab import is_saved_embedding
 from .model import MAX_ALPHA, MAX_RANK, Adapter, LoraModule, ModuleFactors, Replacement, safetensors_names
+from .peft_rules import (
+    LEGACY_KEY_SUFFIXES,
+    MERGED_LINEAR_REASON,
+    WRAPPER_COPY,
+    implicit_modules_to_save,
+    merged_linear_modules,
+    saved_tensor,
+)
 
 if TYPE_CHECKING:
     from ..io.spool import Spool
@@ -58,7 +66,7 @@ _PEFT_SUFFIXES = {
     ".lora_B.bias": "bias",
     ".lora_embedding_A": "embA",
     ".lora_embedding_B": "embB",
-    ".lora_magnitude_vector": "magnitude",
+    **LEGACY_KEY_SUFFIXES,
     ".lora_magnitude_vector.weight": "magnitude",
     ".base_layer.weight": "base_layer",
     ".token_adapter.trainable_tokens_delta": "tokens",
@@ -80,11 +88,6 @@ def pattern_key(patterns: dict, module: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
     return None
-
-
-def _module_matches(names: list[str], module: str) -> bool:
-    """PEFT's modules_to_save rule: a name matches the module path or a dotted suffix of it."""
-    return any(module == n or module.endswith(f".{n}") for n in names)
 
 
 def _peft_weights_file(folder: Path) -> Path:
@@ -149,8 +152,7 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
     grouped: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
     replacements: list[Replacement] = []
-    to_save = config.get("modules_to_save") or []
-    to_save = [to_save] if isinstance(to_save, str) else to_save
+    to_save = implicit_modules_to_save(config)  # PEFT's rules (peft_rules): task heads, suffixes, sub-modules
     for key in weights.tensors:
         split = _split_peft_key(key)
         if split is not None:
@@ -158,16 +160,17 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
             grouped.setdefault(module, {})[role] = key
             continue
         stripped = key.removeprefix(PEFT_PREFIX)
-        module = stripped.rsplit(".", 1)[0]
-        if _module_matches(to_save, module):
-            replacements.append(Replacement(stripped, key))
-        elif is_wrapper_copy(module, to_save):
-            continue  # copies of a modules_to_save module saved beside it (resized vocabulary)
+        saved = saved_tensor(stripped, config, to_save)
+        if saved == WRAPPER_COPY:
+            continue  # copies of a modules_to_save module saved beside it (resized vocabulary, bias: all)
+        if saved is not None:
+            replacements.append(Replacement(saved[0], key, origin=saved[1]))
         elif is_saved_embedding(stripped):
             replacements.append(Replacement(stripped, key, origin="saved embedding"))
         else:
             unknown.append(key)
 
+    _refuse_merged_linear(path, weights, grouped)
     use_rslora = bool(config.get("use_rslora", False))
     alpha_default = config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -230,6 +233,22 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
         base_model=config.get("base_model_name_or_path") or None,
         use_rslora=use_rslora,
     )
+
+
+def _refuse_merged_linear(path: Path, weights: Checkpoint, grouped: dict[str, dict[str, str]]) -> None:
+    """PEFT 0.2's MergedLinear factors read as plain LoRA would give a wrong rank and scale: refuse, naming them."""
+    shapes = {
+        module: (weights.tensors[roles["A"]].shape, weights.tensors[roles["B"]].shape)
+        for module, roles in grouped.items()
+        if "A" in roles and "B" in roles
+    }
+    found = merged_linear_modules(shapes)
+    if found:
+        a, b = shapes[found[0]]
+        raise UnsupportedError(
+            f"{path}: {found[0]} (lora_A {list(a)}, lora_B {list(b)}"
+            f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}) is {MERGED_LINEAR_REASON}"
+        )
 
 
 def _natural_key(name: str) -> list:

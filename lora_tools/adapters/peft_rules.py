@@ -32,6 +32,9 @@ __all__ = [
     "implicit_modules_to_save",
     "saved_module",
     "target_module_matches",
+    "WRAPPER_COPY",
+    "saved_tensor",
+    "merged_linear_modules",
 ]
 
 #: transformers model types whose listed module names are `pytorch_utils.Conv1D` (weight stored in×out).
@@ -134,3 +137,30 @@ def target_module_matches(target_modules: str | list[str] | None, path: str) -> 
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, path) is not None
     return path in target_modules or any(path.endswith(f".{name}") for name in target_modules)
+
+
+#: `saved_tensor`'s answer for a copy PEFT's wrapper saves beside the trained tensor (nothing to merge).
+WRAPPER_COPY = ("", "wrapper copy")
+
+_BIAS_MODES = ("all", "lora_only")
+
+
+def saved_tensor(stripped_key: str, config: dict, to_save: list[str]) -> tuple[str, str] | None:
+    """What a non-LoRA key of a PEFT file replaces, by PEFT's rules: (base tensor, origin), `WRAPPER_COPY`, or None.
+
+    `stripped_key` is the key without `base_model.model.`; `to_save` is `implicit_modules_to_save(config)`.
+    """
+    parts = stripped_key.split(".")
+    for index, part in enumerate(parts[:-1]):
+        if part in ("modules_to_save", "original_module") and saved_module(".".join(parts[:index]), to_save):
+            return WRAPPER_COPY  # `X.modules_to_save.default.…` / `X.original_module.…`: `X.…` holds the values
+    if saved_module(stripped_key.rpartition(".")[0], to_save) is not None:
+        return stripped_key, "modules_to_save"
+    if parts[-1] == "bias" and config.get("bias") in _BIAS_MODES:
+        return stripped_key.replace(".base_layer.bias", ".bias"), f"trained bias (bias: {config['bias']})"
+    return None
+
+
+def merged_linear_modules(shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> list[str]:
+    """Modules whose factors are PEFT 0.2 `MergedLinear`'s: a 2-D lora_A with a 3-D lora_B ([out, r, 1])."""
+    return [name for name, (a, b) in shapes.items() if len(a) == 2 and len(b) == 3]
