@@ -248,3 +248,31 @@ def test_peft_02_merged_linear_is_refused_by_inspect_and_merge(gpt2_base, tmp_pa
         assert "transformer.h.0.attn.c_attn (lora_A [16, 32], lora_B [64, 8, 1] and 1 more)" in result.output
         assert why in result.output
     assert not (tmp_path / "merged").exists()
+
+
+# --- hints that are true -------------------------------------------------------------------------------------------
+
+
+def test_allow_unmatched_is_suggested_only_when_it_helps(gpt2_base, tmp_path):
+    """A stray whole tensor: no hint (the flag would not help); a module naming nothing: the hint, and it works."""
+    adapter = _save_peft(
+        _tiny("gpt2", "GPT2LMHeadModel", **_GPT2), dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
+        tmp_path / "adapter",
+    )  # fmt: skip
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    state = load_file(weights)
+    state["base_model.model.score.weight"] = torch.zeros(3, 32)  # a head the config does not claim (no task_type)
+    save_file(state, weights)
+    stray = run_cli(["merge", gpt2_base, adapter, "-o", tmp_path / "out"])
+    assert stray.exit_code == 3 and "--allow-unmatched" not in stray.output, stray.output
+    assert "add its module to modules_to_save in adapter_config.json" in stray.output
+
+    del state["base_model.model.score.weight"]
+    state["base_model.model.transformer.h.9.attn.c_attn.lora_A.weight"] = torch.zeros(4, 32)
+    state["base_model.model.transformer.h.9.attn.c_attn.lora_B.weight"] = torch.zeros(96, 4)
+    save_file(state, weights)
+    unmatched = run_cli(["merge", gpt2_base, adapter, "-o", tmp_path / "out"])
+    assert unmatched.exit_code == 3 and "--allow-unmatched merges the rest" in unmatched.output, unmatched.output
+    assert run_cli(["merge", gpt2_base, adapter, "-o", tmp_path / "out", "--allow-unmatched"]).exit_code == 0

@@ -14,7 +14,7 @@ read a folder the way `PeftModel.from_pretrained` does:
 | suffix matching of `target_modules` | a list entry matches the whole path or a dotted suffix (`q_proj` matches `….q_proj`, not `…xq_proj`); a string is a full regex match | `tuners/tuners_utils.py` `check_target_module_exists` (0.21.2) |
 | trained biases | `bias: "all"` saves every `.bias` of the model, `"lora_only"` the biases of adapted layers (`….base_layer.bias` in memory, saved without `base_layer`); loading puts them back | `tuners/tuners_utils.py` `_get_learnable_bias_state_dict` (0.21.2) |
 | DoRA magnitude key | `lora_magnitude_vector` was a parameter in early DoRA releases; it is `lora_magnitude_vector.weight` in memory now and files keep the old key (both are read) | `tuners/lora/model.py` `_remap_adapter_state_dict_for_load` (0.21.2) |
-| PEFT 0.2 `MergedLinear` | `enable_lora` with grouped `lora_B` (a Conv1d of shape [out, r, 1]) was removed in PEFT 0.3; 0.21 cannot load it | PEFT 0.2.0 `tuners/lora.py` |
+| PEFT 0.2 `MergedLinear` | `enable_lora` with grouped `lora_B` (a Conv1d of shape [out, r, 1]); current PEFT has no such layer and 0.21 cannot load it (size mismatch) | PEFT 0.2.0 `tuners/lora.py` |
 
 Everything here is names and data; `peft.py` and `planning/orientation.py` apply it.
 """
@@ -72,8 +72,8 @@ LEGACY_KEY_SUFFIXES: dict[str, str] = {
 
 #: Why a PEFT 0.2 `MergedLinear` adapter (`enable_lora`, `lora_B` [out, r, 1]) is refused by inspect and merge.
 MERGED_LINEAR_REASON = (
-    "a PEFT 0.2 MergedLinear adapter (enable_lora, lora_B as a grouped conv [out, r, 1]): PEFT removed this layout "
-    "in 0.3 and PEFT 0.21 cannot load it; re-save it with a current PEFT or convert its lora_B per group"
+    "a PEFT 0.2 MergedLinear adapter (enable_lora, lora_B as a grouped conv [out, r, 1]): current PEFT has no such "
+    "layer and PEFT 0.21 cannot load it; re-train or re-save it with a current PEFT"
 )
 
 

@@ -11,7 +11,7 @@ from ..adapters.model import Adapter
 from ..adapters.registry import is_adapter, read_adapter
 from ..io.checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
 from ..layouts.diffusion import describe_layout
-from ..planning.compatibility import compatibility_problems
+from ..planning.compatibility import compatibility_problems, unknown_key_problem
 from ..planning.targets import Targets, head_name, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
@@ -133,7 +133,7 @@ def _adapter_report(
             tensors, problems = _quantized_view(checkpoint)
             problems += disk_problems or compatibility_problems(disk.adapter, tensors, checkpoint.config)
         else:
-            problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
+            problems = [unknown_key_problem(key) for key in adapter.unknown_keys]
             for component in sorted(adapter.components, key=str):
                 checkpoint = part(component)
                 if checkpoint is None:

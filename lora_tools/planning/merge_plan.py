@@ -110,12 +110,14 @@ def plan_merge(
             f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
         )
     base, vocab_size = resized_base(base, adapters, resolve_tensor)  # embeddings an adapter grows (new tokens)
-    problems = []
+    problems, lenient = [], 0
     for adapter in adapters:
         found = compatibility_problems(adapter, base, config, allow_unmatched=allow_unmatched)
         problems += [f"{adapter.path}: {p}" for p in found]
+        if found and not allow_unmatched:
+            lenient += len(compatibility_problems(adapter, base, config, allow_unmatched=True))
     if problems:
-        hint = "" if allow_unmatched else " (--allow-unmatched merges the rest when names match nothing)"
+        hint = _unmatched_hint(len(problems), lenient) if not allow_unmatched else ""
         raise IncompatibleError(f"{len(problems)} problem(s) between adapter and base{hint}", problems)
     adapters = [oriented(adapter, base, config)[0] for adapter in adapters]  # checked above: no problems left
     targets = Targets(with_tied_head(base, config))
@@ -183,6 +185,18 @@ def plan_merge(
             )
     shards = plan_shards([task.nbytes for task in tasks], max_shard_size)
     return MergePlan(tasks, shards, untie, warnings, vocab_size)
+
+
+def _unmatched_hint(problems: int, remaining: int) -> str:
+    """Suggest --allow-unmatched only when it would leave out some problems: all of them, or some (saying so)."""
+    unmatched = problems - remaining
+    if unmatched == 0:
+        return ""
+    if remaining == 0:
+        return f" ({unmatched} module(s) match nothing in the base; --allow-unmatched merges the rest)"
+    return (
+        f" ({unmatched} module(s) match nothing, which --allow-unmatched would leave out; the other {remaining} remain)"
+    )
 
 
 def _changes_embedding(tied: str, terms: dict, replaced: dict) -> bool:
