@@ -276,3 +276,110 @@ def test_allow_unmatched_is_suggested_only_when_it_helps(gpt2_base, tmp_path):
     unmatched = run_cli(["merge", gpt2_base, adapter, "-o", tmp_path / "out"])
     assert unmatched.exit_code == 3 and "--allow-unmatched merges the rest" in unmatched.output, unmatched.output
     assert run_cli(["merge", gpt2_base, adapter, "-o", tmp_path / "out", "--allow-unmatched"]).exit_code == 0
+
+
+# --- diffusers' own files, as diffusers reads them ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_pipeline(tmp_path_factory) -> Path:
+    """A diffusers pipeline folder with a tiny SD-1.x UNet (and only what the merge needs beside it)."""
+    from diffusion_models import sd1_unet
+
+    root = tmp_path_factory.mktemp("wild_sd") / "pipeline"
+    sd1_unet().save_pretrained(root / "unet")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
+
+
+def _trained_unet(r: int = 4, lora_alpha: float = 8, use_dora: bool = False):
+    """A UNet with a PEFT LoRA added as diffusers' training scripts add it, B random (a trained adapter)."""
+    from diffusion_models import sd1_unet
+    from peft import LoraConfig
+
+    unet = sd1_unet()
+    unet.add_adapter(LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=_UNET_TARGETS, use_dora=use_dora))
+    randomize_adapter(unet, seed=7)
+    return unet
+
+
+def _save_pipeline_lora(unet, folder: Path, safe: bool, metadata: bool) -> Path:
+    """`StableDiffusionPipeline.save_lora_weights`, as train_text_to_image_lora.py calls it."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=safe,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict() if metadata else None,
+    )  # fmt: skip
+    return folder / ("pytorch_lora_weights.safetensors" if safe else "pytorch_lora_weights.bin")
+
+
+def _diffusers_fused(pipeline: Path, lora: Path, prefix: str | None = "unet") -> dict[str, torch.Tensor]:
+    """What diffusers itself makes of the file: lora_state_dict → load_lora_adapter → fuse_lora, the UNet's tensors."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").eval()
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(lora, return_lora_metadata=True)
+    unet.load_lora_adapter(state, prefix=prefix, network_alphas=alphas, metadata=metadata, adapter_name="wild")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    return {k: v.detach() for k, v in unet.state_dict().items()}
+
+
+def _assert_close_to_diffusers(ours: dict, theirs: dict, base: dict) -> None:
+    changed = [n for n in ours if not torch.equal(ours[n], base[n])]
+    assert len(changed) == sum(not torch.equal(theirs[n], base[n]) for n in base) > 0
+    for name in changed:
+        assert max_ulp(ours[name], theirs[name]) <= 1, name
+
+
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors_metadata"])
+def test_diffusers_trainer_files_merge_as_diffusers_loads_them(safe, sd_pipeline, tmp_path):
+    """`pytorch_lora_weights.bin` (no alpha: scale 1, as diffusers reads it) and `.safetensors` whose
+    lora_adapter_metadata records r=4, lora_alpha=8 (scale 2): the merge equals diffusers' own fuse."""
+    lora = _save_pipeline_lora(_trained_unet(), tmp_path / "lora", safe=safe, metadata=safe)
+    lora_tools.merge(sd_pipeline, [lora], tmp_path / "merged", device="cpu")
+    ours, base = load_state(tmp_path / "merged" / "unet"), load_state(sd_pipeline / "unet")
+    _assert_close_to_diffusers(ours, _diffusers_fused(sd_pipeline, lora), base)
+    report = run_cli(["inspect", lora, "--base", sd_pipeline, "--json"])
+    assert report.exit_code == 0, report.output
+    inspected = json.loads(report.stdout)
+    assert inspected["format"] == "diffusers" and inspected["validation"]["problems"] == []
+    assert {m["scale"] for m in inspected["modules"]} == {2.0 if safe else 1.0}
+    assert {m["target"] for m in inspected["modules"]} == {"to_q", "to_k", "to_v", "to_out", "proj_in", "net.2"}
+
+
+def test_a_diffusers_lora_folder_is_read_through_its_weights_file(sd_pipeline, tmp_path):
+    lora = _save_pipeline_lora(_trained_unet(), tmp_path / "lora", safe=False, metadata=False)
+    assert lora_tools.inspect(lora.parent).format == "diffusers"
+
+
+def test_unprefixed_keys_are_the_denoisers_on_every_base_kind(sd_pipeline, tmp_path):
+    """`unet.save_lora_adapter` writes unprefixed keys and metadata: the pipeline and the UNet folder merge them
+    the same, as diffusers' model loader (prefix=None) reads them."""
+    unet = _trained_unet(r=4, lora_alpha=12)
+    unet.save_lora_adapter(tmp_path / "lora")
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    lora_tools.merge(sd_pipeline, [lora], tmp_path / "merged", device="cpu")
+    lora_tools.merge(sd_pipeline / "unet", [lora], tmp_path / "merged_unet", device="cpu")
+    ours, alone = load_state(tmp_path / "merged" / "unet"), load_state(tmp_path / "merged_unet")
+    assert all(torch.equal(ours[n], alone[n]) for n in ours)
+    _assert_close_to_diffusers(ours, _diffusers_fused(sd_pipeline, lora, prefix=None), load_state(sd_pipeline / "unet"))
+
+
+def test_no_alpha_anywhere_is_scale_one_on_every_naming(sd_pipeline, tmp_path):
+    """An unprefixed diffusers-keyed file with no alpha and no metadata: diffusers' rule, alpha = rank."""
+    from safetensors.torch import load_file, save_file
+
+    unet = _trained_unet(r=4, lora_alpha=4)
+    unet.save_lora_adapter(tmp_path / "lora")
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    save_file(load_file(lora), tmp_path / "bare.safetensors")  # the same tensors, no metadata
+    lora_tools.merge(sd_pipeline, [tmp_path / "bare.safetensors"], tmp_path / "merged", device="cpu")
+    ours = load_state(tmp_path / "merged" / "unet")
+    theirs = _diffusers_fused(sd_pipeline, tmp_path / "bare.safetensors", prefix=None)
+    _assert_close_to_diffusers(ours, theirs, load_state(sd_pipeline / "unet"))

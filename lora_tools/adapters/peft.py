@@ -26,8 +26,11 @@ from .peft_rules import (
     LEGACY_KEY_SUFFIXES,
     MERGED_LINEAR_REASON,
     WRAPPER_COPY,
+    alpha_is_rank,
     implicit_modules_to_save,
     merged_linear_modules,
+    metadata_config,
+    pattern_key,
     saved_tensor,
 )
 
@@ -79,14 +82,6 @@ def _split_peft_key(key: str) -> tuple[str, str] | None:
         if key.endswith(suffix):
             module = key[: -len(suffix)]
             return module.removeprefix(PEFT_PREFIX), role
-    return None
-
-
-def pattern_key(patterns: dict, module: str) -> str | None:
-    """The first key of a PEFT rank/alpha pattern that matches `module` (PEFT's rule: regex anchored at a dot)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
     return None
 
 
@@ -276,22 +271,36 @@ def detect_file(path: Path) -> bool:
 
 
 def read_file(path: Path, *, alpha: float | None = None) -> Adapter:
+    """A lone PEFT-keyed file: alpha from --alpha, diffusers' `lora_adapter_metadata`, a `lora_alpha` metadata
+    entry, or — for keys PEFT did not write (no `base_model.model.`: diffusers, ComfyUI, ai-toolkit) — diffusers'
+    own rule, alpha = rank (scale 1). A PEFT file with none of these is refused: PEFT has no such default."""
     weights = open_checkpoint(path)
-    if alpha is None:
-        found = weights.metadata.get("lora_alpha") or weights.metadata.get("alpha")
-        if found is None:
-            raise InvalidInputError(
-                f"{path}: a lone adapter file does not say its lora_alpha; pass --alpha "
-                "(or use the PEFT folder with its adapter_config.json)"
-            )
+    ranks = {
+        key.removesuffix(".lora_A.weight").removeprefix(PEFT_PREFIX): info.shape[0]
+        for key, info in weights.tensors.items()
+        if key.endswith(".lora_A.weight") and info.shape
+    }
+    config = {"peft_type": "LORA", "r": min(ranks.values()) if ranks else 8}
+    recorded = metadata_config(weights.metadata, None)
+    if alpha is None and recorded is not None:
+        config = {**config, **recorded}
+        _check_peft_config(path, config)
+    elif alpha is None and (found := weights.metadata.get("lora_alpha") or weights.metadata.get("alpha")) is not None:
         try:
-            alpha = float(found)
+            config["lora_alpha"] = float(found)
         except ValueError as exc:
             raise CorruptFileError(path, f"metadata lora_alpha {found!r} is not a number") from exc
-    if not 0 < alpha <= MAX_ALPHA:
-        raise InvalidInputError(f"{path}: alpha must be in (0, {MAX_ALPHA:g}], got {alpha:g}")
-    ranks = {info.shape[0] for key, info in weights.tensors.items() if key.endswith(".lora_A.weight") and info.shape}
-    config = {"peft_type": "LORA", "lora_alpha": alpha, "r": min(ranks) if ranks else 8}
+    elif alpha is None and not all(key.startswith(PEFT_PREFIX) for key in weights.tensors):
+        config.update(alpha_is_rank(ranks))
+    elif alpha is None:
+        raise InvalidInputError(
+            f"{path}: a lone PEFT adapter file does not say its lora_alpha; pass --alpha "
+            "(or use the PEFT folder with its adapter_config.json)"
+        )
+    else:
+        config["lora_alpha"] = alpha
+    if not 0 < config["lora_alpha"] <= MAX_ALPHA:
+        raise InvalidInputError(f"{path}: alpha must be in (0, {MAX_ALPHA:g}], got {config['lora_alpha']:g}")
     return build_peft_adapter(path, weights, config, format_name="peft-safetensors")
 
 

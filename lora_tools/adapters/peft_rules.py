@@ -1,4 +1,4 @@
-"""PEFT's rules for what an adapter folder means, as data: read from PEFT's source, with the version each is from.
+r"""PEFT's rules for what an adapter folder means, as data: read from PEFT's source, with the version each is from.
 
 PEFT decides several things from the model it loads into, not from `adapter_config.json`
 alone. A merge that reads only the config gets them wrong, silently in one case (a square
@@ -12,8 +12,11 @@ read a folder the way `PeftModel.from_pretrained` does:
 | suffix matching of `modules_to_save` | a module is saved when its path *ends with* a listed name as a string: `classifier` also covers DistilBERT's `pre_classifier` | `utils/other.py` `_set_trainable` (0.21.2) |
 | whole sub-module trees | a saved module is saved whole: RoBERTa's `classifier` is `classifier.dense.*` and `classifier.out_proj.*` | `utils/other.py` `ModulesToSaveWrapper` (0.21.2) |
 | suffix matching of `target_modules` | a list entry matches the whole path or a dotted suffix (`q_proj` matches `….q_proj`, not `…xq_proj`); a string is a full regex match | `tuners/tuners_utils.py` `check_target_module_exists` (0.21.2) |
-| trained biases | `bias: "all"` saves every `.bias` of the model, `"lora_only"` the biases of adapted layers (`….base_layer.bias` in memory, saved without `base_layer`); loading puts them back | `tuners/tuners_utils.py` `_get_learnable_bias_state_dict` (0.21.2) |
+| trained biases | `bias: "all"` saves every `.bias` of the model, `"lora_only"` the biases of adapted layers (keys `….base_layer.bias`); loading puts them back | `tuners/tuners_utils.py` `_get_learnable_bias_state_dict` (0.21.2) |
 | DoRA magnitude key | `lora_magnitude_vector` was a parameter in early DoRA releases; it is `lora_magnitude_vector.weight` in memory now and files keep the old key (both are read) | `tuners/lora/model.py` `_remap_adapter_state_dict_for_load` (0.21.2) |
+| rank / alpha patterns | a `rank_pattern` / `alpha_pattern` key is a regex matched against the module path at a dot boundary (`(.*\.)?(key)$`), first key wins | `tuners/lora/model.py` via `get_pattern_key` (0.21.2) |
+| diffusers metadata | diffusers (0.32+) writes the PEFT `LoraConfig` into the file's `lora_adapter_metadata`, keyed `unet.r`, `transformer.lora_alpha` … in a pipeline's file and unprefixed in a model's | diffusers 0.42 `loaders/lora_base.py` `_save_lora_weights`, `loaders/peft.py` `save_lora_adapter` |
+| missing alpha (diffusers) | a diffusers-keyed file with neither alpha tensors nor metadata is scale 1 (alpha = rank for every module); so is kohya's missing `.alpha` | diffusers 0.42 `utils/peft_utils.py` `get_peft_kwargs`, `lora_conversion_utils.py` |
 | PEFT 0.2 `MergedLinear` | `enable_lora` with grouped `lora_B` (a Conv1d of shape [out, r, 1]); current PEFT has no such layer and 0.21 cannot load it (size mismatch) | PEFT 0.2.0 `tuners/lora.py` |
 
 Everything here is names and data; `peft.py` and `planning/orientation.py` apply it.
@@ -35,6 +38,10 @@ __all__ = [
     "WRAPPER_COPY",
     "saved_tensor",
     "merged_linear_modules",
+    "pattern_key",
+    "METADATA_KEY",
+    "metadata_config",
+    "alpha_is_rank",
 ]
 
 #: transformers model types whose listed module names are `pytorch_utils.Conv1D` (weight stored in×out).
@@ -164,3 +171,50 @@ def saved_tensor(stripped_key: str, config: dict, to_save: list[str]) -> tuple[s
 def merged_linear_modules(shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> list[str]:
     """Modules whose factors are PEFT 0.2 `MergedLinear`'s: a 2-D lora_A with a 3-D lora_B ([out, r, 1])."""
     return [name for name, (a, b) in shapes.items() if len(a) == 2 and len(b) == 3]
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """The first key of a PEFT rank/alpha pattern that matches `module` (PEFT's rule: regex anchored at a dot)."""
+    import re
+
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+#: The safetensors metadata entry where diffusers records the PEFT LoraConfig of the LoRA it saved.
+METADATA_KEY = "lora_adapter_metadata"
+
+
+def metadata_config(metadata: dict[str, str], component: str | None) -> dict | None:
+    """The PEFT config diffusers recorded for `component` (its `unet.` … entries; unprefixed ones for a lone model).
+
+    None when the file has no `lora_adapter_metadata`, or it is not a JSON object, or it says nothing for the component.
+    """
+    import json
+
+    raw = metadata.get(METADATA_KEY)
+    try:
+        recorded = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    prefixed = {k.partition(".")[0] for k in recorded if "." in k and not k.startswith(".")}
+    if component is not None and component in prefixed:
+        return {k[len(component) + 1 :]: v for k, v in recorded.items() if k.startswith(f"{component}.")}
+    own = {k: v for k, v in recorded.items() if "." not in k}
+    return own or None
+
+
+def alpha_is_rank(ranks: dict[str, int]) -> dict:
+    """Config entries giving every module alpha = its own rank (scale 1): diffusers' rule for a missing alpha."""
+    import re
+    from collections import Counter
+
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    return {
+        "lora_alpha": common,
+        "alpha_pattern": {f"^{re.escape(m)}": r for m, r in ranks.items() if r != common},
+    }

@@ -88,6 +88,16 @@ class CheckpointReport:
         return asdict(self)
 
 
+def _target_name(module: str) -> str:
+    """The module's own name as people say it: `to_q`; `to_out` for `to_out.0` (the Linear of diffusers'
+    [Linear, Dropout] list); `net.2` for `ff.net.2` (a list index names nothing alone)."""
+    parent, _, leaf = module.rpartition(".")
+    if not leaf.isdigit() or not parent:
+        return leaf
+    owner = parent.rpartition(".")[2]
+    return owner if leaf == "0" else f"{owner}.{leaf}"
+
+
 def _adapter_report(
     adapter: Adapter, base_path: str | None, components: dict | None, renames: Sequence[str] = ()
 ) -> AdapterReport:
@@ -110,7 +120,7 @@ def _adapter_report(
         modules.append(
             ModuleReport(
                 name=name,
-                target=name.rsplit(".", 1)[-1],
+                target=_target_name(name),
                 type=module.kind,
                 variant=module.variant,
                 component=module.component,
