@@ -383,3 +383,51 @@ def test_no_alpha_anywhere_is_scale_one_on_every_naming(sd_pipeline, tmp_path):
     ours = load_state(tmp_path / "merged" / "unet")
     theirs = _diffusers_fused(sd_pipeline, tmp_path / "bare.safetensors", prefix=None)
     _assert_close_to_diffusers(ours, theirs, load_state(sd_pipeline / "unet"))
+
+
+def test_ai_toolkit_flux_file_without_alpha_is_scale_one(tmp_path):
+    """ai-toolkit's Flux LoRA (`diffusion_model.` + BFL names, lora_A/lora_B, no alpha): scale 1 like diffusers' own
+    naming, where it used to be refused; fp64 formula on the BFL single file."""
+    from diffusion_models import diffusers_to_original, flux_transformer
+    from safetensors.torch import save_file
+
+    from lora_tools.layouts.diffusion import detect_layout
+
+    state = flux_transformer().state_dict()
+    single = diffusers_to_original(state, detect_layout(set(state)).links)
+    save_file(single, tmp_path / "flux1-tiny.safetensors")
+    generator, tensors, expected = torch.Generator().manual_seed(4), {}, {}
+    for name in ("double_blocks.0.img_attn.proj", "single_blocks.0.linear2", "double_blocks.0.txt_mlp.0"):
+        out, inp = single[f"{name}.weight"].shape
+        down, up = torch.randn(3, inp, generator=generator), torch.randn(out, 3, generator=generator)
+        tensors[f"diffusion_model.{name}.lora_A.weight"], tensors[f"diffusion_model.{name}.lora_B.weight"] = down, up
+        expected[f"{name}.weight"] = single[f"{name}.weight"].double() + up.double() @ down.double()
+    save_file(tensors, tmp_path / "ai-toolkit.safetensors")
+    lora_tools.merge(tmp_path / "flux1-tiny.safetensors", [tmp_path / "ai-toolkit.safetensors"], tmp_path / "out.safetensors",
+                     device="cpu")  # fmt: skip
+    ours = load_state(tmp_path / "out.safetensors")
+    for name, exact in expected.items():
+        assert (ours[name].double() - exact).abs().max() <= torch.finfo(torch.float32).eps * exact.abs().max(), name
+    assert {m.scale for m in lora_tools.inspect(tmp_path / "ai-toolkit.safetensors").modules} == {1.0}
+
+
+def test_modules_outside_target_modules_are_merged_and_said(tmp_path):
+    """A config whose target_modules omits a module the file holds (hand-edited or an older trainer's config):
+    PEFT drops those factors on loading; lora_tools merges them and says so in the report's warnings."""
+    base = tmp_path / "base"
+    _tiny("llama", "AutoModelForCausalLM", **dict(_LLAMA, num_labels=2)).save_pretrained(base)
+    adapter = _save_peft(
+        _tiny("llama", "AutoModelForCausalLM", **dict(_LLAMA, num_labels=2)),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path / "adapter",
+    )  # fmt: skip
+    _edit_config(adapter, target_modules=["q_proj"])
+    report = lora_tools.merge(base, [adapter], tmp_path / "merged", device="cpu")
+    assert any("1 module(s) (model.layers.0.self_attn.v_proj) are not in" in w for w in report.warnings)
+    ours, theirs, before = (
+        load_state(tmp_path / "merged"),
+        _peft_merged(base, adapter, "LlamaForCausalLM"),
+        load_state(base),
+    )
+    v, q = "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(theirs[v], before[v]) and not torch.equal(ours[v], before[v])  # PEFT dropped it, we did not
+    assert max_ulp(ours[q], theirs[q]) <= 1

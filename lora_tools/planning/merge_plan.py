@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..adapters.model import Adapter, LoraModule, Replacement
+from ..adapters.peft_rules import target_module_matches
 from ..errors import IncompatibleError, InvalidInputError, UnsupportedError
 from ..io.safetensors_header import DTYPE_SIZES, TensorInfo
 from ..layouts.relayout import Piece
@@ -22,7 +23,7 @@ from .orientation import oriented
 from .shards import plan_shards
 from .targets import TIED, Targets, head_name, resolve_tensor, tied_embedding, weight_tensor, with_tied_head
 
-__all__ = ["OUTPUT_DTYPES", "Term", "TensorTask", "MergePlan", "plan_merge"]
+__all__ = ["OUTPUT_DTYPES", "Term", "TensorTask", "MergePlan", "plan_merge", "untargeted_warning"]
 
 #: `--dtype` spellings → safetensors dtype names.
 OUTPUT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
@@ -154,6 +155,7 @@ def plan_merge(
             )
 
     _check_combinations(adapters, terms, replaced, unmerge)
+    warnings += [line for adapter in adapters for line in untargeted_warning(adapter)]
 
     tied, head = tied_embedding(base, config), head_name(config)
     untie = tied is not None and (head in terms or head in replaced or _changes_embedding(tied, terms, replaced))
@@ -185,6 +187,41 @@ def plan_merge(
             )
     shards = plan_shards([task.nbytes for task in tasks], max_shard_size)
     return MergePlan(tasks, shards, untie, warnings, vocab_size)
+
+
+def untargeted_warning(adapter: Adapter) -> list[str]:
+    """A PEFT folder's LoRA modules that its `target_modules` list does not match: PEFT never loads them.
+
+    PEFT builds LoRA layers only where `target_modules` matches (a name equal to the path or a dotted suffix) and
+    drops the other factors on loading, with a warning; lora_tools merges what the file holds, and says so.
+    """
+    targets = adapter.config.get("target_modules")
+    if adapter.format != "peft" or not isinstance(targets, list) or adapter.config.get("layers_to_transform"):
+        return []
+    missed = [
+        m.name
+        for m in adapter.modules
+        if m.variant == "lora"
+        and m.a_key.startswith(f"base_model.model.{m.name}.lora_")  # as saved, not renamed to the checkpoint's names
+        and not target_module_matches(targets, m.name)
+        and not _names_parameter(adapter.config.get("target_parameters") or [], m.name)
+    ]
+    if not missed:
+        return []
+    return [
+        f"{adapter.path}: {len(missed)} module(s) ({missed[0]}{', …' if len(missed) > 1 else ''}) are not in "
+        "adapter_config.json's target_modules: PEFT does not load them (its merge leaves those weights unchanged); "
+        "lora_tools merged them as the file holds them"
+    ]
+
+
+def _names_parameter(target_parameters: list, module: str) -> bool:
+    """True when a `target_parameters` entry (`gate.weight`, `mlp.experts.down_proj`) names a parameter of `module`."""
+    for entry in target_parameters:
+        owner = str(entry).rpartition(".")[0]
+        if any(module == name or module.endswith(f".{name}") for name in (entry, owner) if name):
+            return True
+    return False
 
 
 def _unmatched_hint(problems: int, remaining: int) -> str:
