@@ -431,3 +431,34 @@ def test_modules_outside_target_modules_are_merged_and_said(tmp_path):
     v, q = "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(theirs[v], before[v]) and not torch.equal(ours[v], before[v])  # PEFT dropped it, we did not
     assert max_ulp(ours[q], theirs[q]) <= 1
+
+
+def test_2023_attention_processor_bin_on_a_pipeline(sd_pipeline, tmp_path):
+    """`unet.save_attn_procs` (diffusers 0.14–0.16 training scripts): an unprefixed `pytorch_lora_weights.bin` of
+    `…attn1.processor.to_q_lora.down.weight` keys, no alpha. Names as diffusers converts them
+    (`convert_unet_state_dict_to_peft`), scale 1, into the pipeline's UNet; fp64 formula."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    base = load_state(sd_pipeline / "unet")
+    generator, state = torch.Generator().manual_seed(11), {}
+    blocks = sorted({k.rsplit(".", 2)[0] for k in base if k.endswith(("attn1.to_q.weight", "attn2.to_k.weight"))})
+    for block in blocks:
+        for proj, module in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+            out, inp = base[f"{block}.{module}.weight"].shape
+            state[f"{block}.processor.{proj}_lora.down.weight"] = torch.randn(4, inp, generator=generator)
+            state[f"{block}.processor.{proj}_lora.up.weight"] = torch.randn(out, 4, generator=generator)
+    torch.save(state, tmp_path / "pytorch_lora_weights.bin")
+    lora_tools.merge(sd_pipeline, [tmp_path / "pytorch_lora_weights.bin"], tmp_path / "merged", device="cpu")
+    ours = load_state(tmp_path / "merged" / "unet")
+    converted = {k.replace(".processor.", "."): v for k, v in convert_unet_state_dict_to_peft(state).items()}
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in converted})
+    assert len(modules) == 4 * len(blocks) > 0
+    for module in modules:
+        a, b = converted[f"{module}.lora_A.weight"].double(), converted[f"{module}.lora_B.weight"].double()
+        exact = base[f"{module}.weight"].double() + b @ a
+        fuse = base[f"{module}.weight"] + b.float() @ a.float()  # fp32 the way fuse_lora computes it
+        error, fuse_error = ((t.double() - exact).abs().max() for t in (ours[f"{module}.weight"], fuse))
+        assert error <= fuse_error, module  # as close to fp64 as fp32 arithmetic gets, or closer
+    inspected = run_cli(["inspect", tmp_path / "pytorch_lora_weights.bin", "--base", sd_pipeline, "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    assert {m["target"] for m in json.loads(inspected.stdout)["modules"]} == {"to_q", "to_k", "to_v", "to_out"}
