@@ -462,3 +462,16 @@ def test_2023_attention_processor_bin_on_a_pipeline(sd_pipeline, tmp_path):
     inspected = run_cli(["inspect", tmp_path / "pytorch_lora_weights.bin", "--base", sd_pipeline, "--json"])
     assert inspected.exit_code == 0, inspected.output
     assert {m["target"] for m in json.loads(inspected.stdout)["modules"]} == {"to_q", "to_k", "to_v", "to_out"}
+
+
+# --- the corpus run (docs/pages/wild.md) ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in __import__("wild_corpus").CORPUS if c.arch], ids=lambda c: c.repo)
+def test_corpus_case_merges_as_peft_does(case, tmp_path):
+    """Each runnable config of the corpus, PEFT's factors for it on a tiny base of its architecture: ≤ 1 ulp."""
+    from wild_corpus import run_case
+
+    outcome, detail = run_case(case, tmp_path)
+    assert outcome == "merged = PEFT", detail
