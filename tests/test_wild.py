@@ -475,3 +475,23 @@ def test_corpus_case_merges_as_peft_does(case, tmp_path):
 
     outcome, detail = run_case(case, tmp_path)
     assert outcome == "merged = PEFT", detail
+
+
+def test_rank_the_config_contradicts_is_refused_by_inspect_and_merge(gpt2_base, tmp_path):
+    """Factors of rank 4 under `r: 8` (a config copied from another run): PEFT cannot load them (size mismatch), and
+    the scale is ambiguous; inspect and merge both refuse, naming the module and both ranks."""
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    adapter = _save_peft(
+        _tiny("gpt2", "GPT2LMHeadModel", **_GPT2), dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
+        tmp_path / "adapter",
+    )  # fmt: skip
+    _edit_config(adapter, r=8)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_base), adapter)
+    for args in (["inspect", adapter], ["merge", gpt2_base, adapter, "-o", tmp_path / "merged"]):
+        result = run_cli(args)
+        assert result.exit_code == 3, result.output
+        assert "transformer.h.0.attn.c_attn (factors rank 4, config 8) and 1 more" in result.output
+    assert not (tmp_path / "merged").exists()

@@ -32,6 +32,7 @@ from .peft_rules import (
     metadata_config,
     pattern_key,
     saved_tensor,
+    target_module_matches,
 )
 
 if TYPE_CHECKING:
@@ -259,7 +260,29 @@ def read_folder(path: Path, *, alpha: float | None = None) -> Adapter:
     _check_peft_config(path / CONFIG_NAME, config)
     if alpha is not None:
         config = {**config, "lora_alpha": alpha, "alpha_pattern": {}}
-    return build_peft_adapter(path, open_checkpoint(_peft_weights_file(path)), config)
+    adapter = build_peft_adapter(path, open_checkpoint(_peft_weights_file(path)), config)
+    _refuse_contradicted_ranks(path / CONFIG_NAME, adapter)
+    return adapter
+
+
+def _refuse_contradicted_ranks(path: Path, adapter: Adapter) -> None:
+    """A factor rank the config's `r` / `rank_pattern` contradicts: PEFT cannot load it (size mismatch), and
+    its scale is ambiguous (PEFT scales by the configured rank), so it is refused rather than guessed."""
+    patterns = adapter.config.get("rank_pattern") or {}
+    by_parameter = bool(adapter.config.get("target_parameters"))  # ParamWrapper: lora_A holds r rows per expert
+    wrong = []
+    for module in adapter.modules:
+        if by_parameter and not target_module_matches(adapter.config.get("target_modules"), module.name):
+            continue
+        key = pattern_key(patterns, module.name)
+        configured = patterns[key] if key is not None else adapter.config.get("r", 8)
+        if module.rank != configured:
+            wrong.append(f"{module.name} (factors rank {module.rank}, config {configured})")
+    if wrong:
+        more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
+        raise CorruptFileError(
+            path, f"r / rank_pattern contradict the factors: {wrong[0]}{more}; PEFT cannot load this adapter either"
+        )
 
 
 def _has_peft_keys(names: list[str]) -> bool:

@@ -17,6 +17,7 @@ read a folder the way `PeftModel.from_pretrained` does:
 | rank / alpha patterns | a `rank_pattern` / `alpha_pattern` key is a regex matched against the module path at a dot boundary (`(.*\.)?(key)$`), first key wins | `tuners/lora/model.py` via `get_pattern_key` (0.21.2) |
 | diffusers metadata | diffusers (0.32+) writes the PEFT `LoraConfig` into the file's `lora_adapter_metadata`, keyed `unet.r`, `transformer.lora_alpha` … in a pipeline's file and unprefixed in a model's | diffusers 0.42 `loaders/lora_base.py` `_save_lora_weights`, `loaders/peft.py` `save_lora_adapter` |
 | missing alpha (diffusers) | a diffusers-keyed file with neither alpha tensors nor metadata is scale 1 (alpha = rank for every module); so is kohya's missing `.alpha` | diffusers 0.42 `utils/peft_utils.py` `get_peft_kwargs`, `lora_conversion_utils.py` |
+| configured rank | a LoRA layer is built with `r` (or its `rank_pattern` entry) and scaled by alpha over it; factors of another rank do not load (size mismatch) | `tuners/lora/model.py` `_create_and_replace` (0.21.2) |
 | PEFT 0.2 `MergedLinear` | `enable_lora` with grouped `lora_B` (a Conv1d of shape [out, r, 1]); current PEFT has no such layer and 0.21 cannot load it (size mismatch) | PEFT 0.2.0 `tuners/lora.py` |
 
 Everything here is names and data; `peft.py` and `planning/orientation.py` apply it.
