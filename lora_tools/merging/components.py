@@ -55,7 +55,10 @@ def assign_components(
             )
         missing = sorted(c for c in wanted - set(components) if c is not None)
         if missing and not allow_unmatched:
-            problems.append(f"{adapter.path}: targets {', '.join(missing)}, which the pipeline does not have")
+            problems.append(
+                f"{adapter.path}: targets {', '.join(missing)}, which the pipeline does not have "
+                "(--allow-unmatched leaves those modules out)"
+            )
         elif missing:
             count = sum(1 for m in adapter.modules if aliases.get(m.component, m.component) in missing)
             warnings.append(
