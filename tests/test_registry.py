@@ -60,15 +60,7 @@ def test_every_module_writer_reads_back_the_same_change(fmt, tmp_path):
     _read_back(fmt, tmp_path, dora=False)
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="the diffusers reader does not yet read the "
-                                                   "lora_magnitude_vector its writer spools (kept as an unknown key)"))
-        if name == "diffusers" else name
-        for name in WRITERS
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("fmt", WRITERS)
 def test_every_module_writer_reads_back_dora_magnitudes(fmt, tmp_path):
     _read_back(fmt, tmp_path, dora=True)
 

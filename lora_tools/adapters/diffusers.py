@@ -8,18 +8,20 @@ scale folded into B (diffusers LoRA files carry no alpha).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidInputError
-from ..io.checkpoint import open_checkpoint
-from .model import Adapter, LoraModule, ModuleFactors, read_scalar, safetensors_names
+from ..errors import CorruptFileError, InvalidInputError
+from ..io.checkpoint import PICKLE_SUFFIXES, load_pickle_state_dict, open_checkpoint
+from .model import MAX_ALPHA, Adapter, LoraModule, ModuleFactors, read_scalar, safetensors_names
+from .peft_rules import METADATA_KEY, metadata_config, pattern_key
 
 if TYPE_CHECKING:
     from ..io.spool import Spool
 
-__all__ = ["COMPONENT_PREFIXES", "detect", "read", "spool_module"]
+__all__ = ["COMPONENT_PREFIXES", "WEIGHT_NAMES", "detect", "read", "spool_module"]
 
 #: diffusers key prefix → pipeline component.
 COMPONENT_PREFIXES = {
@@ -37,8 +39,11 @@ _DIFFUSERS_SUFFIXES = (
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
-    (".alpha", "alpha"),
+    (".alpha", "alpha"), (".lora_magnitude_vector", "magnitude"), (".lora_magnitude_vector.weight", "magnitude"),
 )  # fmt: skip
+
+#: The file names diffusers' training scripts and `save_lora_weights` write (safetensors since 0.15, pickle before).
+WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 
 
 def _split_diffusers(key: str) -> tuple[str, str | None, str] | None:
@@ -57,8 +62,29 @@ def _split_diffusers(key: str) -> tuple[str, str | None, str] | None:
     return None
 
 
+def _weights_file(path: Path) -> Path:
+    """The LoRA file itself: `path`, or the `pytorch_lora_weights.*` a diffusers LoRA folder holds."""
+    if path.is_dir():
+        return next((path / name for name in WEIGHT_NAMES if (path / name).is_file()), path)
+    return path
+
+
+def _key_names(path: Path) -> list[str]:
+    """Tensor names of a `.safetensors` file, or of a pickle (`pytorch_lora_weights.bin`, weights-only unpickling)."""
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES and path.stat().st_size <= _MAX_PICKLE_PROBE:
+        try:
+            return list(load_pickle_state_dict(path))
+        except InvalidInputError:
+            return []  # unreadable or unsafe: not detected here; opening it as a checkpoint says why
+    return safetensors_names(path)
+
+
+#: A pickle larger than this is a model checkpoint, not a LoRA: not unpickled to probe its keys.
+_MAX_PICKLE_PROBE = 2 << 30
+
+
 def detect(path: Path) -> bool:
-    names = safetensors_names(path)
+    names = _key_names(_weights_file(path))
     splits = [_split_diffusers(n) for n in names]
     has_old = any(".lora.down." in n or "lora_linear_layer" in n or "_lora.down." in n for n in names)
     has_component = any(s is not None and s[1] is not None for s in splits)
@@ -66,7 +92,7 @@ def detect(path: Path) -> bool:
 
 
 def read(path: Path, *, alpha: float | None = None):
-    weights = open_checkpoint(path)
+    weights = open_checkpoint(_weights_file(path))
     grouped: dict[tuple[str | None, str], dict[str, str]] = {}
     unknown = []
     for key in weights.tensors:
@@ -82,9 +108,7 @@ def read(path: Path, *, alpha: float | None = None):
             continue
         down = weights.tensors[roles["down"]].shape
         rank = down[0]
-        module_alpha = (
-            alpha if alpha is not None else read_scalar(weights, roles["alpha"]) if "alpha" in roles else rank
-        )
+        module_alpha, rslora = _alpha(weights, component, name, roles, rank, alpha)
         modules.append(
             LoraModule(
                 name=name,
@@ -95,7 +119,8 @@ def read(path: Path, *, alpha: float | None = None):
                 b_shape=weights.tensors[roles["up"]].shape,
                 rank=rank,
                 alpha=float(module_alpha),
-                scale=float(module_alpha) / rank,
+                scale=float(module_alpha) / (math.sqrt(rank) if rslora else rank),
+                magnitude_key=roles.get("magnitude"),
                 component=component,
             )
         )
@@ -105,6 +130,28 @@ def read(path: Path, *, alpha: float | None = None):
     return Adapter(
         path=path, format="diffusers", modules=modules, replacements=[], unknown_keys=unknown, weights=weights
     )
+
+
+def _alpha(weights, component: str | None, name: str, roles: dict, rank: int, override: float | None):
+    """A module's alpha as diffusers reads it, and whether it is rsLoRA-scaled.
+
+    In order: --alpha; the module's `.alpha` tensor; the PEFT config diffusers recorded in
+    `lora_adapter_metadata` (its alpha_pattern, then lora_alpha); else alpha = rank (scale 1),
+    diffusers' rule for a file that records no alpha.
+    """
+    if override is not None:
+        return override, False
+    if "alpha" in roles:
+        return read_scalar(weights, roles["alpha"]), False
+    recorded = metadata_config(weights.metadata, component)
+    if recorded is None:
+        return rank, False
+    patterns = recorded.get("alpha_pattern") or {}
+    key = pattern_key(patterns, name) if isinstance(patterns, dict) else None
+    found = patterns[key] if key is not None else recorded.get("lora_alpha", rank)
+    if isinstance(found, bool) or not isinstance(found, int | float) or not 0 < found <= MAX_ALPHA:
+        raise CorruptFileError(weights.path, f"{METADATA_KEY}: lora_alpha for {name} must be a positive number")
+    return found, bool(recorded.get("use_rslora", False))
 
 
 # --- writing ------------------------------------------------------------------

@@ -17,12 +17,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptFileError, InvalidInputError
+from ..errors import CorruptFileError, InvalidInputError, UnsupportedError
 from ..io.checkpoint import Checkpoint, open_checkpoint, read_json
 from ..io.derived import DerivedCheckpoint
-from ..layouts.vocab import is_saved_embedding, is_wrapper_copy
+from ..layouts.vocab import is_saved_embedding
 from .inits import check_init_field, with_base_init
 from .model import MAX_ALPHA, MAX_RANK, Adapter, LoraModule, ModuleFactors, Replacement, safetensors_names
+from .peft_rules import (
+    LEGACY_KEY_SUFFIXES,
+    MERGED_LINEAR_REASON,
+    WRAPPER_COPY,
+    alpha_is_rank,
+    implicit_modules_to_save,
+    merged_linear_modules,
+    metadata_config,
+    pattern_key,
+    saved_tensor,
+    target_module_matches,
+)
 from .tuners import build_tuner_adapter, check_tuner_config
 
 if TYPE_CHECKING:
@@ -60,7 +72,7 @@ _PEFT_SUFFIXES = {
     ".lora_B.bias": "bias",
     ".lora_embedding_A": "embA",
     ".lora_embedding_B": "embB",
-    ".lora_magnitude_vector": "magnitude",
+    **LEGACY_KEY_SUFFIXES,
     ".lora_magnitude_vector.weight": "magnitude",
     ".base_layer.weight": "base_layer",
     ".token_adapter.trainable_tokens_delta": "tokens",
@@ -74,19 +86,6 @@ def _split_peft_key(key: str) -> tuple[str, str] | None:
             module = key[: -len(suffix)]
             return module.removeprefix(PEFT_PREFIX), role
     return None
-
-
-def pattern_key(patterns: dict, module: str) -> str | None:
-    """The first key of a PEFT rank/alpha pattern that matches `module` (PEFT's rule: regex anchored at a dot)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
-def _module_matches(names: list[str], module: str) -> bool:
-    """PEFT's modules_to_save rule: a name matches the module path or a dotted suffix of it."""
-    return any(module == n or module.endswith(f".{n}") for n in names)
 
 
 def _peft_weights_file(folder: Path) -> Path:
@@ -154,8 +153,7 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
     grouped: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
     replacements: list[Replacement] = []
-    to_save = config.get("modules_to_save") or []
-    to_save = [to_save] if isinstance(to_save, str) else to_save
+    to_save = implicit_modules_to_save(config)  # PEFT's rules (peft_rules): task heads, suffixes, sub-modules
     for key in weights.tensors:
         split = _split_peft_key(key)
         if split is not None:
@@ -163,16 +161,17 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
             grouped.setdefault(module, {})[role] = key
             continue
         stripped = key.removeprefix(PEFT_PREFIX)
-        module = stripped.rsplit(".", 1)[0]
-        if _module_matches(to_save, module):
-            replacements.append(Replacement(stripped, key))
-        elif is_wrapper_copy(module, to_save):
-            continue  # copies of a modules_to_save module saved beside it (resized vocabulary)
+        saved = saved_tensor(stripped, config, to_save)
+        if saved == WRAPPER_COPY:
+            continue  # copies of a modules_to_save module saved beside it (resized vocabulary, bias: all)
+        if saved is not None:
+            replacements.append(Replacement(saved[0], key, origin=saved[1]))
         elif is_saved_embedding(stripped):
             replacements.append(Replacement(stripped, key, origin="saved embedding"))
         else:
             unknown.append(key)
 
+    _refuse_merged_linear(path, weights, grouped)
     use_rslora = bool(config.get("use_rslora", False))
     alpha_default = config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -238,6 +237,22 @@ def build_peft_adapter(path: Path, weights: Checkpoint, config: dict, format_nam
     )
 
 
+def _refuse_merged_linear(path: Path, weights: Checkpoint, grouped: dict[str, dict[str, str]]) -> None:
+    """PEFT 0.2's MergedLinear factors read as plain LoRA would give a wrong rank and scale: refuse, naming them."""
+    shapes = {
+        module: (weights.tensors[roles["A"]].shape, weights.tensors[roles["B"]].shape)
+        for module, roles in grouped.items()
+        if "A" in roles and "B" in roles
+    }
+    found = merged_linear_modules(shapes)
+    if found:
+        a, b = shapes[found[0]]
+        raise UnsupportedError(
+            f"{path}: {found[0]} (lora_A {list(a)}, lora_B {list(b)}"
+            f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}) is {MERGED_LINEAR_REASON}"
+        )
+
+
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -253,7 +268,29 @@ def read_folder(path: Path, *, alpha: float | None = None) -> Adapter:
         return build_tuner_adapter(path, open_checkpoint(_peft_weights_file(path)), config)
     if alpha is not None:
         config = {**config, "lora_alpha": alpha, "alpha_pattern": {}}
-    return build_peft_adapter(path, open_checkpoint(_peft_weights_file(path)), config)
+    adapter = build_peft_adapter(path, open_checkpoint(_peft_weights_file(path)), config)
+    _refuse_contradicted_ranks(path / CONFIG_NAME, adapter)
+    return adapter
+
+
+def _refuse_contradicted_ranks(path: Path, adapter: Adapter) -> None:
+    """A factor rank the config's `r` / `rank_pattern` contradicts: PEFT cannot load it (size mismatch), and
+    its scale is ambiguous (PEFT scales by the configured rank), so it is refused rather than guessed."""
+    patterns = adapter.config.get("rank_pattern") or {}
+    by_parameter = bool(adapter.config.get("target_parameters"))  # ParamWrapper: lora_A holds r rows per expert
+    wrong = []
+    for module in adapter.modules:
+        if by_parameter and not target_module_matches(adapter.config.get("target_modules"), module.name):
+            continue
+        key = pattern_key(patterns, module.name)
+        configured = patterns[key] if key is not None else adapter.config.get("r", 8)
+        if module.rank != configured:
+            wrong.append(f"{module.name} (factors rank {module.rank}, config {configured})")
+    if wrong:
+        more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
+        raise CorruptFileError(
+            path, f"r / rank_pattern contradict the factors: {wrong[0]}{more}; PEFT cannot load this adapter either"
+        )
 
 
 def _has_peft_keys(names: list[str]) -> bool:
@@ -265,22 +302,36 @@ def detect_file(path: Path) -> bool:
 
 
 def read_file(path: Path, *, alpha: float | None = None) -> Adapter:
+    """A lone PEFT-keyed file: alpha from --alpha, diffusers' `lora_adapter_metadata`, a `lora_alpha` metadata
+    entry, or — for keys PEFT did not write (no `base_model.model.`: diffusers, ComfyUI, ai-toolkit) — diffusers'
+    own rule, alpha = rank (scale 1). A PEFT file with none of these is refused: PEFT has no such default."""
     weights = open_checkpoint(path)
-    if alpha is None:
-        found = weights.metadata.get("lora_alpha") or weights.metadata.get("alpha")
-        if found is None:
-            raise InvalidInputError(
-                f"{path}: a lone adapter file does not say its lora_alpha; pass --alpha "
-                "(or use the PEFT folder with its adapter_config.json)"
-            )
+    ranks = {
+        key.removesuffix(".lora_A.weight").removeprefix(PEFT_PREFIX): info.shape[0]
+        for key, info in weights.tensors.items()
+        if key.endswith(".lora_A.weight") and info.shape
+    }
+    config = {"peft_type": "LORA", "r": min(ranks.values()) if ranks else 8}
+    recorded = metadata_config(weights.metadata, None)
+    if alpha is None and recorded is not None:
+        config = {**config, **recorded}
+        _check_peft_config(path, config)
+    elif alpha is None and (found := weights.metadata.get("lora_alpha") or weights.metadata.get("alpha")) is not None:
         try:
-            alpha = float(found)
+            config["lora_alpha"] = float(found)
         except ValueError as exc:
             raise CorruptFileError(path, f"metadata lora_alpha {found!r} is not a number") from exc
-    if not 0 < alpha <= MAX_ALPHA:
-        raise InvalidInputError(f"{path}: alpha must be in (0, {MAX_ALPHA:g}], got {alpha:g}")
-    ranks = {info.shape[0] for key, info in weights.tensors.items() if key.endswith(".lora_A.weight") and info.shape}
-    config = {"peft_type": "LORA", "lora_alpha": alpha, "r": min(ranks) if ranks else 8}
+    elif alpha is None and not all(key.startswith(PEFT_PREFIX) for key in weights.tensors):
+        config.update(alpha_is_rank(ranks))
+    elif alpha is None:
+        raise InvalidInputError(
+            f"{path}: a lone PEFT adapter file does not say its lora_alpha; pass --alpha "
+            "(or use the PEFT folder with its adapter_config.json)"
+        )
+    else:
+        config["lora_alpha"] = alpha
+    if not 0 < config["lora_alpha"] <= MAX_ALPHA:
+        raise InvalidInputError(f"{path}: alpha must be in (0, {MAX_ALPHA:g}], got {config['lora_alpha']:g}")
     return build_peft_adapter(path, weights, config, format_name="peft-safetensors")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import CorruptFileError, InvalidInputError, UnknownFormatError, UnsupportedError
 from ..io.checkpoint import Checkpoint
 from .model import Adapter, LoraModule, Replacement
+from .peft_rules import WRAPPER_COPY, implicit_modules_to_save, saved_tensor
 
 __all__ = [
     "Tuner",
@@ -396,11 +397,6 @@ def _split(tuner: Tuner, key: str) -> tuple[str, str] | None:
     return None
 
 
-def _to_save(config: dict) -> list[str]:
-    names = config.get("modules_to_save") or []
-    return [names] if isinstance(names, str) else list(names)
-
-
 def build_tuner_adapter(path: Path, weights: Checkpoint, config: dict) -> Adapter:
     """Group a PEFT tuner's tensors into modules (one per adapted layer), with their parameters.
 
@@ -421,7 +417,7 @@ def build_tuner_adapter(path: Path, weights: Checkpoint, config: dict) -> Adapte
     shared: dict[str, str] = {}
     replacements: list[Replacement] = []
     unknown: list[str] = []
-    to_save = _to_save(config)
+    to_save = implicit_modules_to_save(config)  # task heads, suffixes, sub-module trees (`peft_rules`)
     for key in weights.tensors:
         name = key.removeprefix(_SHARED_PREFIX)
         if key.startswith(_SHARED_PREFIX) and name in tuner.shared:
@@ -435,10 +431,11 @@ def build_tuner_adapter(path: Path, weights: Checkpoint, config: dict) -> Adapte
         if split is not None:
             grouped.setdefault(split[0], {})[split[1]] = key
             continue
-        stripped = key.removeprefix(_PREFIX)
-        owner = stripped.rsplit(".", 1)[0]
-        if any(owner == n or owner.endswith(f".{n}") for n in to_save):  # PEFT's modules_to_save rule
-            replacements.append(Replacement(stripped, key))
+        saved = saved_tensor(key.removeprefix(_PREFIX), config, to_save)  # PEFT's rules, as for LoRA
+        if saved == WRAPPER_COPY:
+            continue
+        if saved is not None:
+            replacements.append(Replacement(saved[0], key, origin=saved[1]))
             continue
         unknown.append(key)
     modules = [_module(path, tuner, config, name, {**shared, **roles}, weights) for name, roles in grouped.items()]

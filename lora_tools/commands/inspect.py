@@ -12,7 +12,7 @@ from ..adapters.model import Adapter
 from ..adapters.registry import is_adapter, read_adapter
 from ..io.checkpoint import Checkpoint, component_aliases, open_checkpoint, open_components
 from ..layouts.diffusion import describe_layout
-from ..planning.compatibility import compatibility_problems
+from ..planning.compatibility import compatibility_problems, unknown_key_problem
 from ..planning.targets import Targets, head_name, tied_embedding, with_tied_head
 
 __all__ = ["inspect", "AdapterReport", "CheckpointReport", "ModuleReport", "Validation"]
@@ -93,6 +93,16 @@ class CheckpointReport:
         return asdict(self)
 
 
+def _target_name(module: str) -> str:
+    """The module's own name as people say it: `to_q`; `to_out` for `to_out.0` (the Linear of diffusers'
+    [Linear, Dropout] list); `net.2` for `ff.net.2` (a list index names nothing alone)."""
+    parent, _, leaf = module.rpartition(".")
+    if not leaf.isdigit() or not parent:
+        return leaf
+    owner = parent.rpartition(".")[2]
+    return owner if leaf == "0" else f"{owner}.{leaf}"
+
+
 def _adapter_report(
     adapter: Adapter, base_path: str | None, components: dict | None, renames: Sequence[str] = ()
 ) -> AdapterReport:
@@ -115,7 +125,7 @@ def _adapter_report(
         modules.append(
             ModuleReport(
                 name=name,
-                target=name.rsplit(".", 1)[-1],
+                target=_target_name(name),
                 type=module.kind,
                 variant=module.variant,
                 component=module.component,
@@ -139,7 +149,7 @@ def _adapter_report(
             tensors, problems = _quantized_view(checkpoint)
             problems += disk_problems or compatibility_problems(disk.adapter, tensors, checkpoint.config)
         else:
-            problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
+            problems = [unknown_key_problem(key) for key in adapter.unknown_keys]
             for component in sorted(adapter.components, key=str):
                 checkpoint = part(component)
                 if checkpoint is None:

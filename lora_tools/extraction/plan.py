@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..adapters.peft_rules import conv1d_names
 from ..errors import IncompatibleError, InvalidInputError
 from ..io.safetensors_header import TensorInfo
 
@@ -13,7 +14,6 @@ __all__ = ["METHODS", "EMBEDDING_MODES", "ExtractTask", "ExtractPlan", "plan_ext
 
 METHODS = ("auto", "svd", "randomized")
 EMBEDDING_MODES = ("skip", "lora", "full")
-_CONV1D_MODEL_TYPES = frozenset({"gpt2"})
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def plan_extraction(
         )
     skipped += [{"name": p.split(" ", 1)[0], "reason": p.split(" ", 1)[1]} for p in problems]
 
-    conv1d = base_type in _CONV1D_MODEL_TYPES
+    conv1d = conv1d_names(base_config)  # transformers Conv1D layers store in×out (PEFT forces fan_in_fan_out)
     tasks, one_dimensional = [], []
     for name, info in base.items():
         other = tuned.get(name)
@@ -119,7 +119,7 @@ def plan_extraction(
             kind = "embedding"
         else:
             kind = "linear"
-        fan_in_fan_out = conv1d and kind == "linear" and not embedding_like
+        fan_in_fan_out = module.rsplit(".", 1)[-1] in conv1d and kind == "linear" and not embedding_like
         tasks.append(ExtractTask(module, name, info.shape, kind, fan_in_fan_out, embedding_like))
     if not tasks:
         raise InvalidInputError("no weight is selected for extraction (check --include / --exclude / --embeddings)")

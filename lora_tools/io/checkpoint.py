@@ -301,14 +301,21 @@ def open_components(path: Path) -> dict[str | None, Checkpoint]:
     return {None: open_checkpoint(path)}
 
 
-def component_aliases(components: dict) -> dict[str, str]:
+def component_aliases(components: dict) -> dict[str | None, str]:
     """kohya calls a Flux / SD3 transformer `lora_unet_`: map unet to transformer where only that exists; and
-    sd-scripts calls Flux's T5 `lora_te3_` where diffusers has it as text_encoder_2 (no text_encoder_3)."""
+    sd-scripts calls Flux's T5 `lora_te3_` where diffusers has it as text_encoder_2 (no text_encoder_3).
+
+    Keys with no component prefix (`down_blocks.…`, what `unet.save_attn_procs` and `save_lora_adapter`
+    write) belong to the denoiser (unet, else transformer), as diffusers' model loaders read them: the
+    same rule as on a single-file checkpoint, which is all denoiser.
+    """
+    denoiser = next((name for name in ("unet", "transformer") if name in components), None)
+    unprefixed: dict[str | None, str] = {None: denoiser} if denoiser is not None and None not in components else {}
     if "unet" in components or "transformer" not in components:
-        return {}
+        return unprefixed
     t5 = (
         {"text_encoder_3": "text_encoder_2"}
         if "text_encoder_2" in components and "text_encoder_3" not in components
         else {}
     )
-    return {"unet": "transformer", **t5}
+    return {**unprefixed, "unet": "transformer", **t5}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..io.safetensors_header import TensorInfo
 
-__all__ = ["EMBEDDING_MODULES", "TOKENIZER_FILES", "is_saved_embedding", "is_wrapper_copy", "resized_base",
+__all__ = ["EMBEDDING_MODULES", "TOKENIZER_FILES", "is_saved_embedding", "resized_base",
            "carry_tokenizer"]  # fmt: skip
 
 #: Module names PEFT saves whole when the vocabulary was resized (its EMBEDDING_LAYER_NAMES and the usual aliases).
@@ -29,15 +29,6 @@ def is_saved_embedding(stripped_key: str) -> bool:
     """`model.embed_tokens.weight` / `lm_head.weight`: an embedding PEFT saved whole (resized vocabulary)."""
     module, _, leaf = stripped_key.rpartition(".")
     return leaf == "weight" and module.rsplit(".", 1)[-1] in EMBEDDING_MODULES
-
-
-def is_wrapper_copy(module: str, to_save: Sequence[str]) -> bool:
-    """`X.modules_to_save` / `X.original_module` of a modules_to_save module X: the copies PEFT adds when it
-    also saves resized embeddings; `X.weight` already holds the trained values."""
-    parent, _, wrapper = module.rpartition(".")
-    return wrapper in ("modules_to_save", "original_module") and any(
-        parent == name or parent.endswith(f".{name}") for name in to_save
-    )
 
 
 def resized_base(base: Mapping[str, TensorInfo], adapters, resolve) -> tuple[dict[str, TensorInfo], int | None]:

@@ -10,6 +10,7 @@ from ..adapters.model import Adapter
 from ..errors import IncompatibleError, OutputNameError
 from ..io.card import CARD_NAME
 from ..io.checkpoint import RECORD_PREFIX, Checkpoint, component_aliases
+from ..planning.compatibility import unknown_key_problem
 
 __all__ = ["single_file_output", "assign_components", "copy_pipeline_files"]
 
@@ -45,7 +46,7 @@ def assign_components(
     parts: dict[str | None, list[Adapter]] = {name: [] for name in components}
     problems, warnings = [], []
     for adapter in adapters:
-        problems += [f"{adapter.path}: {key}: not a key lora_tools understands" for key in adapter.unknown_keys]
+        problems += [f"{adapter.path}: {unknown_key_problem(key)}" for key in adapter.unknown_keys]
         wanted = {aliases.get(c, c) for c in adapter.components}
         if None in wanted:
             problems.append(
@@ -54,7 +55,10 @@ def assign_components(
             )
         missing = sorted(c for c in wanted - set(components) if c is not None)
         if missing and not allow_unmatched:
-            problems.append(f"{adapter.path}: targets {', '.join(missing)}, which the pipeline does not have")
+            problems.append(
+                f"{adapter.path}: targets {', '.join(missing)}, which the pipeline does not have "
+                "(--allow-unmatched leaves those modules out)"
+            )
         elif missing:
             count = sum(1 for m in adapter.modules if aliases.get(m.component, m.component) in missing)
             warnings.append(

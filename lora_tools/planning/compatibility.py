@@ -10,10 +10,11 @@ from ..adapters.tuners import tuner_of_variant, tuner_problems
 from ..io.safetensors_header import TensorInfo
 from ..layouts.relayout import Located
 from ..quant.float8_casts import fp8_problems, mergeable_dtype
+from .orientation import oriented
 from .shapes import expected_factor_shapes, fits, out_features, variant_delta_shape
 from .targets import Targets, resolve_tensor, weight_tensor, with_tied_head
 
-__all__ = ["compatibility_problems", "module_problems", "located_problems"]
+__all__ = ["compatibility_problems", "module_problems", "located_problems", "unknown_key_problem"]
 
 
 def module_problems(adapter: Adapter, module: LoraModule, base: Mapping[str, TensorInfo], target: str) -> list[str]:
@@ -97,9 +98,10 @@ def compatibility_problems(
     With `allow_unmatched`, modules that match no base module are not problems
     (the merge leaves them out and says how many).
     """
+    adapter, problems = oriented(adapter, base, config)  # Conv1D or nn.Linear: the base decides
     base = with_tied_head(base, config)
     targets = Targets(base)
-    problems = [f"{key}: not a key lora_tools understands" for key in adapter.unknown_keys]
+    problems = [unknown_key_problem(key) for key in adapter.unknown_keys] + problems
     for module in adapter.modules:
         located = targets.located(module)
         if located is not None and located.whole is None:
@@ -119,6 +121,17 @@ def compatibility_problems(
     for item in adapter.replacements:
         problems.extend(_replacement_problems(adapter, item, base))
     return problems
+
+
+def unknown_key_problem(key: str) -> str:
+    """The problem line for an adapter key no rule reads, saying what it looks like and what to do."""
+    if key.startswith("base_model.model.") and key.rsplit(".", 1)[-1] in ("weight", "bias"):
+        return (
+            f"{key}: not a key lora_tools understands: a whole tensor that neither modules_to_save, the task_type's "
+            "heads nor bias claims; if it should replace the base's, add its module to modules_to_save in "
+            "adapter_config.json"
+        )
+    return f"{key}: not a key lora_tools understands"
 
 
 def _replacement_problems(adapter: Adapter, item: Replacement, base: Mapping[str, TensorInfo]) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..adapters.model import Adapter, LoraModule, Replacement
+from ..adapters.peft_rules import target_module_matches
 from ..adapters.tuners import transforms_weight
 from ..errors import IncompatibleError, InvalidInputError, UnsupportedError
 from ..io.safetensors_header import DTYPE_SIZES, TensorInfo
@@ -19,10 +20,11 @@ from ..layouts.relayout import Piece
 from ..layouts.vocab import resized_base
 from ..quant.float8_casts import mergeable_dtype
 from .compatibility import compatibility_problems
+from .orientation import oriented
 from .shards import plan_shards
 from .targets import TIED, Targets, head_name, resolve_tensor, tied_embedding, weight_tensor, with_tied_head
 
-__all__ = ["OUTPUT_DTYPES", "Term", "TensorTask", "MergePlan", "plan_merge"]
+__all__ = ["OUTPUT_DTYPES", "Term", "TensorTask", "MergePlan", "plan_merge", "untargeted_warning"]
 
 #: `--dtype` spellings → safetensors dtype names.
 OUTPUT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
@@ -110,13 +112,16 @@ def plan_merge(
             f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
         )
     base, vocab_size = resized_base(base, adapters, resolve_tensor)  # embeddings an adapter grows (new tokens)
-    problems = []
+    problems, lenient = [], 0
     for adapter in adapters:
         found = compatibility_problems(adapter, base, config, allow_unmatched=allow_unmatched)
         problems += [f"{adapter.path}: {p}" for p in found]
+        if found and not allow_unmatched:
+            lenient += len(compatibility_problems(adapter, base, config, allow_unmatched=True))
     if problems:
-        hint = "" if allow_unmatched else " (--allow-unmatched merges the rest when names match nothing)"
+        hint = _unmatched_hint(len(problems), lenient) if not allow_unmatched else ""
         raise IncompatibleError(f"{len(problems)} problem(s) between adapter and base{hint}", problems)
+    adapters = [oriented(adapter, base, config)[0] for adapter in adapters]  # checked above: no problems left
     targets = Targets(with_tied_head(base, config))
 
     sign = -1.0 if unmerge else 1.0
@@ -151,6 +156,7 @@ def plan_merge(
             )
 
     _check_combinations(adapters, terms, replaced, unmerge)
+    warnings += [line for adapter in adapters for line in untargeted_warning(adapter)]
 
     tied, head = tied_embedding(base, config), head_name(config)
     untie = tied is not None and (head in terms or head in replaced or _changes_embedding(tied, terms, replaced))
@@ -182,6 +188,53 @@ def plan_merge(
             )
     shards = plan_shards([task.nbytes for task in tasks], max_shard_size)
     return MergePlan(tasks, shards, untie, warnings, vocab_size)
+
+
+def untargeted_warning(adapter: Adapter) -> list[str]:
+    """A PEFT folder's LoRA modules that its `target_modules` list does not match: PEFT never loads them.
+
+    PEFT builds LoRA layers only where `target_modules` matches (a name equal to the path or a dotted suffix) and
+    drops the other factors on loading, with a warning; lora_tools merges what the file holds, and says so.
+    """
+    targets = adapter.config.get("target_modules")
+    if adapter.format != "peft" or not isinstance(targets, list) or adapter.config.get("layers_to_transform"):
+        return []
+    missed = [
+        m.name
+        for m in adapter.modules
+        if m.variant == "lora"
+        and m.a_key.startswith(f"base_model.model.{m.name}.lora_")  # as saved, not renamed to the checkpoint's names
+        and not target_module_matches(targets, m.name)
+        and not _names_parameter(adapter.config.get("target_parameters") or [], m.name)
+    ]
+    if not missed:
+        return []
+    return [
+        f"{adapter.path}: {len(missed)} module(s) ({missed[0]}{', …' if len(missed) > 1 else ''}) are not in "
+        "adapter_config.json's target_modules: PEFT does not load them (its merge leaves those weights unchanged); "
+        "lora_tools merged them as the file holds them"
+    ]
+
+
+def _names_parameter(target_parameters: list, module: str) -> bool:
+    """True when a `target_parameters` entry (`gate.weight`, `mlp.experts.down_proj`) names a parameter of `module`."""
+    for entry in target_parameters:
+        owner = str(entry).rpartition(".")[0]
+        if any(module == name or module.endswith(f".{name}") for name in (entry, owner) if name):
+            return True
+    return False
+
+
+def _unmatched_hint(problems: int, remaining: int) -> str:
+    """Suggest --allow-unmatched only when it would leave out some problems: all of them, or some (saying so)."""
+    unmatched = problems - remaining
+    if unmatched == 0:
+        return ""
+    if remaining == 0:
+        return f" ({unmatched} module(s) match nothing in the base; --allow-unmatched merges the rest)"
+    return (
+        f" ({unmatched} module(s) match nothing, which --allow-unmatched would leave out; the other {remaining} remain)"
+    )
 
 
 def _changes_embedding(tied: str, terms: dict, replaced: dict) -> bool:
