@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_model, llama_config, run_cli
+from conftest import build_model, llama_config, load_state, run_cli
 from safetensors.torch import load_file, save_file
 from tuner_models import CASES, peft_merged, randomize, save_base, save_tuner
 from ulp import max_ulp
@@ -369,8 +369,6 @@ def test_adalora_with_pruned_ranks_keeps_its_initial_ranknum(tuner_files, tmp_pa
     [
         ["resize", "ADAPTER", "--rank", "2", "-o", "OUT"],
         ["combine", "ADAPTER", "ADAPTER", "--method", "cat", "-o", "OUT"],
-        ["convert", "ADAPTER", "--to", "kohya", "-o", "OUT.safetensors"],
-        ["convert", "ADAPTER", "--to", "mlx", "-o", "OUT"],
     ],
 )
 def test_lora_only_commands_point_a_tuner_to_convert(tuner_files, tmp_path, command):
@@ -390,3 +388,57 @@ def test_convert_by_energy_keeps_the_fewest_ranks_that_hold_it(tuner_files, tmp_
         kept = float(values[: module["rank"]].square().sum() / values.square().sum())
         fewer = float(values[: module["rank"] - 1].square().sum() / values.square().sum())
         assert kept >= 0.9 > fewer, (name, module["rank"], kept, fewer)
+
+
+@pytest.mark.parametrize(("case", "options"), [("adalora", []), ("oft-cayley", ["--rank", "6"])])
+def test_convert_to_kohya_goes_through_the_lora(tuner_files, tmp_path, case, options):
+    """kohya files hold LoRA factors only: a tuner is written as the LoRA `--to peft` makes of it (exact for
+    AdaLoRA, the best rank-k for OFT), so the kohya file merges bit for bit as that LoRA, which the tests
+    above hold to PEFT's own merge; the report keeps the first step's per-module errors."""
+    base, adapter = tuner_files(case)
+    lora = run_cli(["convert", adapter, "--to", "peft", "--base", base, "-o", tmp_path / "lora", "--json", *options])
+    assert lora.exit_code == 0, lora.output
+    kohya = tmp_path / "kohya.safetensors"
+    args = ["--base", base, "--component", "text_encoder", "-o", kohya, "--json", *options]
+    result = run_cli(["convert", adapter, "--to", "kohya", *args])
+    assert result.exit_code == 0, result.output
+    first, report = json.loads(lora.stdout), json.loads(result.stdout)
+    assert [(m["name"], m["method"], m["relative_error"]) for m in report["modules"]] == [
+        (m["name"], m["method"], m["relative_error"]) for m in first["modules"]
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kohya.safetensors", "lora"]  # no scratch left
+    lora_tools.merge(base, [tmp_path / "lora"], tmp_path / "a.safetensors", device="cpu")
+    lora_tools.merge(base, [kohya], tmp_path / "b.safetensors", device="cpu")
+    via_lora, via_kohya = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert via_lora.keys() == via_kohya.keys()
+    for name, tensor in via_lora.items():
+        assert torch.equal(tensor, via_kohya[name]), name
+
+
+def test_convert_vera_to_gguf_matches_peft(llama_base, tmp_path):
+    """A VeRA adapter on Llama written for llama.cpp (through its exact LoRA) reads back to PEFT's ΔW."""
+    import warnings
+
+    import peft
+    from transformers import LlamaForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(llama_base), LLAMA_CASES["vera"](peft))
+        randomize(model, 5)
+        model.save_pretrained(tmp_path / "vera")
+        merged = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_base), tmp_path / "vera")
+        expected = {k: v.double() for k, v in merged.merge_and_unload().state_dict().items()}
+    gguf_file = tmp_path / "vera.gguf"
+    result = run_cli(["convert", tmp_path / "vera", "--to", "gguf", "--base", llama_base, "-o", gguf_file])
+    assert result.exit_code == 0, result.output
+    result = run_cli(["convert", gguf_file, "--to", "peft", "--base", llama_base, "-o", tmp_path / "back"])
+    assert result.exit_code == 0, result.output
+    lora_tools.merge(llama_base, [tmp_path / "back"], tmp_path / "out", device="cpu", dtype="fp32")
+    found, original = load_state(tmp_path / "out"), load_state(llama_base)
+    changed = [n for n in expected if "q_proj" in n or "v_proj" in n or "down_proj" in n]
+    assert changed
+    for name in changed:
+        delta = expected[name] - original[name].double()
+        error = (found[name].double() - expected[name]).abs().max() / delta.abs().max()
+        assert error < 1e-5, (name, float(error))

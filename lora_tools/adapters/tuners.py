@@ -40,6 +40,7 @@ __all__ = [
     "EXACT_LORA",
     "support_table",
     "refuse_tuner",
+    "needs_lora_first",
 ]
 
 _PREFIX = "base_model.model."
@@ -529,11 +530,18 @@ def support_table() -> list[str]:
     return lines
 
 
-def refuse_tuner(adapter: Adapter, action: str) -> None:
-    """Refuse an operation defined for LoRA factors (resize, combine, kohya/GGUF/mlx files) on another tuner,
-    naming the conversion that makes it a LoRA first."""
+def needs_lora_first(adapter: Adapter) -> bool:
+    """Whether `adapter` is a PEFT tuner whose modules are not LoRA factors (LoHa and LoKr are LyCORIS ones,
+    which kohya files carry): it becomes a LoRA (`convert --to peft`) before anything LoRA-only takes it."""
     peft_type = adapter.config.get("peft_type") if adapter.format == "peft" else None
-    if peft_type in TUNERS and peft_type not in ("LOHA", "LOKR"):
+    return peft_type in TUNERS and peft_type not in ("LOHA", "LOKR")
+
+
+def refuse_tuner(adapter: Adapter, action: str) -> None:
+    """Refuse an operation defined for LoRA factors (resize, combine) on another tuner, naming the conversion
+    that makes it a LoRA first."""
+    if needs_lora_first(adapter):
+        peft_type = adapter.config["peft_type"]
         raise UnsupportedError(
             f"{adapter.path}: a {peft_type} adapter cannot be {action} as it is; write it as a LoRA first: "
             "loratool convert ADAPTER --to peft --base BASE -o LORA (add --rank N unless it is AdaLoRA or VeRA)"

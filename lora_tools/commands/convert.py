@@ -9,8 +9,10 @@ LoRA between diffusers and the original single-file names (`conversion.naming`).
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ..adapters.inits import ALORA_TOKENS, invocation_tokens, refuse_alora, refuse_rewritten_base
@@ -18,11 +20,11 @@ from ..adapters.kohya import kohya_metadata
 from ..adapters.peft import WEIGHTS_NAME, peft_adapter_config, write_adapter_config
 from ..adapters.registry import fit_to_base, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
-from ..adapters.tuners import refuse_tuner
+from ..adapters.tuners import needs_lora_first, refuse_tuner
 from ..conversion.export import ExportOptions, export
 from ..conversion.naming import convert_naming
 from ..conversion.spelling import component_of, parameter_count, refuse_extras, to_kohya, to_peft
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, LoraToolError
 from ..io.hub import resolve_input
 from ..io.output import atomic_output, checksums
 from ..io.spool import Spool
@@ -83,6 +85,14 @@ def convert(
     if naming is not None or to == "diffusers":
         return convert_naming(adapter, output, to=to, naming=naming or "diffusers", base=base, alpha=alpha,
                               force=force, checksum=checksum, revision=revision, token=token)  # fmt: skip
+    if to in ("kohya", "gguf", "mlx") and _is_tuner(adapter, revision, token):
+
+        def then(lora: Path) -> ExtractReport:
+            return convert(lora, output, to=to, base=base, component=component, bake_alpha=bake_alpha, force=force,
+                           checksum=checksum, progress=progress, drop_unsupported=drop_unsupported)  # fmt: skip
+
+        first = {"base": base, "rank": rank, "energy": energy, "revision": revision, "token": token, "workers": workers}
+        return _through_lora(adapter, output, first, then)
     if to in ("gguf", "mlx"):
         options = ExportOptions(to, base, alpha, bake_alpha, drop_unsupported, force, checksum, revision, token)
         return export(adapter, output, options)
@@ -160,3 +170,30 @@ def _alora_fields(config: dict) -> dict:
     """An activated LoRA's invocation tokens, kept in the PEFT config written (without them it acts on every token)."""
     tokens = invocation_tokens(config)
     return {} if tokens is None else {ALORA_TOKENS: tokens}
+
+
+def _is_tuner(adapter: str | os.PathLike, revision: str | None, token: str | None) -> bool:
+    """Whether the adapter is a PEFT tuner other than LoRA, LoHa and LoKr (`adapters.tuners.needs_lora_first`)."""
+    local, _ = resolve_input(adapter, revision=revision, token=token)
+    return needs_lora_first(read_adapter(local))
+
+
+def _through_lora(adapter, output, first: dict, then: Callable[[Path], ExtractReport]) -> ExtractReport:
+    """A PEFT tuner written as kohya, GGUF or mlx-lm: the LoRA `convert --to peft` makes of it (exact for
+    AdaLoRA and VeRA, the best rank-k of ΔW for the others), then that LoRA in the target format.
+
+    The intermediate PEFT folder lives in a scratch folder beside the output, removed either way; the
+    report lists the modules as the first step carried them (method, rank, relative error).
+    """
+    started = time.perf_counter()
+    parent = Path(output).parent
+    with tempfile.TemporaryDirectory(dir=parent if parent.is_dir() else None, prefix=".loratool-lora-") as scratch:
+        lora = convert(adapter, Path(scratch) / "lora", to="peft", **first)
+        try:
+            written = then(Path(scratch) / "lora")
+        except LoraToolError as exc:  # name the user's adapter, not the scratch folder
+            exc.args = tuple(str(a).replace(str(Path(scratch) / "lora"), f"{adapter} (as a LoRA)") for a in exc.args)
+            raise
+    return replace(
+        written, modules=lora.modules, notes=lora.notes + written.notes, seconds=time.perf_counter() - started
+    )
