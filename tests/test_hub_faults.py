@@ -298,3 +298,41 @@ def test_budget_of_zero_means_one_try(hub, tmp_path, sharded):
     result = loratool(["inspect", "org/tiny-lora"], hub.url, tmp_path / "hf", retry_seconds=0)
     assert result.returncode == 4 and "HTTP 502 after 1 attempt over 0 s" in result.stderr, result.stderr
     assert len(hub.requests) == 1 and not _notes(result.stderr) and time.monotonic() - started < 60
+
+
+def test_a_connection_that_cannot_be_made_is_retried_for_at_most_30_s(monkeypatch):
+    """A refused connection (nothing listens) gives up after CONNECT_SECONDS of backoff, not the 300 s a busy
+    Hub gets: a warm cache is not kept waiting five minutes behind an unplugged network. The waits run on a
+    virtual clock; the connections are real."""
+    import socket
+
+    from lora_tools.io import hub_retry
+
+    class Clock:
+        now = 0.0
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, seconds):
+            self.now += seconds
+
+    clock = Clock()
+    monkeypatch.setattr(hub_retry, "time", clock)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("LORATOOL_HUB_RETRY_SECONDS", "300")
+    monkeypatch.setenv("LORATOOL_HUB_RETRY_BASE_SECONDS", "1")
+    notes: list[str] = []
+    hub_retry.set_retry_reporter(notes.append)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        with pytest.raises(hub_retry.HubRetriesExhausted) as caught:
+            hub_retry._retrying_client().get(f"http://127.0.0.1:{port}/api/models/org/x")
+    finally:
+        hub_retry.set_retry_reporter(None)
+        hub_retry._gave_up.clear()
+    assert 5 < clock.now <= hub_retry.CONNECT_SECONDS == 30  # waits 1, 2, 4, 8 … (jittered), never to 300 s
+    assert len(notes) >= 4 and all("ConnectError" in n for n in notes), notes
+    assert "ConnectError" in str(caught.value)

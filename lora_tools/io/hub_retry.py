@@ -32,6 +32,7 @@ from ..errors import OptionValueError
 __all__ = [
     "RETRY_SECONDS_VARIABLE",
     "RETRY_BASE_VARIABLE",
+    "CONNECT_SECONDS",
     "RetryPolicy",
     "HubRetriesExhausted",
     "install_retries",
@@ -42,6 +43,9 @@ __all__ = [
 RETRY_SECONDS_VARIABLE = "LORATOOL_HUB_RETRY_SECONDS"
 RETRY_BASE_VARIABLE = "LORATOOL_HUB_RETRY_BASE_SECONDS"
 _DEFAULT_SECONDS, _DEFAULT_BASE, _LONGEST_WAIT = 300.0, 1.0, 60.0
+#: A connection that cannot be made at all (no route, DNS, refused) is retried for at most this long: a busy
+#: Hub answers, an unplugged network rarely comes back within minutes, and a warm cache waits behind it.
+CONNECT_SECONDS = 30.0
 
 #: Requests huggingface_hub makes on its own, best effort (it ignores their failure): tried once.
 BEST_EFFORT_PATHS = frozenset({"/api/agent-harnesses"})
@@ -162,13 +166,19 @@ def _send_with_retries(send: Callable, request, retryable: tuple[type[BaseExcept
         elapsed = time.monotonic() - first_failure
         if response is not None:
             response.close()
-        if _gave_up.is_set() or elapsed + wait > policy.seconds:
+        bound = min(policy.seconds, CONNECT_SECONDS) if _cannot_connect(error) else policy.seconds
+        if _gave_up.is_set() or elapsed + wait > bound:
             _gave_up.set()
             raise HubRetriesExhausted(request.method, str(request.url), attempt, elapsed, status, cause) from error
         hub_note(f"hub: {cause} on {request.method} {_short(str(request.url))}, "
               f"retrying in {_duration(wait)} (attempt {attempt + 1})")  # fmt: skip
         time.sleep(wait)
         rewind()
+
+
+def _cannot_connect(error: BaseException | None) -> bool:
+    """The request never reached a server (httpx's ConnectError: name resolution, no route, refused)."""
+    return error is not None and type(error).__name__ == "ConnectError"
 
 
 def _retryable_status(status: int) -> bool:
