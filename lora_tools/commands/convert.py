@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..adapters.inits import ALORA_TOKENS, invocation_tokens, refuse_alora, refuse_rewritten_base
 from ..adapters.kohya import kohya_metadata
+from ..adapters.model import Adapter
 from ..adapters.peft import WEIGHTS_NAME, peft_adapter_config, write_adapter_config
 from ..adapters.registry import fit_to_base, read_adapter
 from ..adapters.report import ExtractReport, ModuleExtraction
@@ -103,42 +104,14 @@ def convert(
         )
     adapter_local, _ = resolve_input(adapter, revision=revision, token=token)
     base_local = resolve_input(base, revision=revision, token=token)[0] if base is not None else None
-    source = fit_to_base(read_adapter(adapter_local, alpha=alpha), base_local)
-    refuse_rewritten_base(source, f"convert to {to}")  # PiSSA/OLoRA/…: a plain LoRA would mean W + s·B·A
-    if source.unknown_keys:
-        raise InvalidInputError(
-            f"{source.path}: keys lora_tools does not understand: {', '.join(source.unknown_keys[:5])}"
-        )
-    if to == "kohya":
-        refuse_tuner(source, "written as kohya")
-        refuse_alora(source, "kohya")
-    refuse_extras(source, to)
+    source = _readable_source(read_adapter(adapter_local, alpha=alpha), base_local, to)
     chosen = component_of(source, component)
     if len({m.component for m in source.modules}) > 1:
         source = source.restricted(chosen)
     modules: list[ModuleExtraction] = []
     inputs = [source.path] + ([base_local] if base_local is not None else [])
     with atomic_output(output, is_dir=to == "peft", force=force, inputs=inputs) as target:
-        scratch = target / ".factors.spool" if to == "peft" else target.parent / f".{target.name}.spool"
-        spool = Spool(scratch)
-        try:
-            if to == "kohya":
-                to_kohya(source, chosen, spool, bake_alpha, modules)
-                size = spool.finish(target, metadata=kohya_metadata(source, [m.rank for m in modules]))
-            else:
-                ranks: dict[str, int] = {}
-                alphas: dict[str, float] = {}
-                fan_in_fan_out, use_dora = to_peft(
-                    source, base_local, chosen, spool, rule, bake_alpha, modules, ranks, alphas, workers
-                )
-                size = spool.finish(target / WEIGHTS_NAME)
-                config = peft_adapter_config(
-                    ranks, alphas, base_model=source.base_model, fan_in_fan_out=fan_in_fan_out, modules_to_save=[],
-                    extra={"use_dora": use_dora, **_alora_fields(source.config)},
-                )  # fmt: skip
-                write_adapter_config(target, config)
-        finally:
-            scratch.unlink(missing_ok=True)
+        size = _respell(source, target, to, chosen, base_local, rule, bake_alpha, workers, modules)
         digests = checksums(target) if checksum else None
         if digests is not None and to == "kohya":
             digests = {output.name: digests[target.name]}
@@ -164,6 +137,46 @@ def convert(
         ],
         checksums=digests,
     )
+
+
+def _readable_source(source: Adapter, base_local: Path | None, to: str) -> Adapter:
+    """The adapter fitted to its base, or the reason it cannot be written as `to` (PEFT or kohya)."""
+    source = fit_to_base(source, base_local)
+    refuse_rewritten_base(source, f"convert to {to}")  # PiSSA/OLoRA/…: a plain LoRA would mean W + s·B·A
+    if source.unknown_keys:
+        raise InvalidInputError(
+            f"{source.path}: keys lora_tools does not understand: {', '.join(source.unknown_keys[:5])}"
+        )
+    if to == "kohya":
+        refuse_tuner(source, "written as kohya")
+        refuse_alora(source, "kohya")
+    refuse_extras(source, to)
+    return source
+
+
+def _respell(source: Adapter, target: Path, to: str, chosen, base_local, rule, bake_alpha, workers, modules) -> int:
+    """Write `source`'s modules into `target` as a kohya file or a PEFT folder (config included), appending
+    each module's `ModuleExtraction` to `modules`; return the weights' size in bytes."""
+    scratch = target / ".factors.spool" if to == "peft" else target.parent / f".{target.name}.spool"
+    spool = Spool(scratch)
+    try:
+        if to == "kohya":
+            to_kohya(source, chosen, spool, bake_alpha, modules)
+            return spool.finish(target, metadata=kohya_metadata(source, [m.rank for m in modules]))
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        fan_in_fan_out, use_dora = to_peft(
+            source, base_local, chosen, spool, rule, bake_alpha, modules, ranks, alphas, workers
+        )
+        size = spool.finish(target / WEIGHTS_NAME)
+        config = peft_adapter_config(
+            ranks, alphas, base_model=source.base_model, fan_in_fan_out=fan_in_fan_out, modules_to_save=[],
+            extra={"use_dora": use_dora, **_alora_fields(source.config)},
+        )  # fmt: skip
+        write_adapter_config(target, config)
+        return size
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def _alora_fields(config: dict) -> dict:
