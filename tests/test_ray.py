@@ -214,3 +214,26 @@ def test_tasks_are_grouped_by_bytes():
     assert batches([5, 5, 20, 1, 1], lambda n: n, 10) == [[5, 5], [20], [1, 1]]
     assert batches([3, 3], None, 10) == [[3], [3]]
     assert batches([], lambda n: n, 10) == []
+
+
+def test_a_ray_address_nothing_answers_at_is_refused_at_once(inputs, tmp_path):
+    """Ray's own `ray.init` retries a dead RAY_ADDRESS for minutes; loratool probes it and exits 4 in seconds."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    base, tuned, *_ = inputs
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_tools", "extract", base, tuned, "-o", tmp_path / "out", "-r", "2",
+         "--executor", "ray"], capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert f"RAY_ADDRESS=127.0.0.1:{port}: nothing answers" in done.stderr and "ray start --head" in done.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "out").exists()

@@ -112,6 +112,33 @@ class _Failure:
         raise error
 
 
+#: How long a RAY_ADDRESS is given to accept a connection before `ray.init`, which would retry for minutes.
+PROBE_SECONDS = 5.0
+
+
+def _refuse_unreachable(address: str | None) -> None:
+    """Refuse a `host:port` (or `ray://host:port`) RAY_ADDRESS that nothing answers at, within `PROBE_SECONDS`.
+
+    `ray.init` keeps retrying such an address for minutes; a CI job should hear at once that the cluster is
+    not there. "auto", "local" and an unset address are left to Ray.
+    """
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as error:
+        raise EnvironmentProblem(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address}: nothing answers at {host}:{port} "
+            f"({error.strerror or type(error).__name__}); start it (ray start --head) or unset RAY_ADDRESS "
+            "for a local Ray"
+        ) from None
+
+
 class RayExecutor(Executor):
     """Tasks on a Ray cluster: the one at `RAY_ADDRESS` (or a Ray already initialised), else a local Ray.
 
@@ -137,6 +164,7 @@ class RayExecutor(Executor):
             raise EnvironmentProblem(f"--executor ray needs Ray, which is not installed: {_INSTALL}") from None
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
+            _refuse_unreachable(address)
             try:
                 ray.init(address=address, log_to_driver=False, logging_level="ERROR")
             except (ConnectionError, RuntimeError, ValueError) as error:
