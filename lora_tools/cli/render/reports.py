@@ -66,7 +66,7 @@ def render_adapter(report, show_all: bool) -> None:
         for column in ("module", "type", "rank", "alpha", "scale", "DoRA", *(("mapped by",) if mapped else ())):
             table.add_column(column)
         for m in report.modules:
-            row = (m.name, m.type, str(m.rank), f"{m.alpha:g}", f"{m.scale:g}", "yes" if m.dora else "")
+            row = (m.name, m.type, *_rank_alpha(m.rank, m.alpha), f"{m.scale:g}", "yes" if m.dora else "")
             table.add_row(*row, *((m.rule,) if mapped else ()))
     else:
         for column in ("target", "type", "count", "rank", "alpha", "scale", "DoRA"):
@@ -76,7 +76,7 @@ def render_adapter(report, show_all: bool) -> None:
             key = (m.target, m.type, m.rank, m.alpha, m.scale, m.dora)
             groups[key] = groups.get(key, 0) + 1
         for (target, kind, rank, alpha, scale, dora), count in groups.items():
-            table.add_row(target, kind, str(count), str(rank), f"{alpha:g}", f"{scale:g}", "yes" if dora else "")
+            table.add_row(target, kind, str(count), *_rank_alpha(rank, alpha), f"{scale:g}", "yes" if dora else "")
     console.print(table)
     settings = Counter(", ".join(f"{k}={v}" for k, v in m.params.items()) for m in report.modules if m.params)
     for line, count in settings.items():
@@ -214,3 +214,8 @@ def render_environment(report) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")  # the data asked for: stdout, like --json
+
+
+def _rank_alpha(rank: int, alpha: float) -> tuple[str, str]:
+    """A module's rank and alpha as table cells; "–" for tuners that have none (IA3, and OFT by block size)."""
+    return (str(rank), f"{alpha:g}") if rank else ("–", "–")
