@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_model, llama_config, load_state, run_cli
+from conftest import REPO, build_model, llama_config, load_state, run_cli
 from safetensors.torch import load_file, save_file
 from tuner_models import CASES, peft_merged, randomize, save_base, save_tuner
 from ulp import max_ulp
@@ -446,3 +446,14 @@ def test_convert_vera_to_gguf_matches_peft(llama_base, tmp_path):
         delta = expected[name] - original[name].double()
         error = (found[name].double() - expected[name]).abs().max() / delta.abs().max()
         assert error < 1e-5, (name, float(error))
+
+
+def test_convert_of_a_lone_peft_file_takes_alpha_when_looking_for_a_tuner(tmp_path):
+    """Deciding whether an input is a tuner reads it with the user's --alpha: a lone PEFT file that does
+    not record its alpha still converts to kohya (the check once read it without, and refused)."""
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(REPO / "fixtures" / "tiny-llama-lora" / "adapter_model.safetensors", lone)
+    out = tmp_path / "k.safetensors"
+    result = run_cli(["convert", lone, "--to", "kohya", "--alpha", "16", "--component", "text_encoder", "-o", out])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()

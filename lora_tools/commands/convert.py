@@ -86,7 +86,9 @@ def convert(
     if naming is not None or to == "diffusers":
         return convert_naming(adapter, output, to=to, naming=naming or "diffusers", base=base, alpha=alpha,
                               force=force, checksum=checksum, revision=revision, token=token)  # fmt: skip
-    if to in ("kohya", "gguf", "mlx") and _is_tuner(adapter, revision, token):
+    if to in ("kohya", "gguf", "mlx"):  # resolved once: the steps below read the local copy
+        adapter = resolve_input(adapter, revision=revision, token=token)[0]
+    if to in ("kohya", "gguf", "mlx") and needs_lora_first(read_adapter(adapter, alpha=alpha)):
 
         def then(lora: Path) -> ExtractReport:
             return convert(lora, output, to=to, base=base, component=component, bake_alpha=bake_alpha, force=force,
@@ -183,12 +185,6 @@ def _alora_fields(config: dict) -> dict:
     """An activated LoRA's invocation tokens, kept in the PEFT config written (without them it acts on every token)."""
     tokens = invocation_tokens(config)
     return {} if tokens is None else {ALORA_TOKENS: tokens}
-
-
-def _is_tuner(adapter: str | os.PathLike, revision: str | None, token: str | None) -> bool:
-    """Whether the adapter is a PEFT tuner other than LoRA, LoHa and LoKr (`adapters.tuners.needs_lora_first`)."""
-    local, _ = resolve_input(adapter, revision=revision, token=token)
-    return needs_lora_first(read_adapter(local))
 
 
 def _through_lora(adapter, output, first: dict, then: Callable[[Path], ExtractReport]) -> ExtractReport:
