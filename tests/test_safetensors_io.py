@@ -98,3 +98,46 @@ def test_writer_output_loads_in_safetensors(tmp_path):
     loaded = load_file(tmp_path / "out.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     read_header(tmp_path / "out.safetensors")  # and our own strict reader accepts it
+
+
+def test_checked_copy_reads_each_chunk_once_and_counts_the_whole_tensor(tmp_path, monkeypatch):
+    """Copies check each chunk right after copying it (its bytes still cached); chunks copied before torch is
+    `ready` are checked first once it is, or by `finish`; the message counts NaN/Inf over the whole tensor."""
+    from lora_tools.errors import NonFiniteError
+    from lora_tools.io import safetensors_writer
+    from lora_tools.merging.checks import CopyChecks
+
+    monkeypatch.setattr(safetensors_writer, "COPY_CHUNK_BYTES", 1024)  # 256 float32 values a chunk
+    early, late = torch.randn(1000), torch.randn(1000)
+    early[10], late[999], late[3] = float("nan"), float("inf"), float("nan")  # first and fourth chunks
+    save_file({"early": early, "late": late, "ints": torch.arange(9)}, tmp_path / "src.safetensors")
+    source, _ = read_header(tmp_path / "src.safetensors")
+    specs = [("early", "F32", (1000,)), ("late", "F32", (1000,)), ("ints", "I64", (9,))]
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", specs, None)
+    seen = []
+    checks = CopyChecks(wanted=True)
+    assert checks.after_chunk(source["ints"]) is None  # integers hold no NaN
+    checks_early = checks.after_chunk(source["early"])
+    writer.copy_from("early", source["early"], lambda start, n: (seen.append(start), checks_early(start, n)))
+    assert seen == [0, 1024, 2048, 3072] and len(checks.pending) == 4  # torch not ready: all four wait
+    checks.ready.set()
+    with pytest.raises(NonFiniteError, match=r"'early' holds 1 NaN/Inf"):  # the next chunk drains the waiting ones
+        writer.copy_from("late", source["late"], checks.after_chunk(source["late"]))
+    writer.copy_from("ints", source["ints"], checks.after_chunk(source["ints"]))
+    checks.pending[:] = []
+    late_only = CopyChecks(wanted=True)
+    late_only.ready.set()
+    with pytest.raises(NonFiniteError, match=r"'late' holds 2 NaN/Inf"):
+        late_only.after_chunk(source["late"])(3072, 1000 * 4 - 3072)  # the last chunk: both counted
+    unwanted = CopyChecks(wanted=False)
+    assert unwanted.after_chunk(source["late"]) is None
+    deferred = CopyChecks(wanted=True)
+    deferred.after_chunk(source["early"])(0, 1024)
+    deferred.ready.set()
+    with pytest.raises(NonFiniteError, match=r"'early' holds 1 NaN/Inf"):
+        deferred.finish()
+    whole = SafetensorsWriter(tmp_path / "chunked.safetensors", specs[:1], None)
+    whole.copy_from("early", source["early"], lambda start, n: None)  # in four chunks, every byte in its place
+    whole.close()
+    copied = read_safetensors_tensor(read_header(tmp_path / "chunked.safetensors")[0]["early"])
+    assert torch.equal(copied.view(torch.int32), early.view(torch.int32))  # bit for bit, the NaN included

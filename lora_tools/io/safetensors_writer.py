@@ -11,7 +11,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import CorruptFileError
@@ -19,7 +19,9 @@ from .safetensors_header import DTYPE_SIZES, TensorInfo
 from .storage import naming, pwrite_all, reserve, written_on_exit
 from .writeback import Writeback
 
-__all__ = ["SafetensorsWriter", "copy_bytes", "write_tensors"]
+__all__ = ["SafetensorsWriter", "copy_bytes", "write_tensors", "COPY_CHUNK_BYTES"]
+
+COPY_CHUNK_BYTES = 32 << 20
 
 
 def copy_bytes(src: Path, offset: int, count: int, dst_fd: int, dst_offset: int) -> None:
@@ -96,12 +98,22 @@ class SafetensorsWriter:
         _, _, offset, _ = self._claim(name, len(view))
         pwrite_all(self._fd, view, offset, self.path)
 
-    def copy_from(self, name: str, info: TensorInfo) -> None:
-        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel."""
+    def copy_from(self, name: str, info: TensorInfo, after_chunk: Callable[[int, int], None] | None = None) -> None:
+        """Copy a tensor's bytes straight from its source safetensors file, inside the kernel.
+
+        `after_chunk(start, nbytes)`: called after each `COPY_CHUNK_BYTES` of the tensor are copied (`start`
+        counted from the tensor's first byte), while those bytes of the source are still in the page cache,
+        so that a reader of them (a check) does not read them from the disk a second time.
+        """
         assert info.offset is not None
         _, _, offset, nbytes = self._claim(name, info.nbytes)
-        with naming(self.path):
-            copy_bytes(info.file, info.offset, nbytes, self._fd, offset)
+        step = nbytes if after_chunk is None else COPY_CHUNK_BYTES
+        for start in range(0, nbytes, step):
+            count = min(step, nbytes - start)
+            with naming(self.path):
+                copy_bytes(info.file, info.offset + start, count, self._fd, offset + start)
+            if after_chunk is not None:
+                after_chunk(start, count)
         self._writeback.finished(offset, nbytes)
 
     def mapped(self, name: str):

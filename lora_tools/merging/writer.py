@@ -20,7 +20,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.safetensors_writer import SafetensorsWriter
 from ..planning.merge_plan import MergePlan, TensorTask
 from ..planning.shards import shard_file_names
-from .checks import check_adapters_finite, checked_alone
+from .checks import CopyChecks, check_adapters_finite
 from .lanes import Lane, deal, no_cyclic_gc
 from .report import TensorChange, describe_terms, qualified_name
 
@@ -55,6 +55,7 @@ class MergeWriter:
         self.recorded, self._advance = recorded, advance
         self._progress_lock = threading.Lock()
         self.checks: list = []
+        self.copy_checks = CopyChecks(wanted=not allow_nonfinite)
         self.changes: list[TensorChange] = []
         self.quant: dict = {}  # component → planning.quantized.QuantizedRoutes, then merging.quantized.QuantizedTensors
         self.norms: dict = {}
@@ -101,7 +102,9 @@ class MergeWriter:
             job.computed = [task for task in tasks if _needs_compute(task, base)]
             for task in tasks:
                 if not _needs_compute(task, base):
-                    job.copies.append((task, self.copier.submit(_copy, writer, task.name, base.tensors[task.source])))
+                    info = base.tensors[task.source]
+                    copied = self.copier.submit(_copy, writer, task.name, info, self.copy_checks.after_chunk(info))
+                    job.copies.append((task, copied))
         return names
 
     def start(self, device: str, threads: int | None = None):
@@ -123,10 +126,8 @@ class MergeWriter:
             self.quant = {n: QuantizedTensors(r.produced, self.allow_nonfinite) for n, r in self.quant.items()}
         devices = resolve_devices(device)
         check_adapters_finite(self.adapters)
-        if not self.allow_nonfinite:  # copied tensors are checked from their source while the compute runs
-            for job in self.shards:
-                for task, _ in job.copies:
-                    self.checks.append(self.copier.submit(checked_alone, job.base.tensors[task.source]))
+        self.copy_checks.ready.set()  # copied tensors are checked as they are copied, from here on
+        self.checks.append(self.copier.submit(self.copy_checks.finish))
         row_workers = (threads or usable_cores()) if len(devices) == 1 else 1
         self.lanes = [Lane(d, row_workers) for d in devices]
         return devices
@@ -294,9 +295,9 @@ class _Open:
                     self.batch.wait()
 
 
-def _copy(writer: SafetensorsWriter, name: str, info) -> None:
+def _copy(writer: SafetensorsWriter, name: str, info, after_chunk) -> None:
     with trace.span("copy", name):
-        writer.copy_from(name, info)
+        writer.copy_from(name, info, after_chunk)
 
 
 def _needs_compute(task: TensorTask, base: Checkpoint) -> bool:
