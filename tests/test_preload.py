@@ -181,3 +181,27 @@ def test_quieting_the_hub_waits_for_a_load_in_progress():
     """
     result = _python(code, HF_HUB_DISABLE_PROGRESS_BARS="0")
     assert result["running"] and result["after"] is False and result["quiet"] == "1", result
+
+
+def test_output_files_are_created_while_the_load_runs():
+    """Reserving an output file's space and starting its writeback call libc through ctypes; a lookup there
+    takes the dynamic loader's lock, which the load holds: `start` looks them all up first, so the copies of a
+    merge start while torch's libraries are still loading (they once waited 0.1–0.2 s for it)."""
+    code = """
+        import json, os, tempfile
+        from lora_tools.compute import preload
+        from lora_tools.io.storage import reserve
+        from lora_tools.io.writeback import Writeback
+        from lora_tools import libc
+        preload.start()
+        with tempfile.TemporaryFile() as f:
+            reserved = reserve(f.fileno(), 1 << 20, "out")
+            paced = Writeback(f.fileno(), 1 << 20, threshold=0).active
+            running = preload._helper.is_alive()
+            size = os.fstat(f.fileno()).st_size
+        preload.finish()
+        print(json.dumps(dict(running=running, size=size, paced=paced, found=libc.function.cache_info().currsize)))
+    """
+    result = _python(code)
+    assert result["running"], result  # neither call waited for the load
+    assert result["size"] == 1 << 20 and result["paced"] and result["found"] >= 4, result

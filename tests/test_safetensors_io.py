@@ -141,3 +141,9 @@ def test_checked_copy_reads_each_chunk_once_and_counts_the_whole_tensor(tmp_path
     whole.close()
     copied = read_safetensors_tensor(read_header(tmp_path / "chunked.safetensors")[0]["early"])
     assert torch.equal(copied.view(torch.int32), early.view(torch.int32))  # bit for bit, the NaN included
+    save_file({"none": torch.empty(0)}, tmp_path / "empty.safetensors")  # e.g. ComfyUI's scaled_fp8 marker
+    empty_source = read_header(tmp_path / "empty.safetensors")[0]["none"]
+    for callback in (None, checks.after_chunk(empty_source)):
+        empty = SafetensorsWriter(tmp_path / "empty-out.safetensors", [("none", "F32", (0,))], None)
+        empty.copy_from("none", empty_source, callback)
+        empty.close()

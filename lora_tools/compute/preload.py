@@ -31,7 +31,7 @@ import threading
 from contextlib import suppress
 from pathlib import Path
 
-from .. import trace
+from .. import libc, trace
 
 __all__ = ["finish", "start"]
 
@@ -82,13 +82,7 @@ def _open_global_dependencies(folder: Path) -> bool:
 def _libc_dlopen():
     """libc's `dlopen` as a ctypes foreign function, which releases the GIL while it runs (`ctypes.CDLL`
     keeps the GIL through the whole load), or None."""
-    try:
-        function = ctypes.CDLL(None).dlopen
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    function.restype = ctypes.c_void_p
-    return function
+    return libc.function("dlopen")
 
 
 def _open(dlopen, path: Path) -> None:
@@ -110,6 +104,7 @@ def start() -> bool:
     for name in _COMPILED_MODULES:
         with suppress(ImportError):
             importlib.import_module(name)
+    libc.resolve()  # a lookup takes the loader's lock too: the output files' space, their writeback …
     if not _open_global_dependencies(folder):
         return False
     library = folder / "libtorch_cpu.so"

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from urllib.parse import urlparse
 
 from ..errors import OptionValueError
@@ -187,6 +186,8 @@ def _retryable_status(status: int) -> bool:
 
 def _asked_wait(response) -> float | None:
     """Seconds the Hub asked us to wait: Retry-After (seconds or an HTTP date), or a 429's exhausted RateLimit."""
+    from email.utils import parsedate_to_datetime  # here: email imports socket, which a local run never needs
+
     from huggingface_hub.utils import parse_ratelimit_headers
 
     limit = parse_ratelimit_headers(response.headers) if response.status_code == 429 else None

@@ -107,7 +107,7 @@ class SafetensorsWriter:
         """
         assert info.offset is not None
         _, _, offset, nbytes = self._claim(name, info.nbytes)
-        step = nbytes if after_chunk is None else COPY_CHUNK_BYTES
+        step = max(nbytes, 1) if after_chunk is None else COPY_CHUNK_BYTES  # an empty tensor: nothing to copy
         for start in range(0, nbytes, step):
             count = min(step, nbytes - start)
             with naming(self.path):

@@ -20,13 +20,13 @@ into one sentence and exit 4.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .. import libc
 
 __all__ = ["reserve", "naming", "give_name", "pwrite_all", "named_as_output", "written_on_exit"]
 
@@ -98,20 +98,9 @@ def _as_output(name, temporary: Path, output: Path):
     return name
 
 
-@functools.cache
 def _linux_fallocate():
     """libc's `fallocate(2)` wrapper, which (unlike `posix_fallocate`) never falls back to writing zeros itself."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    function = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
-    if function is None:
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
+    return libc.function("fallocate64") or libc.function("fallocate")
 
 
 def _allocate(fd: int, size: int) -> None:

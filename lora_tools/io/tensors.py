@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import libc
 from ..errors import CorruptFileError
 from .safetensors_header import TensorInfo
 
@@ -129,15 +130,8 @@ def return_freed_memory_to_os() -> None:
     of tensors streamed. A fixed 1 MiB threshold keeps it bounded by the largest
     tensors. A no-op where glibc is absent.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = libc.function("mallopt")
+    if mallopt is None:
         return
     m_mmap_threshold = -3
     mallopt(m_mmap_threshold, 1 << 20)

@@ -17,14 +17,12 @@ after the command when the output must survive a power loss at once.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import threading
 from collections import deque
 from functools import cache
 
-from .. import trace
+from .. import libc, trace
 
 __all__ = ["Writeback", "background_threshold"]
 
@@ -32,17 +30,9 @@ _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 WINDOW_BYTES = 512 << 20
 
 
-@cache
 def _sync_file_range():
     """libc's sync_file_range, or None where it does not exist (not Linux, no glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        function = ctypes.CDLL(name, use_errno=True).sync_file_range
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
+    return libc.function("sync_file_range")
 
 
 def _meminfo(field: str) -> int:
