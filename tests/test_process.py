@@ -142,3 +142,30 @@ def test_the_cli_exits_with_its_status_without_tearing_python_down(tmp_path, arg
         assert json.loads(done.stdout)["schema"]  # all of it arrived
     assert (tmp_path / "atexit").read_text() == "ran"
     assert not (tmp_path / "teardown").exists()
+
+
+def test_sigterm_while_a_thread_starts_leaves_that_thread_registered(monkeypatch):
+    """SIGTERM's handler raises a BaseException (as SIGINT's KeyboardInterrupt): met just after a thread was
+    started, an Exception would be caught by `Thread.start`, which then un-registers the running thread, and
+    that thread dies printing a KeyError traceback (seen once copies started earlier in a merge)."""
+    import threading
+
+    from lora_tools.cli import app
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    real = threading._start_new_thread
+
+    def started_then_signalled(function, arguments):
+        real(function, arguments)
+        app._raise_on_sigterm(signal.SIGTERM, None)
+
+    monkeypatch.setattr(threading, "_start_new_thread", started_then_signalled)
+    ran = threading.Event()
+    thread = threading.Thread(target=ran.set)
+    with pytest.raises(BaseException) as caught:
+        thread.start()
+    assert not isinstance(caught.value, Exception)
+    assert ran.wait(10)
+    thread.join(10)
+    assert unraisable == [] and not thread.is_alive()

@@ -235,3 +235,17 @@ def test_adapter_digest_is_remembered_only_while_the_file_is_unchanged(tmp_path)
     path.write_bytes(b"other")  # same size
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     assert _sha256(path) == hashlib.sha256(b"other").hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_extremes_equal_aminmax_nan_and_inf_included(dtype):
+    """`compute.extremes` (amin then amax for fp32/fp64, aminmax otherwise) gives aminmax's values exactly."""
+    from lora_tools.compute.extremes import extremes
+
+    values = (torch.randn(37, 101, dtype=torch.float64) * 3).to(dtype)
+    for poke in (None, float("inf"), float("-inf"), float("nan")):
+        if poke is not None:
+            values[5, 7] = poke
+        expected = [float(v) for v in torch.aminmax(values)]
+        got = [float(v) for v in extremes(values)]
+        assert got == expected or (poke != poke and all(v != v for v in got)), (poke, got, expected)

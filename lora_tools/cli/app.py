@@ -23,8 +23,14 @@ from .running import fail, print_hub_notes
 __all__ = ["cli", "main"]
 
 
+class _Terminated(BaseException):
+    """What the SIGTERM handler raises: a BaseException, as KeyboardInterrupt is for SIGINT, so that no
+    `except Exception` on its way takes it for a failure of its own (`threading.Thread.start`'s, met
+    between starting a thread and seeing it run, then un-registers the thread that is starting)."""
+
+
 def _raise_on_sigterm(signum, frame):
-    raise Interrupted("SIGTERM", 143)
+    raise _Terminated
 
 
 class LoraToolGroup(click.Group):
@@ -51,6 +57,11 @@ class LoraToolGroup(click.Group):
             if os.environ.get("LORATOOL_DEBUG"):
                 traceback.print_exc()
             fail(ctx, "interrupted by SIGINT; temporary output removed", 130)
+        except _Terminated:
+            if os.environ.get("LORATOOL_DEBUG"):
+                traceback.print_exc()
+            stopped = Interrupted("SIGTERM", 143)
+            fail(ctx, str(stopped), stopped.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:  # the machine (full disk, read-only folder …) or a bug: say which

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compute.extremes import extremes
 from ..compute.pool import BlockPool
 from ..compute.workspace import Workspace
 from ..errors import NonFiniteError
@@ -40,7 +41,7 @@ class TaskResult:
 
 
 def _largest_magnitude(tensor: torch.Tensor) -> float:
-    low, high = torch.aminmax(tensor)
+    low, high = extremes(tensor)
     return max(abs(float(low)), abs(float(high)))
 
 
@@ -52,7 +53,7 @@ def _check_finite(task: TensorTask, result: torch.Tensor) -> None:
     """
     if not result.is_floating_point() or result.numel() == 0:
         return
-    low, high = torch.aminmax(result)
+    low, high = extremes(result)
     if math.isfinite(float(low)) and math.isfinite(float(high)):
         return
     bad = int((~torch.isfinite(result)).sum())
@@ -165,15 +166,15 @@ class BlockedTask:
         """Compute block `index` with worker `worker`'s buffers, and write it."""
         weight, delta_buffer, rounded, data = self.buffers.get(worker, self.counts[index])
         weight.copy_(self.bases[index])
-        extremes = self.found[index]
+        found = self.found[index]
         for term, (factor, lefts, right, scale) in enumerate(self.pairs):
             delta = torch.mm(lefts[index], right, out=delta_buffer)
             if scale != 1.0:
                 delta.mul_(scale)
-            extremes[term] = torch.aminmax(delta)
+            found[term] = extremes(delta)
             weight.add_(delta, alpha=factor)
         if self.check:
-            extremes[-1] = torch.aminmax(weight)
+            found[-1] = extremes(weight)
         if self.sink is None:
             self.outs[index].copy_(weight)
         else:  # rounded rows, written with pwrite

@@ -109,10 +109,12 @@ def all_finite(values) -> bool:
     propagates), without the element-wise mask `isfinite` would write; dtypes without min/max use that."""
     import torch
 
+    from ..compute.extremes import extremes
+
     if values.numel() == 0:
         return True
     try:
-        low, high = torch.aminmax(values)
+        low, high = extremes(values)
     except (RuntimeError, NotImplementedError):  # e.g. float8
         return bool(torch.isfinite(values).all())
     return math.isfinite(float(low)) and math.isfinite(float(high))

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..compute.extremes import extremes
 from ..planning.merge_plan import TensorTask
 from ..quant.chunks import Chunk
 from .arithmetic import Fetch
@@ -73,7 +74,7 @@ def merge_lora(pairs: list, chunk: Chunk, base, merged: torch.Tensor, delta: tor
         torch.mm(left[rows], right[:, cols], out=delta)
         if scale != 1.0:
             delta.mul_(scale)
-        low, high = torch.aminmax(delta)
+        low, high = extremes(delta)
         largest = max(largest, abs(weight) * max(-float(low), float(high)))
         torch.add(source, delta, alpha=weight, out=merged)
         source = merged

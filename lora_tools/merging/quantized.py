@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..compute.extremes import extremes
 from ..compute.workspace import Workspace
 from ..errors import NonFiniteError
 from ..io.rows import RowSink
@@ -198,7 +199,7 @@ class QuantizedTensors(QuantizedRoutes):
             report.results.append(job.compute(replace(logical, shape=shape), base, merged, fetch, workspace))
             report.change += float(torch.linalg.vector_norm(torch.sub(merged, base, out=scratch))) ** 2
         if step == "amax":
-            low, high = torch.aminmax(merged)
+            low, high = extremes(merged)
             report.amax = max(report.amax, -float(low), float(high))
         elif step == "cast":
             self._cast(logical, merged, out)
@@ -255,7 +256,7 @@ class QuantizedTensors(QuantizedRoutes):
         out.copy_(values)
         if self.allow_nonfinite or not out.is_floating_point() or not out.numel():
             return
-        low, high = torch.aminmax(out)
+        low, high = extremes(out)
         if not (math.isfinite(float(low)) and math.isfinite(float(high))):
             raise NonFiniteError(
                 f"tensor {logical.name!r}: the dequantized result overflows {logical.out_dtype} (try --dtype fp32)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compute.extremes import extremes
 from . import fp8_codec
 
 __all__ = ["fits", "merge_block_row"]
@@ -50,7 +51,7 @@ def merge_block_row(codes, folded, pair, rows: slice, cols: slice, block, scale_
     torch.mm(left[rows], right[:, cols], out=delta)
     if scale != 1.0:
         delta.mul_(scale)
-    low, high = torch.aminmax(delta)
+    low, high = extremes(delta)
     largest, change = max(-float(low), float(high)), float(torch.linalg.vector_norm(delta)) ** 2
     tiles, grid = _tiles(base, block), folded.shape
     torch.addcmul(_tiles(delta, block), tiles, folded.view(grid[0], 1, grid[1], 1), out=tiles)  # W + ΔW

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ..compute.extremes import extremes
+
 __all__ = [
     "FP8_MAX",
     "decode",
@@ -248,7 +250,7 @@ def quantize_scaled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, scale of `scale_shape`): one scale for the tensor, or one per output row."""
     if math.prod(scale_shape) == 1:
-        low, high = torch.aminmax(x)
+        low, high = extremes(x)
         scale = scale_from_amax(torch.maximum(high, low.neg()), scale_dtype)
     else:
         scale = _row_scales(x, scale_dtype)
