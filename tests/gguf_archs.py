@@ -17,6 +17,7 @@ _TEXT = dict(
 )  # fmt: skip
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_MLP = ("gate_proj", "up_proj", "down_proj")
 #: DeepSeek: its attention (kv_b_proj aside, which llama.cpp refuses). PEFT turns any gate/up/down_proj target on
 #: transformers 5's DeepSeek into a LoRA on its fused experts, which llama.cpp refuses too (see the refusal tests).
 _DEEPSEEK_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]
@@ -50,8 +51,10 @@ CASES: list[Case] = [
     Case("llama", "llama", _TEXT, "LlamaForCausalLM"),
     Case("mistral", "mistral", _TEXT, "MistralForCausalLM"),
     Case("qwen2", "qwen2", _TEXT, "Qwen2ForCausalLM"),
+    # what "all-linear" reached before PEFT 0.22 (which adds the fused experts and the router by target_parameters:
+    # the *_fused cases below): attention, and the shared expert's linears and gate
     Case("qwen2_moe", "qwen2_moe", dict(_TEXT, num_experts=4, shared_expert_intermediate_size=48, **_MOE),
-         "Qwen2MoeForCausalLM"),
+         "Qwen2MoeForCausalLM", [*_ATTENTION, "shared_expert_gate", *(f"shared_expert.{p}" for p in _MLP)]),
     Case("qwen3_moe", "qwen3_moe", dict(_TEXT, num_experts=4, **_MOE), "Qwen3MoeForCausalLM", [*_ATTENTION, "gate"]),
     Case("gemma", "gemma", _TEXT, "GemmaForCausalLM"),
     Case("phi3", "phi3", _TEXT, "Phi3ForCausalLM"),

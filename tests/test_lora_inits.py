@@ -32,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def peft_init_values() -> list:
-    """Every `init_lora_weights` value PEFT 0.21's LoraConfig accepts: its type's Literal (a niter variant
+    """Every `init_lora_weights` value the installed PEFT's LoraConfig accepts (0.21, 0.22): its type's Literal (a niter variant
     with 4 iterations), true and false, and any init a `*_config` field's help names (LoRA-GA)."""
     hint = typing.get_type_hints(LoraConfig)["init_lora_weights"]
     values: list = []
@@ -79,6 +79,12 @@ def _build(init, dtype: torch.dtype, path, arch: str = "llama", **extra):
 
         config["corda_config"] = CordaConfig()
         preprocess_corda(model, LoraConfig(**config), run_model=lambda: model(TOKENS))
+    if init == "astra":  # PEFT 0.22: eigenvectors of the output activations' covariance, like CorDA's
+        from peft.tuners.lora.astra import preprocess_astra
+        from peft.tuners.lora.config import AstraConfig
+
+        config["astra_config"] = AstraConfig()
+        preprocess_astra(model, LoraConfig(**config), run_model=lambda: model(TOKENS))
     if init == "lora_ga":
         from peft.tuners.lora.config import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
@@ -264,9 +270,10 @@ def test_no_base_rewriting_init_merges_plainly(init, bases, built, tmp_path):
 
 
 def test_unreproducible_inits_are_the_refused_ones():
-    """PiSSA and OLoRA are recomputed; the niter variant, CorDA, LoftQ and LoRA-GA refused; unknown values too."""
+    """PiSSA and OLoRA are recomputed; the niter variant, CorDA, ASTRA (PEFT 0.22), LoftQ and LoRA-GA refused;
+    unknown values too."""
     refused = {v for v in INIT_VALUES if not init_of({"init_lora_weights": v}).mergeable}
-    assert refused == {"pissa_niter_4", "corda", "loftq", "lora_ga"}
+    assert refused == {"pissa_niter_4", "corda", "loftq", "lora_ga"} | ({"astra"} & set(INIT_VALUES))
     assert all(init_of({"init_lora_weights": v}).name in {*INITS, "pissa_niter_4"} for v in INIT_VALUES)
     assert not init_of({"init_lora_weights": "pissa_fast"}).mergeable  # PEFT raises on it: never merged plainly
 

@@ -457,3 +457,23 @@ def test_convert_of_a_lone_peft_file_takes_alpha_when_looking_for_a_tuner(tmp_pa
     result = run_cli(["convert", lone, "--to", "kohya", "--alpha", "16", "--component", "text_encoder", "-o", out])
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+@pytest.mark.skipif("paca" not in CASES, reason="PaCA is new in PEFT 0.22")
+@pytest.mark.parametrize(
+    ("indices", "needle"),
+    [([0, 48, 1], "paca_indices [0, 48, 1] are not distinct input columns of a 32×48 layer"),
+     ([5, 5, 1], "paca_indices [5, 5, 1] are not distinct"), (None, "paca_indices")],
+)  # fmt: skip
+def test_paca_columns_outside_the_layer_are_refused(tuner_files, tmp_path, indices, needle):
+    """A PaCA module whose saved columns are outside the layer (or repeated) exits 3 naming the module and
+    writing nothing; a wrong number of columns for its update, too."""
+    base, saved = tuner_files("paca")
+    adapter = shutil.copytree(saved, tmp_path / "adapter")
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("ff.paca_indices"))
+    state[key] = state[key][:-1].contiguous() if indices is None else torch.tensor(indices)  # None: one too few
+    save_file(state, adapter / "adapter_model.safetensors")
+    out = tmp_path / "out.safetensors"
+    _refused(run_cli(["merge", base, adapter, "-o", out]), "ff", needle)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -70,6 +70,10 @@ def _cases() -> dict:
         "randlora-conv1d": lambda: peft.RandLoraConfig(r=4, randlora_alpha=8, **c1d),
         "shira": lambda: peft.ShiraConfig(r=2, target_modules=LINEARS),
         "c3a": lambda: peft.C3AConfig(block_size=16, target_modules=LINEARS),
+        **({"paca": lambda: peft.PacaConfig(r=3, paca_alpha=6, target_modules=LINEARS),
+            "paca-pattern": lambda: peft.PacaConfig(r=3, paca_alpha=5, target_modules=LINEARS,
+                                                    paca_indices_pattern={"ff": [1, 7, 30, 47, 3]})}
+           if hasattr(peft, "PacaConfig") else {}),  # PEFT 0.22
     }  # fmt: skip
 
 

@@ -2,8 +2,8 @@
 
 Some initialisations rewrite the base before training (W_res = W − s·B₀A₀); the
 adapter then means W_res + s·B·A, not W + s·B·A. The table says, per value PEFT
-0.21 accepts, whether the base was rewritten and whether a merge can recompute W_res
-from W alone (PiSSA's full SVD, OLoRA's QR: yes; randomised SVD, CorDA, LoftQ,
+0.21–0.22 accepts, whether the base was rewritten and whether a merge can recompute W_res
+from W alone (PiSSA's full SVD, OLoRA's QR: yes; randomised SVD, CorDA, ASTRA, LoftQ,
 LoRA-GA: no, they need random draws, activations, a quantiser or gradients).
 aLoRA (`alora_invocation_tokens`) and `layer_replication` are not merged at all: PEFT
 0.21 refuses aLoRA, and its merge of replicated layers adds each copy's LoRA into the
@@ -68,7 +68,7 @@ class Init:
         return not self.rewrites_base or self.redo is not None
 
 
-#: Every `init_lora_weights` value PEFT 0.21's LoraConfig accepts (pissa_niter_K under "pissa_niter").
+#: Every `init_lora_weights` value PEFT 0.21–0.22's LoraConfig accepts (pissa_niter_K under "pissa_niter").
 INITS: dict[str, Init] = {
     "true": Init("true", "default (Kaiming A, zero B)"),
     "false": Init("false", "random A and B (debugging)"),
@@ -76,6 +76,7 @@ INITS: dict[str, Init] = {
     "eva": Init("eva", "EVA"),
     "orthogonal": Init("orthogonal", "orthogonal"),
     "mica": Init("mica", "MiCA"),
+    "nora": Init("nora", "NoRA (A's columns normalised, zero B)"),
     "pissa": Init("pissa", "PiSSA", rewrites_base=True, redo="pissa"),
     "olora": Init("olora", "OLoRA", rewrites_base=True, redo="olora"),
     "pissa_niter": Init(
@@ -89,6 +90,12 @@ INITS: dict[str, Init] = {
         "CorDA",
         rewrites_base=True,
         why="its W_res comes from covariances of activations on a calibration set that are not saved",
+    ),  # fmt: skip
+    "astra": Init(
+        "astra",
+        "ASTRA",
+        rewrites_base=True,
+        why="its W_res comes from eigenvectors of the output activations' covariance on a calibration set, not saved",
     ),  # fmt: skip
     "loftq": Init(
         "loftq",
@@ -111,7 +118,7 @@ def init_of(config: dict) -> Init:
     """The init an adapter config names; a missing or null field is PEFT's default (True, and null acts as False).
 
     An unknown value comes back with `rewrites_base=True` and no `redo`: loratool cannot tell
-    what it did to the base, so a merge refuses it (PEFT 0.21 refuses to load it too).
+    what it did to the base, so a merge refuses it (PEFT refuses to load it too).
     """
     value = config.get("init_lora_weights", True)
     if value is None or isinstance(value, bool):
@@ -123,17 +130,19 @@ def init_of(config: dict) -> Init:
         return Init(str(value), f"{known.title}, {iterations} iterations", True, None, known.why)
     if key is not None:
         return INITS[key]
-    return Init(str(value), repr(value), rewrites_base=True, why="PEFT 0.21 does not know this init")
+    return Init(str(value), repr(value), rewrites_base=True, why="PEFT (up to 0.22) does not know this init")
 
 
 def _key(value: str) -> str | None:
-    """The `INITS` key PEFT 0.21's `update_layer` would dispatch a string value to (its own tests: some
-    compare lower-cased, CorDA by prefix), or None for a value it raises on."""
+    """The `INITS` key PEFT 0.22's `update_layer` would dispatch a string value to (its own tests: some
+    compare lower-cased, CorDA and ASTRA by prefix), or None for a value it raises on."""
     lowered = value.lower()
     if lowered in ("olora", "mica", "gaussian"):
         return lowered
     if value.startswith("corda"):
         return "corda"
+    if value.startswith("astra"):
+        return "astra"
     if _NITER.fullmatch(value):
         return "pissa_niter"
     return value if value in INITS and value not in ("true", "false", "pissa_niter") else None

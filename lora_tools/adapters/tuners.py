@@ -266,6 +266,18 @@ def _shira_problems(params: dict, shapes: dict, weight: tuple[int, ...]) -> str:
     )
 
 
+def _paca_params(config: dict, module: str, shapes: dict) -> dict:
+    return {"scaling": config["paca_alpha"] / config["r"]}  # the config's r, whatever the columns (PEFT 0.22)
+
+
+def _paca_problems(params: dict, shapes: dict, weight: tuple[int, ...]) -> str:
+    out, _ = _two_d(weight)
+    rows, columns = shapes["delta"]
+    if rows != out or tuple(shapes["indices"]) != (columns,):
+        return f"paca_delta {list(shapes['delta'])} with paca_indices {list(shapes['indices'])} do not fit {weight}"
+    return ""
+
+
 def _c3a_params(config: dict, module: str, shapes: dict) -> dict:
     return {}
 
@@ -325,6 +337,8 @@ TUNERS: dict[str, Tuner] = {
               {"fan_in_fan_out": False}, ("linear",), "additive", "subtract", _shira_params, _shira_problems),
         Tuner("C3A", "c3a", {".c3a_kernel": "kernel"}, ("kernel",), {}, ("linear",), "additive", "subtract",
               _c3a_params, _c3a_problems),
+        Tuner("PACA", "paca", {".paca_delta": "delta", ".paca_indices": "indices"}, ("delta", "indices"),
+              {"r": 8, "paca_alpha": 8}, ("linear",), "additive", "subtract", _paca_params, _paca_problems),
     )
 }  # fmt: skip
 
@@ -493,7 +507,7 @@ def tuner_problems(module: LoraModule, shapes: Mapping[str, tuple[int, ...]], we
 
 def tuner_delta_shape(module: LoraModule, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
     """ΔW's shape from a tuner module's own tensors, or None where only the base weight says it
-    (VeRA, FourierFT, MiSS, RandLoRA and SHiRA slice or place into the layer; the transforms act on W)."""
+    (VeRA, FourierFT, MiSS, RandLoRA, SHiRA and PaCA slice or place into the layer; the transforms act on W)."""
     params = dict(module.params)
     if module.variant == "adalora":
         out, inp = shapes["B"][0], shapes["A"][1]

@@ -28,6 +28,7 @@ DELTAS: dict[str, Callable] = {
     "randlora": additive.randlora,
     "shira": additive.shira,
     "c3a": additive.c3a,
+    "paca": additive.paca,
 }
 
 #: variant → W'(factor by role, params, W, inverse=…): the multiplicative tuners.
@@ -57,8 +58,15 @@ def _by_role(module: LoraModule, fetch: Callable[[str], torch.Tensor]) -> Callab
 
 
 def tuner_delta(module: LoraModule, fetch: Callable[[str], torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """ΔW of an additive tuner's module in fp64, scale included, laid out like the base weight of `shape`."""
-    return DELTAS[module.variant](_by_role(module, fetch), dict(module.params), torch.Size(shape))
+    """ΔW of an additive tuner's module in fp64, scale included, laid out like the base weight of `shape`.
+
+    Raises:
+        InvalidInputError: the module's tensors hold values that cannot be its (PaCA's columns out of range).
+    """
+    try:
+        return DELTAS[module.variant](_by_role(module, fetch), dict(module.params), torch.Size(shape))
+    except ValueError as exc:
+        raise InvalidInputError(f"{module.name}: {exc}") from exc
 
 
 def transform(

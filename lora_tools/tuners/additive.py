@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["adalora", "vera", "fourierft", "miss", "randlora", "shira", "c3a"]
+__all__ = ["adalora", "vera", "fourierft", "miss", "randlora", "shira", "c3a", "paca"]
 
 Tensor = torch.Tensor
 Factor = Callable[[str], Tensor]
@@ -110,3 +110,21 @@ def c3a(factor: Factor, params: dict, shape: torch.Size) -> Tensor:
     blocks = kernel[:, :, (step[None, :] - step[:, None]) % size]  # [m, n, s, t]
     delta = blocks.permute(0, 2, 1, 3).reshape(rows * size, cols * size)
     return (delta / shape[-1]).reshape(shape)
+
+
+def paca(factor: Factor, params: dict, shape: torch.Size) -> Tensor:
+    """PaCA (PEFT 0.22): the saved update of the chosen input columns (`paca_delta`, out×k), times
+    paca_alpha / r, in those columns (`paca_indices`); every other column is unchanged.
+
+    Raises:
+        ValueError: the indices are not k distinct input columns of the layer.
+    """
+    out, inp = _out_in(shape, params)
+    columns, indices = factor("delta"), factor("indices").long()
+    if indices.numel() and (
+        int(indices.min()) < 0 or int(indices.max()) >= inp or indices.unique().numel() != len(indices)
+    ):
+        raise ValueError(f"paca_indices {indices.tolist()} are not distinct input columns of a {out}×{inp} layer")
+    delta = columns.new_zeros(out, inp)
+    delta[:, indices] = columns * params["scaling"]
+    return delta.reshape(shape)
