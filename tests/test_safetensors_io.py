@@ -109,7 +109,7 @@ def test_checked_copy_reads_each_chunk_once_and_counts_the_whole_tensor(tmp_path
 
     monkeypatch.setattr(safetensors_writer, "COPY_CHUNK_BYTES", 1024)  # 256 float32 values a chunk
     early, late = torch.randn(1000), torch.randn(1000)
-    early[10], late[999], late[3] = float("nan"), float("inf"), float("nan")  # first and fourth chunks
+    early[10], late[999], late[300] = float("nan"), float("inf"), float("nan")  # early's first, late's 2nd and 4th
     save_file({"early": early, "late": late, "ints": torch.arange(9)}, tmp_path / "src.safetensors")
     source, _ = read_header(tmp_path / "src.safetensors")
     specs = [("early", "F32", (1000,)), ("late", "F32", (1000,)), ("ints", "I64", (9,))]
@@ -121,7 +121,7 @@ def test_checked_copy_reads_each_chunk_once_and_counts_the_whole_tensor(tmp_path
     writer.copy_from("early", source["early"], lambda start, n: (seen.append(start), checks_early(start, n)))
     assert seen == [0, 1024, 2048, 3072] and len(checks.pending) == 4  # torch not ready: all four wait
     checks.ready.set()
-    with pytest.raises(NonFiniteError, match=r"'early' holds 1 NaN/Inf"):  # the next chunk drains the waiting ones
+    with pytest.raises(NonFiniteError, match=r"'early' holds 1 NaN/Inf"):  # late's first chunk drains the waiting
         writer.copy_from("late", source["late"], checks.after_chunk(source["late"]))
     writer.copy_from("ints", source["ints"], checks.after_chunk(source["ints"]))
     checks.pending[:] = []
@@ -147,3 +147,39 @@ def test_checked_copy_reads_each_chunk_once_and_counts_the_whole_tensor(tmp_path
         empty = SafetensorsWriter(tmp_path / "empty-out.safetensors", [("none", "F32", (0,))], None)
         empty.copy_from("none", empty_source, callback)
         empty.close()
+
+
+def test_checked_copies_wait_for_torch_past_a_backlog_and_are_released_by_abandon(tmp_path, monkeypatch):
+    """Past `backlog` bytes copied before torch is ready, the copier waits (a cold import of torch can outlast
+    every copy, whose checks would then read the bytes from the disk again); `abandon` releases it, checking nothing."""
+    import threading
+
+    from lora_tools.errors import NonFiniteError
+    from lora_tools.io import safetensors_writer
+    from lora_tools.merging.checks import CopyChecks
+
+    monkeypatch.setattr(safetensors_writer, "COPY_CHUNK_BYTES", 1024)
+    values = torch.randn(1000)
+    values[900] = float("nan")  # in the last chunk
+    save_file({"t": values}, tmp_path / "src.safetensors")
+    source = read_header(tmp_path / "src.safetensors")[0]["t"]
+    for release, error in (("ready", NonFiniteError), ("abandon", None)):
+        checks = CopyChecks(wanted=True, backlog=2048)
+        writer = SafetensorsWriter(tmp_path / f"{release}.safetensors", [("t", "F32", (1000,))], None)
+        seen, failed = [], []
+        callback = checks.after_chunk(source)
+
+        def copy(writer=writer, seen=seen, failed=failed, callback=callback):
+            try:
+                writer.copy_from("t", source, lambda start, n: (seen.append(start), callback(start, n)))
+            except NonFiniteError as exc:
+                failed.append(exc)
+
+        copier = threading.Thread(target=copy)
+        copier.start()
+        copier.join(0.5)
+        assert copier.is_alive() and seen == [0, 1024], seen  # two chunks copied, then it waits for torch
+        checks.ready.set() if release == "ready" else checks.abandon()
+        copier.join(10)
+        assert not copier.is_alive() and seen == [0, 1024, 2048, 3072]
+        assert [type(e) for e in failed] == ([error] if error else []), failed

@@ -65,6 +65,7 @@ class MergeWriter:
         self._threads = ExitStack()
 
     def close(self) -> None:
+        self.copy_checks.abandon()  # a copier waiting for torch (the run stopped before it was imported)
         self.copier.shutdown(wait=True, cancel_futures=True)
         for lane in self.lanes:
             lane.close()
