@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,3 +32,15 @@ def run_contender(label: str, command: list[str], cleanup: Path | None = None) -
             raise SystemExit(f"{label} failed:\n{log.read().decode(errors='replace')[-3000:]}")
     cpu = usage.ru_utime + usage.ru_stime
     return {"label": label, "seconds": seconds, "cpu_seconds": cpu, "load": load, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def scratch_folder(prefix: str, keep: bool) -> Path:
+    """A new temporary folder for a benchmark's models, removed when the script exits (`keep`: left in place, named)."""
+    import atexit
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    if keep:
+        print(f"models kept in {folder}", file=sys.stderr)
+    else:
+        atexit.register(shutil.rmtree, folder, True)
+    return folder

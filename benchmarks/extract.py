@@ -33,10 +33,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from contender import run_contender
+from contender import run_contender, scratch_folder
 
 CLUSTER = """
 import signal, sys, time
@@ -144,9 +143,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=SHAPE["layers"], help="8: a 1.1 GB pair")
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="ray: also a run through Ray")
     parser.add_argument("--ray-nodes", type=int, default=2, help="nodes of the local Ray cluster (one CPU each)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated pair (without --workdir: removed)")
     args = parser.parse_args()
     SHAPE["layers"] = args.layers
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-extract-bench-"))
+    work = args.workdir or scratch_folder("loratool-extract-bench-", args.keep)
     python = sys.executable
     if not (work / "tuned").exists():
         subprocess.run([python, "-c", BUILD, work, REPO / "tests", json.dumps(SHAPE)], check=True)

@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from contender import run_contender
+from contender import run_contender, scratch_folder
 from limits import parse_bytes, run_limited
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,13 +175,13 @@ def main() -> None:
     parser.add_argument("--size", help="A Llama-3-8B-shaped checkpoint of about this size (8GB, 16GB...)")
     parser.add_argument("--cold", action="store_true", help="Drop the page cache before each contender (root).")
     parser.add_argument("--memory-limit", help="Run each contender in a memory cgroup of this size (2GiB; root).")
-    parser.add_argument("--keep", action="store_true", help="With --size: keep the generated checkpoint.")
+    parser.add_argument("--keep", action="store_true", help="Keep the generated models (without --workdir: removed).")
     args = parser.parse_args()
     if args.size or args.cold or args.memory_limit:
         sized_main(args)
         return
     SHAPE["layers"] = args.layers
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="loratool-bench-"))
+    work = args.workdir or scratch_folder("loratool-bench-", args.keep)
     python = sys.executable
     if not (work / "base").exists():
         subprocess.run([python, "-c", BUILD, work, json.dumps(SHAPE)], check=True)
