@@ -95,7 +95,7 @@ INITS: dict[str, Init] = {
         "astra",
         "ASTRA",
         rewrites_base=True,
-        why="its W_res comes from eigenvectors of the output activations' covariance on a calibration set, not saved",
+        why="its W_res comes from eigenvectors of output activations' covariances on a calibration set that are not saved",
     ),  # fmt: skip
     "loftq": Init(
         "loftq",

@@ -199,9 +199,9 @@ def _stacked(pairs) -> torch.Tensor:
     return torch.stack(values).view(-1, 2) if values else torch.empty(0, 2)
 
 
-def _largest_per_term(extremes: torch.Tensor, terms: int) -> list[float]:
+def _largest_per_term(found: torch.Tensor, terms: int) -> list[float]:
     """max |ΔWᵢ| of each term, from its (min, max) in every block (rows: block by block, term by term)."""
-    per_block = extremes.view(-1, terms, 2).tolist() if terms else []
+    per_block = found.view(-1, terms, 2).tolist() if terms else []
     return [max((max(abs(low), abs(high)) for low, high in (row[i] for row in per_block)), default=0.0)
             for i in range(terms)]  # fmt: skip
 

@@ -65,7 +65,7 @@ def tuner_delta(module: LoraModule, fetch: Callable[[str], torch.Tensor], shape:
     """
     try:
         return DELTAS[module.variant](_by_role(module, fetch), dict(module.params), torch.Size(shape))
-    except ValueError as exc:
+    except additive.UnfitTensors as exc:
         raise InvalidInputError(f"{module.name}: {exc}") from exc
 
 

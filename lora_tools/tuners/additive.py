@@ -13,10 +13,14 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["adalora", "vera", "fourierft", "miss", "randlora", "shira", "c3a", "paca"]
+__all__ = ["adalora", "vera", "fourierft", "miss", "randlora", "shira", "c3a", "paca", "UnfitTensors"]
 
 Tensor = torch.Tensor
 Factor = Callable[[str], Tensor]
+
+
+class UnfitTensors(ValueError):
+    """A module's saved values cannot be its own (their shapes fit, their contents do not)."""
 
 
 def _out_in(shape: torch.Size, params: dict) -> tuple[int, int]:
@@ -117,14 +121,14 @@ def paca(factor: Factor, params: dict, shape: torch.Size) -> Tensor:
     paca_alpha / r, in those columns (`paca_indices`); every other column is unchanged.
 
     Raises:
-        ValueError: the indices are not k distinct input columns of the layer.
+        UnfitTensors: the indices are not k distinct input columns of the layer.
     """
     out, inp = _out_in(shape, params)
     columns, indices = factor("delta"), factor("indices").long()
     if indices.numel() and (
         int(indices.min()) < 0 or int(indices.max()) >= inp or indices.unique().numel() != len(indices)
     ):
-        raise ValueError(f"paca_indices {indices.tolist()} are not distinct input columns of a {out}×{inp} layer")
+        raise UnfitTensors(f"paca_indices {indices.tolist()} are not distinct input columns of a {out}×{inp} layer")
     delta = columns.new_zeros(out, inp)
     delta[:, indices] = columns * params["scaling"]
     return delta.reshape(shape)
